@@ -1,0 +1,353 @@
+//! The agent's settings: one `Config`, every field a clap flag with a
+//! `MESH_*` environment variable (clap is the only reader of the
+//! environment), logged at start and served at `/config_dump`.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Node agent of the eBPF service mesh"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the eBPF programs, enrol the node's pods and proxy their traffic.
+    Run(Box<Config>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings of `mesh-agent run`.
+#[derive(Debug, Clone, Args, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// Workload registry: YAML listing the pods on this node (re-read when it changes).
+    #[arg(long, env = "MESH_WORKLOADS", value_name = "FILE")]
+    pub workloads: PathBuf,
+
+    /// Directory on bpffs where maps and links are pinned.
+    #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]
+    pub bpffs_dir: PathBuf,
+
+    /// Leave maps and links pinned at shutdown, so pods stay captured (and
+    /// fail closed) until the next agent adopts them.
+    #[arg(long, env = "MESH_KEEP_PINS")]
+    pub keep_pins: bool,
+
+    /// Admin endpoint: /config_dump, /logging.
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus endpoint: /metrics and /stats/prometheus.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness endpoint: /healthz/ready.
+    #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// Outbound capture listener, on loopback inside each pod.
+    #[arg(long, env = "MESH_OUTBOUND_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+
+    /// Inbound plaintext listener inside each pod (target of sk_lookup).
+    #[arg(long, env = "MESH_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
+
+    /// Inbound HBONE (mTLS tunnel) listener on each pod address.
+    #[arg(long, env = "MESH_HBONE_PORT", default_value_t = 15008)]
+    pub hbone_port: u16,
+
+    /// Destination ports never captured on the way out (comma-separated).
+    #[arg(
+        long,
+        env = "MESH_EXCLUDE_OUTBOUND_PORTS",
+        value_delimiter = ',',
+        value_name = "PORTS"
+    )]
+    pub exclude_outbound_ports: Vec<u16>,
+
+    /// Destination CIDRs never captured on the way out (comma-separated).
+    #[arg(
+        long,
+        env = "MESH_EXCLUDE_OUTBOUND_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDRS"
+    )]
+    pub exclude_outbound_cidrs: Vec<Cidr>,
+
+    /// Pod ports never captured on the way in (comma-separated).
+    #[arg(
+        long,
+        env = "MESH_EXCLUDE_INBOUND_PORTS",
+        value_delimiter = ',',
+        value_name = "PORTS"
+    )]
+    pub exclude_inbound_ports: Vec<u16>,
+
+    /// Give up connecting to a destination after this long.
+    #[arg(long, env = "MESH_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+
+    /// On shutdown, how long open connections may finish before they are cut.
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub drain_timeout: Duration,
+
+    /// How often the workload file is checked for changes.
+    #[arg(long, env = "MESH_WORKLOAD_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub workload_poll_interval: Duration,
+
+    /// Copy buffer per direction of a proxied connection, in bytes.
+    #[arg(long, env = "MESH_BUFFER_SIZE", default_value_t = 16 * 1024)]
+    pub buffer_size: usize,
+
+    /// SO_MARK set on the agent's own sockets; the capture programs skip it.
+    #[arg(long, env = "MESH_AGENT_MARK", default_value = "0x539", value_parser = parse_u32)]
+    pub agent_mark: u32,
+
+    /// Cluster name used in metric labels (Istio's default).
+    #[arg(long, env = "MESH_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info,mesh_agent::proxy=debug`).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Log output format.
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Tokio worker threads (default: one per CPU).
+    #[arg(long, env = "MESH_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+}
+
+impl Config {
+    /// Checks what clap's parsers cannot: relations between settings.
+    pub fn validate(&self) -> Result<(), Error> {
+        let ports = [
+            ("outbound-port", self.outbound_port),
+            ("inbound-port", self.inbound_port),
+            ("hbone-port", self.hbone_port),
+        ];
+        for (i, (flag, port)) in ports.iter().enumerate() {
+            if *port == 0 {
+                return Err(Error::Invalid {
+                    flag,
+                    reason: "port 0 is not allowed".into(),
+                });
+            }
+            if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {
+                return Err(Error::Invalid {
+                    flag,
+                    reason: format!("port {port} is already used by --{other}"),
+                });
+            }
+        }
+        if !(1024..=1 << 20).contains(&self.buffer_size) {
+            return Err(Error::Invalid {
+                flag: "buffer-size",
+                reason: format!("{} is outside 1024..=1048576 bytes", self.buffer_size),
+            });
+        }
+        if self.agent_mark == 0 {
+            return Err(Error::Invalid {
+                flag: "agent-mark",
+                reason: "must be non-zero, or the agent's own connections would be captured".into(),
+            });
+        }
+        if self.workload_poll_interval < Duration::from_millis(10) {
+            return Err(Error::Invalid {
+                flag: "workload-poll-interval",
+                reason: "must be at least 10ms".into(),
+            });
+        }
+        if self.worker_threads == Some(0) {
+            return Err(Error::Invalid {
+                flag: "worker-threads",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A configuration with defaults for everything but the workload file;
+    /// for tests, which build configs from values.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn for_tests(workloads: PathBuf) -> Self {
+        let cli = Cli::parse_from([
+            "mesh-agent",
+            "run",
+            "--workloads",
+            workloads.to_str().unwrap(),
+        ]);
+        match cli.command {
+            Command::Run(c) => *c,
+        }
+    }
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))
+}
+
+/// An IP prefix such as `10.0.0.0/8` or `fd00::/8`; a bare address means a
+/// single host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: {a:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .map_err(|_| format!("{s:?}: bad prefix length {l:?}"))?,
+            None => max,
+        };
+        if len > max {
+            return Err(format!("{s:?}: prefix length {len} is longer than {max}"));
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Durations appear in `/config_dump` as humantime strings ("10s").
+mod humantime_serde_compat {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["mesh-agent", "run", "--workloads", "/w.yaml"];
+        all.extend_from_slice(args);
+        let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
+        let Command::Run(c) = cli.command;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(*c)
+    }
+
+    #[test]
+    fn defaults_match_ztunnel_ports() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            (c.outbound_port, c.inbound_port, c.hbone_port),
+            (15001, 15006, 15008)
+        );
+        assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.metrics_addr.port(), 15020);
+        assert_eq!(c.readiness_addr.port(), 15021);
+        assert_eq!(c.bpffs_dir, PathBuf::from("/sys/fs/bpf/mesh"));
+        assert_eq!(c.agent_mark, 0x539);
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn exclusions_parse_lists() {
+        let c = parse(&[
+            "--exclude-outbound-ports",
+            "22,3306",
+            "--exclude-outbound-cidrs",
+            "10.96.0.0/12,fd00::/8,192.0.2.7",
+        ])
+        .unwrap();
+        assert_eq!(c.exclude_outbound_ports, vec![22, 3306]);
+        assert_eq!(
+            c.exclude_outbound_cidrs[2],
+            Cidr {
+                addr: "192.0.2.7".parse().unwrap(),
+                len: 32
+            }
+        );
+        assert_eq!(c.exclude_outbound_cidrs[1].len, 8);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["--exclude-outbound-cidrs", "10.0.0.0/33"]).unwrap_err();
+        assert!(e.contains("prefix length 33"), "{e}");
+        let e = parse(&["--inbound-port", "15001"]).unwrap_err();
+        assert_eq!(
+            e,
+            "--inbound-port: port 15001 is already used by --outbound-port"
+        );
+        let e = parse(&["--buffer-size", "12"]).unwrap_err();
+        assert!(e.starts_with("--buffer-size:"), "{e}");
+        let e = parse(&["--connect-timeout", "soon"]).unwrap_err();
+        assert!(e.contains("--connect-timeout"), "{e}");
+    }
+
+    #[test]
+    fn config_dump_shape() {
+        let c = parse(&["--exclude-outbound-cidrs", "10.0.0.0/8"]).unwrap();
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["connectTimeout"], "10s");
+        assert_eq!(v["excludeOutboundCidrs"][0], "10.0.0.0/8");
+        assert_eq!(v["logFormat"], "text");
+    }
+}

@@ -1,0 +1,159 @@
+//! Attaching the programs to one pod: its cgroup gets the capture programs,
+//! its network namespace gets `sk_lookup`. Every link is pinned under
+//! `<bpffs dir>/links/<namespace>_<name>/`, so capture survives an agent
+//! restart (and fails closed while no agent listens).
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    CgroupAttachMode,
+    links::{FdLink, PinnedLink},
+};
+
+use super::{
+    Error,
+    loader::{Hook, Loaded, PROGRAMS},
+};
+
+/// The pinned links of one pod. Dropping it detaches them: whatever path
+/// leads here, nothing stays attached unless `keep()` said so.
+#[derive(Debug)]
+pub struct PodLinks {
+    dir: PathBuf,
+    pins: Vec<(PathBuf, PinnedLink)>,
+    keep: bool,
+}
+
+impl Loaded {
+    /// Attaches every program for the pod whose links live in `links/<name>`.
+    ///
+    /// A link already pinned there (left by a previous agent) is replaced
+    /// without a gap: the new link is attached and pinned beside it, then
+    /// renamed over it, which releases the old one.
+    pub fn attach_pod(
+        &mut self,
+        name: &str,
+        cgroup: (&Path, &File),
+        netns: (&Path, &File),
+    ) -> Result<PodLinks, Error> {
+        let dir = self.links_dir().join(name);
+        fs::create_dir_all(&dir).map_err(|source| Error::PinDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut links = PodLinks {
+            dir,
+            pins: Vec::new(),
+            keep: false,
+        };
+        for (program, hook) in PROGRAMS {
+            let target = match hook {
+                Hook::Cgroup => cgroup.0,
+                Hook::Netns => netns.0,
+            };
+            let attach_err = |source| Error::Attach {
+                program,
+                target: target.into(),
+                source,
+            };
+            let prog = self
+                .bpf
+                .program_mut(program)
+                .ok_or(Error::MissingMap(program))?;
+            let fd_link: FdLink = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let id = p
+                        .attach(cgroup.1, CgroupAttachMode::Single)
+                        .map_err(attach_err)?;
+                    let link = p.take_link(id).map_err(attach_err)?;
+                    link.try_into()
+                        .map_err(|source| Error::Link { program, source })?
+                }
+                aya::programs::Program::SockOps(p) => {
+                    let id = p
+                        .attach(cgroup.1, CgroupAttachMode::Single)
+                        .map_err(attach_err)?;
+                    let link = p.take_link(id).map_err(attach_err)?;
+                    link.try_into()
+                        .map_err(|source| Error::Link { program, source })?
+                }
+                aya::programs::Program::SkLookup(p) => {
+                    let id = p.attach(netns.1).map_err(attach_err)?;
+                    p.take_link(id).map_err(attach_err)?.into()
+                }
+                _ => unreachable!("program table and object disagree on {program}"),
+            };
+            let path = links.dir.join(program);
+            // bpffs refuses names with a dot.
+            let staging = links.dir.join(format!("staging_{program}"));
+            let _ = fs::remove_file(&staging);
+            let pinned = fd_link.pin(&staging).map_err(|e| Error::Pin {
+                path: staging.clone(),
+                source: std::io::Error::other(super::chain(&e)),
+            })?;
+            if let Err(source) = fs::rename(&staging, &path) {
+                let _ = fs::remove_file(&staging);
+                return Err(Error::Pin { path, source });
+            }
+            links.pins.push((path, pinned));
+        }
+        Ok(links)
+    }
+
+    /// Detaches links pinned for pods that are not in `keep` (left behind by
+    /// an agent that was killed or told to keep its pins).
+    pub fn prune_links(&self, keep: &dyn Fn(&str) -> bool) -> Vec<String> {
+        let mut pruned = Vec::new();
+        let Ok(entries) = fs::read_dir(self.links_dir()) else {
+            return pruned;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if keep(&name) {
+                continue;
+            }
+            remove_pin_dir(&e.path());
+            pruned.push(name);
+        }
+        pruned
+    }
+}
+
+impl PodLinks {
+    /// Pinned paths, for `/config_dump`.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.pins.iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    /// Leaves the links pinned (and so attached) after this process exits.
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for PodLinks {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        // Removing the pin drops the last reference but ours; dropping ours
+        // then detaches the program.
+        for (path, link) in self.pins.drain(..) {
+            let _ = fs::remove_file(&path);
+            drop(link);
+        }
+        remove_pin_dir(&self.dir);
+    }
+}
+
+fn remove_pin_dir(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}

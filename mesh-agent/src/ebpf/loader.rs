@@ -1,0 +1,203 @@
+//! Loading the embedded object: check bpffs, adopt compatible pinned maps,
+//! load every program, and configure the maps for this agent.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use aya::{
+    EbpfLoader,
+    maps::MapInfo,
+    programs::{CgroupSockAddr, SkLookup, SockOps},
+};
+use serde::Serialize;
+
+use super::{
+    Error, OBJECT,
+    maps::{Maps, PINNED},
+};
+use crate::{config::Config, sys};
+
+/// How each program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hook {
+    /// To the pod's cgroup.
+    Cgroup,
+    /// To the pod's network namespace.
+    Netns,
+}
+
+/// Every program in the object, by the name `bpftool prog list` shows.
+pub(super) const PROGRAMS: [(&str, Hook); 6] = [
+    ("mesh_connect4", Hook::Cgroup),
+    ("mesh_connect6", Hook::Cgroup),
+    ("mesh_getpeer4", Hook::Cgroup),
+    ("mesh_getpeer6", Hook::Cgroup),
+    ("mesh_sockops", Hook::Cgroup),
+    ("mesh_sk_lookup", Hook::Netns),
+];
+
+/// A program as loaded, for `/config_dump`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramInfo {
+    pub name: &'static str,
+    pub id: u32,
+}
+
+/// The loaded object: programs ready to attach, maps pinned.
+pub struct Loaded {
+    pub(super) bpf: aya::Ebpf,
+    maps: Arc<Maps>,
+    pin_dir: PathBuf,
+    programs: Vec<ProgramInfo>,
+}
+
+impl Loaded {
+    /// Loads the programs and pins (or adopts) the maps under `cfg.bpffs_dir`.
+    /// `kernel_log_level` is aya-log's level (0 off … 5 trace) below which
+    /// the programs skip their log statements.
+    pub fn load(cfg: &Config, kernel_log_level: u8) -> Result<Self, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
+        let pin_dir = cfg.bpffs_dir.clone();
+        check_bpffs(&pin_dir)?;
+        for dir in [pin_dir.clone(), pin_dir.join("links")] {
+            fs::create_dir_all(&dir).map_err(|source| Error::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        check_compatible(&pin_dir)?;
+
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&str, PathBuf)> =
+            PINNED.iter().map(|(n, ..)| (*n, pin_dir.join(n))).collect();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.override_global("AYA_LOG_LEVEL", &kernel_log_level, false);
+        let mut bpf = loader.load(OBJECT).map_err(Error::Load)?;
+
+        let mut programs = Vec::new();
+        for (name, _) in PROGRAMS {
+            let prog = bpf.program_mut(name).ok_or(Error::MissingMap(name))?;
+            let perr = |source: aya::programs::ProgramError| {
+                tracing::debug!(program = name, "load failed: {source}");
+                Error::Program {
+                    name,
+                    reason: super::summarize(&source),
+                }
+            };
+            let info = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => load_one::<CgroupSockAddr>(p, perr)?,
+                aya::programs::Program::SockOps(p) => load_one::<SockOps>(p, perr)?,
+                aya::programs::Program::SkLookup(p) => load_one::<SkLookup>(p, perr)?,
+                other => unreachable!("unexpected program type {:?} for {name}", other.prog_type()),
+            };
+            programs.push(ProgramInfo { name, id: info });
+        }
+        let maps = Maps::take(&mut bpf)?;
+        maps.configure(cfg)?;
+        Ok(Self {
+            bpf,
+            maps: Arc::new(maps),
+            pin_dir,
+            programs,
+        })
+    }
+
+    pub fn maps(&self) -> Arc<Maps> {
+        self.maps.clone()
+    }
+
+    pub fn programs(&self) -> &[ProgramInfo] {
+        &self.programs
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub(super) fn links_dir(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+
+    /// Removes the map pins and the (then empty) pin directory. Programs stay
+    /// loaded until this process drops them; attached links were removed
+    /// before this by detaching every pod.
+    pub fn unpin_maps(&self) {
+        unpin_maps(&self.pin_dir);
+    }
+}
+
+/// Removes the map pins under `pin_dir` and the directory once empty.
+pub fn unpin_maps(pin_dir: &Path) {
+    for (name, ..) in PINNED {
+        let _ = fs::remove_file(pin_dir.join(name));
+    }
+    let _ = fs::remove_dir(pin_dir.join("links"));
+    let _ = fs::remove_dir(pin_dir);
+}
+
+trait Loadable {
+    fn load_prog(&mut self) -> Result<(), aya::programs::ProgramError>;
+    fn prog_id(&self) -> Result<u32, aya::programs::ProgramError>;
+}
+
+macro_rules! loadable {
+    ($($t:ty),+) => {$(
+        impl Loadable for $t {
+            fn load_prog(&mut self) -> Result<(), aya::programs::ProgramError> { self.load() }
+            fn prog_id(&self) -> Result<u32, aya::programs::ProgramError> { Ok(self.info()?.id()) }
+        }
+    )+};
+}
+loadable!(CgroupSockAddr, SockOps, SkLookup);
+
+fn load_one<P: Loadable>(
+    p: &mut P,
+    err: impl Fn(aya::programs::ProgramError) -> Error,
+) -> Result<u32, Error> {
+    p.load_prog().map_err(&err)?;
+    p.prog_id().map_err(err)
+}
+
+/// The pin directory, or its nearest existing parent, must be on bpffs.
+fn check_bpffs(dir: &Path) -> Result<(), Error> {
+    let mut probe = Some(dir);
+    while let Some(p) = probe {
+        match sys::fs_magic(p) {
+            Ok(sys::BPF_FS_MAGIC) => return Ok(()),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => probe = p.parent(),
+            Err(_) => break,
+        }
+    }
+    Err(Error::NotBpffs { path: dir.into() })
+}
+
+/// Refuses to adopt a pinned map whose layout is not this agent's.
+fn check_compatible(dir: &Path) -> Result<(), Error> {
+    for (name, key, value) in PINNED {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            return Err(Error::IncompatiblePin {
+                path,
+                found_key: info.key_size(),
+                found_value: info.value_size(),
+                want_key: key as u32,
+                want_value: value as u32,
+            });
+        }
+    }
+    Ok(())
+}

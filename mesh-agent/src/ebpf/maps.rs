@@ -1,0 +1,261 @@
+//! Typed handles on the shared maps, and the conversions between socket
+//! addresses and the maps' address form.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Mutex,
+};
+
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuArray, SockHash,
+    lpm_trie::{Key, LpmTrie},
+};
+use mesh_common::{
+    addr::{Addr, from_v4_octets, is_v4_mapped},
+    capture::{ConnKey, OrigDst},
+    config::MeshConfig,
+    exclusion::{EXCLUDE_INBOUND, EXCLUDE_OUTBOUND},
+    stats::{PROG_COUNT, PROG_NAMES, ProgStats},
+};
+use serde::Serialize;
+
+use super::Error;
+use crate::config::{Cidr, Config};
+
+/// Name, key size and value size of every map the agent pins. A pinned map
+/// whose sizes differ belongs to an incompatible agent and is not adopted.
+pub(super) const PINNED: [(&str, usize, usize); 8] = [
+    ("mesh_config", 4, size_of::<MeshConfig>()),
+    ("mesh_orig_dst", 8, size_of::<OrigDst>()),
+    ("mesh_conn_dst", size_of::<ConnKey>(), size_of::<OrigDst>()),
+    ("mesh_excl_ports", 2, 4),
+    // LPM keys carry a 4-byte prefix length before the address.
+    ("mesh_excl_cidrs", 4 + 16, 4),
+    ("mesh_inbound", 16, 4),
+    ("mesh_pod_ips", 16, 4),
+    ("mesh_stats", 4, size_of::<ProgStats>()),
+];
+
+/// The map form of an IP address.
+pub fn map_addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => from_v4_octets(v4.octets()),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.octets(), |v4| from_v4_octets(v4.octets())),
+    }
+}
+
+/// The IP address behind a map address (v4-mapped becomes IPv4).
+pub fn addr_from_map(a: &Addr) -> IpAddr {
+    if is_v4_mapped(a) {
+        IpAddr::V4(Ipv4Addr::new(a[12], a[13], a[14], a[15]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*a))
+    }
+}
+
+/// Handles on the maps the agent reads and writes while it runs.
+pub struct Maps {
+    config: Mutex<Array<MapData, MeshConfig>>,
+    orig_dst: HashMap<MapData, u64, OrigDst>,
+    conn_dst: HashMap<MapData, ConnKey, OrigDst>,
+    excl_ports: Mutex<HashMap<MapData, u16, u32>>,
+    excl_cidrs: Mutex<LpmTrie<MapData, Addr, u32>>,
+    inbound: Mutex<SockHash<MapData, Addr>>,
+    pod_ips: Mutex<HashMap<MapData, Addr, u32>>,
+    stats: PerCpuArray<MapData, ProgStats>,
+}
+
+/// How many entries the connection-tracking maps hold (for `/metrics`).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MapEntries {
+    pub orig_dst: usize,
+    pub conn_dst: usize,
+}
+
+fn take(bpf: &mut aya::Ebpf, name: &'static str) -> Result<Map, Error> {
+    bpf.take_map(name).ok_or(Error::MissingMap(name))
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+impl Maps {
+    pub(super) fn take(bpf: &mut aya::Ebpf) -> Result<Self, Error> {
+        macro_rules! typed {
+            ($name:literal) => {
+                take(bpf, $name)?.try_into().map_err(map_err($name))?
+            };
+        }
+        Ok(Self {
+            config: Mutex::new(typed!("mesh_config")),
+            orig_dst: typed!("mesh_orig_dst"),
+            conn_dst: typed!("mesh_conn_dst"),
+            excl_ports: Mutex::new(typed!("mesh_excl_ports")),
+            excl_cidrs: Mutex::new(typed!("mesh_excl_cidrs")),
+            inbound: Mutex::new(typed!("mesh_inbound")),
+            pod_ips: Mutex::new(typed!("mesh_pod_ips")),
+            stats: typed!("mesh_stats"),
+        })
+    }
+
+    /// Makes the exclusion maps say exactly what `cfg` says (an adopted map
+    /// may hold a previous agent's settings), then turns the programs on.
+    pub(super) fn configure(&self, cfg: &Config) -> Result<(), Error> {
+        let mut ports = std::collections::HashMap::<u16, u32>::new();
+        for p in &cfg.exclude_outbound_ports {
+            *ports.entry(*p).or_default() |= EXCLUDE_OUTBOUND;
+        }
+        for p in &cfg.exclude_inbound_ports {
+            *ports.entry(*p).or_default() |= EXCLUDE_INBOUND;
+        }
+        {
+            let mut m = self.excl_ports.lock().expect("map lock");
+            let stale: Vec<u16> = m
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !ports.contains_key(k))
+                .collect();
+            for k in stale {
+                m.remove(&k).map_err(map_err("mesh_excl_ports"))?;
+            }
+            for (p, f) in &ports {
+                m.insert(p, f, 0).map_err(map_err("mesh_excl_ports"))?;
+            }
+        }
+        {
+            let mut m = self.excl_cidrs.lock().expect("map lock");
+            let stale: Vec<Key<Addr>> = m.keys().filter_map(Result::ok).collect();
+            for k in stale {
+                m.remove(&k).map_err(map_err("mesh_excl_cidrs"))?;
+            }
+            for c in &cfg.exclude_outbound_cidrs {
+                m.insert(&cidr_key(c), EXCLUDE_OUTBOUND, 0)
+                    .map_err(map_err("mesh_excl_cidrs"))?;
+            }
+        }
+        let mc = MeshConfig {
+            outbound_port: cfg.outbound_port,
+            inbound_port: cfg.inbound_port,
+            hbone_port: cfg.hbone_port,
+            _pad: 0,
+            agent_mark: cfg.agent_mark,
+            agent_mark_mask: u32::MAX,
+            abi_version: mesh_common::MAP_ABI_VERSION,
+        };
+        self.config
+            .lock()
+            .expect("map lock")
+            .set(0, mc, 0)
+            .map_err(map_err("mesh_config"))
+    }
+
+    /// Where a captured connection was going, by the connection as the
+    /// agent's outbound listener accepted it.
+    pub fn original_destination(
+        &self,
+        netns_cookie: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let key = ConnKey {
+            netns_cookie,
+            src_addr: map_addr(peer.ip()),
+            dst_addr: map_addr(local.ip()),
+            src_port: peer.port(),
+            dst_port: local.port(),
+            _pad: 0,
+        };
+        let orig = self.conn_dst.get(&key, 0).ok()?;
+        Some(SocketAddr::new(addr_from_map(&orig.addr), orig.port))
+    }
+
+    /// Registers a pod address and the agent's inbound listener for it.
+    pub fn add_inbound(
+        &self,
+        ip: IpAddr,
+        listener: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), Error> {
+        let a = map_addr(ip);
+        self.inbound
+            .lock()
+            .expect("map lock")
+            .insert(a, listener.as_raw_fd(), 0)
+            .map_err(map_err("mesh_inbound"))?;
+        self.pod_ips
+            .lock()
+            .expect("map lock")
+            .insert(a, 0, 0)
+            .map_err(map_err("mesh_pod_ips"))
+    }
+
+    /// Forgets a pod address (ignores entries already gone).
+    pub fn remove_inbound(&self, ip: IpAddr) {
+        let a = map_addr(ip);
+        let _ = self.pod_ips.lock().expect("map lock").remove(&a);
+        let _ = self.inbound.lock().expect("map lock").remove(&a);
+    }
+
+    /// Per-program counters summed over CPUs, as (program, stats).
+    pub fn program_stats(&self) -> Vec<(&'static str, ProgStats)> {
+        (0..PROG_COUNT)
+            .map(|i| {
+                let mut sum = ProgStats::default();
+                if let Ok(per_cpu) = self.stats.get(&i, 0) {
+                    for s in per_cpu.iter() {
+                        sum.redirected += s.redirected;
+                        sum.passed += s.passed;
+                        sum.errors += s.errors;
+                    }
+                }
+                (PROG_NAMES[i as usize], sum)
+            })
+            .collect()
+    }
+
+    /// Counts the entries of the connection-tracking maps (one syscall per
+    /// entry: for scrapes and tests, not the data path).
+    pub fn entries(&self) -> MapEntries {
+        MapEntries {
+            orig_dst: self.orig_dst.keys().filter(Result::is_ok).count(),
+            conn_dst: self.conn_dst.keys().filter(Result::is_ok).count(),
+        }
+    }
+}
+
+fn cidr_key(c: &Cidr) -> Key<Addr> {
+    let len = match c.addr {
+        IpAddr::V4(_) => 96 + u32::from(c.len),
+        IpAddr::V6(_) => u32::from(c.len),
+    };
+    Key::new(len, map_addr(c.addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_map_form() {
+        for s in ["10.1.2.3", "fd10::7", "::1", "127.0.0.1"] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(addr_from_map(&map_addr(ip)), ip);
+        }
+        // A v4-mapped IPv6 address is the IPv4 connection it carries.
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(
+            addr_from_map(&map_addr(mapped)),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn ipv4_cidrs_match_under_the_mapped_prefix() {
+        let k = cidr_key(&"10.96.0.0/12".parse().unwrap());
+        assert_eq!(k.prefix_len(), 108);
+        assert_eq!(k.data()[10..12], [0xff, 0xff]);
+        assert_eq!(cidr_key(&"fd00::/8".parse().unwrap()).prefix_len(), 8);
+    }
+}

@@ -1,0 +1,17 @@
+//! The node agent of the eBPF service mesh: captures pod traffic with the
+//! programs in `mesh-ebpf` and carries it.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod netns;
+pub mod pod;
+pub mod proxy;
+pub mod telemetry;
+pub mod workload;
+
+#[allow(unsafe_code, reason = "aya's include_bytes_aligned! and map Pod types")]
+pub mod ebpf;
+#[allow(unsafe_code, reason = "raw system calls without a safe wrapper")]
+pub mod sys;

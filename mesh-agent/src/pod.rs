@@ -1,0 +1,234 @@
+//! Enrolling a pod: the agent's listeners in its network namespace, its
+//! addresses in the inbound map, and the capture programs attached to its
+//! cgroup and namespace — in that order, so capture never points at a
+//! listener that does not exist yet. Removal runs in reverse.
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    ebpf::{self, Loaded, Maps, PodLinks},
+    netns::{self, Netns},
+    proxy::{self, PodContext, ProxyContext, inbound, outbound, socket},
+    sys,
+    workload::{Workload, WorkloadKey},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("workload {pod}: {source}")]
+    Netns {
+        pod: WorkloadKey,
+        #[source]
+        source: netns::Error,
+    },
+    #[error("workload {pod}: cgroup {path} does not exist")]
+    CgroupMissing { pod: WorkloadKey, path: PathBuf },
+    #[error(
+        "workload {pod}: {path} is not a cgroup v2 directory (the agent attaches to cgroup v2 \
+         only; is the unified hierarchy mounted there?)"
+    )]
+    NotCgroup2 { pod: WorkloadKey, path: PathBuf },
+    #[error("workload {pod}: cannot open cgroup {path}: {source}")]
+    CgroupOpen {
+        pod: WorkloadKey,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workload {pod}: {source}")]
+    Listen {
+        pod: WorkloadKey,
+        #[source]
+        source: proxy::Error,
+    },
+    #[error("workload {pod}: {source}")]
+    Ebpf {
+        pod: WorkloadKey,
+        #[source]
+        source: ebpf::Error,
+    },
+}
+
+/// A pod the agent is capturing and proxying for.
+pub struct EnrolledPod {
+    pub workload: Arc<Workload>,
+    netns_cookie: u64,
+    listening: Vec<SocketAddr>,
+    links: PodLinks,
+    stop: CancellationToken,
+    maps: Arc<Maps>,
+}
+
+/// What `/config_dump` shows of an enrolled pod.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDump {
+    #[serde(flatten)]
+    pub workload: Workload,
+    pub netns_cookie: u64,
+    pub listeners: Vec<SocketAddr>,
+    pub links: Vec<PathBuf>,
+}
+
+fn open_cgroup(pod: &WorkloadKey, path: &Path) -> Result<File, Error> {
+    match sys::fs_magic(path) {
+        Ok(sys::CGROUP2_SUPER_MAGIC) => {}
+        Ok(_) => {
+            return Err(Error::NotCgroup2 {
+                pod: pod.clone(),
+                path: path.into(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::CgroupMissing {
+                pod: pod.clone(),
+                path: path.into(),
+            });
+        }
+        Err(source) => {
+            return Err(Error::CgroupOpen {
+                pod: pod.clone(),
+                path: path.into(),
+                source,
+            });
+        }
+    }
+    File::open(path).map_err(|source| Error::CgroupOpen {
+        pod: pod.clone(),
+        path: path.into(),
+        source,
+    })
+}
+
+/// The directory name of a pod's links under `<bpffs>/links/`.
+pub fn links_dir_name(key: &WorkloadKey) -> String {
+    key.to_string().replace('/', "_")
+}
+
+/// Enrols `w`. Must run inside the tokio runtime (it starts the accept loops).
+pub fn enrol(
+    w: Workload,
+    loaded: &mut Loaded,
+    ctx: &Arc<ProxyContext>,
+) -> Result<EnrolledPod, Error> {
+    let key = w.key();
+    let netns = Netns::open(&w.netns).map_err(|source| Error::Netns {
+        pod: key.clone(),
+        source,
+    })?;
+    let cgroup = open_cgroup(&key, &w.cgroup)?;
+    let listeners =
+        socket::open_listeners(&netns, &w, &ctx.config).map_err(|source| Error::Listen {
+            pod: key.clone(),
+            source,
+        })?;
+    let listening = listeners.addrs();
+    let workload = Arc::new(w);
+    let maps = ctx.maps.clone();
+    for (ip, l) in &listeners.inbound {
+        if let Err(source) = maps.add_inbound(*ip, l) {
+            workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));
+            return Err(Error::Ebpf { pod: key, source });
+        }
+    }
+    let links = match loaded.attach_pod(
+        &links_dir_name(&key),
+        (&workload.cgroup, &cgroup),
+        (netns.path(), netns.file()),
+    ) {
+        Ok(l) => l,
+        Err(source) => {
+            workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));
+            return Err(Error::Ebpf { pod: key, source });
+        }
+    };
+
+    let stop = CancellationToken::new();
+    let pod = Arc::new(PodContext {
+        workload: workload.clone(),
+        netns: Arc::new(netns),
+        netns_cookie: listeners.netns_cookie,
+    });
+    let tokio_listener = |l: std::net::TcpListener| tokio::net::TcpListener::from_std(l);
+    let start = || -> std::io::Result<()> {
+        for l in listeners.outbound {
+            tokio::spawn(outbound::serve(
+                tokio_listener(l)?,
+                pod.clone(),
+                ctx.clone(),
+                stop.clone(),
+            ));
+        }
+        for (_, l) in listeners.inbound {
+            tokio::spawn(inbound::serve(
+                tokio_listener(l)?,
+                pod.clone(),
+                ctx.clone(),
+                stop.clone(),
+            ));
+        }
+        for l in listeners.hbone {
+            tokio::spawn(inbound::serve_reserved(tokio_listener(l)?, stop.clone()));
+        }
+        Ok(())
+    };
+    if let Err(e) = start() {
+        stop.cancel();
+        workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));
+        drop(links);
+        return Err(Error::Listen {
+            pod: key,
+            source: e.into(),
+        });
+    }
+    ctx.workloads.insert(&workload);
+    tracing::info!(pod = %key, netns_cookie = pod.netns_cookie, "enrolled");
+    Ok(EnrolledPod {
+        workload,
+        netns_cookie: pod.netns_cookie,
+        listening,
+        links,
+        stop,
+        maps,
+    })
+}
+
+impl EnrolledPod {
+    /// Stops capturing and proxying for this pod: programs detached first
+    /// (new connections go direct), then listeners closed and map entries
+    /// removed. Connections already open finish on their own.
+    pub fn remove(self, ctx: &ProxyContext) {
+        let key = self.workload.key();
+        drop(self.links);
+        self.stop.cancel();
+        for ip in &self.workload.ips {
+            self.maps.remove_inbound(*ip);
+        }
+        ctx.workloads.remove(&self.workload);
+        tracing::info!(pod = %key, "removed");
+    }
+
+    /// Closes the listeners but leaves the programs attached and pinned: the
+    /// pod stays captured and fails closed until the next agent adopts it.
+    pub fn keep(self) {
+        self.links.keep();
+        self.stop.cancel();
+    }
+
+    pub fn dump(&self) -> PodDump {
+        PodDump {
+            workload: (*self.workload).clone(),
+            netns_cookie: self.netns_cookie,
+            listeners: self.listening.clone(),
+            links: self.links.paths(),
+        }
+    }
+}

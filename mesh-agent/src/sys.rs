@@ -1,0 +1,72 @@
+//! The few raw system calls the agent needs that no safe wrapper offers.
+//! With `ebpf`, the only module allowed `unsafe`.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+    os::unix::ffi::OsStrExt,
+    path::Path,
+};
+
+/// `statfs.f_type` of bpffs.
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `statfs.f_type` of cgroup v2.
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+/// `statfs.f_type` of nsfs (`/proc/<pid>/ns/*`, `/run/netns/*` bind mounts).
+pub const NSFS_MAGIC: i64 = 0x6e73_6673;
+/// `SO_NETNS_COOKIE` (Linux 5.14); not in the libc crate yet.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Whether the process runs with effective UID 0.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The filesystem type (`statfs.f_type`) of `path`.
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c` is a valid C string and `st` points to writable memory of
+    // the right size; the kernel fills it on success.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded, so the struct is initialised.
+    Ok(unsafe { st.assume_init() }.f_type)
+}
+
+/// Moves the calling thread into the network namespace behind `ns`.
+pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `ns` is an open file descriptor; setns only changes this
+    // thread's namespace.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The cookie of the network namespace a socket lives in, the same value
+/// `bpf_get_netns_cookie` returns in the kernel programs.
+pub fn netns_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

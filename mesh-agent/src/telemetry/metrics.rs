@@ -1,0 +1,445 @@
+//! Prometheus metrics with Istio's names and labels, so existing dashboards
+//! work unchanged, plus the agent's own (`mesh_*`).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use prometheus::{
+    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::{Collector, Desc},
+    proto,
+};
+
+use super::Error;
+use crate::{ebpf::Maps, workload::Workload};
+
+/// Istio's standard labels for TCP metrics, in the order `ConnLabels::values` fills them.
+const ISTIO_TCP_LABELS: [&str; 23] = [
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Which side of the connection reports it, as Istio names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    /// The source pod's agent (outbound).
+    Source,
+    /// The destination pod's agent (inbound).
+    Destination,
+}
+
+/// What the metric labels describe about one connection.
+pub struct ConnLabels<'a> {
+    pub reporter: Reporter,
+    pub source: Option<&'a Workload>,
+    pub destination: Option<&'a Workload>,
+    /// Where the connection was going (used when the destination is not a known workload).
+    pub destination_addr: SocketAddr,
+    pub cluster: &'a str,
+    /// `mutual_tls`, `none` (plaintext, inbound) or `unknown`.
+    pub security_policy: &'static str,
+}
+
+impl ConnLabels<'_> {
+    fn values(&self) -> [String; 23] {
+        let w = |o: Option<&Workload>, f: fn(&Workload) -> &str| o.map_or("unknown", f).to_string();
+        let cluster = |o: Option<&Workload>| {
+            if o.is_some() {
+                self.cluster.to_string()
+            } else {
+                "unknown".into()
+            }
+        };
+        let (s, d) = (self.source, self.destination);
+        [
+            match self.reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            }
+            .into(),
+            w(s, |w| &w.name),
+            w(s, Workload::canonical_service),
+            w(s, Workload::canonical_revision),
+            w(s, |w| &w.namespace),
+            "unknown".into(), // principals come with mTLS
+            w(s, Workload::app),
+            w(s, Workload::version),
+            cluster(s),
+            // No service registry yet: name the address the client dialled.
+            d.map_or_else(
+                || self.destination_addr.ip().to_string(),
+                |w| w.canonical_service().to_string(),
+            ),
+            w(d, |w| &w.namespace),
+            d.map_or_else(
+                || self.destination_addr.ip().to_string(),
+                |w| w.canonical_service().to_string(),
+            ),
+            w(d, |w| &w.name),
+            w(d, Workload::canonical_service),
+            w(d, Workload::canonical_revision),
+            w(d, |w| &w.namespace),
+            "unknown".into(),
+            w(d, Workload::app),
+            w(d, Workload::version),
+            cluster(d),
+            "tcp".into(),
+            "-".into(),
+            self.security_policy.into(),
+        ]
+    }
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    tcp_opened: IntCounterVec,
+    tcp_closed: IntCounterVec,
+    tcp_sent: IntCounterVec,
+    tcp_received: IntCounterVec,
+    active: IntGaugeVec,
+    proxy_errors: IntCounterVec,
+    workloads: IntGauge,
+    workload_reloads: IntCounterVec,
+}
+
+/// The live counters of one connection; dropping it records the close.
+pub struct ConnMetrics {
+    /// Bytes from the destination back to the client (Istio: "sent during response").
+    pub sent: IntCounter,
+    /// Bytes from the client to the destination (Istio: "received during request").
+    pub received: IntCounter,
+    closed: IntCounter,
+    active: IntGauge,
+}
+
+impl Drop for ConnMetrics {
+    fn drop(&mut self) {
+        self.closed.inc();
+        self.active.dec();
+    }
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, Error> {
+    let v = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(v.clone()))?;
+    Ok(v)
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, Error> {
+        let registry = Registry::new();
+        let active = IntGaugeVec::new(
+            Opts::new(
+                "mesh_tcp_connections_active",
+                "Connections the agent is proxying now.",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(active.clone()))?;
+        let workloads = IntGauge::new("mesh_workloads_enrolled", "Pods enrolled on this node.")?;
+        registry.register(Box::new(workloads.clone()))?;
+        Ok(Self {
+            tcp_opened: counter_vec(
+                &registry,
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened.",
+                &ISTIO_TCP_LABELS,
+            )?,
+            tcp_closed: counter_vec(
+                &registry,
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed.",
+                &ISTIO_TCP_LABELS,
+            )?,
+            tcp_sent: counter_vec(
+                &registry,
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent to the client (response direction).",
+                &ISTIO_TCP_LABELS,
+            )?,
+            tcp_received: counter_vec(
+                &registry,
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the client (request direction).",
+                &ISTIO_TCP_LABELS,
+            )?,
+            proxy_errors: counter_vec(
+                &registry,
+                "mesh_proxy_errors_total",
+                "Connections the agent could not carry, by reason.",
+                &["direction", "reason"],
+            )?,
+            workload_reloads: counter_vec(
+                &registry,
+                "mesh_workload_reloads_total",
+                "Changes of the workload file, applied or rejected.",
+                &["result"],
+            )?,
+            active,
+            workloads,
+            registry,
+        })
+    }
+
+    /// Exports the kernel programs' counters and map sizes on every scrape.
+    pub fn register_ebpf(&self, maps: Arc<Maps>) -> Result<(), Error> {
+        self.registry
+            .register(Box::new(EbpfCollector::new(maps)?))?;
+        Ok(())
+    }
+
+    /// Records a new connection and returns its live counters.
+    pub fn connection_opened(&self, labels: &ConnLabels<'_>) -> ConnMetrics {
+        let values = labels.values();
+        let v: Vec<&str> = values.iter().map(String::as_str).collect();
+        self.tcp_opened.with_label_values(&v).inc();
+        let active = self.active.with_label_values(&[direction(labels.reporter)]);
+        active.inc();
+        ConnMetrics {
+            sent: self.tcp_sent.with_label_values(&v),
+            received: self.tcp_received.with_label_values(&v),
+            closed: self.tcp_closed.with_label_values(&v),
+            active,
+        }
+    }
+
+    /// Counts a connection the agent failed to carry.
+    pub fn proxy_error(&self, reporter: Reporter, reason: &str) {
+        self.proxy_errors
+            .with_label_values(&[direction(reporter), reason])
+            .inc();
+    }
+
+    pub fn set_workloads(&self, n: usize) {
+        self.workloads.set(n as i64);
+    }
+
+    pub fn workload_reload(&self, result: &str) {
+        self.workload_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+fn direction(r: Reporter) -> &'static str {
+    match r {
+        Reporter::Source => "outbound",
+        Reporter::Destination => "inbound",
+    }
+}
+
+/// Reads the per-CPU program counters and map sizes at scrape time.
+struct EbpfCollector {
+    maps: Arc<Maps>,
+    descs: Vec<Desc>,
+}
+
+const EVENTS: &str = "mesh_ebpf_program_events_total";
+const ENTRIES: &str = "mesh_ebpf_map_entries";
+
+impl EbpfCollector {
+    fn new(maps: Arc<Maps>) -> Result<Self, Error> {
+        let descs = vec![
+            Desc::new(
+                EVENTS.into(),
+                "What each kernel program did (summed over CPUs).".into(),
+                vec!["program".into(), "outcome".into()],
+                Default::default(),
+            )?,
+            Desc::new(
+                ENTRIES.into(),
+                "Entries in the connection-tracking maps.".into(),
+                vec!["map".into()],
+                Default::default(),
+            )?,
+        ];
+        Ok(Self { maps, descs })
+    }
+}
+
+fn sample(labels: &[(&str, &str)], value: f64, counter: bool) -> proto::Metric {
+    let mut m = proto::Metric::default();
+    m.set_label(
+        labels
+            .iter()
+            .map(|(k, v)| {
+                let mut l = proto::LabelPair::default();
+                l.set_name((*k).into());
+                l.set_value((*v).into());
+                l
+            })
+            .collect(),
+    );
+    if counter {
+        let mut c = proto::Counter::default();
+        c.set_value(value);
+        m.set_counter(c);
+    } else {
+        let mut g = proto::Gauge::default();
+        g.set_value(value);
+        m.set_gauge(g);
+    }
+    m
+}
+
+fn family(
+    name: &str,
+    help: &str,
+    kind: proto::MetricType,
+    metrics: Vec<proto::Metric>,
+) -> proto::MetricFamily {
+    let mut f = proto::MetricFamily::default();
+    f.set_name(name.into());
+    f.set_help(help.into());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+impl Collector for EbpfCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        let mut events = Vec::new();
+        for (program, s) in self.maps.program_stats() {
+            for (outcome, v) in [
+                ("redirected", s.redirected),
+                ("passed", s.passed),
+                ("errors", s.errors),
+            ] {
+                events.push(sample(
+                    &[("program", program), ("outcome", outcome)],
+                    v as f64,
+                    true,
+                ));
+            }
+        }
+        let e = self.maps.entries();
+        let entries = vec![
+            sample(&[("map", "mesh_orig_dst")], e.orig_dst as f64, false),
+            sample(&[("map", "mesh_conn_dst")], e.conn_dst as f64, false),
+        ];
+        vec![
+            family(
+                EVENTS,
+                &self.descs[0].help,
+                proto::MetricType::COUNTER,
+                events,
+            ),
+            family(
+                ENTRIES,
+                &self.descs[1].help,
+                proto::MetricType::GAUGE,
+                entries,
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::Workload;
+
+    fn wl(name: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "sa".into(),
+            ips: vec!["10.0.0.2".parse().unwrap()],
+            netns: "/run/netns/x".into(),
+            cgroup: "/sys/fs/cgroup/x".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            uid: None,
+        }
+    }
+
+    #[test]
+    fn connection_lifecycle_updates_istio_metrics() {
+        let m = Metrics::new().unwrap();
+        let src = wl("client", &[("app", "sleep"), ("version", "v1")]);
+        let c = m.connection_opened(&ConnLabels {
+            reporter: Reporter::Source,
+            source: Some(&src),
+            destination: None,
+            destination_addr: "192.0.2.9:80".parse().unwrap(),
+            cluster: "Kubernetes",
+            security_policy: "unknown",
+        });
+        c.received.inc_by(5);
+        c.sent.inc_by(7);
+        let text = m.render();
+        let opened = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .unwrap();
+        for want in [
+            "reporter=\"source\"",
+            "source_workload=\"client\"",
+            "source_app=\"sleep\"",
+            "source_version=\"v1\"",
+            "source_cluster=\"Kubernetes\"",
+            "destination_workload=\"unknown\"",
+            "destination_service=\"192.0.2.9\"",
+            "request_protocol=\"tcp\"",
+            "connection_security_policy=\"unknown\"",
+        ] {
+            assert!(opened.contains(want), "{want} missing in {opened}");
+        }
+        assert!(opened.ends_with(" 1"));
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_received_bytes_total{") && l.ends_with(" 5"))
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_sent_bytes_total{") && l.ends_with(" 7"))
+        );
+        assert!(text.contains("mesh_tcp_connections_active{direction=\"outbound\"} 1"));
+        assert!(!text.contains("istio_tcp_connections_closed_total{"));
+        drop(c);
+        let text = m.render();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with(" 1"))
+        );
+        assert!(text.contains("mesh_tcp_connections_active{direction=\"outbound\"} 0"));
+    }
+}

@@ -1,0 +1,375 @@
+//! The workload registry: which pods live on this node, where their network
+//! namespace and cgroup are, and who they are. Read from a YAML file for now
+//! (Kubernetes comes later and produces the same `Workload`s).
+//!
+//! ```yaml
+//! workloads:
+//!   - name: sleep-7d5f
+//!     namespace: default
+//!     serviceAccount: sleep
+//!     ips: [10.10.0.2, fd10::2]
+//!     netns: /run/netns/sleep-7d5f
+//!     cgroup: /sys/fs/cgroup/unified/kubepods/pod-sleep-7d5f
+//!     labels: {app: sleep, version: v1}
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read workload file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}:{location}{message}")]
+    Syntax {
+        path: PathBuf,
+        location: String,
+        message: String,
+    },
+    #[error("{path}: workloads[{index}] ({id}): {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        index: usize,
+        id: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// One pod on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// The pod's addresses (one per family).
+    pub ips: Vec<IpAddr>,
+    /// Path of the pod's network namespace (`/run/netns/…` or `/proc/<pid>/ns/net`).
+    pub netns: PathBuf,
+    /// The pod's cgroup v2 directory.
+    pub cgroup: PathBuf,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Kubernetes UID, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+fn default_service_account() -> String {
+    "default".into()
+}
+
+/// `namespace/name`: unique on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct WorkloadKey(String);
+
+impl fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Workload {
+    pub fn key(&self) -> WorkloadKey {
+        WorkloadKey(format!("{}/{}", self.namespace, self.name))
+    }
+
+    /// Istio's canonical service: its label, else the usual app labels, else the name.
+    pub fn canonical_service(&self) -> &str {
+        self.label_or(
+            &[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ],
+            &self.name,
+        )
+    }
+
+    /// Istio's canonical revision.
+    pub fn canonical_revision(&self) -> &str {
+        self.label_or(
+            &[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ],
+            "latest",
+        )
+    }
+
+    pub fn app(&self) -> &str {
+        self.label_or(&["app.kubernetes.io/name", "app"], "unknown")
+    }
+
+    pub fn version(&self) -> &str {
+        self.label_or(&["app.kubernetes.io/version", "version"], "unknown")
+    }
+
+    fn label_or<'a>(&'a self, keys: &[&str], default: &'a str) -> &'a str {
+        keys.iter()
+            .find_map(|k| self.labels.get(*k))
+            .map_or(default, String::as_str)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadFile {
+    #[serde(default)]
+    workloads: Vec<Workload>,
+}
+
+/// Reads and validates a workload file.
+pub fn load(path: &Path) -> Result<Vec<Workload>, Error> {
+    let text = std::fs::read(path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates workload YAML; `path` only names the source in errors.
+pub fn parse(path: &Path, text: &[u8]) -> Result<Vec<Workload>, Error> {
+    let file: WorkloadFile = match serde_yaml::from_slice(text) {
+        Ok(f) => f,
+        // An empty file is an empty registry, not an error.
+        Err(_) if text.iter().all(u8::is_ascii_whitespace) => WorkloadFile { workloads: vec![] },
+        Err(e) => {
+            let location = e
+                .location()
+                .map(|l| format!("{}:{}: ", l.line(), l.column()))
+                .unwrap_or_else(|| " ".into());
+            return Err(Error::Syntax {
+                path: path.into(),
+                location,
+                message: e.to_string(),
+            });
+        }
+    };
+    validate(path, &file.workloads)?;
+    Ok(file.workloads)
+}
+
+fn validate(path: &Path, ws: &[Workload]) -> Result<(), Error> {
+    let mut keys = HashMap::new();
+    let mut ips = HashMap::new();
+    for (index, w) in ws.iter().enumerate() {
+        let bad = |field, reason: String| Error::Invalid {
+            path: path.into(),
+            index,
+            id: w.key().to_string(),
+            field,
+            reason,
+        };
+        check_dns_label(&w.name).map_err(|r| bad("name", r))?;
+        check_dns_label(&w.namespace).map_err(|r| bad("namespace", r))?;
+        check_dns_subdomain(&w.service_account).map_err(|r| bad("serviceAccount", r))?;
+        if let Some(first) = keys.insert(w.key(), index) {
+            return Err(bad("name", format!("duplicate of workloads[{first}]")));
+        }
+        if w.ips.is_empty() {
+            return Err(bad("ips", "at least one address is required".into()));
+        }
+        for ip in &w.ips {
+            if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+                return Err(bad("ips", format!("{ip} cannot be a pod address")));
+            }
+            if let Some(other) = ips.insert(*ip, w.key()) {
+                return Err(bad("ips", format!("{ip} is also the address of {other}")));
+            }
+        }
+        if w.ips.iter().filter(|i| i.is_ipv4()).count() > 1
+            || w.ips.iter().filter(|i| i.is_ipv6()).count() > 1
+        {
+            return Err(bad("ips", "at most one IPv4 and one IPv6 address".into()));
+        }
+        if !w.netns.is_absolute() {
+            return Err(bad(
+                "netns",
+                format!("{} is not an absolute path", w.netns.display()),
+            ));
+        }
+        if !w.cgroup.is_absolute() {
+            return Err(bad(
+                "cgroup",
+                format!("{} is not an absolute path", w.cgroup.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_dns_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not a DNS-1123 label (lowercase letters, digits, '-', at most 63)"
+        ))
+    }
+}
+
+fn check_dns_subdomain(s: &str) -> Result<(), String> {
+    if s.len() > 253 || s.split('.').any(|l| check_dns_label(l).is_err()) {
+        return Err(format!("{s:?} is not a DNS-1123 subdomain"));
+    }
+    Ok(())
+}
+
+/// Watches the workload file by content: returns a new registry only when
+/// the bytes changed, so an editor touching the file does not churn pods.
+#[derive(Debug)]
+pub struct FileWatch {
+    path: PathBuf,
+    last: Option<Vec<u8>>,
+}
+
+impl FileWatch {
+    /// Starts watching `path`, whose current content `initial` was loaded.
+    pub fn new(path: PathBuf, initial: Vec<u8>) -> Self {
+        Self {
+            path,
+            last: Some(initial),
+        }
+    }
+
+    /// `None` when unchanged; otherwise the new registry or why it was rejected.
+    pub fn poll(&mut self) -> Option<Result<Vec<Workload>, Error>> {
+        let text = match std::fs::read(&self.path) {
+            Ok(t) => t,
+            Err(source) => {
+                // Report a vanished file once, then wait for it to come back.
+                return self.last.take().map(|_| {
+                    Err(Error::Read {
+                        path: self.path.clone(),
+                        source,
+                    })
+                });
+            }
+        };
+        if self.last.as_deref() == Some(&text[..]) {
+            return None;
+        }
+        self.last = Some(text);
+        self.last.as_deref().map(|t| parse(&self.path, t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+workloads:
+  - name: client
+    namespace: default
+    serviceAccount: sleep
+    ips: [10.10.0.2, "fd10::2"]
+    netns: /run/netns/client
+    cgroup: /sys/fs/cgroup/unified/t/client
+    labels: {app: sleep, version: v1}
+  - name: server
+    namespace: demo
+    ips: [10.10.0.3]
+    netns: /run/netns/server
+    cgroup: /sys/fs/cgroup/unified/t/server
+"#;
+
+    fn p(s: &str) -> Result<Vec<Workload>, String> {
+        parse(Path::new("w.yaml"), s.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn parses_and_derives_istio_labels() {
+        let ws = p(GOOD).unwrap();
+        assert_eq!(ws.len(), 2);
+        assert_eq!(ws[0].key().to_string(), "default/client");
+        assert_eq!(ws[0].canonical_service(), "sleep");
+        assert_eq!(ws[0].canonical_revision(), "v1");
+        assert_eq!(ws[1].service_account, "default");
+        assert_eq!(ws[1].canonical_service(), "server");
+        assert_eq!(ws[1].canonical_revision(), "latest");
+        assert_eq!(ws[1].app(), "unknown");
+    }
+
+    #[test]
+    fn empty_file_is_an_empty_registry() {
+        assert_eq!(p("").unwrap(), vec![]);
+        assert_eq!(p("workloads: []").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn syntax_errors_carry_line_and_field() {
+        let e = p("workloads:\n  - name: a\n    namespace: b\n    ipz: []\n").unwrap_err();
+        assert!(e.starts_with("w.yaml:4:"), "{e}");
+        assert!(e.contains("unknown field `ipz`"), "{e}");
+        let e = p("workloads:\n  - name: a\n    namespace: b\n    ips: [not-an-ip]\n    netns: /x\n    cgroup: /y\n").unwrap_err();
+        assert!(e.starts_with("w.yaml:4:"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_workload_and_field() {
+        let dup_ip = GOOD.replace("ips: [10.10.0.3]", "ips: [10.10.0.2]");
+        assert_eq!(
+            p(&dup_ip).unwrap_err(),
+            "w.yaml: workloads[1] (demo/server): ips: 10.10.0.2 is also the address of default/client"
+        );
+        let bad_name = GOOD.replace("name: server", "name: Server_1");
+        assert!(
+            p(&bad_name)
+                .unwrap_err()
+                .contains("(demo/Server_1): name: \"Server_1\" is not a DNS-1123 label")
+        );
+        let rel = GOOD.replace("netns: /run/netns/server", "netns: run/netns/server");
+        assert!(
+            p(&rel)
+                .unwrap_err()
+                .contains("netns: run/netns/server is not an absolute path")
+        );
+        let lo = GOOD.replace("ips: [10.10.0.3]", "ips: [127.0.0.1]");
+        assert!(
+            p(&lo)
+                .unwrap_err()
+                .contains("127.0.0.1 cannot be a pod address")
+        );
+        let dup = GOOD
+            .replace("namespace: demo", "namespace: default")
+            .replace("name: server", "name: client");
+        assert!(p(&dup).unwrap_err().contains("duplicate of workloads[0]"));
+    }
+
+    #[test]
+    fn watch_reports_changes_only() {
+        let dir = std::env::temp_dir().join(format!("mesh-wl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("w.yaml");
+        std::fs::write(&f, GOOD).unwrap();
+        let mut w = FileWatch::new(f.clone(), GOOD.as_bytes().to_vec());
+        assert!(w.poll().is_none());
+        std::fs::write(&f, "workloads: [").unwrap();
+        assert!(w.poll().unwrap().is_err());
+        assert!(w.poll().is_none(), "a rejected version is reported once");
+        std::fs::write(&f, "workloads: []").unwrap();
+        assert_eq!(w.poll().unwrap().unwrap(), vec![]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

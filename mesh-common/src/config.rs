@@ -1,0 +1,32 @@
+//! Settings the agent writes for the kernel programs (map `mesh_config`,
+//! a one-element array), so ports and marks are not compiled in.
+
+/// The agent's view of the data plane, as the kernel programs need it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MeshConfig {
+    /// Outbound listener port inside each pod (15001).
+    pub outbound_port: u16,
+    /// Inbound plaintext listener port inside each pod (15006).
+    pub inbound_port: u16,
+    /// Inbound HBONE listener port inside each pod (15008).
+    pub hbone_port: u16,
+    pub _pad: u16,
+    /// `SO_MARK` the agent sets on its own sockets; `connect4/6` leave sockets
+    /// carrying it alone, so the agent's upstream connections are not captured
+    /// even if the agent runs inside a captured cgroup.
+    pub agent_mark: u32,
+    /// Which bits of the socket mark `agent_mark` is compared on.
+    pub agent_mark_mask: u32,
+    /// [`MAP_ABI_VERSION`](crate::MAP_ABI_VERSION) of the agent that wrote
+    /// this record; zero means "not configured yet" and every program passes.
+    pub abi_version: u32,
+}
+const _: () = assert!(core::mem::size_of::<MeshConfig>() == 20);
+
+crate::user_pod!(MeshConfig);
+
+/// Source address the agent uses for its IPv4 connections to the
+/// application (Istio's `127.0.0.6`). Packets from a loopback address cannot
+/// arrive from outside the pod, so `sk_lookup` can pass them safely.
+pub const AGENT_INBOUND_SRC_V4: [u8; 4] = [127, 0, 0, 6];

@@ -1,0 +1,155 @@
+//! `cgroup/connect4` and `cgroup/connect6`: send a pod's outbound TCP
+//! connections to the agent's listener inside the same pod, remembering where
+//! they were going.
+//!
+//! Attached to each enrolled pod's own cgroup, so they run before any
+//! socket-level load balancer a CNI attaches higher up the hierarchy.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::bpf_get_socket_cookie,
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::{debug, error};
+use mesh_common::{
+    addr::{AF_INET, AF_INET6, Addr, from_v4_octets, is_v4_mapped},
+    capture::OrigDst,
+    config::MeshConfig,
+    exclusion::EXCLUDE_OUTBOUND,
+    stats::{PROG_CONNECT4, PROG_CONNECT6},
+};
+
+use crate::{
+    ctx::{is_local_only, load, load_ip6, load_ptr, load32, store, store_ip6, v4_word_to_addr},
+    maps::{ORIG_DST, Outcome, config, count, excluded},
+};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// Return values of a sock_addr program: 1 lets the call go on, 0 fails it
+/// with EPERM.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+
+const LOOPBACK_V4: Addr = from_v4_octets([127, 0, 0, 1]);
+const LOOPBACK_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    finish(&ctx, PROG_CONNECT4, try_connect4(&ctx))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    finish(&ctx, PROG_CONNECT6, try_connect6(&ctx))
+}
+
+#[inline(always)]
+fn finish(ctx: &SockAddrContext, prog: u32, r: Result<Outcome, i32>) -> i32 {
+    match r {
+        Ok(outcome) => {
+            count(prog, outcome);
+            ALLOW
+        }
+        Err(e) => {
+            count(prog, Outcome::Error);
+            // Fail closed: a connection whose destination we could not record
+            // would reach the agent with nowhere to go, or leak in plaintext.
+            error!(ctx, "connect: cannot record original destination: {}", e);
+            REJECT
+        }
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<Outcome, i32> {
+    let c = ctx.as_ptr();
+    let Some(cfg) = capture_applies(ctx) else {
+        return Ok(Outcome::Passed);
+    };
+    let ip4 = load!(c, bpf_sock_addr, user_ip4);
+    let dst = v4_word_to_addr(ip4);
+    // `user_port` is network order in the low 16 bits.
+    let port = u16::from_be(load!(c, bpf_sock_addr, user_port) as u16);
+    if is_local_only(&dst) || excluded(&dst, port, EXCLUDE_OUTBOUND) {
+        return Ok(Outcome::Passed);
+    }
+    record(ctx, dst, port, AF_INET)?;
+    store!(
+        c,
+        bpf_sock_addr,
+        user_ip4,
+        u32::from_ne_bytes([127, 0, 0, 1])
+    );
+    store!(
+        c,
+        bpf_sock_addr,
+        user_port,
+        u32::from(cfg.outbound_port.to_be())
+    );
+    debug!(ctx, "connect4: {:i}:{} -> agent", ip4.to_ne_bytes(), port);
+    Ok(Outcome::Redirected)
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<Outcome, i32> {
+    let c = ctx.as_ptr();
+    let Some(cfg) = capture_applies(ctx) else {
+        return Ok(Outcome::Passed);
+    };
+    let dst = load_ip6!(c, bpf_sock_addr, user_ip6);
+    let port = u16::from_be(load!(c, bpf_sock_addr, user_port) as u16);
+    if is_local_only(&dst) || excluded(&dst, port, EXCLUDE_OUTBOUND) {
+        return Ok(Outcome::Passed);
+    }
+    // A v4-mapped destination on a dual-stack socket goes to the agent's IPv4
+    // listener; rewriting it to ::1 would turn an IPv4 connection into IPv6.
+    let (target, family) = if is_v4_mapped(&dst) {
+        (LOOPBACK_V4, AF_INET)
+    } else {
+        (LOOPBACK_V6, AF_INET6)
+    };
+    record(ctx, dst, port, family)?;
+    store_ip6!(c, bpf_sock_addr, user_ip6, &target);
+    store!(
+        c,
+        bpf_sock_addr,
+        user_port,
+        u32::from(cfg.outbound_port.to_be())
+    );
+    debug!(ctx, "connect6: [{:i}]:{} -> agent", dst, port);
+    Ok(Outcome::Redirected)
+}
+
+/// The mesh settings if this is a TCP connect the mesh should look at: the
+/// agent has configured the maps, and the socket is not one of the agent's own.
+#[inline(always)]
+fn capture_applies(ctx: &SockAddrContext) -> Option<&'static MeshConfig> {
+    let c = ctx.as_ptr();
+    if load!(c, bpf_sock_addr, type_) != SOCK_STREAM
+        || load!(c, bpf_sock_addr, protocol) != IPPROTO_TCP
+    {
+        return None;
+    }
+    let cfg = config()?;
+    // `sk` is a non-null PTR_TO_SOCKET in sock_addr programs.
+    let sk = load_ptr::<{ core::mem::offset_of!(bpf_sock_addr, __bindgen_anon_1) }>(c);
+    let mark = load32::<{ core::mem::offset_of!(bpf_sock, mark) }>(sk);
+    if cfg.agent_mark != 0 && mark & cfg.agent_mark_mask == cfg.agent_mark {
+        return None;
+    }
+    Some(cfg)
+}
+
+#[inline(always)]
+fn record(ctx: &SockAddrContext, addr: Addr, port: u16, family: u16) -> Result<(), i32> {
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr,
+        port,
+        family,
+        _pad: 0,
+    };
+    ORIG_DST.insert(cookie, orig, 0)
+}

@@ -1,0 +1,94 @@
+//! Every map the programs share with the agent. Names are what `bpftool map
+//! list` shows and what the agent pins under its bpffs directory.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    macros::btf_map,
+};
+use mesh_common::{
+    addr::Addr,
+    capture::{ConnKey, OrigDst},
+    config::MeshConfig,
+    stats::{PROG_COUNT, ProgStats},
+};
+
+/// Written by the agent before it attaches anything.
+#[btf_map(name = "mesh_config")]
+pub static CONFIG: Array<MeshConfig, 1> = Array::new();
+
+/// Socket cookie → original destination, from connect until close.
+#[btf_map(name = "mesh_orig_dst")]
+pub static ORIG_DST: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+
+/// Established 4-tuple (with netns cookie) → original destination.
+#[btf_map(name = "mesh_conn_dst")]
+pub static CONN_DST: LruHashMap<ConnKey, OrigDst, 65536> = LruHashMap::new();
+
+/// Port → `mesh_common::exclusion` flags.
+#[btf_map(name = "mesh_excl_ports")]
+pub static EXCL_PORTS: HashMap<u16, u32, 1024> = HashMap::new();
+
+/// CIDR → `mesh_common::exclusion` flags.
+#[btf_map(name = "mesh_excl_cidrs")]
+pub static EXCL_CIDRS: LpmTrie<Addr, u32, 1024> = LpmTrie::new();
+
+/// Pod address → the agent's inbound plaintext listener in that pod.
+#[btf_map(name = "mesh_inbound")]
+pub static INBOUND: SockHash<Addr, 4096> = SockHash::new();
+
+/// Addresses of enrolled pods. An address here with no listener in
+/// `mesh_inbound` means the agent is gone: refuse rather than let plaintext
+/// reach the application unchecked.
+#[btf_map(name = "mesh_pod_ips")]
+pub static POD_IPS: HashMap<Addr, u32, 4096> = HashMap::new();
+
+/// Per-program counters, indexed by `mesh_common::stats::PROG_*`.
+#[btf_map(name = "mesh_stats")]
+pub static STATS: PerCpuArray<ProgStats, { PROG_COUNT as usize }> = PerCpuArray::new();
+
+/// The agent's settings, or `None` until it has written them (then every
+/// program passes traffic untouched).
+#[inline(always)]
+pub fn config() -> Option<&'static MeshConfig> {
+    CONFIG
+        .get(0)
+        .filter(|c| c.abi_version == mesh_common::MAP_ABI_VERSION)
+}
+
+/// Counts one outcome for program `prog`.
+#[inline(always)]
+pub fn count(prog: u32, outcome: Outcome) {
+    if let Some(s) = STATS.get_ptr_mut(prog) {
+        // SAFETY: per-CPU slot of a preallocated array; BPF programs are not
+        // preempted on the same CPU while they run.
+        unsafe {
+            match outcome {
+                Outcome::Redirected => (*s).redirected += 1,
+                Outcome::Passed => (*s).passed += 1,
+                Outcome::Error => (*s).errors += 1,
+            }
+        }
+    }
+}
+
+/// What a program did with one event.
+#[derive(Clone, Copy)]
+pub enum Outcome {
+    Redirected,
+    Passed,
+    Error,
+}
+
+/// Whether traffic to `addr:port` is excluded in `direction`
+/// (`mesh_common::exclusion::EXCLUDE_*`).
+#[inline(always)]
+pub fn excluded(addr: &Addr, port: u16, direction: u32) -> bool {
+    // SAFETY: the value is a plain u32 read once.
+    if let Some(flags) = unsafe { EXCL_PORTS.get(port) }
+        && flags & direction != 0
+    {
+        return true;
+    }
+    let key = aya_ebpf::btf_maps::lpm_trie::Key::new(128, *addr);
+    matches!(EXCL_CIDRS.get(&key), Some(flags) if flags & direction != 0)
+}
