@@ -1,0 +1,228 @@
+//! The agent under test, run as a real process inside a node's netns with
+//! a workload file the test controls.
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    env::Env,
+    pod::{Node, Pod, wait_with_timeout},
+    sys,
+};
+
+/// Extra settings for one agent.
+#[derive(Clone, Default)]
+pub struct AgentOptions {
+    /// More `mesh-agent run` flags.
+    pub args: Vec<String>,
+    /// Log filter (`--log-level`); default `info`.
+    pub log: Option<String>,
+    /// Pin directory instead of the environment's.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl AgentOptions {
+    pub fn args(args: &[&str]) -> Self {
+        Self { args: args.iter().map(|s| s.to_string()).collect(), ..Self::default() }
+    }
+}
+
+/// A running agent. Dropping it stops it with SIGTERM (SIGKILL if it hangs).
+pub struct Agent {
+    child: Option<Child>,
+    pub node: Node,
+    pub workloads: PathBuf,
+    pub pin_dir: PathBuf,
+    pub log_path: PathBuf,
+}
+
+/// Writes the workload file atomically (the agent polls it).
+pub fn write_workloads(path: &std::path::Path, pods: &[&Pod]) {
+    let doc = serde_json::json!({ "workloads": pods.iter().map(|p| p.workload()).collect::<Vec<_>>() });
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOptions) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{}", node.netns))
+        .arg("--")
+        .arg(sys::agent_bin())
+        .arg("run")
+        .arg("--workloads")
+        .arg(workloads)
+        .arg("--bpffs-dir")
+        .arg(opts.pin_dir.as_ref().unwrap_or(&env.bpffs))
+        .args(["--workload-poll-interval", "100ms", "--drain-timeout", "1s"])
+        .args(["--log-level", opts.log.as_deref().unwrap_or("info")])
+        .args(&opts.args);
+    c
+}
+
+impl Agent {
+    /// Starts an agent on `node` enrolling `pods`, and waits until it is ready.
+    pub fn start(env: &Env, node: &Node, pods: &[&Pod], opts: AgentOptions) -> Self {
+        let workloads = env.dir.join(format!("workloads-{}.yaml", node.index));
+        write_workloads(&workloads, pods);
+        let log_path = env.dir.join(format!("agent-{}.log", node.index));
+        let log = fs::File::create(&log_path).unwrap();
+        let child = command(env, node, &workloads, &opts)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mesh-agent");
+        let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| env.bpffs.clone());
+        let mut agent = Self { child: Some(child), node: node.clone(), workloads, pin_dir, log_path };
+        agent.wait_ready();
+        agent
+    }
+
+    /// Runs an agent that is expected to fail at startup; returns its exit
+    /// status and stderr.
+    pub fn run_expecting_exit(env: &Env, node: &Node, pods: &[&Pod], opts: AgentOptions) -> (ExitStatus, String) {
+        let workloads = env.dir.join("workloads-fail.yaml");
+        write_workloads(&workloads, pods);
+        Self::run_to_exit(command(env, node, &workloads, &opts))
+    }
+
+    /// Runs `cmd` (an agent command line) to completion, at most 60 s.
+    pub fn run_to_exit(mut cmd: Command) -> (ExitStatus, String) {
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn mesh-agent");
+        let out = wait_with_timeout(child, Duration::from_secs(60));
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("agent running")
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                panic!("mesh-agent exited during startup ({status}):\n{}", self.log());
+            }
+            if self.try_get("http://127.0.0.1:15021/healthz/ready").is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "mesh-agent not ready after 30s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// An HTTP GET from inside the node's netns.
+    pub fn try_get(&self, url: &str) -> Result<String, String> {
+        self.http("get", url)
+    }
+
+    /// An HTTP POST (empty body) from inside the node's netns.
+    pub fn try_post(&self, url: &str) -> Result<String, String> {
+        self.http("post", url)
+    }
+
+    fn http(&self, method: &str, url: &str) -> Result<String, String> {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.node.netns)).arg("--").arg(sys::testapp_bin()).args([method, url]);
+        let out = wait_with_timeout(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(20));
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        Metrics(self.try_get("http://127.0.0.1:15020/metrics").unwrap_or_else(|e| panic!("GET /metrics: {e}")))
+    }
+
+    pub fn config_dump(&self) -> Value {
+        let body = self.try_get("http://127.0.0.1:15000/config_dump").unwrap_or_else(|e| panic!("GET /config_dump: {e}"));
+        serde_json::from_str(&body).expect("config_dump is JSON")
+    }
+
+    /// Replaces the workload file with `pods` and waits until the agent
+    /// shows exactly those in `/config_dump`.
+    pub fn set_pods(&self, pods: &[&Pod]) {
+        write_workloads(&self.workloads, pods);
+        let mut want: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
+        want.sort();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let dump = self.config_dump();
+            let mut have: Vec<String> = dump["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w["name"].as_str().map(str::to_owned))
+                .collect();
+            have.sort();
+            if have == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent enrolled {have:?}, expected {want:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's output so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit (SIGKILL after 15 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        sys::signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("mesh-agent ignored SIGTERM for 15s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// A Prometheus text exposition.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// Sum of the samples of `name` whose labels include all of `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (n, lbls) = series.split_once('{').map_or((series, ""), |(n, rest)| (n, rest));
+                (n == name && labels.iter().all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse::<f64>().ok())?
+            })
+            .sum()
+    }
+
+    /// The first sample line of `name`.
+    pub fn line(&self, name: &str) -> Option<&str> {
+        self.0.lines().find(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+    }
+}

@@ -1,0 +1,188 @@
+//! The application the namespaced tests and the demo run inside pods: a TCP
+//! echo server, a tiny HTTP server, and clients that report what they saw
+//! as one JSON line each, so tests can assert on addresses and payloads.
+//!
+//! ```text
+//! mesh-testapp echo ADDR...            echo every connection; log accepts
+//! mesh-testapp http NAME ADDR...       answer any HTTP request with NAME and addresses
+//! mesh-testapp connect ADDR [PAYLOAD]  send PAYLOAD, half-close, read the echo
+//! mesh-testapp churn ADDR COUNT        COUNT sequential echo round trips
+//! mesh-testapp hold ADDR SECS          connect and keep the connection open
+//! mesh-testapp listen ADDR             bind and listen, then wait (holds a port)
+//! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
+//! mesh-testapp post URL                HTTP POST with an empty body, print the body
+//! ```
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["echo", addrs @ ..] if !addrs.is_empty() => serve(addrs, None),
+        ["http", name, addrs @ ..] if !addrs.is_empty() => serve(addrs, Some(name.to_string())),
+        ["connect", addr] => connect(addr, "hello mesh"),
+        ["connect", addr, payload] => connect(addr, payload),
+        ["churn", addr, count] => churn(addr, count.parse()?),
+        ["hold", addr, secs] => hold(addr, secs.parse()?),
+        ["listen", addr] => {
+            let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+            println!("{}", json!({"event": "listening", "local": l.local_addr()?.to_string()}));
+            std::thread::park();
+            Ok(())
+        }
+        ["get", url] => request("GET", url),
+        ["post", url] => request("POST", url),
+        _ => bail!("usage: see the comment at the top of mesh-testapp.rs"),
+    }
+}
+
+fn serve(addrs: &[&str], http_name: Option<String>) -> Result<()> {
+    let mut handles = Vec::new();
+    for addr in addrs {
+        let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+        println!("{}", json!({"event": "listening", "local": l.local_addr()?.to_string()}));
+        let name = http_name.clone();
+        handles.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = match name {
+                        Some(n) => http_reply(s, &n),
+                        None => echo(s),
+                    };
+                });
+            }
+        }));
+    }
+    std::io::stdout().flush()?;
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn echo(mut s: TcpStream) -> Result<()> {
+    let (local, peer) = (s.local_addr()?, s.peer_addr()?);
+    println!("{}", json!({"event": "accepted", "local": local.to_string(), "peer": peer.to_string()}));
+    let mut buf = [0u8; 16384];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        s.write_all(&buf[..n])?;
+    }
+    s.shutdown(Shutdown::Write)?;
+    println!("{}", json!({"event": "closed", "peer": peer.to_string(), "bytes": total}));
+    Ok(())
+}
+
+fn http_reply(s: TcpStream, name: &str) -> Result<()> {
+    let (local, peer) = (s.local_addr()?, s.peer_addr()?);
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut request_line = String::new();
+    r.read_line(&mut request_line)?;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h == "\r\n" {
+            break;
+        }
+    }
+    let body = format!("hello from {name}: you reached {local}, you are {peer}\n");
+    let mut s = s;
+    write!(s, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    println!("{}", json!({"event": "http", "request": request_line.trim(), "local": local.to_string(), "peer": peer.to_string()}));
+    Ok(())
+}
+
+fn dial(addr: &str) -> Result<TcpStream> {
+    let a: SocketAddr = addr.parse().with_context(|| format!("bad address {addr}"))?;
+    let s = TcpStream::connect_timeout(&a, TIMEOUT).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_write_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
+fn connect(addr: &str, payload: &str) -> Result<()> {
+    let mut s = dial(addr)?;
+    // What getpeername says: the original destination if capture restores it.
+    let (local, peer) = (s.local_addr()?, s.peer_addr()?);
+    s.write_all(payload.as_bytes())?;
+    s.shutdown(Shutdown::Write)?;
+    let mut got = String::new();
+    s.read_to_string(&mut got)?;
+    println!("{}", json!({"local": local.to_string(), "peer": peer.to_string(), "sent": payload, "received": got}));
+    if got != payload {
+        bail!("echo mismatch: sent {payload:?}, received {got:?}");
+    }
+    Ok(())
+}
+
+fn churn(addr: &str, count: u32) -> Result<()> {
+    let mut failed = 0u32;
+    let mut first_error = None;
+    for _ in 0..count {
+        let r = (|| -> Result<()> {
+            let mut s = dial(addr)?;
+            s.write_all(b"ping")?;
+            s.shutdown(Shutdown::Write)?;
+            let mut got = Vec::new();
+            s.read_to_end(&mut got)?;
+            if got != b"ping" {
+                bail!("echo mismatch: {got:?}");
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            failed += 1;
+            first_error.get_or_insert(e.to_string());
+        }
+    }
+    println!("{}", json!({"ok": count - failed, "failed": failed, "first_error": first_error}));
+    if failed > 0 {
+        bail!("{failed} of {count} connections failed");
+    }
+    Ok(())
+}
+
+fn hold(addr: &str, secs: u64) -> Result<()> {
+    let mut s = dial(addr)?;
+    s.write_all(b"held")?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf)?;
+    println!("{}", json!({"event": "holding", "local": s.local_addr()?.to_string(), "peer": s.peer_addr()?.to_string()}));
+    std::io::stdout().flush()?;
+    std::thread::sleep(Duration::from_secs(secs));
+    Ok(())
+}
+
+fn request(method: &str, url: &str) -> Result<()> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (hostport, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    // `SocketAddr` parses both `10.0.0.1:80` and `[fd00::1]:80`.
+    let addr: SocketAddr = hostport.parse().with_context(|| format!("bad host:port in {url}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("malformed response")?;
+    let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no status")?;
+    print!("{body}");
+    if !(200..300).contains(&status) {
+        bail!("HTTP {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! Simulated nodes and pods.
+//!
+//! A node is a network namespace with a bridge; a pod is a network
+//! namespace joined to its node's bridge by a veth pair, with an IPv4 and an
+//! IPv6 address, and a cgroup of its own under the test's cgroup. The agent
+//! runs inside the node's namespace, as a DaemonSet pod with host
+//! networking would.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex, atomic::{AtomicU8, Ordering}},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::{env::Env, sys};
+
+/// A simulated node: a netns with bridge `br0`.
+#[derive(Clone)]
+pub struct Node {
+    pub netns: String,
+    /// Third octet of this node's pod subnet (`10.10.<index>.0/24`).
+    pub index: u8,
+    next_host: Arc<AtomicU8>,
+}
+
+/// A simulated pod.
+#[derive(Clone)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    pub labels: Vec<(String, String)>,
+}
+
+impl Env {
+    /// Creates a node with an empty bridge.
+    pub fn node(&self, short: &str) -> Node {
+        let index = self.next_node_index();
+        let ns = self.add_netns(short);
+        sys::ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
+        sys::ip(&["-n", &ns, "addr", "add", &format!("10.10.{index}.1/24"), "dev", "br0"]);
+        sys::ip(&["-n", &ns, "-6", "addr", "add", &format!("fd10:0:0:{index}::1/64"), "dev", "br0", "nodad"]);
+        sys::ip(&["-n", &ns, "link", "set", "br0", "up"]);
+        Node { netns: ns, index, next_host: Arc::new(AtomicU8::new(2)) }
+    }
+
+    /// Creates a pod on `node`, reachable from the node's other pods.
+    pub fn pod(&self, node: &Node, short: &str) -> Pod {
+        let host = node.next_host.fetch_add(1, Ordering::Relaxed);
+        let ns = self.add_netns(short);
+        let veth = format!("vp{host}");
+        let (ip4, ip6) = (Ipv4Addr::new(10, 10, node.index, host), format!("fd10:0:0:{}::{host:x}", node.index));
+        sys::ip(&["-n", &node.netns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        sys::ip(&["-n", &node.netns, "link", "set", &veth, "master", "br0", "up"]);
+        sys::ip(&["-n", &ns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
+        sys::ip(&["-n", &ns, "-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+        sys::ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        sys::ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.10.{}.1", node.index)]);
+        let cgroup = self.cgroup.join(short);
+        std::fs::create_dir_all(&cgroup).unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
+        Pod {
+            name: short.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            netns: ns,
+            cgroup,
+            ip4,
+            ip6: ip6.parse().expect("pod IPv6"),
+            labels: vec![("app".into(), short.into())],
+        }
+    }
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+
+    /// `ip4:port`.
+    pub fn v4(&self, port: u16) -> String {
+        format!("{}:{port}", self.ip4)
+    }
+
+    /// `[ip6]:port`.
+    pub fn v6(&self, port: u16) -> String {
+        format!("[{}]:{port}", self.ip6)
+    }
+
+    /// This pod as an entry of the agent's workload file.
+    pub fn workload(&self) -> Value {
+        let labels: serde_json::Map<String, Value> = self.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        json!({
+            "name": self.name,
+            "namespace": self.namespace,
+            "serviceAccount": self.service_account,
+            "ips": [self.ip4.to_string(), self.ip6.to_string()],
+            "netns": self.netns_path(),
+            "cgroup": self.cgroup,
+            "labels": labels,
+        })
+    }
+
+    /// A command that runs `bin args…` as one of this pod's processes: in its
+    /// cgroup (so the capture programs see its sockets) and its netns.
+    pub fn command(&self, bin: &std::path::Path, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(r#"cg=$1; ns=$2; shift 2; echo $$ > "$cg/cgroup.procs" && exec nsenter --net="$ns" -- "$@""#)
+            .arg("sh")
+            .arg(&self.cgroup)
+            .arg(self.netns_path())
+            .arg(bin)
+            .args(args);
+        c
+    }
+
+    /// Like `command`, but outside the pod's cgroup: a process sharing the
+    /// pod's network, which the capture programs must not touch.
+    pub fn command_outside_cgroup(&self, bin: &std::path::Path, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.netns_path().display())).arg("--").arg(bin).args(args);
+        c
+    }
+
+    /// Runs `mesh-testapp args…` in the pod and waits (at most 60 s).
+    pub fn run_app(&self, args: &[&str]) -> AppResult {
+        AppResult::wait(self.command(&sys::testapp_bin(), args))
+    }
+
+    /// Runs `mesh-testapp args…` in the pod's netns but outside its cgroup.
+    pub fn run_app_outside_cgroup(&self, args: &[&str]) -> AppResult {
+        AppResult::wait(self.command_outside_cgroup(&sys::testapp_bin(), args))
+    }
+
+    /// Starts a long-running `mesh-testapp args…` in the pod and waits until
+    /// it printed its first line (e.g. `listening`).
+    pub fn spawn_app(&self, env: &Env, args: &[&str]) -> App {
+        App::spawn(env, self.command(&sys::testapp_bin(), args))
+    }
+}
+
+/// A finished `mesh-testapp` run.
+pub struct AppResult {
+    pub output: Output,
+}
+
+impl AppResult {
+    fn wait(mut cmd: Command) -> Self {
+        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn mesh-testapp");
+        Self { output: wait_with_timeout(child, Duration::from_secs(60)) }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.output.status.success()
+    }
+
+    /// The last JSON line printed; panics (with the output) if the run failed.
+    pub fn json(&self) -> Value {
+        assert!(self.ok(), "mesh-testapp failed: {}", self.describe());
+        self.last_json().unwrap_or_else(|| panic!("no JSON output: {}", self.describe()))
+    }
+
+    pub fn last_json(&self) -> Option<Value> {
+        String::from_utf8_lossy(&self.output.stdout).lines().rev().find_map(|l| serde_json::from_str(l).ok())
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{}\nstdout: {}\nstderr: {}",
+            self.output.status,
+            String::from_utf8_lossy(&self.output.stdout),
+            String::from_utf8_lossy(&self.output.stderr)
+        )
+    }
+}
+
+/// Waits for `child`, killing it (by PID) after `timeout`.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = std::io::Read::read_to_end(o, &mut v);
+        }
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(e) = err.as_mut() {
+            let _ = std::io::Read::read_to_end(e, &mut v);
+        }
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() }
+}
+
+/// A long-running `mesh-testapp` (a server, a held connection). Its JSON
+/// lines are collected as they arrive; the environment ends it.
+pub struct App {
+    pub pid: u32,
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl App {
+    fn spawn(env: &Env, mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn mesh-testapp");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&l) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        let pid = env.track(child);
+        let app = Self { pid, lines };
+        app.wait_for(|_| true, Duration::from_secs(10));
+        app
+    }
+
+    /// Waits for a line matching `pred`; panics after `timeout`.
+    pub fn wait_for(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            assert!(Instant::now() < deadline, "mesh-testapp (pid {}) printed no matching line; got {:?}", self.pid, self.lines());
+            assert!(sys::pid_alive(self.pid), "mesh-testapp (pid {}) exited; printed {:?}", self.pid, self.lines());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The `accepted` events, i.e. connections the server saw.
+    pub fn accepted(&self) -> Vec<Value> {
+        self.lines().into_iter().filter(|v| v["event"] == "accepted").collect()
+    }
+}
