@@ -9,7 +9,10 @@ use mesh_tests::{Agent, AgentOptions, Env};
 fn eventually(what: &str, f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !f() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -24,32 +27,77 @@ fn outbound_preserves_original_destination(test: &str, v6: bool) {
     let echo = server.spawn_app(&env, &["echo", &dst]);
     let agent = Agent::start(&env, &node, &[&client], AgentOptions::default());
 
-    let r = client.run_app(&["connect", &dst, "payload through the agent"]).json();
+    let r = client
+        .run_app(&["connect", &dst, "payload through the agent"])
+        .json();
     assert_eq!(r["received"], "payload through the agent");
     // getpeername in the client shows the original destination, not the
     // agent's 127.0.0.1:15001 / [::1]:15001.
     assert_eq!(r["peer"], dst);
     // The client's socket really went to the agent's in-pod listener.
     let local: std::net::SocketAddr = r["local"].as_str().unwrap().parse().unwrap();
-    assert!(local.ip().is_loopback(), "client was not redirected to loopback: {r}");
+    assert!(
+        local.ip().is_loopback(),
+        "client was not redirected to loopback: {r}"
+    );
 
     // The server saw a connection from the client pod's own address (the
     // agent connects from inside the pod's netns).
     let seen = echo.wait_for(|v| v["event"] == "accepted", Duration::from_secs(5));
     let peer: std::net::SocketAddr = seen["peer"].as_str().unwrap().parse().unwrap();
-    let want_ip: std::net::IpAddr = if v6 { client.ip6.into() } else { client.ip4.into() };
+    let want_ip: std::net::IpAddr = if v6 {
+        client.ip6.into()
+    } else {
+        client.ip4.into()
+    };
     assert_eq!(peer.ip(), want_ip);
 
     let m = agent.metrics();
     let prog = if v6 { "connect6" } else { "connect4" };
-    assert_eq!(m.value("mesh_ebpf_program_events_total", &[("program", prog), ("outcome", "redirected")]), 1.0);
-    assert_eq!(m.value("mesh_ebpf_program_events_total", &[("program", "sock_ops"), ("outcome", "redirected")]), 1.0);
-    let labels = [("reporter", "source"), ("source_workload", "client"), ("destination_service", &*if v6 { server.ip6.to_string() } else { server.ip4.to_string() })];
+    assert_eq!(
+        m.value(
+            "mesh_ebpf_program_events_total",
+            &[("program", prog), ("outcome", "redirected")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "mesh_ebpf_program_events_total",
+            &[("program", "sock_ops"), ("outcome", "redirected")]
+        ),
+        1.0
+    );
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        (
+            "destination_service",
+            &*if v6 {
+                server.ip6.to_string()
+            } else {
+                server.ip4.to_string()
+            },
+        ),
+    ];
     assert_eq!(m.value("istio_tcp_connections_opened_total", &labels), 1.0);
-    eventually("the connection to be reported closed", || agent.metrics().value("istio_tcp_connections_closed_total", &labels) == 1.0);
+    eventually("the connection to be reported closed", || {
+        agent
+            .metrics()
+            .value("istio_tcp_connections_closed_total", &labels)
+            == 1.0
+    });
     let m = agent.metrics();
-    assert_eq!(m.value("istio_tcp_received_bytes_total", &labels), 25.0, "request bytes");
-    assert_eq!(m.value("istio_tcp_sent_bytes_total", &labels), 25.0, "response bytes");
+    assert_eq!(
+        m.value("istio_tcp_received_bytes_total", &labels),
+        25.0,
+        "request bytes"
+    );
+    assert_eq!(
+        m.value("istio_tcp_sent_bytes_total", &labels),
+        25.0,
+        "response bytes"
+    );
 }
 
 #[test]
@@ -78,16 +126,61 @@ fn inbound_plaintext_is_steered_to_the_agent() {
         // Not captured on the client side: it is not enrolled.
         assert_eq!(r["peer"], dst);
     }
-    // The application saw the agent's loopback source (127.0.0.6 / ::1),
-    // proof the connection came through the agent's inbound listener.
+    // The application saw the agent's source (127.0.0.6 / ::6), proof the
+    // connection came through the agent's inbound listener.
     let accepted = echo.accepted();
     assert_eq!(accepted.len(), 2, "{accepted:?}");
-    assert!(accepted[0]["peer"].as_str().unwrap().starts_with("127.0.0.6:"), "{accepted:?}");
-    assert!(accepted[1]["peer"].as_str().unwrap().starts_with("[::1]:"), "{accepted:?}");
+    assert!(
+        accepted[0]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.6:"),
+        "{accepted:?}"
+    );
+    assert!(
+        accepted[1]["peer"].as_str().unwrap().starts_with("[::6]:"),
+        "{accepted:?}"
+    );
     let m = agent.metrics();
-    assert_eq!(m.value("mesh_ebpf_program_events_total", &[("program", "sk_lookup"), ("outcome", "redirected")]), 2.0);
-    let labels = [("reporter", "destination"), ("destination_workload", "server"), ("connection_security_policy", "none")];
+    assert_eq!(
+        m.value(
+            "mesh_ebpf_program_events_total",
+            &[("program", "sk_lookup"), ("outcome", "redirected")]
+        ),
+        2.0
+    );
+    let labels = [
+        ("reporter", "destination"),
+        ("destination_workload", "server"),
+        ("connection_security_policy", "none"),
+    ];
     assert_eq!(m.value("istio_tcp_connections_opened_total", &labels), 2.0);
+}
+
+#[test]
+fn inbound_to_a_closed_port_is_refused() {
+    let env = Env::new("inbound-closed");
+    let node = env.node("node");
+    let server = env.pod(&node, "server");
+    let outsider = env.pod(&node, "outsider");
+    // A connect timeout far beyond the client's 10 s read timeout: if the
+    // agent waited for it, the client would report a timeout, not a reset.
+    let _agent = Agent::start(
+        &env,
+        &node,
+        &[&server],
+        AgentOptions::args(&["--connect-timeout", "120s"]),
+    );
+    // The agent accepts for every port; when the application has no
+    // listener the client must get a reset, as it would without the mesh.
+    for dst in [server.v4(9999), server.v6(9999)] {
+        let r = outsider.run_app(&["connect", &dst]);
+        assert!(
+            !r.ok() && r.describe().contains("reset"),
+            "{dst}: {}",
+            r.describe()
+        );
+    }
 }
 
 #[test]
@@ -99,13 +192,28 @@ fn pod_to_pod_on_one_node_passes_both_directions_of_the_agent() {
     let echo = server.spawn_app(&env, &["echo", &server.v4(7000)]);
     let agent = Agent::start(&env, &node, &[&client, &server], AgentOptions::default());
 
-    let r = client.run_app(&["connect", &server.v4(7000), "both ways"]).json();
+    let r = client
+        .run_app(&["connect", &server.v4(7000), "both ways"])
+        .json();
     assert_eq!(r["received"], "both ways");
     assert_eq!(r["peer"], server.v4(7000));
-    assert!(echo.accepted()[0]["peer"].as_str().unwrap().starts_with("127.0.0.6:"));
+    assert!(
+        echo.accepted()[0]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.6:")
+    );
     let m = agent.metrics();
-    let out = [("reporter", "source"), ("source_workload", "client"), ("destination_workload", "server")];
-    let inb = [("reporter", "destination"), ("source_workload", "client"), ("destination_workload", "server")];
+    let out = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+    ];
+    let inb = [
+        ("reporter", "destination"),
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+    ];
     assert_eq!(m.value("istio_tcp_connections_opened_total", &out), 1.0);
     assert_eq!(m.value("istio_tcp_connections_opened_total", &inb), 1.0);
 }
@@ -124,10 +232,25 @@ fn excluded_ports_and_cidrs_bypass_the_agent() {
         &env,
         &node,
         &[&client],
-        AgentOptions::args(&["--exclude-outbound-ports", "22", "--exclude-outbound-cidrs", &cidr]),
+        AgentOptions::args(&[
+            "--exclude-outbound-ports",
+            "22",
+            "--exclude-outbound-cidrs",
+            &cidr,
+        ]),
     );
-    let redirected = |a: &Agent| a.metrics().value("mesh_ebpf_program_events_total", &[("program", "connect4"), ("outcome", "redirected")]);
-    let passed = |a: &Agent| a.metrics().value("mesh_ebpf_program_events_total", &[("program", "connect4"), ("outcome", "passed")]);
+    let redirected = |a: &Agent| {
+        a.metrics().value(
+            "mesh_ebpf_program_events_total",
+            &[("program", "connect4"), ("outcome", "redirected")],
+        )
+    };
+    let passed = |a: &Agent| {
+        a.metrics().value(
+            "mesh_ebpf_program_events_total",
+            &[("program", "connect4"), ("outcome", "passed")],
+        )
+    };
 
     // Excluded port: straight to the server, and the client's socket really
     // is connected to it, not to the agent.
@@ -138,11 +261,19 @@ fn excluded_ports_and_cidrs_bypass_the_agent() {
     let r = client.run_app(&["connect", &far.v4(80), "y"]).json();
     assert!(!r["local"].as_str().unwrap().starts_with("127."), "{r}");
     assert_eq!((redirected(&agent), passed(&agent)), (0.0, 2.0));
-    assert_eq!(agent.metrics().value("istio_tcp_connections_opened_total", &[]), 0.0);
+    assert_eq!(
+        agent
+            .metrics()
+            .value("istio_tcp_connections_opened_total", &[]),
+        0.0
+    );
 
     // The same pod, a port that is not excluded: captured.
     let r = client.run_app(&["connect", &near.v4(80), "z"]).json();
-    assert!(r["local"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{r}"
+    );
     assert_eq!(redirected(&agent), 1.0);
 }
 
@@ -153,10 +284,20 @@ fn inbound_excluded_port_bypasses_the_agent() {
     let server = env.pod(&node, "server");
     let outsider = env.pod(&node, "outsider");
     let echo = server.spawn_app(&env, &["echo", &server.v4(5432)]);
-    let _agent = Agent::start(&env, &node, &[&server], AgentOptions::args(&["--exclude-inbound-ports", "5432"]));
-    outsider.run_app(&["connect", &server.v4(5432), "direct"]).json();
+    let _agent = Agent::start(
+        &env,
+        &node,
+        &[&server],
+        AgentOptions::args(&["--exclude-inbound-ports", "5432"]),
+    );
+    outsider
+        .run_app(&["connect", &server.v4(5432), "direct"])
+        .json();
     let peer = echo.accepted()[0]["peer"].as_str().unwrap().to_owned();
-    assert!(peer.starts_with(&format!("{}:", outsider.ip4)), "the app should see the client itself, saw {peer}");
+    assert!(
+        peer.starts_with(&format!("{}:", outsider.ip4)),
+        "the app should see the client itself, saw {peer}"
+    );
 }
 
 #[test]
@@ -169,10 +310,16 @@ fn process_outside_enrolled_cgroups_is_untouched() {
     let agent = Agent::start(&env, &node, &[&client], AgentOptions::default());
 
     // Same network namespace as the enrolled pod, different cgroup.
-    let r = client.run_app_outside_cgroup(&["connect", &server.v4(9000), "not mine"]).json();
+    let r = client
+        .run_app_outside_cgroup(&["connect", &server.v4(9000), "not mine"])
+        .json();
     assert_eq!(r["received"], "not mine");
     assert!(!r["local"].as_str().unwrap().starts_with("127."), "{r}");
     let m = agent.metrics();
-    assert_eq!(m.value("mesh_ebpf_program_events_total", &[("program", "connect4")]), 0.0, "the program must not even run");
+    assert_eq!(
+        m.value("mesh_ebpf_program_events_total", &[("program", "connect4")]),
+        0.0,
+        "the program must not even run"
+    );
     assert_eq!(m.value("istio_tcp_connections_opened_total", &[]), 0.0);
 }

@@ -11,7 +11,11 @@ fn fails(env: &Env, node: &mesh_tests::Node, pods: &[&Pod], opts: AgentOptions) 
     opts.log = Some("warn".into());
     let (status, stderr) = Agent::run_expecting_exit(env, node, pods, opts);
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected exactly one line of output, got:\n{stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one line of output, got:\n{stderr}"
+    );
     assert!(lines[0].starts_with("mesh-agent: "), "{stderr}");
     (status.code().expect("exit code"), lines[0].to_owned())
 }
@@ -19,8 +23,16 @@ fn fails(env: &Env, node: &mesh_tests::Node, pods: &[&Pod], opts: AgentOptions) 
 /// Nothing of the agent is left on these pods or on bpffs.
 fn nothing_left(env: &Env, pods: &[&Pod]) {
     for p in pods {
-        assert!(kernel::cgroup_programs(&p.cgroup).is_empty(), "programs left on {}", p.name);
-        assert!(kernel::links_on(&p.cgroup, &p.netns_path()).is_empty(), "links left on {}", p.name);
+        assert!(
+            kernel::cgroup_programs(&p.cgroup).is_empty(),
+            "programs left on {}",
+            p.name
+        );
+        assert!(
+            kernel::links_on(&p.cgroup, &p.netns_path()).is_empty(),
+            "links left on {}",
+            p.name
+        );
     }
     assert!(!env.bpffs.exists(), "pins left in {}", env.bpffs.display());
 }
@@ -35,12 +47,21 @@ fn not_root() {
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", node.netns))
-        .args(["--", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([
+            "--",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
         .arg(&bin)
         .args(["run", "--workloads", "/nonexistent", "--log-level", "warn"]);
     let (status, stderr) = Agent::run_to_exit(cmd);
     assert_eq!(status.code(), Some(77), "{stderr}");
-    assert_eq!(stderr.trim(), "mesh-agent: error: mesh-agent must run as root (it loads eBPF programs, attaches them to pod cgroups and enters pod network namespaces)");
+    assert_eq!(
+        stderr.trim(),
+        "mesh-agent: error: mesh-agent must run as root (it loads eBPF programs, attaches them to pod cgroups and enters pod network namespaces)"
+    );
 }
 
 #[test]
@@ -49,9 +70,20 @@ fn bpffs_missing() {
     let node = env.node("node");
     let pod = env.pod(&node, "pod");
     let not_bpffs = env.dir.join("plain-dir/mesh");
-    let (code, line) = fails(&env, &node, &[&pod], AgentOptions { pin_dir: Some(not_bpffs), ..Default::default() });
+    let (code, line) = fails(
+        &env,
+        &node,
+        &[&pod],
+        AgentOptions {
+            pin_dir: Some(not_bpffs),
+            ..Default::default()
+        },
+    );
     assert_eq!(code, 69);
-    assert!(line.contains("is not on a bpffs mount") && line.contains("mount -t bpf bpf /sys/fs/bpf"), "{line}");
+    assert!(
+        line.contains("is not on a bpffs mount") && line.contains("mount -t bpf bpf /sys/fs/bpf"),
+        "{line}"
+    );
     nothing_left(&env, &[&pod]);
 }
 
@@ -64,7 +96,10 @@ fn workload_netns_missing_rolls_back_the_pods_already_enrolled() {
     bad.netns = "mesh-test-does-not-exist".into();
     let (code, line) = fails(&env, &node, &[&good, &bad], AgentOptions::default());
     assert_eq!(code, 69);
-    assert_eq!(line, "mesh-agent: error: workload default/bad: network namespace /run/netns/mesh-test-does-not-exist does not exist");
+    assert_eq!(
+        line,
+        "mesh-agent: error: workload default/bad: network namespace /run/netns/mesh-test-does-not-exist does not exist"
+    );
     nothing_left(&env, &[&good]);
 }
 
@@ -77,7 +112,11 @@ fn workload_cgroup_missing() {
     bad.cgroup = env.cgroup.join("never-created");
     let (code, line) = fails(&env, &node, &[&good, &bad], AgentOptions::default());
     assert_eq!(code, 69);
-    assert!(line.contains("workload default/bad: cgroup") && line.contains("never-created does not exist"), "{line}");
+    assert!(
+        line.contains("workload default/bad: cgroup")
+            && line.contains("never-created does not exist"),
+        "{line}"
+    );
     nothing_left(&env, &[&good]);
 }
 
@@ -103,7 +142,10 @@ fn port_in_use_inside_the_pod() {
     assert_eq!(code, 69);
     assert_eq!(
         line,
-        format!("mesh-agent: error: workload default/pod: port 15006 is already in use on {} in default/pod's network namespace", pod.ip4)
+        format!(
+            "mesh-agent: error: workload default/pod: port 15006 is already in use on {} in default/pod's network namespace",
+            pod.ip4
+        )
     );
     nothing_left(&env, &[&pod]);
 }
@@ -116,9 +158,21 @@ fn admin_port_in_use_on_the_node() {
     let _first = Agent::start(&env, &node, &[], AgentOptions::default());
     // Same node, same default ports; its own pin directory.
     let other = env.dir.join("unused");
-    let (code, line) = fails(&env, &node, &[&pod], AgentOptions { pin_dir: Some(other), ..Default::default() });
+    let (code, line) = fails(
+        &env,
+        &node,
+        &[&pod],
+        AgentOptions {
+            pin_dir: Some(other),
+            ..Default::default()
+        },
+    );
     assert_eq!(code, 69);
-    assert!(line.contains("cannot listen on 127.0.0.1:15000 for the admin endpoint") && line.contains("is another mesh-agent running?"), "{line}");
+    assert!(
+        line.contains("cannot listen on 127.0.0.1:15000 for the admin endpoint")
+            && line.contains("is another mesh-agent running?"),
+        "{line}"
+    );
     assert!(kernel::cgroup_programs(&pod.cgroup).is_empty());
 }
 
@@ -127,7 +181,11 @@ fn invalid_workload_file_names_file_line_and_field() {
     let env = Env::new("bad-workloads");
     let node = env.node("node");
     let file = env.dir.join("bad.yaml");
-    std::fs::write(&file, "workloads:\n  - name: web\n    namespace: default\n    ip: [10.0.0.1]\n").unwrap();
+    std::fs::write(
+        &file,
+        "workloads:\n  - name: web\n    namespace: default\n    ip: [10.0.0.1]\n",
+    )
+    .unwrap();
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", node.netns))
         .arg("--")
@@ -139,6 +197,9 @@ fn invalid_workload_file_names_file_line_and_field() {
     let (status, stderr) = Agent::run_to_exit(cmd);
     assert_eq!(status.code(), Some(64), "{stderr}");
     let want = format!("mesh-agent: error: {}:4:5: ", file.display());
-    assert!(stderr.starts_with(&want) && stderr.contains("unknown field `ip`"), "{stderr}");
+    assert!(
+        stderr.starts_with(&want) && stderr.contains("unknown field `ip`"),
+        "{stderr}"
+    );
     assert!(!env.bpffs.exists());
 }

@@ -5,7 +5,13 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::{Agent, AgentOptions, Env, kernel};
 
-const CAPTURE_PROGRAMS: [&str; 5] = ["mesh_connect4", "mesh_connect6", "mesh_getpeer4", "mesh_getpeer6", "mesh_sockops"];
+const CAPTURE_PROGRAMS: [&str; 5] = [
+    "mesh_connect4",
+    "mesh_connect6",
+    "mesh_getpeer4",
+    "mesh_getpeer6",
+    "mesh_sockops",
+];
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
@@ -22,28 +28,51 @@ fn removing_a_pod_detaches_it_and_closes_its_listeners() {
     server.spawn_app(&env, &["echo", &server.v4(9000)]);
     let agent = Agent::start(&env, &node, &[&a, &b], AgentOptions::default());
     assert_eq!(sorted(kernel::cgroup_programs(&a.cgroup)), CAPTURE_PROGRAMS);
-    assert_eq!(kernel::links_on(&a.cgroup, &a.netns_path()).len(), 6, "5 cgroup links + sk_lookup");
+    assert_eq!(
+        kernel::links_on(&a.cgroup, &a.netns_path()).len(),
+        6,
+        "5 cgroup links + sk_lookup"
+    );
     let r = a.run_app(&["connect", &server.v4(9000)]).json();
-    assert!(r["local"].as_str().unwrap().starts_with("127.0.0.1:"), "captured while enrolled: {r}");
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured while enrolled: {r}"
+    );
 
     agent.set_pods(&[&b]);
     assert!(kernel::cgroup_programs(&a.cgroup).is_empty());
-    assert!(kernel::links_on(&a.cgroup, &a.netns_path()).is_empty(), "sk_lookup and cgroup links gone");
-    assert!(!agent.pin_dir.join("links/default_a").exists(), "link pins removed");
+    assert!(
+        kernel::links_on(&a.cgroup, &a.netns_path()).is_empty(),
+        "sk_lookup and cgroup links gone"
+    );
+    assert!(
+        !agent.pin_dir.join("links/default_a").exists(),
+        "link pins removed"
+    );
     // The listeners in a's netns are closed.
     let refused = a.run_app_outside_cgroup(&["connect", "127.0.0.1:15001"]);
-    assert!(!refused.ok() && refused.describe().contains("refused"), "{}", refused.describe());
+    assert!(
+        !refused.ok() && refused.describe().contains("refused"),
+        "{}",
+        refused.describe()
+    );
     // a talks directly now; b is still captured.
     let r = a.run_app(&["connect", &server.v4(9000)]).json();
     assert!(!r["local"].as_str().unwrap().starts_with("127."), "{r}");
     let r = b.run_app(&["connect", &server.v4(9000)]).json();
-    assert!(r["local"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{r}"
+    );
     assert_eq!(sorted(kernel::cgroup_programs(&b.cgroup)), CAPTURE_PROGRAMS);
 
     // And it can come back.
     agent.set_pods(&[&a, &b]);
     let r = a.run_app(&["connect", &server.v4(9000)]).json();
-    assert!(r["local"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -71,7 +100,11 @@ fn shutdown_leaves_no_program_attached_and_no_pin_behind() {
         assert!(kernel::cgroup_programs(&pod.cgroup).is_empty());
         assert!(kernel::links_on(&pod.cgroup, &pod.netns_path()).is_empty());
     }
-    assert!(!agent.pin_dir.exists(), "pin directory {} left behind", agent.pin_dir.display());
+    assert!(
+        !agent.pin_dir.exists(),
+        "pin directory {} left behind",
+        agent.pin_dir.display()
+    );
     for id in ids {
         assert!(!kernel::program_loaded(id), "program {id} still loaded");
     }
@@ -85,14 +118,13 @@ fn sigint_shuts_down_cleanly_too() {
     let env = Env::new("sigint");
     let node = env.node("node");
     let pod = env.pod(&node, "pod");
-    let agent = Agent::start(&env, &node, &[&pod], AgentOptions::default());
-    mesh_tests::sys::signal(agent.pid(), "INT");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while mesh_tests::sys::pid_alive(agent.pid()) {
-        assert!(Instant::now() < deadline, "agent ignored SIGINT");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(agent.log().contains("SIGINT: shutting down"), "{}", agent.log());
+    let mut agent = Agent::start(&env, &node, &[&pod], AgentOptions::default());
+    assert!(agent.stop_with("INT").success());
+    assert!(
+        agent.log().contains("SIGINT: shutting down"),
+        "{}",
+        agent.log()
+    );
     assert!(kernel::cgroup_programs(&pod.cgroup).is_empty());
     assert!(!agent.pin_dir.exists());
 }
@@ -105,30 +137,63 @@ fn keep_pins_fails_closed_and_the_next_agent_adopts_the_maps() {
     let server = env.pod(&node, "server");
     let outsider = env.pod(&node, "outsider");
     server.spawn_app(&env, &["echo", &server.v4(9000)]);
-    let mut first = Agent::start(&env, &node, &[&client, &server], AgentOptions::args(&["--keep-pins"]));
+    let mut first = Agent::start(
+        &env,
+        &node,
+        &[&client, &server],
+        AgentOptions::args(&["--keep-pins"]),
+    );
     client.run_app(&["connect", &server.v4(9000)]).json();
     let stats_id = kernel::pinned_map_id(&first.pin_dir.join("mesh_stats"));
     assert!(first.stop().success());
 
     // Still captured with no agent: connects fail at once instead of
     // leaking around the mesh, both ways.
-    assert_eq!(sorted(kernel::cgroup_programs(&client.cgroup)), CAPTURE_PROGRAMS);
+    assert_eq!(
+        sorted(kernel::cgroup_programs(&client.cgroup)),
+        CAPTURE_PROGRAMS
+    );
     let out = client.run_app(&["connect", &server.v4(9000)]);
-    assert!(!out.ok() && out.describe().contains("refused"), "outbound must be refused: {}", out.describe());
+    assert!(
+        !out.ok() && out.describe().contains("refused"),
+        "outbound must be refused: {}",
+        out.describe()
+    );
     let inb = outsider.run_app(&["connect", &server.v4(9000)]);
-    assert!(!inb.ok(), "inbound must not reach the app without the agent: {}", inb.describe());
+    assert!(
+        !inb.ok(),
+        "inbound must not reach the app without the agent: {}",
+        inb.describe()
+    );
 
     // The next agent adopts the pinned maps and replaces the links.
     let second = Agent::start(&env, &node, &[&client, &server], AgentOptions::default());
-    assert_eq!(kernel::pinned_map_id(&second.pin_dir.join("mesh_stats")), stats_id, "pinned map adopted, not recreated");
+    assert_eq!(
+        kernel::pinned_map_id(&second.pin_dir.join("mesh_stats")),
+        stats_id,
+        "pinned map adopted, not recreated"
+    );
     let r = client.run_app(&["connect", &server.v4(9000)]).json();
-    assert!(r["local"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
-    assert_eq!(kernel::cgroup_programs(&client.cgroup).len(), 5, "old links replaced, not doubled");
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{r}"
+    );
+    assert_eq!(
+        kernel::cgroup_programs(&client.cgroup).len(),
+        5,
+        "old links replaced, not doubled"
+    );
     outsider.run_app(&["connect", &server.v4(9000)]).json();
     let m = second.metrics();
     // Counters live in the adopted map: the first agent's connection and the
     // one refused while no agent ran count too.
-    assert_eq!(m.value("mesh_ebpf_program_events_total", &[("program", "connect4"), ("outcome", "redirected")]), 3.0);
+    assert_eq!(
+        m.value(
+            "mesh_ebpf_program_events_total",
+            &[("program", "connect4"), ("outcome", "redirected")]
+        ),
+        3.0
+    );
 }
 
 #[test]
@@ -145,8 +210,20 @@ fn tracking_maps_return_to_baseline_after_10000_connections() {
     let r = client.run_app(&["churn", &server.v4(9000), "10000"]).json();
     assert_eq!(r["ok"], 10000, "{r}");
     let m = agent.metrics();
-    assert_eq!(m.value("mesh_ebpf_program_events_total", &[("program", "connect4"), ("outcome", "redirected")]), 10000.0);
-    assert_eq!(m.value("mesh_ebpf_program_events_total", &[("program", "sock_ops"), ("outcome", "redirected")]), 10000.0);
+    assert_eq!(
+        m.value(
+            "mesh_ebpf_program_events_total",
+            &[("program", "connect4"), ("outcome", "redirected")]
+        ),
+        10000.0
+    );
+    assert_eq!(
+        m.value(
+            "mesh_ebpf_program_events_total",
+            &[("program", "sock_ops"), ("outcome", "redirected")]
+        ),
+        10000.0
+    );
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -154,10 +231,23 @@ fn tracking_maps_return_to_baseline_after_10000_connections() {
         if now == baseline {
             break;
         }
-        assert!(Instant::now() < deadline, "maps still hold {now:?} entries (baseline {baseline:?})");
+        assert!(
+            Instant::now() < deadline,
+            "maps still hold {now:?} entries (baseline {baseline:?})"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let m = agent.metrics();
-    assert_eq!(m.value("mesh_ebpf_program_events_total", &[("program", "sock_ops"), ("outcome", "passed")]), 10000.0, "one removal per connection");
-    assert_eq!(m.value("mesh_ebpf_map_entries", &[("map", "mesh_conn_dst")]), 0.0);
+    assert_eq!(
+        m.value(
+            "mesh_ebpf_program_events_total",
+            &[("program", "sock_ops"), ("outcome", "passed")]
+        ),
+        10000.0,
+        "one removal per connection"
+    );
+    assert_eq!(
+        m.value("mesh_ebpf_map_entries", &[("map", "mesh_conn_dst")]),
+        0.0
+    );
 }

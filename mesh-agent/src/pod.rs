@@ -52,8 +52,9 @@ pub enum Error {
     #[error("workload {pod}: {source}")]
     Ebpf {
         pod: WorkloadKey,
+        // Boxed: aya's errors are large and this travels on every Result.
         #[source]
-        source: ebpf::Error,
+        source: Box<ebpf::Error>,
     },
 }
 
@@ -136,7 +137,10 @@ pub fn enrol(
     for (ip, l) in &listeners.inbound {
         if let Err(source) = maps.add_inbound(*ip, l) {
             workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));
-            return Err(Error::Ebpf { pod: key, source });
+            return Err(Error::Ebpf {
+                pod: key,
+                source: Box::new(source),
+            });
         }
     }
     let links = match loaded.attach_pod(
@@ -147,7 +151,10 @@ pub fn enrol(
         Ok(l) => l,
         Err(source) => {
             workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));
-            return Err(Error::Ebpf { pod: key, source });
+            return Err(Error::Ebpf {
+                pod: key,
+                source: Box::new(source),
+            });
         }
     };
 

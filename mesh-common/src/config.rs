@@ -30,3 +30,10 @@ crate::user_pod!(MeshConfig);
 /// application (Istio's `127.0.0.6`). Packets from a loopback address cannot
 /// arrive from outside the pod, so `sk_lookup` can pass them safely.
 pub const AGENT_INBOUND_SRC_V4: [u8; 4] = [127, 0, 0, 6];
+
+/// The IPv6 counterpart, `::6` (Istio's choice too), which the agent adds to
+/// the pod's `lo`. Not `::1`: the kernel never delivers a reset to `::1` from
+/// a pod address, so a connection to a closed port would hang instead of
+/// being refused. A spoofed `::6` from outside cannot complete a handshake:
+/// the SYN-ACK goes to the pod's own `lo`.
+pub const AGENT_INBOUND_SRC_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];

@@ -15,6 +15,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, error};
 use mesh_common::{
     addr::{AF_INET, Addr},
+    config::AGENT_INBOUND_SRC_V6,
     exclusion::EXCLUDE_INBOUND,
     stats::PROG_SK_LOOKUP,
 };
@@ -63,10 +64,12 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> (Outcome, u32) {
             load_ip6!(c, bpf_sk_lookup, remote_ip6),
         )
     };
-    // Loopback sources cannot come from outside the pod: they are the agent's
-    // own connections to the application (from 127.0.0.6 or ::1) or the
-    // application talking to itself.
-    if is_local_only(&remote) || excluded(&local, port, EXCLUDE_INBOUND) {
+    // The agent's own connections to the application (from 127.0.0.6 or
+    // ::6), and loopback sources, which cannot come from outside the pod.
+    if is_local_only(&remote)
+        || remote == AGENT_INBOUND_SRC_V6
+        || excluded(&local, port, EXCLUDE_INBOUND)
+    {
         return (Outcome::Passed, SK_PASS);
     }
     match INBOUND.redirect_sk_lookup(ctx, local, 0) {

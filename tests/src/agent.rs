@@ -29,13 +29,17 @@ pub struct AgentOptions {
 
 impl AgentOptions {
     pub fn args(args: &[&str]) -> Self {
-        Self { args: args.iter().map(|s| s.to_string()).collect(), ..Self::default() }
+        Self {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Self::default()
+        }
     }
 }
 
 /// A running agent. Dropping it stops it with SIGTERM (SIGKILL if it hangs).
 pub struct Agent {
     child: Option<Child>,
+    tracked: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
     pub node: Node,
     pub workloads: PathBuf,
     pub pin_dir: PathBuf,
@@ -44,7 +48,8 @@ pub struct Agent {
 
 /// Writes the workload file atomically (the agent polls it).
 pub fn write_workloads(path: &std::path::Path, pods: &[&Pod]) {
-    let doc = serde_json::json!({ "workloads": pods.iter().map(|p| p.workload()).collect::<Vec<_>>() });
+    let doc =
+        serde_json::json!({ "workloads": pods.iter().map(|p| p.workload()).collect::<Vec<_>>() });
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
     fs::rename(&tmp, path).unwrap();
@@ -79,15 +84,28 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("spawn mesh-agent");
+        let tracked = env.track_agent(child.id());
         let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| env.bpffs.clone());
-        let mut agent = Self { child: Some(child), node: node.clone(), workloads, pin_dir, log_path };
+        let mut agent = Self {
+            child: Some(child),
+            tracked,
+            node: node.clone(),
+            workloads,
+            pin_dir,
+            log_path,
+        };
         agent.wait_ready();
         agent
     }
 
     /// Runs an agent that is expected to fail at startup; returns its exit
     /// status and stderr.
-    pub fn run_expecting_exit(env: &Env, node: &Node, pods: &[&Pod], opts: AgentOptions) -> (ExitStatus, String) {
+    pub fn run_expecting_exit(
+        env: &Env,
+        node: &Node,
+        pods: &[&Pod],
+        opts: AgentOptions,
+    ) -> (ExitStatus, String) {
         let workloads = env.dir.join("workloads-fail.yaml");
         write_workloads(&workloads, pods);
         Self::run_to_exit(command(env, node, &workloads, &opts))
@@ -95,9 +113,17 @@ impl Agent {
 
     /// Runs `cmd` (an agent command line) to completion, at most 60 s.
     pub fn run_to_exit(mut cmd: Command) -> (ExitStatus, String) {
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn mesh-agent");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mesh-agent");
         let out = wait_with_timeout(child, Duration::from_secs(60));
-        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn pid(&self) -> u32 {
@@ -107,14 +133,26 @@ impl Agent {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                self.child = None;
-                panic!("mesh-agent exited during startup ({status}):\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let pid = self.child.take().map(|c| c.id());
+                self.tracked.lock().unwrap().retain(|p| Some(*p) != pid);
+                panic!(
+                    "mesh-agent exited during startup ({status}):\n{}",
+                    self.log()
+                );
             }
             if self.try_get("http://127.0.0.1:15021/healthz/ready").is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "mesh-agent not ready after 30s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "mesh-agent not ready after 30s:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -131,8 +169,17 @@ impl Agent {
 
     fn http(&self, method: &str, url: &str) -> Result<String, String> {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.node.netns)).arg("--").arg(sys::testapp_bin()).args([method, url]);
-        let out = wait_with_timeout(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(20));
+        c.arg(format!("--net=/run/netns/{}", self.node.netns))
+            .arg("--")
+            .arg(sys::testapp_bin())
+            .args([method, url]);
+        let out = wait_with_timeout(
+            c.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+            Duration::from_secs(20),
+        );
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -141,11 +188,16 @@ impl Agent {
     }
 
     pub fn metrics(&self) -> Metrics {
-        Metrics(self.try_get("http://127.0.0.1:15020/metrics").unwrap_or_else(|e| panic!("GET /metrics: {e}")))
+        Metrics(
+            self.try_get("http://127.0.0.1:15020/metrics")
+                .unwrap_or_else(|e| panic!("GET /metrics: {e}")),
+        )
     }
 
     pub fn config_dump(&self) -> Value {
-        let body = self.try_get("http://127.0.0.1:15000/config_dump").unwrap_or_else(|e| panic!("GET /config_dump: {e}"));
+        let body = self
+            .try_get("http://127.0.0.1:15000/config_dump")
+            .unwrap_or_else(|e| panic!("GET /config_dump: {e}"));
         serde_json::from_str(&body).expect("config_dump is JSON")
     }
 
@@ -168,7 +220,11 @@ impl Agent {
             if have == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "agent enrolled {have:?}, expected {want:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent enrolled {have:?}, expected {want:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -180,16 +236,28 @@ impl Agent {
 
     /// Sends SIGTERM and waits for the exit (SIGKILL after 15 s).
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `signal` (e.g. "INT") and waits for the exit (SIGKILL after 15 s).
+    pub fn stop_with(&mut self, signal: &str) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");
-        sys::signal(child.id(), "TERM");
+        let pid = child.id();
+        sys::signal(pid, signal);
+        // Reaped below: forget the PID so it is never signalled again.
+        let forget =
+            |tracked: &std::sync::Mutex<Vec<u32>>| tracked.lock().unwrap().retain(|p| *p != pid);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(s) = child.try_wait().unwrap() {
+                forget(&self.tracked);
                 return s;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("mesh-agent ignored SIGTERM for 15s:\n{}", self.log());
+                let _ = child.wait();
+                forget(&self.tracked);
+                panic!("mesh-agent ignored SIG{signal} for 15s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -215,14 +283,22 @@ impl Metrics {
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| {
                 let (series, value) = l.rsplit_once(' ')?;
-                let (n, lbls) = series.split_once('{').map_or((series, ""), |(n, rest)| (n, rest));
-                (n == name && labels.iter().all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse::<f64>().ok())?
+                let (n, lbls) = series
+                    .split_once('{')
+                    .map_or((series, ""), |(n, rest)| (n, rest));
+                (n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
             })
             .sum()
     }
 
     /// The first sample line of `name`.
     pub fn line(&self, name: &str) -> Option<&str> {
-        self.0.lines().find(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        self.0
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
     }
 }

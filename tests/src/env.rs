@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU8, Ordering},
     },
     time::{Duration, Instant},
@@ -29,6 +29,7 @@ pub struct Env {
     pub dir: PathBuf,
     netns: Mutex<Vec<String>>,
     children: Mutex<Vec<Child>>,
+    agents: Arc<Mutex<Vec<u32>>>,
     next_node: AtomicU8,
 }
 
@@ -38,7 +39,11 @@ impl Env {
     pub fn new(test: &str) -> Self {
         sys::require_privileges();
         sweep_stale();
-        let short: String = test.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(24).collect();
+        let short: String = test
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(24)
+            .collect();
         let name = format!("{PREFIX}{}-{short}", std::process::id());
         let bpffs = Path::new("/sys/fs/bpf").join(&name);
         Self::create(name, bpffs)
@@ -54,7 +59,8 @@ impl Env {
 
     fn create(name: String, bpffs: PathBuf) -> Self {
         let cgroup = cgroup2_root().join(&name);
-        fs::create_dir_all(&cgroup).unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
+        fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         Self {
@@ -64,6 +70,7 @@ impl Env {
             dir,
             netns: Mutex::new(Vec::new()),
             children: Mutex::new(Vec::new()),
+            agents: Arc::new(Mutex::new(Vec::new())),
             next_node: AtomicU8::new(1),
         }
     }
@@ -88,6 +95,15 @@ impl Env {
         pid
     }
 
+    /// Remembers an agent's PID so `cleanup` can stop it (the `Agent` guard
+    /// normally does, but not when a signal ends the program).
+    /// The returned list is shared with the `Agent`, which takes its PID out
+    /// once it has reaped the process (so a reused PID is never signalled).
+    pub(crate) fn track_agent(&self, pid: u32) -> Arc<Mutex<Vec<u32>>> {
+        self.agents.lock().unwrap().push(pid);
+        self.agents.clone()
+    }
+
     /// Ends a process this environment started.
     pub fn kill(&self, pid: u32) {
         let mut children = self.children.lock().unwrap();
@@ -101,6 +117,22 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+impl Env {
+    /// Removes everything; safe to call more than once and from a signal
+    /// handler thread (the demo's Ctrl-C).
+    pub fn cleanup(&self) {
+        for pid in self.agents.lock().unwrap().drain(..) {
+            // SIGTERM lets the agent detach and unpin on its own.
+            sys::signal(pid, "TERM");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pid_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         for mut c in self.children.lock().unwrap().drain(..).rev() {
             let _ = c.kill();
             let _ = c.wait();
@@ -122,7 +154,11 @@ fn remove_cgroup_tree(root: &Path) {
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         if let Ok(rd) = fs::read_dir(&d) {
-            stack.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
         }
         dirs.push(d);
     }

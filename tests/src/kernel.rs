@@ -28,14 +28,19 @@ pub fn links_on(cgroup: &Path, netns: &Path) -> Vec<Value> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|l| l["cgroup_id"].as_u64() == Some(cg_id) || l["netns_ino"].as_u64() == Some(ns_ino))
+        .filter(|l| {
+            l["cgroup_id"].as_u64() == Some(cg_id) || l["netns_ino"].as_u64() == Some(ns_ino)
+        })
         .cloned()
         .collect()
 }
 
 /// Whether a program with this ID is still loaded.
 pub fn program_loaded(id: u64) -> bool {
-    Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]).output().is_ok_and(|o| o.status.success())
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// The kernel ID of a pinned map.
@@ -57,10 +62,14 @@ pub fn tracking_entries(pin_dir: &Path) -> (usize, usize) {
     use mesh_common::capture::{ConnKey, OrigDst};
     let open = |name: &str| {
         let p = pin_dir.join(name);
-        Map::from_map_data(MapData::from_pin(&p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())))
-            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        Map::from_map_data(
+            MapData::from_pin(&p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     };
-    let orig: HashMap<_, u64, OrigDst> = HashMap::try_from(open("mesh_orig_dst")).expect("mesh_orig_dst layout");
-    let conn: HashMap<_, ConnKey, OrigDst> = HashMap::try_from(open("mesh_conn_dst")).expect("mesh_conn_dst layout");
+    let orig: HashMap<_, u64, OrigDst> =
+        HashMap::try_from(open("mesh_orig_dst")).expect("mesh_orig_dst layout");
+    let conn: HashMap<_, ConnKey, OrigDst> =
+        HashMap::try_from(open("mesh_conn_dst")).expect("mesh_conn_dst layout");
     (orig.keys().count(), conn.keys().count())
 }

@@ -11,7 +11,10 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
-    sync::{Arc, Mutex, atomic::{AtomicU8, Ordering}},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -47,10 +50,32 @@ impl Env {
         let index = self.next_node_index();
         let ns = self.add_netns(short);
         sys::ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
-        sys::ip(&["-n", &ns, "addr", "add", &format!("10.10.{index}.1/24"), "dev", "br0"]);
-        sys::ip(&["-n", &ns, "-6", "addr", "add", &format!("fd10:0:0:{index}::1/64"), "dev", "br0", "nodad"]);
+        sys::ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.10.{index}.1/24"),
+            "dev",
+            "br0",
+        ]);
+        sys::ip(&[
+            "-n",
+            &ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("fd10:0:0:{index}::1/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
         sys::ip(&["-n", &ns, "link", "set", "br0", "up"]);
-        Node { netns: ns, index, next_host: Arc::new(AtomicU8::new(2)) }
+        Node {
+            netns: ns,
+            index,
+            next_host: Arc::new(AtomicU8::new(2)),
+        }
     }
 
     /// Creates a pod on `node`, reachable from the node's other pods.
@@ -58,15 +83,67 @@ impl Env {
         let host = node.next_host.fetch_add(1, Ordering::Relaxed);
         let ns = self.add_netns(short);
         let veth = format!("vp{host}");
-        let (ip4, ip6) = (Ipv4Addr::new(10, 10, node.index, host), format!("fd10:0:0:{}::{host:x}", node.index));
-        sys::ip(&["-n", &node.netns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
-        sys::ip(&["-n", &node.netns, "link", "set", &veth, "master", "br0", "up"]);
-        sys::ip(&["-n", &ns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
-        sys::ip(&["-n", &ns, "-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+        let (ip4, ip6) = (
+            Ipv4Addr::new(10, 10, node.index, host),
+            format!("fd10:0:0:{}::{host:x}", node.index),
+        );
+        sys::ip(&[
+            "-n",
+            &node.netns,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ]);
+        sys::ip(&[
+            "-n",
+            &node.netns,
+            "link",
+            "set",
+            &veth,
+            "master",
+            "br0",
+            "up",
+        ]);
+        sys::ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        sys::ip(&[
+            "-n",
+            &ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         sys::ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-        sys::ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.10.{}.1", node.index)]);
+        sys::ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.10.{}.1", node.index),
+        ]);
         let cgroup = self.cgroup.join(short);
-        std::fs::create_dir_all(&cgroup).unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
+        std::fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
         Pod {
             name: short.into(),
             namespace: "default".into(),
@@ -97,7 +174,11 @@ impl Pod {
 
     /// This pod as an entry of the agent's workload file.
     pub fn workload(&self) -> Value {
-        let labels: serde_json::Map<String, Value> = self.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let labels: serde_json::Map<String, Value> = self
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
         json!({
             "name": self.name,
             "namespace": self.namespace,
@@ -127,7 +208,10 @@ impl Pod {
     /// pod's network, which the capture programs must not touch.
     pub fn command_outside_cgroup(&self, bin: &std::path::Path, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.netns_path().display())).arg("--").arg(bin).args(args);
+        c.arg(format!("--net={}", self.netns_path().display()))
+            .arg("--")
+            .arg(bin)
+            .args(args);
         c
     }
 
@@ -155,8 +239,14 @@ pub struct AppResult {
 
 impl AppResult {
     fn wait(mut cmd: Command) -> Self {
-        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn mesh-testapp");
-        Self { output: wait_with_timeout(child, Duration::from_secs(60)) }
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mesh-testapp");
+        Self {
+            output: wait_with_timeout(child, Duration::from_secs(60)),
+        }
     }
 
     pub fn ok(&self) -> bool {
@@ -166,11 +256,15 @@ impl AppResult {
     /// The last JSON line printed; panics (with the output) if the run failed.
     pub fn json(&self) -> Value {
         assert!(self.ok(), "mesh-testapp failed: {}", self.describe());
-        self.last_json().unwrap_or_else(|| panic!("no JSON output: {}", self.describe()))
+        self.last_json()
+            .unwrap_or_else(|| panic!("no JSON output: {}", self.describe()))
     }
 
     pub fn last_json(&self) -> Option<Value> {
-        String::from_utf8_lossy(&self.output.stdout).lines().rev().find_map(|l| serde_json::from_str(l).ok())
+        String::from_utf8_lossy(&self.output.stdout)
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
     }
 
     pub fn stdout(&self) -> String {
@@ -215,7 +309,11 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() }
+    Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
 }
 
 /// A long-running `mesh-testapp` (a server, a held connection). Its JSON
@@ -227,7 +325,11 @@ pub struct App {
 
 impl App {
     fn spawn(env: &Env, mut cmd: Command) -> Self {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn mesh-testapp");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mesh-testapp");
         let stdout = child.stdout.take().expect("stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
@@ -251,8 +353,18 @@ impl App {
             if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
                 return v.clone();
             }
-            assert!(Instant::now() < deadline, "mesh-testapp (pid {}) printed no matching line; got {:?}", self.pid, self.lines());
-            assert!(sys::pid_alive(self.pid), "mesh-testapp (pid {}) exited; printed {:?}", self.pid, self.lines());
+            assert!(
+                Instant::now() < deadline,
+                "mesh-testapp (pid {}) printed no matching line; got {:?}",
+                self.pid,
+                self.lines()
+            );
+            assert!(
+                sys::pid_alive(self.pid),
+                "mesh-testapp (pid {}) exited; printed {:?}",
+                self.pid,
+                self.lines()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -263,6 +375,9 @@ impl App {
 
     /// The `accepted` events, i.e. connections the server saw.
     pub fn accepted(&self) -> Vec<Value> {
-        self.lines().into_iter().filter(|v| v["event"] == "accepted").collect()
+        self.lines()
+            .into_iter()
+            .filter(|v| v["event"] == "accepted")
+            .collect()
     }
 }

@@ -20,7 +20,9 @@ pub fn require_privileges() {
         );
     }
     if !is_mounted("/sys/fs/bpf", "bpf") {
-        panic!("bpffs is not mounted at /sys/fs/bpf: run `cargo xtask setup` (or `mount -t bpf bpf /sys/fs/bpf`)");
+        panic!(
+            "bpffs is not mounted at /sys/fs/bpf: run `cargo xtask setup` (or `mount -t bpf bpf /sys/fs/bpf`)"
+        );
     }
     cgroup2_root();
     for tool in ["ip", "nsenter", "bpftool"] {
@@ -48,7 +50,9 @@ pub fn cgroup2_root() -> PathBuf {
             return p.into();
         }
     }
-    panic!("no cgroup v2 hierarchy is mounted (looked at /sys/fs/cgroup/unified and /sys/fs/cgroup)");
+    panic!(
+        "no cgroup v2 hierarchy is mounted (looked at /sys/fs/cgroup/unified and /sys/fs/cgroup)"
+    );
 }
 
 pub fn which(tool: &str) -> Option<PathBuf> {
@@ -61,7 +65,9 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 
 /// Runs a command to completion; panics with its output if it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd:?} failed ({}):\n{}{}",
@@ -82,7 +88,10 @@ pub fn ip(args: &[&str]) {
 pub fn sibling_bin(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    [dir, dir.parent()?].iter().map(|d| d.join(name)).find(|p| p.is_file())
+    [dir, dir.parent()?]
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// The agent binary under test: `$MESH_AGENT_BIN`, else built (or brought
@@ -96,14 +105,35 @@ pub fn agent_bin() -> &'static Path {
         }
         let cargo = option_env!("CARGO").unwrap_or("cargo");
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let out = run(Command::new(cargo).args(["build", "--quiet", "-p", "mesh-agent", "--bin", "mesh-agent", "--message-format=json", "--manifest-path"]).arg(&manifest));
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "mesh-agent",
+                "--bin",
+                "mesh-agent",
+                "--message-format=json-render-diagnostics",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .output()
+            .expect("run cargo");
+        if !out.status.success() {
+            panic!(
+                "building mesh-agent failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let stdout = String::from_utf8_lossy(&out.stdout);
         stdout
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
             .find(|p| p.file_name().is_some_and(|n| n == "mesh-agent"))
-            .unwrap_or_else(|| panic!("cargo build did not report the mesh-agent executable:\n{stdout}"))
+            .unwrap_or_else(|| {
+                panic!("cargo build did not report the mesh-agent executable:\n{stdout}")
+            })
     })
 }
 
@@ -112,7 +142,8 @@ pub fn testapp_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MESH_TESTAPP_BIN") {
         return p.into();
     }
-    sibling_bin("mesh-testapp").expect("mesh-testapp not built: run `cargo build -p mesh-tests --bins`")
+    sibling_bin("mesh-testapp")
+        .expect("mesh-testapp not built: run `cargo build -p mesh-tests --bins`")
 }
 
 /// Whether a process with this PID exists and has not exited (a zombie
@@ -120,12 +151,19 @@ pub fn testapp_bin() -> PathBuf {
 pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                != Some("Z")
+        }
         Err(_) => false,
     }
 }
 
 /// Sends `signal` (e.g. "TERM") to one process we started.
 pub fn signal(pid: u32, signal: &str) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).output();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .output();
 }

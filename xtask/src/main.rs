@@ -1,1 +1,152 @@
-fn main() {}
+//! `cargo xtask <task>`: everything beyond a plain cargo build.
+//!
+//! Every task first runs `setup`, which installs what is missing (pinned
+//! nightly with rust-src, bpf-linker, Debian packages, bpffs) and takes
+//! seconds when nothing is.
+
+mod setup;
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Tasks of the eBPF service mesh workspace")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and system packages the build and tests need.
+    Setup,
+    /// Build the agent (with its eBPF programs) and the test binaries.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the agent with the given arguments (e.g. `-- run --workloads w.yaml`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Two pods on a simulated node, real traffic through the agent, and
+    /// what the agent and the kernel saw; everything is removed at the end.
+    Demo {
+        /// Keep the demo running until Enter or Ctrl-C, to explore with bpftool.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Lints, then every test tier (unit, in-process, namespaced root tests).
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Passed to `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// `cargo fmt --check` and `cargo clippy -D warnings`.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let tools = setup::run()?;
+    match cli.task {
+        Task::Setup => Ok(()),
+        Task::Build { release } => build(&tools, release).map(|_| ()),
+        Task::Run { args } => {
+            let bin = build(&tools, false)?.join("mesh-agent");
+            Err(Command::new(bin).args(args).exec()).context("exec mesh-agent")
+        }
+        Task::Demo { hold } => {
+            let dir = build(&tools, false)?;
+            let mut demo = Command::new(dir.join("mesh-demo"));
+            demo.env("MESH_AGENT_BIN", dir.join("mesh-agent"));
+            if hold {
+                demo.arg("--hold");
+            }
+            // Replace this process so Ctrl-C reaches the demo, which cleans up.
+            Err(demo.exec()).context("exec mesh-demo")
+        }
+        Task::Test { no_lint, args } => {
+            if !no_lint {
+                lint(&tools)?;
+            }
+            let dir = build(&tools, false)?;
+            let mut t = tools.cargo();
+            t.args(["test", "--workspace", "--exclude", "mesh-ebpf"])
+                .args(&args);
+            t.env("MESH_AGENT_BIN", dir.join("mesh-agent"));
+            status(&mut t)
+        }
+        Task::Lint => lint(&tools),
+    }
+}
+
+/// Builds the agent and the test binaries; returns the output directory.
+fn build(tools: &setup::Tools, release: bool) -> Result<PathBuf> {
+    let mut c = tools.cargo();
+    c.args(["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    status(&mut c)?;
+    Ok(target_dir(tools)?.join(if release { "release" } else { "debug" }))
+}
+
+fn lint(tools: &setup::Tools) -> Result<()> {
+    status(tools.cargo().args(["fmt", "--all", "--check"]))
+        .context("formatting differs: run `cargo fmt`")?;
+    status(tools.cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "mesh-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn target_dir(tools: &setup::Tools) -> Result<PathBuf> {
+    let out = tools
+        .cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(PathBuf::from(
+        v["target_directory"]
+            .as_str()
+            .context("no target_directory")?,
+    ))
+}
+
+fn status(c: &mut Command) -> Result<()> {
+    let s = c.status().with_context(|| format!("cannot run {c:?}"))?;
+    if !s.success() {
+        bail!("{c:?} failed: {s}");
+    }
+    Ok(())
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+}

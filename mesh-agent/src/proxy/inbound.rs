@@ -1,8 +1,8 @@
 //! Inbound plaintext: `sk_lookup` hands connections for any of a pod's ports
 //! to the agent's `:15006` listener in that pod; the accepted socket's local
 //! address is where the client was going. The agent connects to the
-//! application from a loopback source (`127.0.0.6`) so it is not captured
-//! again. (PeerAuthentication STRICT/PERMISSIVE decides here once mTLS lands.)
+//! application from a source `sk_lookup` passes (`127.0.0.6`, `::6`) so it
+//! is not captured again. (PeerAuthentication STRICT/PERMISSIVE decides here once mTLS lands.)
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -42,14 +42,21 @@ async fn handle(
         return Err(Error::Loop { dst });
     }
     let pod_name = pod.workload.key().to_string();
-    let upstream = socket::connect(
+    let upstream = match socket::connect(
         &pod.netns,
         &pod_name,
         dst,
         socket::Source::AgentLoopback,
         &ctx.config,
     )
-    .await?;
+    .await
+    {
+        Ok(u) => u,
+        Err(e) => {
+            socket::reset(&stream);
+            return Err(e);
+        }
+    };
     stream.set_nodelay(true)?;
     let src_workload = ctx.workloads.by_ip(peer.ip());
     let m = ctx.metrics.connection_opened(&ConnLabels {
@@ -83,8 +90,8 @@ pub async fn serve_reserved(listener: TcpListener, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             r = listener.accept() => if let Ok((s, peer)) = r {
                 tracing::debug!(%peer, "hbone: not implemented yet; closing");
-                // Linger 0: close with a reset, not a FIN that looks like a served connection.
-                let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+                // A reset, not a FIN that looks like a served connection.
+                socket::reset(&s);
                 drop(s);
             },
         }

@@ -45,7 +45,13 @@ async fn handle(
     }
     let pod_name = pod.workload.key().to_string();
     let upstream =
-        socket::connect(&pod.netns, &pod_name, dst, socket::Source::Pod, &ctx.config).await?;
+        match socket::connect(&pod.netns, &pod_name, dst, socket::Source::Pod, &ctx.config).await {
+            Ok(u) => u,
+            Err(e) => {
+                socket::reset(&stream);
+                return Err(e);
+            }
+        };
     stream.set_nodelay(true)?;
     let dst_workload = ctx.workloads.by_ip(dst.ip());
     let m = ctx.metrics.connection_opened(&ConnLabels {

@@ -24,7 +24,18 @@ const AGENT_SRC_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(
     mesh_common::config::AGENT_INBOUND_SRC_V4[2],
     mesh_common::config::AGENT_INBOUND_SRC_V4[3],
 ));
-const AGENT_SRC_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+const AGENT_SRC_V6: Ipv6Addr = {
+    let o = mesh_common::config::AGENT_INBOUND_SRC_V6;
+    let mut seg = [0u16; 8];
+    let mut i = 0;
+    while i < 8 {
+        seg[i] = u16::from_be_bytes([o[2 * i], o[2 * i + 1]]);
+        i += 1;
+    }
+    Ipv6Addr::new(
+        seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], seg[6], seg[7],
+    )
+};
 
 /// The agent's listeners inside one pod.
 pub struct PodListeners {
@@ -97,6 +108,13 @@ pub fn open_listeners(netns: &Netns, w: &Workload, cfg: &Config) -> Result<PodLi
             }
             Err(e) => return Err(bind_err("cannot listen on", v6)(e)),
         }
+        if w.ips.iter().any(IpAddr::is_ipv6) {
+            let a = SocketAddr::new(IpAddr::V6(AGENT_SRC_V6), 0);
+            add_loopback_address(AGENT_SRC_V6).map_err(bind_err(
+                "cannot add the agent's source address to lo for",
+                a,
+            ))?;
+        }
         let mut inbound = Vec::new();
         let mut hbone = Vec::new();
         for ip in &w.ips {
@@ -126,6 +144,12 @@ pub enum Source {
     AgentLoopback,
 }
 
+/// Ends `stream` with a reset instead of a FIN, so a client whose
+/// destination refused sees a refusal rather than an empty answer.
+pub fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// Connects to `dst` from inside `netns`, marked as the agent's own socket.
 pub async fn connect(
     netns: &Netns,
@@ -153,7 +177,7 @@ pub async fn connect(
         let src = if dst.is_ipv4() {
             AGENT_SRC_V4
         } else {
-            AGENT_SRC_V6
+            IpAddr::V6(AGENT_SRC_V6)
         };
         socket
             .bind(&SockAddr::from(SocketAddr::new(src, 0)))
@@ -172,4 +196,49 @@ pub async fn connect(
     };
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Adds `addr/128` to `lo` in the current thread's network namespace (one
+/// rtnetlink RTM_NEWADDR request); an address already there is fine.
+fn add_loopback_address(addr: Ipv6Addr) -> io::Result<()> {
+    const RTM_NEWADDR: u16 = 20;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const NLM_F_ACK: u16 = 0x4;
+    const NLM_F_EXCL: u16 = 0x200;
+    const NLM_F_CREATE: u16 = 0x400;
+    const NLMSG_ERROR: u16 = 2;
+    const IFA_F_NODAD: u8 = 0x2;
+    const IFA_ADDRESS: u16 = 1;
+    const IFA_LOCAL: u16 = 2;
+    /// `lo` is interface 1 in every network namespace.
+    const LOOPBACK_IFINDEX: u32 = 1;
+
+    let mut msg = Vec::with_capacity(64);
+    msg.extend_from_slice(&64u32.to_ne_bytes()); // nlmsghdr.len
+    msg.extend_from_slice(&RTM_NEWADDR.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel fills it
+    msg.extend_from_slice(&[libc::AF_INET6 as u8, 128, IFA_F_NODAD, 0]); // ifaddrmsg
+    msg.extend_from_slice(&LOOPBACK_IFINDEX.to_ne_bytes());
+    for attr in [IFA_LOCAL, IFA_ADDRESS] {
+        msg.extend_from_slice(&20u16.to_ne_bytes());
+        msg.extend_from_slice(&attr.to_ne_bytes());
+        msg.extend_from_slice(&addr.octets());
+    }
+    let sock = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::RAW.cloexec(),
+        Some(Protocol::from(libc::NETLINK_ROUTE)),
+    )?;
+    sock.send(&msg)?;
+    let mut reply = [0u8; 256];
+    let n = io::Read::read(&mut &sock, &mut reply)?;
+    if n < 20 || u16::from_ne_bytes([reply[4], reply[5]]) != NLMSG_ERROR {
+        return Err(io::Error::other("unexpected rtnetlink reply"));
+    }
+    match -i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]) {
+        0 | libc::EEXIST => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
 }

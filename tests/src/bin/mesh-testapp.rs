@@ -36,7 +36,10 @@ fn main() -> Result<()> {
         ["hold", addr, secs] => hold(addr, secs.parse()?),
         ["listen", addr] => {
             let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
-            println!("{}", json!({"event": "listening", "local": l.local_addr()?.to_string()}));
+            println!(
+                "{}",
+                json!({"event": "listening", "local": l.local_addr()?.to_string()})
+            );
             std::thread::park();
             Ok(())
         }
@@ -50,7 +53,10 @@ fn serve(addrs: &[&str], http_name: Option<String>) -> Result<()> {
     let mut handles = Vec::new();
     for addr in addrs {
         let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
-        println!("{}", json!({"event": "listening", "local": l.local_addr()?.to_string()}));
+        println!(
+            "{}",
+            json!({"event": "listening", "local": l.local_addr()?.to_string()})
+        );
         let name = http_name.clone();
         handles.push(std::thread::spawn(move || {
             for s in l.incoming().flatten() {
@@ -73,7 +79,10 @@ fn serve(addrs: &[&str], http_name: Option<String>) -> Result<()> {
 
 fn echo(mut s: TcpStream) -> Result<()> {
     let (local, peer) = (s.local_addr()?, s.peer_addr()?);
-    println!("{}", json!({"event": "accepted", "local": local.to_string(), "peer": peer.to_string()}));
+    println!(
+        "{}",
+        json!({"event": "accepted", "local": local.to_string(), "peer": peer.to_string()})
+    );
     let mut buf = [0u8; 16384];
     let mut total = 0u64;
     loop {
@@ -85,7 +94,10 @@ fn echo(mut s: TcpStream) -> Result<()> {
         s.write_all(&buf[..n])?;
     }
     s.shutdown(Shutdown::Write)?;
-    println!("{}", json!({"event": "closed", "peer": peer.to_string(), "bytes": total}));
+    println!(
+        "{}",
+        json!({"event": "closed", "peer": peer.to_string(), "bytes": total})
+    );
     Ok(())
 }
 
@@ -102,13 +114,22 @@ fn http_reply(s: TcpStream, name: &str) -> Result<()> {
     }
     let body = format!("hello from {name}: you reached {local}, you are {peer}\n");
     let mut s = s;
-    write!(s, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
-    println!("{}", json!({"event": "http", "request": request_line.trim(), "local": local.to_string(), "peer": peer.to_string()}));
+    write!(
+        s,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    println!(
+        "{}",
+        json!({"event": "http", "request": request_line.trim(), "local": local.to_string(), "peer": peer.to_string()})
+    );
     Ok(())
 }
 
 fn dial(addr: &str) -> Result<TcpStream> {
-    let a: SocketAddr = addr.parse().with_context(|| format!("bad address {addr}"))?;
+    let a: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("bad address {addr}"))?;
     let s = TcpStream::connect_timeout(&a, TIMEOUT).with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
@@ -123,7 +144,10 @@ fn connect(addr: &str, payload: &str) -> Result<()> {
     s.shutdown(Shutdown::Write)?;
     let mut got = String::new();
     s.read_to_string(&mut got)?;
-    println!("{}", json!({"local": local.to_string(), "peer": peer.to_string(), "sent": payload, "received": got}));
+    println!(
+        "{}",
+        json!({"local": local.to_string(), "peer": peer.to_string(), "sent": payload, "received": got})
+    );
     if got != payload {
         bail!("echo mismatch: sent {payload:?}, received {got:?}");
     }
@@ -150,7 +174,10 @@ fn churn(addr: &str, count: u32) -> Result<()> {
             first_error.get_or_insert(e.to_string());
         }
     }
-    println!("{}", json!({"ok": count - failed, "failed": failed, "first_error": first_error}));
+    println!(
+        "{}",
+        json!({"ok": count - failed, "failed": failed, "first_error": first_error})
+    );
     if failed > 0 {
         bail!("{failed} of {count} connections failed");
     }
@@ -162,7 +189,10 @@ fn hold(addr: &str, secs: u64) -> Result<()> {
     s.write_all(b"held")?;
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf)?;
-    println!("{}", json!({"event": "holding", "local": s.local_addr()?.to_string(), "peer": s.peer_addr()?.to_string()}));
+    println!(
+        "{}",
+        json!({"event": "holding", "local": s.local_addr()?.to_string(), "peer": s.peer_addr()?.to_string()})
+    );
     std::io::stdout().flush()?;
     std::thread::sleep(Duration::from_secs(secs));
     Ok(())
@@ -170,16 +200,28 @@ fn hold(addr: &str, secs: u64) -> Result<()> {
 
 fn request(method: &str, url: &str) -> Result<()> {
     let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (hostport, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let (hostport, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
     // `SocketAddr` parses both `10.0.0.1:80` and `[fd00::1]:80`.
-    let addr: SocketAddr = hostport.parse().with_context(|| format!("bad host:port in {url}"))?;
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connect {addr}"))?;
+    let addr: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("bad host:port in {url}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(TIMEOUT))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp.split_once("\r\n\r\n").context("malformed response")?;
-    let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no status")?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status")?;
     print!("{body}");
     if !(200..300).contains(&status) {
         bail!("HTTP {status}");
