@@ -42,6 +42,7 @@ impl Tools {
 
 pub fn run() -> Result<Tools> {
     let t = Instant::now();
+    stable_components()?;
     nightly()?;
     let linker_bin = bpf_linker()?;
     packages()?;
@@ -74,6 +75,21 @@ fn sysroot() -> Result<PathBuf> {
         bail!("rustc +{NIGHTLY} failed");
     }
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// rustfmt and clippy for the stable toolchain that builds user space
+/// (`cargo xtask lint`).
+fn stable_components() -> Result<()> {
+    let have = |tool: &str| ok(Command::new("cargo").args([tool, "--version"]));
+    if have("fmt") && have("clippy") {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rustfmt and clippy");
+    let s = Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]).current_dir(super::root()).status()?;
+    if !s.success() {
+        bail!("rustup component add rustfmt clippy failed");
+    }
+    Ok(())
 }
 
 /// The pinned nightly with `rust-src` (the kernel programs build `core`).
