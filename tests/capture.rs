@@ -323,3 +323,33 @@ fn process_outside_enrolled_cgroups_is_untouched() {
     );
     assert_eq!(m.value("istio_tcp_connections_opened_total", &[]), 0.0);
 }
+
+#[test]
+fn a_connection_without_a_recorded_destination_is_refused() {
+    let env = Env::new("no-orig-dst");
+    let node = env.node("node");
+    let pod = env.pod(&node, "pod");
+    let agent = Agent::start(&env, &node, &[&pod], AgentOptions::default());
+    // Straight to the agent's listener, from outside the pod's cgroup: the
+    // capture programs recorded nothing, so there is nowhere to go.
+    let r = pod.run_app_outside_cgroup(&["connect", "127.0.0.1:15001"]);
+    assert!(
+        !r.ok() && r.describe().contains("reset"),
+        "{}",
+        r.describe()
+    );
+    eventually("the refusal to be counted", || {
+        agent.metrics().value(
+            "mesh_proxy_errors_total",
+            &[
+                ("direction", "outbound"),
+                ("reason", "no_original_destination"),
+            ],
+        ) == 1.0
+    });
+    assert!(
+        agent.log().contains("no original destination recorded"),
+        "{}",
+        agent.log()
+    );
+}

@@ -84,6 +84,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     // Until the pods are enrolled, any failure removes the map pins again.
     let mut pins = PinGuard {
         dir: loaded.pin_dir().to_path_buf(),
+        created: loaded.created_pins().to_vec(),
         armed: true,
     };
     let _log_task = ebpf::forward_logs(&mut loaded);
@@ -166,16 +167,18 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Removes the map pins if startup fails before the pods are enrolled.
+/// Removes the map pins this agent created if startup fails before the pods
+/// are enrolled (adopted pins stay for the agent that made them).
 struct PinGuard {
     dir: std::path::PathBuf,
+    created: Vec<std::path::PathBuf>,
     armed: bool,
 }
 
 impl Drop for PinGuard {
     fn drop(&mut self) {
         if self.armed {
-            ebpf::unpin_maps(&self.dir);
+            ebpf::remove_pins(&self.dir, &self.created);
         }
     }
 }

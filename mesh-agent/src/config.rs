@@ -198,21 +198,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// A configuration with defaults for everything but the workload file;
-    /// for tests, which build configs from values.
-    #[cfg(any(test, feature = "testing"))]
-    pub fn for_tests(workloads: PathBuf) -> Self {
-        let cli = Cli::parse_from([
-            "mesh-agent",
-            "run",
-            "--workloads",
-            workloads.to_str().unwrap(),
-        ]);
-        match cli.command {
-            Command::Run(c) => *c,
-        }
-    }
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {

@@ -11,7 +11,7 @@ mod maps;
 use std::{io, path::PathBuf};
 
 pub use attach::PodLinks;
-pub use loader::{Loaded, ProgramInfo, unpin_maps};
+pub use loader::{Loaded, ProgramInfo, remove_pins};
 pub use log::forward_logs;
 pub use maps::{MapEntries, Maps, addr_from_map, map_addr};
 
@@ -65,6 +65,8 @@ pub enum Error {
     },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
     #[error("cannot attach {program} to {target}: {}", chain(.source))]
     Attach {
         program: &'static str,

@@ -8,7 +8,9 @@ use mesh_agent::config::{Cli, Command};
 use serde::Deserialize as _;
 
 fn docs(file: &str) -> Vec<serde_yaml::Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde_yaml::Value::deserialize(d).unwrap_or_else(|e| panic!("{file}: {e}")))
@@ -23,23 +25,42 @@ fn every_manifest_parses_and_has_a_kind() {
     for r in resources {
         for d in docs(r.as_str().unwrap()) {
             assert!(d["kind"].as_str().is_some(), "{r:?}: document without kind");
-            assert!(d["apiVersion"].as_str().is_some(), "{r:?}: document without apiVersion");
+            assert!(
+                d["apiVersion"].as_str().is_some(),
+                "{r:?}: document without apiVersion"
+            );
         }
     }
 }
 
 #[test]
 fn daemonset_arguments_are_accepted_by_the_agent() {
-    let ds = docs("daemonset.yaml").into_iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+    let ds = docs("daemonset.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
     let container = &ds["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
     let cli = Cli::try_parse_from(std::iter::once("mesh-agent").chain(args.iter().copied()))
         .unwrap_or_else(|e| panic!("the DaemonSet's args are not valid: {e}"));
     let Command::Run(config) = cli.command;
     config.validate().expect("valid settings");
-    assert!(config.keep_pins, "a restarting agent must leave pods failing closed");
+    assert!(
+        config.keep_pins,
+        "a restarting agent must leave pods failing closed"
+    );
     // The ports the manifest exposes are the agent's.
-    let ports: Vec<i64> = container["ports"].as_sequence().unwrap().iter().map(|p| p["containerPort"].as_i64().unwrap()).collect();
+    let ports: Vec<i64> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_i64().unwrap())
+        .collect();
     assert!(ports.contains(&i64::from(config.metrics_addr.port())));
     assert!(ports.contains(&i64::from(config.readiness_addr.port())));
     assert_eq!(
@@ -52,5 +73,6 @@ fn daemonset_arguments_are_accepted_by_the_agent() {
 fn the_workload_configmap_holds_a_valid_registry() {
     let cm = &docs("workloads.yaml")[0];
     let text = cm["data"]["workloads.yaml"].as_str().unwrap();
-    mesh_agent::workload::parse(Path::new("deploy/workloads.yaml"), text.as_bytes()).expect("valid registry");
+    mesh_agent::workload::parse(Path::new("deploy/workloads.yaml"), text.as_bytes())
+        .expect("valid registry");
 }

@@ -85,7 +85,10 @@ fn stable_components() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: adding rustfmt and clippy");
-    let s = Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]).current_dir(super::root()).status()?;
+    let s = Command::new("rustup")
+        .args(["component", "add", "rustfmt", "clippy"])
+        .current_dir(super::root())
+        .status()?;
     if !s.success() {
         bail!("rustup component add rustfmt clippy failed");
     }

@@ -62,7 +62,7 @@ impl Loaded {
             let prog = self
                 .bpf
                 .program_mut(program)
-                .ok_or(Error::MissingMap(program))?;
+                .ok_or(Error::MissingProgram(program))?;
             let fd_link: FdLink = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => {
                     let id = p

@@ -51,6 +51,7 @@ pub struct Loaded {
     pub(super) bpf: aya::Ebpf,
     maps: Arc<Maps>,
     pin_dir: PathBuf,
+    created: Vec<PathBuf>,
     programs: Vec<ProgramInfo>,
 }
 
@@ -71,7 +72,26 @@ impl Loaded {
             })?;
         }
         check_compatible(&pin_dir)?;
+        // Pins this agent creates (as opposed to adopts): the only ones a
+        // failed start may remove.
+        let created: Vec<PathBuf> = PINNED
+            .iter()
+            .map(|(n, ..)| pin_dir.join(n))
+            .filter(|p| !p.exists())
+            .collect();
+        let loaded = Self::load_pinned(cfg, kernel_log_level, &pin_dir, created.clone());
+        if loaded.is_err() {
+            remove_pins(&pin_dir, &created);
+        }
+        loaded
+    }
 
+    fn load_pinned(
+        cfg: &Config,
+        kernel_log_level: u8,
+        pin_dir: &Path,
+        created: Vec<PathBuf>,
+    ) -> Result<Self, Error> {
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<(&str, PathBuf)> =
             PINNED.iter().map(|(n, ..)| (*n, pin_dir.join(n))).collect();
@@ -83,7 +103,7 @@ impl Loaded {
 
         let mut programs = Vec::new();
         for (name, _) in PROGRAMS {
-            let prog = bpf.program_mut(name).ok_or(Error::MissingMap(name))?;
+            let prog = bpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
             let perr = |source: aya::programs::ProgramError| {
                 tracing::debug!(program = name, "load failed: {source}");
                 Error::Program {
@@ -104,9 +124,15 @@ impl Loaded {
         Ok(Self {
             bpf,
             maps: Arc::new(maps),
-            pin_dir,
+            pin_dir: pin_dir.to_path_buf(),
+            created,
             programs,
         })
+    }
+
+    /// Map pins this agent created rather than adopted.
+    pub fn created_pins(&self) -> &[PathBuf] {
+        &self.created
     }
 
     pub fn maps(&self) -> Arc<Maps> {
@@ -135,8 +161,14 @@ impl Loaded {
 
 /// Removes the map pins under `pin_dir` and the directory once empty.
 pub fn unpin_maps(pin_dir: &Path) {
-    for (name, ..) in PINNED {
-        let _ = fs::remove_file(pin_dir.join(name));
+    let all: Vec<PathBuf> = PINNED.iter().map(|(n, ..)| pin_dir.join(n)).collect();
+    remove_pins(pin_dir, &all);
+}
+
+/// Removes `pins`, then `pin_dir` and its `links/` if nothing else is left.
+pub fn remove_pins(pin_dir: &Path, pins: &[PathBuf]) {
+    for p in pins {
+        let _ = fs::remove_file(p);
     }
     let _ = fs::remove_dir(pin_dir.join("links"));
     let _ = fs::remove_dir(pin_dir);

@@ -37,22 +37,11 @@ async fn handle(
     pod: &PodContext,
     ctx: &ProxyContext,
 ) -> Result<(), Error> {
-    let dst = stream.local_addr()?;
-    if ctx.is_own_listener(dst) {
-        return Err(Error::Loop { dst });
-    }
     let pod_name = pod.workload.key().to_string();
-    let upstream = match socket::connect(
-        &pod.netns,
-        &pod_name,
-        dst,
-        socket::Source::AgentLoopback,
-        &ctx.config,
-    )
-    .await
-    {
-        Ok(u) => u,
+    let (dst, upstream) = match connect_app(&stream, pod, &pod_name, ctx).await {
+        Ok(x) => x,
         Err(e) => {
+            // The client sees a refusal, as it would without the mesh.
             socket::reset(&stream);
             return Err(e);
         }
@@ -80,6 +69,28 @@ async fn handle(
         tracing::debug!(pod = %pod_name, %dst, "inbound: closed with {e}");
     }
     Ok(())
+}
+
+/// Connects to the application at the address the client was going to.
+async fn connect_app(
+    stream: &TcpStream,
+    pod: &PodContext,
+    pod_name: &str,
+    ctx: &ProxyContext,
+) -> Result<(SocketAddr, TcpStream), Error> {
+    let dst = stream.local_addr()?;
+    if ctx.is_own_listener(dst) {
+        return Err(Error::Loop { dst });
+    }
+    let app = socket::connect(
+        &pod.netns,
+        pod_name,
+        dst,
+        socket::Source::AgentLoopback,
+        &ctx.config,
+    )
+    .await?;
+    Ok((dst, app))
 }
 
 /// HBONE is reserved until mTLS lands: accept and close, so a peer gets a

@@ -35,23 +35,15 @@ async fn handle(
     pod: &PodContext,
     ctx: &ProxyContext,
 ) -> Result<(), Error> {
-    let local = stream.local_addr()?;
-    let dst = ctx
-        .maps
-        .original_destination(pod.netns_cookie, peer, local)
-        .ok_or(Error::NoOriginalDst { peer })?;
-    if ctx.is_own_listener(dst) {
-        return Err(Error::Loop { dst });
-    }
     let pod_name = pod.workload.key().to_string();
-    let upstream =
-        match socket::connect(&pod.netns, &pod_name, dst, socket::Source::Pod, &ctx.config).await {
-            Ok(u) => u,
-            Err(e) => {
-                socket::reset(&stream);
-                return Err(e);
-            }
-        };
+    let (dst, upstream) = match connect_upstream(&stream, peer, pod, &pod_name, ctx).await {
+        Ok(x) => x,
+        Err(e) => {
+            // The application sees a refusal, as it would without the mesh.
+            socket::reset(&stream);
+            return Err(e);
+        }
+    };
     stream.set_nodelay(true)?;
     let dst_workload = ctx.workloads.by_ip(dst.ip());
     let m = ctx.metrics.connection_opened(&ConnLabels {
@@ -76,4 +68,25 @@ async fn handle(
         Err(e) => tracing::debug!(pod = %pod_name, %dst, "outbound: closed with {e}"),
     }
     Ok(())
+}
+
+/// Finds where the application was going and connects there from the pod.
+async fn connect_upstream(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    pod: &PodContext,
+    pod_name: &str,
+    ctx: &ProxyContext,
+) -> Result<(SocketAddr, TcpStream), Error> {
+    let local = stream.local_addr()?;
+    let dst = ctx
+        .maps
+        .original_destination(pod.netns_cookie, peer, local)
+        .ok_or(Error::NoOriginalDst { peer })?;
+    if ctx.is_own_listener(dst) {
+        return Err(Error::Loop { dst });
+    }
+    let upstream =
+        socket::connect(&pod.netns, pod_name, dst, socket::Source::Pod, &ctx.config).await?;
+    Ok((dst, upstream))
 }
