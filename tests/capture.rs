@@ -3,19 +3,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::{Agent, AgentOptions, Env};
-
-/// Waits until `f` holds, or fails with `what` after 10 s.
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use mesh_tests::{Agent, AgentOptions, Env, sys::wait_until};
 
 fn outbound_preserves_original_destination(test: &str, v6: bool) {
     let env = Env::new(test);
@@ -81,12 +69,15 @@ fn outbound_preserves_original_destination(test: &str, v6: bool) {
         ),
     ];
     assert_eq!(m.value("istio_tcp_connections_opened_total", &labels), 1.0);
-    eventually("the connection to be reported closed", || {
-        agent
-            .metrics()
-            .value("istio_tcp_connections_closed_total", &labels)
-            == 1.0
-    });
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            agent
+                .metrics()
+                .value("istio_tcp_connections_closed_total", &labels)
+                == 1.0
+        }),
+        "timed out waiting for the connection to be reported closed"
+    );
     let m = agent.metrics();
     assert_eq!(
         m.value("istio_tcp_received_bytes_total", &labels),
@@ -338,15 +329,18 @@ fn a_connection_without_a_recorded_destination_is_refused() {
         "{}",
         r.describe()
     );
-    eventually("the refusal to be counted", || {
-        agent.metrics().value(
-            "mesh_proxy_errors_total",
-            &[
-                ("direction", "outbound"),
-                ("reason", "no_original_destination"),
-            ],
-        ) == 1.0
-    });
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            agent.metrics().value(
+                "mesh_proxy_errors_total",
+                &[
+                    ("direction", "outbound"),
+                    ("reason", "no_original_destination"),
+                ],
+            ) == 1.0
+        }),
+        "timed out waiting for the refusal to be counted"
+    );
     assert!(
         agent.log().contains("no original destination recorded"),
         "{}",

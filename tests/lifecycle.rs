@@ -1,9 +1,9 @@
 //! Enrolment, removal, shutdown and restart leave the kernel in the state
 //! they promise, checked with bpftool and aya, not the agent's word.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mesh_tests::{Agent, AgentOptions, Env, kernel};
+use mesh_tests::{Agent, AgentOptions, Env, kernel, sys::wait_until};
 
 const CAPTURE_PROGRAMS: [&str; 5] = [
     "mesh_connect4",
@@ -225,18 +225,12 @@ fn tracking_maps_return_to_baseline_after_10000_connections() {
         10000.0
     );
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = kernel::tracking_entries(&agent.pin_dir);
-        if now == baseline {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "maps still hold {now:?} entries (baseline {baseline:?})"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let back = || kernel::tracking_entries(&agent.pin_dir) == baseline;
+    assert!(
+        wait_until(Duration::from_secs(30), back),
+        "maps still hold {:?} entries (baseline {baseline:?})",
+        kernel::tracking_entries(&agent.pin_dir)
+    );
     let m = agent.metrics();
     assert_eq!(
         m.value(

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::{Agent, AgentOptions, Env, kernel};
+use mesh_tests::{Agent, AgentOptions, Env, kernel, sys::wait_until};
 
 #[test]
 fn metrics_use_istio_names_and_labels() {
@@ -152,15 +152,12 @@ fn kernel_log_records_reach_the_agent_log_and_levels_change_at_runtime() {
     );
     client.run_app(&["connect", &server.v4(9000)]).json();
     let want = format!("connect4: {}:9000 -> agent", server.ip4);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !agent.log().contains(&want) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no kernel record {want:?} in:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.log().contains(&want)),
+        "no kernel record {want:?} in:
+{}",
+        agent.log()
+    );
     assert!(
         agent
             .log()
@@ -186,15 +183,14 @@ fn kernel_log_records_reach_the_agent_log_and_levels_change_at_runtime() {
         "level: debug"
     );
     client.run_app(&["connect", &server.v4(9000)]).json();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !agent.log().contains("outbound: proxying") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "debug level not applied:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_until(Duration::from_secs(5), || agent
+            .log()
+            .contains("outbound: proxying")),
+        "debug level not applied:
+{}",
+        agent.log()
+    );
     let bad = agent.try_post("http://127.0.0.1:15000/logging?level=no[such");
     assert!(bad.is_err(), "a bad filter must be refused");
     assert_eq!(
@@ -254,19 +250,18 @@ fn a_bad_workload_file_is_rejected_and_the_last_good_one_keeps_serving() {
     server.spawn_app(&env, &["echo", &server.v4(9000)]);
     let agent = Agent::start(&env, &node, &[&client], AgentOptions::default());
     std::fs::write(&agent.workloads, "workloads:\n  - name: Client\n").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while agent
-        .metrics()
-        .value("mesh_workload_reloads_total", &[("result", "rejected")])
-        < 1.0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "rejection not counted:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let rejected = || {
+        agent
+            .metrics()
+            .value("mesh_workload_reloads_total", &[("result", "rejected")])
+            >= 1.0
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), rejected),
+        "rejection not counted:
+{}",
+        agent.log()
+    );
     assert!(
         agent
             .log()

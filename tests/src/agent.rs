@@ -207,8 +207,7 @@ impl Agent {
         write_workloads(&self.workloads, pods);
         let mut want: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
         want.sort();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let enrolled = || {
             let dump = self.config_dump();
             let mut have: Vec<String> = dump["workloads"]
                 .as_array()
@@ -217,16 +216,14 @@ impl Agent {
                 .filter_map(|w| w["name"].as_str().map(str::to_owned))
                 .collect();
             have.sort();
-            if have == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent enrolled {have:?}, expected {want:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            have
+        };
+        assert!(
+            sys::wait_until(Duration::from_secs(20), || enrolled() == want),
+            "agent enrolled {:?}, expected {want:?}:\n{}",
+            enrolled(),
+            self.log()
+        );
     }
 
     /// The agent's output so far.

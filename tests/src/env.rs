@@ -78,9 +78,9 @@ impl Env {
     /// Creates a network namespace `<env>-<short>` with loopback up.
     pub(crate) fn add_netns(&self, short: &str) -> String {
         let ns = format!("{}-{short}", self.name);
-        sys::ip(&["netns", "add", &ns]);
+        sys::ip(&format!("netns add {ns}"));
         self.netns.lock().unwrap().push(ns.clone());
-        sys::ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        sys::ip(&format!("-n {ns} link set lo up"));
         ns
     }
 

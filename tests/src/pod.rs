@@ -49,28 +49,12 @@ impl Env {
     pub fn node(&self, short: &str) -> Node {
         let index = self.next_node_index();
         let ns = self.add_netns(short);
-        sys::ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
-        sys::ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("10.10.{index}.1/24"),
-            "dev",
-            "br0",
-        ]);
-        sys::ip(&[
-            "-n",
-            &ns,
-            "-6",
-            "addr",
-            "add",
-            &format!("fd10:0:0:{index}::1/64"),
-            "dev",
-            "br0",
-            "nodad",
-        ]);
-        sys::ip(&["-n", &ns, "link", "set", "br0", "up"]);
+        sys::ip(&format!("-n {ns} link add br0 type bridge"));
+        sys::ip(&format!("-n {ns} addr add 10.10.{index}.1/24 dev br0"));
+        sys::ip(&format!(
+            "-n {ns} -6 addr add fd10:0:0:{index}::1/64 dev br0 nodad"
+        ));
+        sys::ip(&format!("-n {ns} link set br0 up"));
         Node {
             netns: ns,
             index,
@@ -81,66 +65,18 @@ impl Env {
     /// Creates a pod on `node`, reachable from the node's other pods.
     pub fn pod(&self, node: &Node, short: &str) -> Pod {
         let host = node.next_host.fetch_add(1, Ordering::Relaxed);
+        let (n, i) = (&node.netns, node.index);
         let ns = self.add_netns(short);
-        let veth = format!("vp{host}");
-        let (ip4, ip6) = (
-            Ipv4Addr::new(10, 10, node.index, host),
-            format!("fd10:0:0:{}::{host:x}", node.index),
-        );
-        sys::ip(&[
-            "-n",
-            &node.netns,
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns,
-        ]);
-        sys::ip(&[
-            "-n",
-            &node.netns,
-            "link",
-            "set",
-            &veth,
-            "master",
-            "br0",
-            "up",
-        ]);
-        sys::ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip4}/24"),
-            "dev",
-            "eth0",
-        ]);
-        sys::ip(&[
-            "-n",
-            &ns,
-            "-6",
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        sys::ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-        sys::ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.10.{}.1", node.index),
-        ]);
+        let ip4 = Ipv4Addr::new(10, 10, i, host);
+        let ip6: Ipv6Addr = format!("fd10:0:0:{i}::{host:x}").parse().expect("pod IPv6");
+        sys::ip(&format!(
+            "-n {n} link add vp{host} type veth peer name eth0 netns {ns}"
+        ));
+        sys::ip(&format!("-n {n} link set vp{host} master br0 up"));
+        sys::ip(&format!("-n {ns} addr add {ip4}/24 dev eth0"));
+        sys::ip(&format!("-n {ns} -6 addr add {ip6}/64 dev eth0 nodad"));
+        sys::ip(&format!("-n {ns} link set eth0 up"));
+        sys::ip(&format!("-n {ns} route add default via 10.10.{i}.1"));
         let cgroup = self.cgroup.join(short);
         std::fs::create_dir_all(&cgroup)
             .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
@@ -151,7 +87,7 @@ impl Env {
             netns: ns,
             cgroup,
             ip4,
-            ip6: ip6.parse().expect("pod IPv6"),
+            ip6,
             labels: vec![("app".into(), short.into())],
         }
     }

@@ -79,9 +79,26 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// Runs `ip ARGS…`.
-pub fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
+/// Runs `ip` with `args` (split on whitespace), e.g.
+/// `ip("-n pod addr add 10.0.0.2/24 dev eth0")`.
+pub fn ip(args: &str) {
+    run(Command::new("ip").args(args.split_whitespace()));
+}
+
+/// Polls `done()` every 50 ms until it holds (true) or `timeout` passes
+/// (false). For state that has no event to await: a metric, a map's size,
+/// a log line. Callers assert on the result with their own message.
+pub fn wait_until(timeout: std::time::Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// A binary next to the running test executable (`target/<profile>/`).
