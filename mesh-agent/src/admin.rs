@@ -44,6 +44,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// The `/config_dump` document, rebuilt by the agent on every change.
     pub dump: RwLock<serde_json::Value>,
+    /// Certificates change on their own (renewal): read at request time.
+    pub identities: Option<Arc<crate::identity::IdentityManager>>,
 }
 
 /// Which endpoint a listener serves.
@@ -145,7 +147,13 @@ fn route(state: &AdminState, ep: Endpoint, req: Request<Incoming>) -> Response<F
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready")
             }
         }
-        (Endpoint::Admin, "/config_dump") if get => json(&*state.dump.read().expect("dump lock")),
+        (Endpoint::Admin, "/config_dump") if get => {
+            let mut dump = state.dump.read().expect("dump lock").clone();
+            if let Some(i) = &state.identities {
+                dump["certificates"] = serde_json::to_value(i.dump()).unwrap_or_default();
+            }
+            json(&dump)
+        }
         (Endpoint::Admin, "/logging") => logging(state, &req),
         (Endpoint::Admin, "/") if get => text(
             StatusCode::OK,

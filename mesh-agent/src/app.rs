@@ -14,11 +14,18 @@ use crate::{
     admin::{self, AdminState, Endpoint},
     config::Config,
     ebpf::{self, Loaded},
+    identity::{
+        IdentityManager,
+        ca_client::{CaAuth, CaClient},
+    },
     pod::{self, EnrolledPod},
-    proxy::{ProxyContext, WorkloadIndex},
+    policy::{self, PeerAuthentications},
+    proxy::{ProxyContext, WorkloadIndex, pool::Pool},
     sys,
     telemetry::{self, logging::LogHandle, metrics::Metrics},
-    workload::{self, FileWatch, Workload, WorkloadKey},
+    tls,
+    watch::{self, Watch},
+    workload::{self, Workload, WorkloadKey},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +37,18 @@ pub enum Error {
     NotRoot,
     #[error(transparent)]
     Workloads(#[from] workload::Error),
+    #[error(transparent)]
+    Policy(#[from] policy::Error),
+    #[error("cannot read {path}: {source}")]
+    ReadConfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--ca-root: {0}")]
+    CaRoot(#[source] tls::Error),
+    #[error(transparent)]
+    CaClient(#[from] crate::identity::ca_client::Error),
     #[error(transparent)]
     Ebpf(#[from] ebpf::Error),
     #[error(transparent)]
@@ -48,7 +67,11 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::NotRoot => 77,
-            Error::Workloads(_) => 64,
+            Error::Workloads(_)
+            | Error::Policy(_)
+            | Error::ReadConfig { .. }
+            | Error::CaRoot(_)
+            | Error::CaClient(_) => 64,
             Error::Ebpf(_) | Error::Enrol(_) | Error::Admin(_) => 69,
             Error::Telemetry(_) | Error::Signal(_) => 70,
         }
@@ -62,12 +85,22 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     }
     let config = Arc::new(config);
     tracing::info!(config = %serde_json::to_string(&*config).unwrap_or_default(), "starting mesh-agent {}", env!("CARGO_PKG_VERSION"));
-    let initial_text =
-        std::fs::read(&config.workloads).map_err(|source| workload::Error::Read {
-            path: config.workloads.clone(),
+    let initial_text = watch::read(&config.workloads).map_err(|source| workload::Error::Read {
+        path: config.workloads.clone(),
+        source,
+    })?;
+    let initial = workload::parse_snapshot(&initial_text)?;
+    let istio_text = match &config.istio_config {
+        Some(p) => Some(watch::read(p).map_err(|source| Error::ReadConfig {
+            path: p.clone(),
             source,
-        })?;
-    let initial = workload::parse(&config.workloads, &initial_text)?;
+        })?),
+        None => None,
+    };
+    let peer_auth = match &istio_text {
+        Some(t) => PeerAuthentications::parse(t, &config.root_namespace)?,
+        None => PeerAuthentications::empty(&config.root_namespace),
+    };
 
     // Signals first: from here on, an interrupt must lead to a clean exit.
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
@@ -90,20 +123,34 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     let _log_task = ebpf::forward_logs(&mut loaded);
     metrics.register_ebpf(loaded.maps())?;
 
+    let identities = identities(&config, &metrics)?;
+    let pool = identities
+        .as_ref()
+        .map(|_| Pool::new(config.hbone_idle_timeout, metrics.clone()));
+    if identities.is_none() {
+        tracing::warn!(
+            "no --ca-addr: mutual TLS is off, meshed destinations are reached in plaintext"
+        );
+    }
     let ctx = Arc::new(ProxyContext {
         config: config.clone(),
         maps: loaded.maps(),
         metrics: metrics.clone(),
         workloads: WorkloadIndex::default(),
+        identities,
+        pool,
+        peer_auth: RwLock::new(Arc::new(peer_auth)),
         connections: TaskTracker::new(),
         cut: CancellationToken::new(),
     });
+    ctx.workloads.set_registry(&initial);
     let state = Arc::new(AdminState {
         config: config.clone(),
         metrics: metrics.clone(),
         log,
         ready: false.into(),
         dump: RwLock::new(serde_json::Value::Null),
+        identities: ctx.identities.clone(),
     });
     let stop_admin = CancellationToken::new();
     for (l, ep) in [
@@ -114,7 +161,11 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         tokio::spawn(admin::serve(l, state.clone(), ep, stop_admin.clone()));
     }
 
-    let keys: Vec<String> = initial
+    let local: Vec<Workload> = initial
+        .into_iter()
+        .filter(|w| w.is_on(&config.node_name))
+        .collect();
+    let keys: Vec<String> = local
         .iter()
         .map(|w| pod::links_dir_name(&w.key()))
         .collect();
@@ -127,7 +178,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         pods: BTreeMap::new(),
         state: state.clone(),
     };
-    for w in initial {
+    for w in local {
         // At start a bad workload is fatal: the operator sees it at once.
         let key = w.key();
         let p = pod::enrol(w, &mut agent.loaded, &agent.ctx)?;
@@ -139,23 +190,37 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     state.ready.store(true, Ordering::Release);
     tracing::info!(pods = agent.pods.len(), pin_dir = %agent.loaded.pin_dir().display(), "ready");
 
-    let mut watch = FileWatch::new(config.workloads.clone(), initial_text);
+    let mut workloads_watch = Watch::new(config.workloads.clone(), initial_text);
+    let mut istio_watch = config
+        .istio_config
+        .clone()
+        .zip(istio_text)
+        .map(|(p, t)| Watch::new(p, t));
     let mut tick = tokio::time::interval(config.workload_poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let signal_name = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
-            _ = tick.tick() => match watch.poll() {
-                None => {}
-                Some(Ok(ws)) => {
-                    agent.apply(ws);
-                    metrics.workload_reload("applied");
+            _ = tick.tick() => {
+                if let Some(change) = workloads_watch.poll() {
+                    let parsed = change
+                        .map_err(|source| workload::Error::Read { path: config.workloads.clone(), source })
+                        .and_then(|s| workload::parse_snapshot(&s));
+                    match parsed {
+                        Ok(ws) => {
+                            agent.apply(ws);
+                            metrics.workload_reload("applied");
+                        }
+                        Err(e) => {
+                            // Keep serving the last good registry.
+                            tracing::error!("workload file rejected, keeping the previous one: {e}");
+                            metrics.workload_reload("rejected");
+                        }
+                    }
                 }
-                Some(Err(e)) => {
-                    // Keep serving the last good registry.
-                    tracing::error!("workload file rejected, keeping the previous one: {e}");
-                    metrics.workload_reload("rejected");
+                if let Some(change) = istio_watch.as_mut().and_then(Watch::poll) {
+                    agent.apply_istio(change);
                 }
             },
         }
@@ -165,6 +230,43 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     agent.shutdown().await;
     stop_admin.cancel();
     Ok(())
+}
+
+/// The certificate manager, when a CA is configured.
+fn identities(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<IdentityManager>>, Error> {
+    let Some(addr) = &config.ca_addr else {
+        return Ok(None);
+    };
+    let root_path = config
+        .ca_root
+        .as_ref()
+        .expect("validated: --ca-root comes with --ca-addr");
+    let roots = tls::read_pem(root_path).map_err(Error::CaRoot)?;
+    let bundle = tls::TrustBundle::from_pems(&root_path.display().to_string(), &[roots])
+        .map_err(Error::CaRoot)?;
+    let bundle = Arc::new(tls::SharedBundle::new(bundle));
+    let auth = match (&config.node_cert, &config.node_key, &config.ca_token_file) {
+        (Some(cert), Some(key), _) => CaAuth::NodeCredential {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        (_, _, Some(token)) => CaAuth::Token(token.clone()),
+        _ => unreachable!("validated: one way to authenticate"),
+    };
+    let ca = CaClient::new(addr, bundle.clone(), &config.trust_domain, auth)?;
+    let manager = IdentityManager::new(
+        &config.trust_domain,
+        ca,
+        bundle,
+        config.workload_cert_ttl,
+        metrics.clone(),
+    );
+    manager.refresh_bundle_every(config.trust_bundle_refresh);
+    tracing::info!(ca = %addr, trust_domain = %config.trust_domain, node = %config.node_name, "mutual TLS on");
+    Ok(Some(manager))
 }
 
 /// Removes the map pins this agent created if startup fails before the pods
@@ -191,11 +293,41 @@ struct Agent {
 }
 
 impl Agent {
-    /// Brings the enrolled pods in line with `desired`. A pod that fails to
-    /// enrol is logged and skipped; the others are unaffected.
-    fn apply(&mut self, desired: Vec<Workload>) {
-        let mut desired: BTreeMap<WorkloadKey, Workload> =
-            desired.into_iter().map(|w| (w.key(), w)).collect();
+    /// Installs new Istio configuration, or keeps the current one if it is
+    /// invalid (logged and counted).
+    fn apply_istio(&mut self, change: std::io::Result<watch::Snapshot>) {
+        let cfg = &self.ctx.config;
+        let path = cfg.istio_config.clone().unwrap_or_default();
+        let parsed = change
+            .map_err(|source| Error::ReadConfig { path, source })
+            .and_then(|s| PeerAuthentications::parse(&s, &cfg.root_namespace).map_err(Error::from));
+        match parsed {
+            Ok(p) => {
+                tracing::info!(
+                    peer_authentications = p.policies.len(),
+                    "Istio configuration applied"
+                );
+                *self.ctx.peer_auth.write().expect("policy lock") = Arc::new(p);
+                self.publish();
+            }
+            Err(e) => {
+                tracing::error!("Istio configuration rejected, keeping the previous one: {e}");
+                self.ctx.metrics.config_rejected("istio");
+            }
+        }
+    }
+
+    /// Brings the enrolled pods in line with the registry `all` (every
+    /// node's pods; this node's are enrolled). A pod that fails to enrol is
+    /// logged and skipped; the others are unaffected.
+    fn apply(&mut self, all: Vec<Workload>) {
+        self.ctx.workloads.set_registry(&all);
+        let node = self.ctx.config.node_name.clone();
+        let mut desired: BTreeMap<WorkloadKey, Workload> = all
+            .into_iter()
+            .filter(|w| w.is_on(&node))
+            .map(|w| (w.key(), w))
+            .collect();
         let gone: Vec<WorkloadKey> = self
             .pods
             .iter()
@@ -229,6 +361,7 @@ impl Agent {
             "version": env!("CARGO_PKG_VERSION"),
             "config": &*self.ctx.config,
             "workloads": pods,
+            "peerAuthentications": &**self.ctx.peer_auth.read().expect("policy lock"),
             "ebpf": {
                 "pinDir": self.loaded.pin_dir(),
                 "programs": self.loaded.programs(),

@@ -33,6 +33,96 @@ pub struct Cli {
 pub enum Command {
     /// Load the eBPF programs, enrol the node's pods and proxy their traffic.
     Run(Box<Config>),
+    /// The mesh's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a new root CA for a new mesh in DIR (Istio's plug-in CA files).
+    Init {
+        #[arg(long, env = "MESH_CA_DIR")]
+        dir: PathBuf,
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        /// How long the root is valid.
+        #[arg(long, default_value = "87600h", value_parser = humantime::parse_duration)]
+        validity: Duration,
+    },
+    /// Serve certificate requests from node agents.
+    Run(Box<CaRunConfig>),
+    /// Issue a node credential (written to OUT as <node>.crt, <node>.key and root-cert.pem).
+    Join {
+        #[arg(long, env = "MESH_CA_DIR")]
+        dir: PathBuf,
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Issue a certificate for any SPIFFE ID (for clients outside the mesh, and tests).
+    Issue {
+        #[arg(long, env = "MESH_CA_DIR")]
+        dir: PathBuf,
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        /// The SPIFFE ID to put in the certificate.
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// File name stem for the certificate and key.
+        #[arg(long, default_value = "cert")]
+        name: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Make it already expired (to check that peers refuse it).
+        #[arg(long)]
+        expired: bool,
+    },
+}
+
+/// Settings of `mesh-agent ca run`.
+#[derive(Debug, Clone, Args, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaRunConfig {
+    /// Directory with ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem.
+    #[arg(long, env = "MESH_CA_DIR")]
+    pub dir: PathBuf,
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Placement registry: the workload file listing every pod with its `node`.
+    #[arg(long, env = "MESH_WORKLOADS", value_name = "FILE")]
+    pub workloads: PathBuf,
+    /// Upper bound on the lifetime of a workload certificate.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub max_workload_cert_ttl: Duration,
+    /// Kubernetes API server for TokenReview (agents authenticating with a token).
+    #[arg(long, env = "MESH_KUBE_API")]
+    pub kube_api: Option<String>,
+    /// The CA's own token for the API server.
+    #[arg(long, env = "MESH_KUBE_TOKEN_FILE")]
+    pub kube_token_file: Option<PathBuf>,
+    /// CA bundle of the API server (https).
+    #[arg(long, env = "MESH_KUBE_CA_FILE")]
+    pub kube_ca_file: Option<PathBuf>,
+    /// The service account node agents run as.
+    #[arg(long, default_value = "system:serviceaccount:mesh-system:mesh-agent")]
+    pub kube_agent_sa: String,
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    pub log_level: String,
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -148,6 +238,63 @@ pub struct Config {
     /// Tokio worker threads (default: one per CPU).
     #[arg(long, env = "MESH_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+
+    /// This node's name: pods listed on other nodes are reached over HBONE.
+    #[arg(long, env = "MESH_NODE_NAME", default_value_t = default_node_name())]
+    pub node_name: String,
+
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Certificate authority (host:port). Without it the mesh runs without
+    /// mutual TLS: meshed destinations are reached in plaintext.
+    #[arg(long, env = "MESH_CA_ADDR")]
+    pub ca_addr: Option<String>,
+
+    /// Roots to trust before the CA has sent its bundle (verifies the CA).
+    #[arg(long, env = "MESH_CA_ROOT")]
+    pub ca_root: Option<PathBuf>,
+
+    /// Node credential (from `mesh-agent ca join`): certificate chain.
+    #[arg(long, env = "MESH_NODE_CERT")]
+    pub node_cert: Option<PathBuf>,
+
+    /// Node credential: private key.
+    #[arg(long, env = "MESH_NODE_KEY")]
+    pub node_key: Option<PathBuf>,
+
+    /// Kubernetes: authenticate to the CA with this service-account token instead.
+    #[arg(long, env = "MESH_CA_TOKEN_FILE")]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// Lifetime asked for workload certificates (renewed at half-life).
+    #[arg(long, env = "MESH_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub workload_cert_ttl: Duration,
+
+    /// How often the trust bundle is re-read from the CA.
+    #[arg(long, env = "MESH_TRUST_BUNDLE_REFRESH", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub trust_bundle_refresh: Duration,
+
+    /// Istio configuration (a file, or a directory of YAML): PeerAuthentication for now.
+    #[arg(long, env = "MESH_ISTIO_CONFIG", value_name = "PATH")]
+    pub istio_config: Option<PathBuf>,
+
+    /// Istio's root namespace (mesh-wide policies live there).
+    #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+
+    /// Close a pooled HBONE connection after this long without streams.
+    #[arg(long, env = "MESH_HBONE_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub hbone_idle_timeout: Duration,
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_owned())
 }
 
 impl Config {
@@ -188,6 +335,33 @@ impl Config {
             return Err(Error::Invalid {
                 flag: "workload-poll-interval",
                 reason: "must be at least 10ms".into(),
+            });
+        }
+        if self.ca_addr.is_some() {
+            if self.ca_root.is_none() {
+                return Err(Error::Invalid {
+                    flag: "ca-root",
+                    reason: "required with --ca-addr (it verifies the CA)".into(),
+                });
+            }
+            let credential = self.node_cert.is_some() || self.node_key.is_some();
+            if credential && (self.node_cert.is_none() || self.node_key.is_none()) {
+                return Err(Error::Invalid {
+                    flag: "node-cert",
+                    reason: "--node-cert and --node-key go together".into(),
+                });
+            }
+            if credential == self.ca_token_file.is_some() {
+                return Err(Error::Invalid {
+                    flag: "ca-addr",
+                    reason: "authenticate to the CA with either --node-cert/--node-key or --ca-token-file".into(),
+                });
+            }
+        }
+        if self.workload_cert_ttl < Duration::from_secs(2) {
+            return Err(Error::Invalid {
+                flag: "workload-cert-ttl",
+                reason: "must be at least 2s".into(),
             });
         }
         if self.worker_threads == Some(0) {
@@ -272,7 +446,9 @@ mod tests {
         let mut all = vec!["mesh-agent", "run", "--workloads", "/w.yaml"];
         all.extend_from_slice(args);
         let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
-        let Command::Run(c) = cli.command;
+        let Command::Run(c) = cli.command else {
+            unreachable!()
+        };
         c.validate().map_err(|e| e.to_string())?;
         Ok(*c)
     }
@@ -325,6 +501,35 @@ mod tests {
         assert!(e.starts_with("--buffer-size:"), "{e}");
         let e = parse(&["--connect-timeout", "soon"]).unwrap_err();
         assert!(e.contains("--connect-timeout"), "{e}");
+        let e = parse(&["--ca-addr", "10.0.0.1:15012"]).unwrap_err();
+        assert_eq!(e, "--ca-root: required with --ca-addr (it verifies the CA)");
+        let e = parse(&["--ca-addr", "a:1", "--ca-root", "/r"]).unwrap_err();
+        assert!(
+            e.contains("either --node-cert/--node-key or --ca-token-file"),
+            "{e}"
+        );
+        let e = parse(&["--ca-addr", "a:1", "--ca-root", "/r", "--node-cert", "/c"]).unwrap_err();
+        assert!(e.contains("go together"), "{e}");
+        parse(&[
+            "--ca-addr",
+            "a:1",
+            "--ca-root",
+            "/r",
+            "--node-cert",
+            "/c",
+            "--node-key",
+            "/k",
+        ])
+        .unwrap();
+        parse(&[
+            "--ca-addr",
+            "a:1",
+            "--ca-root",
+            "/r",
+            "--ca-token-file",
+            "/t",
+        ])
+        .unwrap();
     }
 
     #[test]

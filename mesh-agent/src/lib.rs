@@ -4,11 +4,16 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod config;
+pub mod identity;
 pub mod netns;
 pub mod pod;
+pub mod policy;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;
+pub mod watch;
 pub mod workload;
 
 #[allow(unsafe_code, reason = "aya's include_bytes_aligned! and map Pod types")]

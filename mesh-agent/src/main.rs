@@ -2,13 +2,16 @@ use std::{process::ExitCode, sync::Arc};
 
 use clap::Parser as _;
 use mesh_agent::{
-    app,
-    config::{Cli, Command, Config},
+    app, ca,
+    config::{CaCommand, Cli, Command, Config},
+    identity::SpiffeId,
     telemetry,
 };
 
 /// sysexits EX_USAGE: bad flags or settings.
 const EX_USAGE: u8 = 64;
+/// sysexits EX_SOFTWARE.
+const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -25,7 +28,20 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(config) => run(*config),
+        Command::Ca { command } => ca_command(command),
     }
+}
+
+fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = worker_threads {
+        rt.worker_threads(n);
+    }
+    rt.build().map_err(|e| {
+        eprintln!("mesh-agent: cannot start the runtime: {e}");
+        ExitCode::from(EX_SOFTWARE)
+    })
 }
 
 fn run(config: Config) -> ExitCode {
@@ -40,23 +56,97 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    if let Some(n) = config.worker_threads {
-        rt.worker_threads(n);
-    }
-    let rt = match rt.build() {
+    let rt = match runtime(config.worker_threads) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mesh-agent: cannot start the runtime: {e}");
-            return ExitCode::from(70);
-        }
+        Err(code) => return code,
     };
     match rt.block_on(app::run(config, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mesh-agent: error: {e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn ca_command(command: CaCommand) -> ExitCode {
+    let done = |r: Result<String, ca::Error>| match r {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-agent ca: error: {e}");
+            ExitCode::from(EX_USAGE)
+        }
+    };
+    match command {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            validity,
+        } => done(ca::signer::init(&dir, &trust_domain, validity).map(|_| {
+            format!(
+                "created a root CA for trust domain {trust_domain} in {}",
+                dir.display()
+            )
+        })),
+        CaCommand::Join {
+            dir,
+            trust_domain,
+            node,
+            out,
+            ttl,
+        } => done((|| {
+            let s = ca::signer::Signer::load(&dir, &trust_domain)?;
+            let (chain, key) = s.issue(
+                &SpiffeId::node(&trust_domain, &node),
+                ca::signer::Usage::Node,
+                ttl,
+                false,
+            )?;
+            let (crt, k) = ca::signer::write_credential(&out, &node, &chain, &key, s.bundle())?;
+            Ok(format!(
+                "node credential for {node}: {} and {}",
+                crt.display(),
+                k.display()
+            ))
+        })()),
+        CaCommand::Issue {
+            dir,
+            trust_domain,
+            identity,
+            out,
+            name,
+            ttl,
+            expired,
+        } => done((|| {
+            let s = ca::signer::Signer::load(&dir, &trust_domain)?;
+            let id: SpiffeId = identity.parse()?;
+            let (chain, key) = s.issue(&id, ca::signer::Usage::Workload, ttl, expired)?;
+            let (crt, k) = ca::signer::write_credential(&out, &name, &chain, &key, s.bundle())?;
+            Ok(format!(
+                "certificate for {id}: {} and {}",
+                crt.display(),
+                k.display()
+            ))
+        })()),
+        CaCommand::Run(cfg) => {
+            if let Err(e) = telemetry::logging::init(&cfg.log_level, cfg.log_format) {
+                eprintln!("mesh-agent ca: invalid configuration: --log-level: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+            let rt = match runtime(None) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(ca::server::run(*cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mesh-agent ca: error: {e}");
+                    ExitCode::from(69)
+                }
+            }
         }
     }
 }

@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ebpf::{self, Loaded, Maps, PodLinks},
+    identity::SpiffeId,
     netns::{self, Netns},
-    proxy::{self, PodContext, ProxyContext, inbound, outbound, socket},
+    proxy::{self, PodContext, ProxyContext, hbone, inbound, outbound, socket},
     sys,
     workload::{Workload, WorkloadKey},
 };
@@ -62,6 +63,7 @@ pub enum Error {
 pub struct EnrolledPod {
     pub workload: Arc<Workload>,
     netns_cookie: u64,
+    identity: Option<SpiffeId>,
     listening: Vec<SocketAddr>,
     links: PodLinks,
     stop: CancellationToken,
@@ -75,6 +77,8 @@ pub struct PodDump {
     #[serde(flatten)]
     pub workload: Workload,
     pub netns_cookie: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<SpiffeId>,
     pub listeners: Vec<SocketAddr>,
     pub links: Vec<PathBuf>,
 }
@@ -159,10 +163,15 @@ pub fn enrol(
     };
 
     let stop = CancellationToken::new();
+    let identity = ctx
+        .identities
+        .as_ref()
+        .map(|i| workload.identity(i.trust_domain()));
     let pod = Arc::new(PodContext {
         workload: workload.clone(),
         netns: Arc::new(netns),
         netns_cookie: listeners.netns_cookie,
+        identity: identity.clone(),
     });
     let tokio_listener = |l: std::net::TcpListener| tokio::net::TcpListener::from_std(l);
     let start = || -> std::io::Result<()> {
@@ -183,7 +192,12 @@ pub fn enrol(
             ));
         }
         for l in listeners.hbone {
-            tokio::spawn(inbound::serve_reserved(tokio_listener(l)?, stop.clone()));
+            tokio::spawn(hbone::serve(
+                tokio_listener(l)?,
+                pod.clone(),
+                ctx.clone(),
+                stop.clone(),
+            ));
         }
         Ok(())
     };
@@ -196,11 +210,15 @@ pub fn enrol(
             source: e.into(),
         });
     }
-    ctx.workloads.insert(&workload);
-    tracing::info!(pod = %key, netns_cookie = pod.netns_cookie, "enrolled");
+    if let (Some(identities), Some(id)) = (&ctx.identities, &identity) {
+        identities.acquire(id);
+    }
+    ctx.workloads.insert_local(&pod);
+    tracing::info!(pod = %key, netns_cookie = pod.netns_cookie, identity = ?identity.as_ref().map(ToString::to_string), "enrolled");
     Ok(EnrolledPod {
         workload,
         netns_cookie: pod.netns_cookie,
+        identity,
         listening,
         links,
         stop,
@@ -219,7 +237,10 @@ impl EnrolledPod {
         for ip in &self.workload.ips {
             self.maps.remove_inbound(*ip);
         }
-        ctx.workloads.remove(&self.workload);
+        ctx.workloads.remove_local(&self.workload);
+        if let (Some(identities), Some(id)) = (&ctx.identities, &self.identity) {
+            identities.release(id);
+        }
         tracing::info!(pod = %key, "removed");
     }
 
@@ -234,6 +255,7 @@ impl EnrolledPod {
         PodDump {
             workload: (*self.workload).clone(),
             netns_cookie: self.netns_cookie,
+            identity: self.identity.clone(),
             listeners: self.listening.clone(),
             links: self.links.paths(),
         }

@@ -3,8 +3,10 @@
 //! → app).
 
 pub mod copy;
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod socket;
 
 use std::{
@@ -17,7 +19,13 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::Config, ebpf::Maps, netns::Netns, telemetry::metrics::Metrics, workload::Workload,
+    config::Config,
+    ebpf::Maps,
+    identity::{IdentityManager, SpiffeId},
+    netns::Netns,
+    policy::PeerAuthentications,
+    telemetry::metrics::Metrics,
+    workload::Workload,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +62,25 @@ pub enum Error {
         addr: IpAddr,
         pod: String,
     },
+    #[error("mTLS handshake with {peer} refused ({reason}): {detail}")]
+    Tls {
+        peer: SocketAddr,
+        reason: &'static str,
+        detail: String,
+    },
+    #[error("HBONE to {dst}: {reason}")]
+    Hbone { dst: SocketAddr, reason: String },
+    #[error("HBONE: HTTP/2 handshake failed: {0}")]
+    HboneHandshake(String),
+    #[error("HBONE to {dst}: the destination answered {status}")]
+    HboneRefused {
+        dst: SocketAddr,
+        status: hyper::StatusCode,
+    },
+    #[error("plaintext to port {port} refused: PeerAuthentication is STRICT for {pod}")]
+    PlaintextRefused { port: u16, pod: String },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::Error),
     #[error(transparent)]
     Netns(#[from] crate::netns::Error),
     #[error("{0}")]
@@ -69,6 +96,11 @@ impl Error {
             Error::ConnectTimeout { .. } => "connect_timeout",
             Error::Connect { .. } => "connect_failed",
             Error::Socket { .. } | Error::PortInUse { .. } | Error::Netns(_) => "socket",
+            Error::Tls { .. } => "tls_handshake",
+            Error::Hbone { .. } | Error::HboneHandshake(_) => "hbone",
+            Error::HboneRefused { .. } => "hbone_refused",
+            Error::PlaintextRefused { .. } => "plaintext_refused",
+            Error::Identity(_) => "no_certificate",
             Error::Io(_) => "io",
         }
     }
@@ -80,6 +112,11 @@ pub struct ProxyContext {
     pub maps: Arc<Maps>,
     pub metrics: Arc<Metrics>,
     pub workloads: WorkloadIndex,
+    /// Workload certificates; `None` when no CA is configured (no mTLS).
+    pub identities: Option<Arc<IdentityManager>>,
+    /// HBONE client connections (with `identities`).
+    pub pool: Option<Arc<pool::Pool>>,
+    pub peer_auth: RwLock<Arc<PeerAuthentications>>,
     /// Tracks connection tasks, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
     /// Cancelled when the drain period is over: open connections are cut.
@@ -101,26 +138,50 @@ pub struct PodContext {
     pub workload: Arc<Workload>,
     pub netns: Arc<Netns>,
     pub netns_cookie: u64,
+    /// Its SPIFFE ID, when mTLS is on.
+    pub identity: Option<SpiffeId>,
 }
 
-/// Workloads on this node by address, for metric labels and loop checks.
+/// Every meshed workload by address (the registry, all nodes), and the pods
+/// enrolled on this node.
 #[derive(Default)]
-pub struct WorkloadIndex(RwLock<HashMap<IpAddr, Arc<Workload>>>);
+pub struct WorkloadIndex {
+    all: RwLock<HashMap<IpAddr, Arc<Workload>>>,
+    local: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
+}
 
 impl WorkloadIndex {
+    /// The meshed workload at `ip`, on any node.
     pub fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.0.read().expect("index lock").get(&ip).cloned()
+        self.all.read().expect("index lock").get(&ip).cloned()
     }
 
-    pub fn insert(&self, w: &Arc<Workload>) {
-        let mut m = self.0.write().expect("index lock");
-        for ip in &w.ips {
-            m.insert(*ip, w.clone());
+    /// The pod enrolled on this node at `ip`.
+    pub fn local(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
+        self.local.read().expect("index lock").get(&ip).cloned()
+    }
+
+    /// Replaces the registry.
+    pub fn set_registry(&self, workloads: &[Workload]) {
+        let mut m = HashMap::new();
+        for w in workloads {
+            let w = Arc::new(w.clone());
+            for ip in &w.ips {
+                m.insert(*ip, w.clone());
+            }
+        }
+        *self.all.write().expect("index lock") = m;
+    }
+
+    pub fn insert_local(&self, pod: &Arc<PodContext>) {
+        let mut m = self.local.write().expect("index lock");
+        for ip in &pod.workload.ips {
+            m.insert(*ip, pod.clone());
         }
     }
 
-    pub fn remove(&self, w: &Workload) {
-        let mut m = self.0.write().expect("index lock");
+    pub fn remove_local(&self, w: &Workload) {
+        let mut m = self.local.write().expect("index lock");
         for ip in &w.ips {
             m.remove(ip);
         }

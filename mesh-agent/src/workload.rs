@@ -62,6 +62,12 @@ pub struct Workload {
     pub cgroup: PathBuf,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The node the pod is scheduled on. Agents enrol the pods of their own
+    /// node and use the others to reach them over HBONE; the CA issues a
+    /// node certificates only for its pods. Absent means "this node" (a
+    /// single-node registry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Kubernetes UID, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
@@ -177,6 +183,9 @@ fn validate(path: &Path, ws: &[Workload]) -> Result<(), Error> {
         check_dns_label(&w.name).map_err(|r| bad("name", r))?;
         check_dns_label(&w.namespace).map_err(|r| bad("namespace", r))?;
         check_dns_subdomain(&w.service_account).map_err(|r| bad("serviceAccount", r))?;
+        if let Some(n) = &w.node {
+            check_dns_subdomain(n).map_err(|r| bad("node", r))?;
+        }
         if let Some(first) = keys.insert(w.key(), index) {
             return Err(bad("name", format!("duplicate of workloads[{first}]")));
         }
@@ -235,42 +244,24 @@ fn check_dns_subdomain(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Watches the workload file by content: returns a new registry only when
-/// the bytes changed, so an editor touching the file does not churn pods.
-#[derive(Debug)]
-pub struct FileWatch {
-    path: PathBuf,
-    last: Option<Vec<u8>>,
+/// Parses a workload source read by [`crate::watch`] (one file).
+pub fn parse_snapshot(snapshot: &crate::watch::Snapshot) -> Result<Vec<Workload>, Error> {
+    let mut all = Vec::new();
+    for (path, text) in snapshot {
+        all.extend(parse(path, text)?);
+    }
+    Ok(all)
 }
 
-impl FileWatch {
-    /// Starts watching `path`, whose current content `initial` was loaded.
-    pub fn new(path: PathBuf, initial: Vec<u8>) -> Self {
-        Self {
-            path,
-            last: Some(initial),
-        }
+impl Workload {
+    /// Whether this pod runs on `node` (no node named means this one).
+    pub fn is_on(&self, node: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node)
     }
 
-    /// `None` when unchanged; otherwise the new registry or why it was rejected.
-    pub fn poll(&mut self) -> Option<Result<Vec<Workload>, Error>> {
-        let text = match std::fs::read(&self.path) {
-            Ok(t) => t,
-            Err(source) => {
-                // Report a vanished file once, then wait for it to come back.
-                return self.last.take().map(|_| {
-                    Err(Error::Read {
-                        path: self.path.clone(),
-                        source,
-                    })
-                });
-            }
-        };
-        if self.last.as_deref() == Some(&text[..]) {
-            return None;
-        }
-        self.last = Some(text);
-        self.last.as_deref().map(|t| parse(&self.path, t))
+    /// The pod's SPIFFE identity in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> crate::identity::SpiffeId {
+        crate::identity::SpiffeId::workload(trust_domain, &self.namespace, &self.service_account)
     }
 }
 
@@ -292,6 +283,7 @@ workloads:
     ips: [10.10.0.3]
     netns: /run/netns/server
     cgroup: /sys/fs/cgroup/unified/t/server
+    node: node-b
 "#;
 
     fn p(s: &str) -> Result<Vec<Workload>, String> {
@@ -309,6 +301,15 @@ workloads:
         assert_eq!(ws[1].canonical_service(), "server");
         assert_eq!(ws[1].canonical_revision(), "latest");
         assert_eq!(ws[1].app(), "unknown");
+        assert!(
+            ws[0].is_on("node-a") && ws[0].is_on("node-b"),
+            "no node: this one"
+        );
+        assert!(ws[1].is_on("node-b") && !ws[1].is_on("node-a"));
+        assert_eq!(
+            ws[0].identity("td").to_string(),
+            "spiffe://td/ns/default/sa/sleep"
+        );
     }
 
     #[test]
@@ -355,21 +356,5 @@ workloads:
             .replace("namespace: demo", "namespace: default")
             .replace("name: server", "name: client");
         assert!(p(&dup).unwrap_err().contains("duplicate of workloads[0]"));
-    }
-
-    #[test]
-    fn watch_reports_changes_only() {
-        let dir = std::env::temp_dir().join(format!("mesh-wl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("w.yaml");
-        std::fs::write(&f, GOOD).unwrap();
-        let mut w = FileWatch::new(f.clone(), GOOD.as_bytes().to_vec());
-        assert!(w.poll().is_none());
-        std::fs::write(&f, "workloads: [").unwrap();
-        assert!(w.poll().unwrap().is_err());
-        assert!(w.poll().is_none(), "a rejected version is reported once");
-        std::fs::write(&f, "workloads: []").unwrap();
-        assert_eq!(w.poll().unwrap().unwrap(), vec![]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

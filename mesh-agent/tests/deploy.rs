@@ -48,7 +48,9 @@ fn daemonset_arguments_are_accepted_by_the_agent() {
         .collect();
     let cli = Cli::try_parse_from(std::iter::once("mesh-agent").chain(args.iter().copied()))
         .unwrap_or_else(|e| panic!("the DaemonSet's args are not valid: {e}"));
-    let Command::Run(config) = cli.command;
+    let Command::Run(config) = cli.command else {
+        panic!("not a run command")
+    };
     config.validate().expect("valid settings");
     assert!(
         config.keep_pins,

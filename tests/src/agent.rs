@@ -65,7 +65,14 @@ fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOpti
         .arg(workloads)
         .arg("--bpffs-dir")
         .arg(opts.pin_dir.as_ref().unwrap_or(&env.bpffs))
-        .args(["--workload-poll-interval", "100ms", "--drain-timeout", "1s"])
+        .args([
+            "--workload-poll-interval",
+            "100ms",
+            "--drain-timeout",
+            "1s",
+            "--node-name",
+            &node.name,
+        ])
         .args(["--log-level", opts.log.as_deref().unwrap_or("info")])
         .args(&opts.args);
     c

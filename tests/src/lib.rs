@@ -8,6 +8,7 @@
 //! Leftovers of killed runs (owner PID gone) are swept on the next start.
 
 pub mod agent;
+pub mod ca;
 pub mod env;
 pub mod pod;
 pub mod sys;

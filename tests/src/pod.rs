@@ -25,6 +25,8 @@ use crate::{env::Env, sys};
 /// A simulated node: a netns with bridge `br0`.
 #[derive(Clone)]
 pub struct Node {
+    /// The node's name (`--node-name`, and `node:` of its pods).
+    pub name: String,
     pub netns: String,
     /// Third octet of this node's pod subnet (`10.10.<index>.0/24`).
     pub index: u8,
@@ -42,6 +44,8 @@ pub struct Pod {
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
     pub labels: Vec<(String, String)>,
+    /// The node it runs on.
+    pub node: String,
 }
 
 impl Env {
@@ -56,6 +60,7 @@ impl Env {
         ));
         sys::ip(&format!("-n {ns} link set br0 up"));
         Node {
+            name: short.into(),
             netns: ns,
             index,
             next_host: Arc::new(AtomicU8::new(2)),
@@ -77,6 +82,7 @@ impl Env {
         sys::ip(&format!("-n {ns} -6 addr add {ip6}/64 dev eth0 nodad"));
         sys::ip(&format!("-n {ns} link set eth0 up"));
         sys::ip(&format!("-n {ns} route add default via 10.10.{i}.1"));
+        sys::ip(&format!("-n {ns} -6 route add default via fd10:0:0:{i}::1"));
         let cgroup = self.cgroup.join(short);
         std::fs::create_dir_all(&cgroup)
             .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
@@ -89,9 +95,61 @@ impl Env {
             ip4,
             ip6,
             labels: vec![("app".into(), short.into())],
+            node: node.name.clone(),
         }
     }
 }
+
+impl Env {
+    /// Joins `nodes` through a fabric (a netns with a bridge, like a
+    /// top-of-rack switch) so their pods reach each other: node k is
+    /// 10.255.0.k / fd10:ff::k on it, with routes to the other nodes' pod
+    /// subnets. Returns the fabric's netns, where a control plane (the CA)
+    /// can run at [`FABRIC_ADDR`].
+    pub fn connect_nodes(&self, nodes: &[&Node]) -> String {
+        let fab = self.add_netns("fabric");
+        sys::ip(&format!("-n {fab} link add br0 type bridge"));
+        sys::ip(&format!("-n {fab} addr add {FABRIC_ADDR}/24 dev br0"));
+        sys::ip(&format!(
+            "-n {fab} -6 addr add fd10:ff::fe/64 dev br0 nodad"
+        ));
+        sys::ip(&format!("-n {fab} link set br0 up"));
+        for n in nodes {
+            let (ns, k) = (&n.netns, n.index);
+            sys::ip(&format!(
+                "-n {fab} link add n{k} type veth peer name up0 netns {ns}"
+            ));
+            sys::ip(&format!("-n {fab} link set n{k} master br0 up"));
+            sys::ip(&format!("-n {ns} addr add 10.255.0.{k}/24 dev up0"));
+            sys::ip(&format!(
+                "-n {ns} -6 addr add fd10:ff::{k:x}/64 dev up0 nodad"
+            ));
+            sys::ip(&format!("-n {ns} link set up0 up"));
+            for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+                sys::run(
+                    Command::new("nsenter")
+                        .arg(format!("--net=/run/netns/{ns}"))
+                        .args(["sysctl", "-qw", key]),
+                );
+            }
+        }
+        for n in nodes {
+            for other in nodes.iter().filter(|o| o.index != n.index) {
+                let (ns, j) = (&n.netns, other.index);
+                sys::ip(&format!(
+                    "-n {ns} route add 10.10.{j}.0/24 via 10.255.0.{j}"
+                ));
+                sys::ip(&format!(
+                    "-n {ns} -6 route add fd10:0:0:{j}::/64 via fd10:ff::{j:x}"
+                ));
+            }
+        }
+        fab
+    }
+}
+
+/// The fabric's own address (see [`Env::connect_nodes`]).
+pub const FABRIC_ADDR: &str = "10.255.0.254";
 
 impl Pod {
     pub fn netns_path(&self) -> PathBuf {
@@ -123,6 +181,7 @@ impl Pod {
             "netns": self.netns_path(),
             "cgroup": self.cgroup,
             "labels": labels,
+            "node": self.node,
         })
     }
 

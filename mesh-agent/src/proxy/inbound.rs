@@ -38,6 +38,20 @@ async fn handle(
     ctx: &ProxyContext,
 ) -> Result<(), Error> {
     let pod_name = pod.workload.key().to_string();
+    // PeerAuthentication decides whether plaintext may come in at all.
+    let port = stream.local_addr()?.port();
+    let mode = ctx
+        .peer_auth
+        .read()
+        .expect("policy lock")
+        .mode_for(&pod.workload, port);
+    if !mode.allows_plaintext() {
+        socket::reset(&stream);
+        return Err(Error::PlaintextRefused {
+            port,
+            pod: pod_name,
+        });
+    }
     let (dst, upstream) = match connect_app(&stream, pod, &pod_name, ctx).await {
         Ok(x) => x,
         Err(e) => {
@@ -55,6 +69,8 @@ async fn handle(
         destination_addr: dst,
         cluster: &ctx.config.cluster_id,
         security_policy: "none",
+        source_principal: None,
+        destination_principal: None,
     });
     tracing::debug!(pod = %pod_name, %peer, %dst, "inbound: proxying");
     let r = copy::relay(

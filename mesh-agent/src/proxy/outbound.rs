@@ -1,14 +1,27 @@
 //! Outbound: connections the capture programs sent to `127.0.0.1:15001`
-//! inside a pod are carried to where the application meant them to go, from
-//! inside the same pod so the source address stays the pod's.
+//! inside a pod are carried to where the application meant them to go,
+//! from inside the same pod so the source address stays the pod's. A
+//! meshed destination is reached over HBONE (mutual TLS); anything else
+//! directly.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
 use tokio_util::sync::CancellationToken;
 
-use super::{Error, PodContext, ProxyContext, copy, socket};
-use crate::telemetry::metrics::{ConnLabels, Reporter};
+use super::{Error, PodContext, ProxyContext, copy, pool::PoolKey, socket};
+use crate::{
+    identity::{CertFor, SpiffeId},
+    telemetry::metrics::{ConnLabels, Reporter},
+    tls::{self, SpiffeServerVerifier},
+    workload::Workload,
+};
+
+/// How long a new pod's first connection may wait for its certificate.
+const CERT_WAIT: Duration = Duration::from_secs(10);
 
 /// Accepts on one outbound listener until `stop` is cancelled.
 pub async fn serve(
@@ -35,49 +48,71 @@ async fn handle(
     pod: &PodContext,
     ctx: &ProxyContext,
 ) -> Result<(), Error> {
-    let pod_name = pod.workload.key().to_string();
-    let (dst, upstream) = match connect_upstream(&stream, peer, pod, &pod_name, ctx).await {
-        Ok(x) => x,
-        Err(e) => {
-            // The application sees a refusal, as it would without the mesh.
-            socket::reset(&stream);
-            return Err(e);
-        }
+    let dst = match original_destination(&stream, peer, pod, ctx) {
+        Ok(d) => d,
+        Err(e) => return refuse(&stream, e),
     };
     stream.set_nodelay(true)?;
-    let dst_workload = ctx.workloads.by_ip(dst.ip());
-    let m = ctx.metrics.connection_opened(&ConnLabels {
-        reporter: Reporter::Source,
-        source: Some(&pod.workload),
-        destination: dst_workload.as_deref(),
-        destination_addr: dst,
-        cluster: &ctx.config.cluster_id,
-        security_policy: "unknown",
-    });
-    tracing::debug!(pod = %pod_name, %peer, %dst, "outbound: proxying");
-    let r = copy::relay(
-        stream,
-        upstream,
-        m.received.clone(),
-        m.sent.clone(),
-        ctx.config.buffer_size,
-    )
-    .await;
-    match r {
-        Ok((up, down)) => tracing::debug!(pod = %pod_name, %dst, up, down, "outbound: closed"),
-        Err(e) => tracing::debug!(pod = %pod_name, %dst, "outbound: closed with {e}"),
+    let meshed = ctx.workloads.by_ip(dst.ip());
+    match (&ctx.identities, &pod.identity, meshed) {
+        (Some(_), Some(src_id), Some(w)) => {
+            let dst_id = w.identity(src_id.trust_domain());
+            let tunnel = match open_tunnel(pod, ctx, dst, &w, &dst_id, src_id).await {
+                Ok(t) => t,
+                Err(e) => return refuse(&stream, e),
+            };
+            let (sp, dp) = (src_id.to_string(), dst_id.to_string());
+            let labels = ConnLabels {
+                reporter: Reporter::Source,
+                source: Some(&pod.workload),
+                destination: Some(&w),
+                destination_addr: dst,
+                cluster: &ctx.config.cluster_id,
+                security_policy: "mutual_tls",
+                source_principal: Some(&sp),
+                destination_principal: Some(&dp),
+            };
+            carry(stream, tunnel, &labels, pod, ctx).await;
+        }
+        (_, _, meshed) => {
+            let pod_name = pod.workload.key().to_string();
+            let upstream =
+                match socket::connect(&pod.netns, &pod_name, dst, socket::Source::Pod, &ctx.config)
+                    .await
+                {
+                    Ok(u) => u,
+                    Err(e) => return refuse(&stream, e),
+                };
+            let labels = ConnLabels {
+                reporter: Reporter::Source,
+                source: Some(&pod.workload),
+                destination: meshed.as_deref(),
+                destination_addr: dst,
+                cluster: &ctx.config.cluster_id,
+                security_policy: "unknown",
+                source_principal: None,
+                destination_principal: None,
+            };
+            carry(stream, upstream, &labels, pod, ctx).await;
+        }
     }
     Ok(())
 }
 
-/// Finds where the application was going and connects there from the pod.
-async fn connect_upstream(
+/// Resets the application's connection, as a refused connect would without
+/// the mesh, and reports why.
+fn refuse(stream: &TcpStream, e: Error) -> Result<(), Error> {
+    socket::reset(stream);
+    Err(e)
+}
+
+/// Where the application was going, from the capture maps.
+fn original_destination(
     stream: &TcpStream,
     peer: SocketAddr,
     pod: &PodContext,
-    pod_name: &str,
     ctx: &ProxyContext,
-) -> Result<(SocketAddr, TcpStream), Error> {
+) -> Result<SocketAddr, Error> {
     let local = stream.local_addr()?;
     let dst = ctx
         .maps
@@ -86,7 +121,95 @@ async fn connect_upstream(
     if ctx.is_own_listener(dst) {
         return Err(Error::Loop { dst });
     }
-    let upstream =
-        socket::connect(&pod.netns, pod_name, dst, socket::Source::Pod, &ctx.config).await?;
-    Ok((dst, upstream))
+    Ok(dst)
+}
+
+/// A CONNECT stream to `dst` over the pooled mTLS connection to the
+/// destination pod's node.
+async fn open_tunnel(
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    dst: SocketAddr,
+    w: &Workload,
+    dst_id: &SpiffeId,
+    src_id: &SpiffeId,
+) -> Result<super::pool::Tunnel, Error> {
+    let (identities, pool) = match (&ctx.identities, &ctx.pool) {
+        (Some(i), Some(p)) => (i.clone(), p.clone()),
+        _ => unreachable!("HBONE is only chosen with identities"),
+    };
+    identities.wait(src_id, CERT_WAIT).await?;
+    let via = SocketAddr::new(dst.ip(), ctx.config.hbone_port);
+    let verifier = Arc::new(SpiffeServerVerifier::new(
+        identities.bundle(),
+        dst_id.clone(),
+    ));
+    let client_cert = Arc::new(CertFor {
+        manager: identities,
+        identity: src_id.clone(),
+    });
+    let tls_config = Arc::new(
+        tls::client_config(verifier, client_cert, &[tls::ALPN_H2]).map_err(|e| Error::Hbone {
+            dst,
+            reason: e.to_string(),
+        })?,
+    );
+    let key = PoolKey {
+        source: pod.workload.key(),
+        destination_node: w
+            .node
+            .clone()
+            .unwrap_or_else(|| ctx.config.node_name.clone()),
+        destination_identity: dst_id.clone(),
+    };
+    let pod_name = pod.workload.key().to_string();
+    pool.open(key, dst, || {
+        let (tls_config, pod_name) = (tls_config.clone(), pod_name.clone());
+        async move {
+            let tcp = socket::connect(&pod.netns, &pod_name, via, socket::Source::Pod, &ctx.config)
+                .await?;
+            let name = rustls::pki_types::ServerName::IpAddress(via.ip().into());
+            tokio_rustls::TlsConnector::from(tls_config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| {
+                    let reason = tls::failure_reason(&e);
+                    ctx.metrics.tls_failure(Reporter::Source, reason);
+                    Error::Tls {
+                        peer: via,
+                        reason,
+                        detail: e.to_string(),
+                    }
+                })
+        }
+    })
+    .await
+}
+
+/// Relays the application's connection and `upstream`, counting into the
+/// connection's metrics.
+async fn carry<U>(
+    stream: TcpStream,
+    upstream: U,
+    labels: &ConnLabels<'_>,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+) where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let m = ctx.metrics.connection_opened(labels);
+    let (pod_name, dst) = (pod.workload.key(), labels.destination_addr);
+    tracing::debug!(pod = %pod_name, %dst, mtls = labels.security_policy == "mutual_tls", "outbound: proxying");
+    match copy::relay(
+        stream,
+        upstream,
+        m.received.clone(),
+        m.sent.clone(),
+        ctx.config.buffer_size,
+    )
+    .await
+    {
+        Ok((up, down)) => tracing::debug!(pod = %pod_name, %dst, up, down, "outbound: closed"),
+        Err(e) => tracing::debug!(pod = %pod_name, %dst, "outbound: closed with {e}"),
+    }
 }

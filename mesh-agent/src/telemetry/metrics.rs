@@ -58,6 +58,9 @@ pub struct ConnLabels<'a> {
     pub cluster: &'a str,
     /// `mutual_tls`, `none` (plaintext, inbound) or `unknown`.
     pub security_policy: &'static str,
+    /// SPIFFE IDs, when mutual TLS proved (or is expected to prove) them.
+    pub source_principal: Option<&'a str>,
+    pub destination_principal: Option<&'a str>,
 }
 
 impl ConnLabels<'_> {
@@ -81,7 +84,7 @@ impl ConnLabels<'_> {
             w(s, Workload::canonical_service),
             w(s, Workload::canonical_revision),
             w(s, |w| &w.namespace),
-            "unknown".into(), // principals come with mTLS
+            self.source_principal.unwrap_or("unknown").into(),
             w(s, Workload::app),
             w(s, Workload::version),
             cluster(s),
@@ -99,7 +102,7 @@ impl ConnLabels<'_> {
             w(d, Workload::canonical_service),
             w(d, Workload::canonical_revision),
             w(d, |w| &w.namespace),
-            "unknown".into(),
+            self.destination_principal.unwrap_or("unknown").into(),
             w(d, Workload::app),
             w(d, Workload::version),
             cluster(d),
@@ -121,6 +124,10 @@ pub struct Metrics {
     proxy_errors: IntCounterVec,
     workloads: IntGauge,
     workload_reloads: IntCounterVec,
+    tls_failures: IntCounterVec,
+    cert_requests: IntCounterVec,
+    config_rejected: IntCounterVec,
+    hbone_connections: IntGauge,
 }
 
 /// The live counters of one connection; dropping it records the close.
@@ -201,6 +208,32 @@ impl Metrics {
                 "Changes of the workload file, applied or rejected.",
                 &["result"],
             )?,
+            tls_failures: counter_vec(
+                &registry,
+                "mesh_tls_handshake_failures_total",
+                "mTLS handshakes refused, by side and reason (unknown_ca, expired, wrong_identity, wrong_trust_domain, no_client_certificate, ...).",
+                &["direction", "reason"],
+            )?,
+            cert_requests: counter_vec(
+                &registry,
+                "mesh_certificate_requests_total",
+                "Workload certificate requests to the CA, by result.",
+                &["result"],
+            )?,
+            config_rejected: counter_vec(
+                &registry,
+                "mesh_config_rejected_total",
+                "Configuration updates rejected (the previous configuration kept serving), by source.",
+                &["source"],
+            )?,
+            hbone_connections: {
+                let g = IntGauge::new(
+                    "mesh_hbone_pooled_connections",
+                    "HBONE connections in the client pool.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             active,
             workloads,
             registry,
@@ -234,6 +267,25 @@ impl Metrics {
         self.proxy_errors
             .with_label_values(&[direction(reporter), reason])
             .inc();
+    }
+
+    /// Counts a refused mTLS handshake.
+    pub fn tls_failure(&self, reporter: Reporter, reason: &str) {
+        self.tls_failures
+            .with_label_values(&[direction(reporter), reason])
+            .inc();
+    }
+
+    pub fn certificate_request(&self, result: &str) {
+        self.cert_requests.with_label_values(&[result]).inc();
+    }
+
+    pub fn config_rejected(&self, source: &str) {
+        self.config_rejected.with_label_values(&[source]).inc();
+    }
+
+    pub fn set_hbone_connections(&self, n: usize) {
+        self.hbone_connections.set(n as i64);
     }
 
     pub fn set_workloads(&self, n: usize) {
@@ -387,6 +439,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            node: None,
             uid: None,
         }
     }
@@ -402,6 +455,8 @@ mod tests {
             destination_addr: "192.0.2.9:80".parse().unwrap(),
             cluster: "Kubernetes",
             security_policy: "unknown",
+            source_principal: None,
+            destination_principal: None,
         });
         c.received.inc_by(5);
         c.sent.inc_by(7);

@@ -11,7 +11,14 @@
 //! mesh-testapp listen ADDR             bind and listen, then wait (holds a port)
 //! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
+//! mesh-testapp chatter ADDR SECS       one connection, a round trip every 100 ms for SECS
+//! mesh-testapp hbone-connect CERT KEY TARGET AUTHORITY PAYLOAD   (CERT/KEY "-" for none)
+//! mesh-testapp hbone-serve CERT KEY ADDR
+//! mesh-testapp fake-kube ADDR TOKEN=NODE...
 //! ```
+
+mod hbone;
+mod kube;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -43,10 +50,50 @@ fn main() -> Result<()> {
             std::thread::park();
             Ok(())
         }
+        ["chatter", addr, secs] => chatter(addr, secs.parse()?),
+        ["hbone-connect", cert, key, target, authority, payload] => {
+            tokio_main(hbone::connect(cert, key, target, authority, payload))
+        }
+        ["hbone-serve", cert, key, addr] => tokio_main(hbone::serve(cert, key, addr)),
+        ["fake-kube", addr, table @ ..] => tokio_main(kube::serve(addr, table)),
         ["get", url] => request("GET", url),
         ["post", url] => request("POST", url),
         _ => bail!("usage: see the comment at the top of mesh-testapp.rs"),
     }
+}
+
+fn tokio_main<F: Future<Output = Result<()>>>(f: F) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+/// One long-lived connection doing a round trip every 100 ms: proves a
+/// connection survives what happens meanwhile (certificate renewals).
+fn chatter(addr: &str, secs: u64) -> Result<()> {
+    let mut s = dial(addr)?;
+    println!(
+        "{}",
+        json!({"event": "connected", "local": s.local_addr()?.to_string()})
+    );
+    std::io::stdout().flush()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut rounds = 0u64;
+    while std::time::Instant::now() < deadline {
+        let msg = format!("round {rounds}\n");
+        s.write_all(msg.as_bytes())?;
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf)
+            .with_context(|| format!("round {rounds}"))?;
+        if buf != msg.as_bytes() {
+            bail!("round {rounds}: echo mismatch");
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("{}", json!({"event": "done", "rounds": rounds}));
+    Ok(())
 }
 
 fn serve(addrs: &[&str], http_name: Option<String>) -> Result<()> {

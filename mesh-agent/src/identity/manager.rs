@@ -1,0 +1,305 @@
+//! Certificates for the identities of the pods on this node: a key made
+//! here and never written anywhere, a CSR to the CA, renewal at half-life
+//! (a new key each time). New handshakes pick up the new certificate; open
+//! connections keep theirs, so renewal never drops a connection.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant, SystemTime},
+};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use rustls::{pki_types::PrivateKeyDer, sign::CertifiedKey};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::{Error, SpiffeId, ca_client::CaClient};
+use crate::{
+    telemetry::metrics::Metrics,
+    tls::{self, CertInfo, SharedBundle},
+};
+
+/// The certificate in use for one identity.
+pub struct Issued {
+    pub key: Arc<CertifiedKey>,
+    pub info: CertInfo,
+}
+
+struct Entry {
+    /// Pods on this node with this identity.
+    users: usize,
+    current: watch::Receiver<Option<Arc<Issued>>>,
+    last_error: Arc<Mutex<Option<String>>>,
+    task: tokio::task::AbortHandle,
+}
+
+/// Holds the node's workload certificates.
+pub struct IdentityManager {
+    trust_domain: String,
+    ca: CaClient,
+    bundle: Arc<SharedBundle>,
+    ttl: Duration,
+    entries: Mutex<HashMap<SpiffeId, Entry>>,
+    metrics: Arc<Metrics>,
+}
+
+/// What `/config_dump` shows: certificates (never keys) and trusted roots.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertDump {
+    pub certificates: Vec<CertState>,
+    pub trust_bundle: Vec<CertInfo>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertState {
+    pub identity: String,
+    pub pods: usize,
+    #[serde(flatten)]
+    pub cert: Option<CertInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl IdentityManager {
+    pub fn new(
+        trust_domain: &str,
+        ca: CaClient,
+        bundle: Arc<SharedBundle>,
+        ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            trust_domain: trust_domain.into(),
+            ca,
+            bundle,
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn bundle(&self) -> Arc<SharedBundle> {
+        self.bundle.clone()
+    }
+
+    /// A pod with identity `id` arrived: make sure a certificate is (being) fetched.
+    pub fn acquire(self: &Arc<Self>, id: &SpiffeId) {
+        let mut entries = self.entries.lock().expect("identity lock");
+        if let Some(e) = entries.get_mut(id) {
+            e.users += 1;
+            return;
+        }
+        let (tx, rx) = watch::channel(None);
+        let last_error = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(keep_fresh(
+            Arc::downgrade(self),
+            id.clone(),
+            tx,
+            last_error.clone(),
+        ))
+        .abort_handle();
+        entries.insert(
+            id.clone(),
+            Entry {
+                users: 1,
+                current: rx,
+                last_error,
+                task,
+            },
+        );
+    }
+
+    /// A pod with identity `id` left; the last one drops the certificate.
+    pub fn release(&self, id: &SpiffeId) {
+        let mut entries = self.entries.lock().expect("identity lock");
+        if let Some(e) = entries.get_mut(id) {
+            e.users -= 1;
+            if e.users == 0 {
+                e.task.abort();
+                entries.remove(id);
+            }
+        }
+    }
+
+    /// The certificate to present for `id` now, if there is one.
+    pub fn current(&self, id: &SpiffeId) -> Option<Arc<CertifiedKey>> {
+        let entries = self.entries.lock().expect("identity lock");
+        let issued = entries.get(id)?.current.borrow().clone()?;
+        Some(issued.key.clone())
+    }
+
+    /// Waits (at most `timeout`) for the first certificate of `id`.
+    pub async fn wait(&self, id: &SpiffeId, timeout: Duration) -> Result<Arc<CertifiedKey>, Error> {
+        let not_ready = || Error::NotReady {
+            identity: id.to_string(),
+            waited: timeout,
+            ca: self.ca.addr().into(),
+        };
+        let mut rx = {
+            let entries = self.entries.lock().expect("identity lock");
+            entries.get(id).ok_or_else(not_ready)?.current.clone()
+        };
+        let issued = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+            .await
+            .map_err(|_| not_ready())?
+            .map_err(|_| not_ready())?
+            .clone()
+            .ok_or_else(not_ready)?;
+        Ok(issued.key.clone())
+    }
+
+    /// Re-reads the trust bundle from the CA every `every` (new roots during
+    /// a rotation reach agents before any certificate needs them).
+    pub fn refresh_bundle_every(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(m) = me.upgrade() else { return };
+                match m.ca.trust_bundle().await {
+                    Ok(pems) => match m.bundle.update(&pems) {
+                        Ok(true) => tracing::info!(roots = pems.len(), "trust bundle updated"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!("the CA sent an unusable trust bundle: {e}"),
+                    },
+                    Err(e) => tracing::warn!("trust bundle refresh failed: {e}"),
+                }
+            }
+        })
+    }
+
+    pub fn dump(&self) -> CertDump {
+        let entries = self.entries.lock().expect("identity lock");
+        let mut certificates: Vec<CertState> = entries
+            .iter()
+            .map(|(id, e)| CertState {
+                identity: id.to_string(),
+                pods: e.users,
+                cert: e.current.borrow().as_ref().map(|i| i.info.clone()),
+                last_error: e.last_error.lock().expect("error lock").clone(),
+            })
+            .collect();
+        certificates.sort_by(|a, b| a.identity.cmp(&b.identity));
+        CertDump {
+            certificates,
+            trust_bundle: self.bundle.get().infos(),
+        }
+    }
+
+    /// One round trip to the CA: new key, CSR, signed chain.
+    async fn fetch(&self, id: &SpiffeId) -> Result<Issued, Error> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        let csr = p.serialize_request(&key)?.pem()?;
+        let resp = self.ca.sign(id, csr, self.ttl).await?;
+        // The bundle first: peers' new certificates may need its new roots.
+        self.bundle
+            .update(&resp.trust_bundle)
+            .map_err(|e| Error::BadCertificate(e.to_string()))?;
+        let mut chain = Vec::new();
+        for pem in &resp.cert_chain {
+            chain.extend(
+                tls::certs_from_pem("certificate chain", pem)
+                    .map_err(|e| Error::BadCertificate(e.to_string()))?,
+            );
+        }
+        let leaf = chain
+            .first()
+            .ok_or_else(|| Error::BadCertificate("empty chain".into()))?;
+        let info = tls::cert_info(leaf).map_err(|e| Error::BadCertificate(e.to_string()))?;
+        if info.identity.as_deref() != Some(id.to_string().as_str()) {
+            return Err(Error::BadCertificate(format!(
+                "asked for {id}, got {:?}",
+                info.identity
+            )));
+        }
+        let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let key = tls::certified_key(&id.to_string(), chain, key_der)
+            .map_err(|e| Error::BadCertificate(e.to_string()))?;
+        Ok(Issued { key, info })
+    }
+}
+
+/// When to renew: at half the certificate's lifetime.
+fn renew_in(info: &CertInfo) -> Duration {
+    let life = info
+        .not_after
+        .duration_since(info.not_before)
+        .unwrap_or_default();
+    let at = info.not_before + life / 2;
+    at.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+/// Fetches a certificate for `id` and renews it at half-life, retrying
+/// failures with backoff, until the identity is released.
+async fn keep_fresh(
+    mgr: Weak<IdentityManager>,
+    id: SpiffeId,
+    tx: watch::Sender<Option<Arc<Issued>>>,
+    last_error: Arc<Mutex<Option<String>>>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let Some(m) = mgr.upgrade() else { return };
+        let wait = match m.fetch(&id).await {
+            Ok(issued) => {
+                let next = renew_in(&issued.info);
+                tracing::info!(identity = %id, serial = %issued.info.serial, renew_in = ?next, "certificate issued");
+                m.metrics.certificate_request("issued");
+                tx.send_replace(Some(Arc::new(issued)));
+                *last_error.lock().expect("error lock") = None;
+                backoff = Duration::from_millis(500);
+                next
+            }
+            Err(e) => {
+                tracing::warn!(identity = %id, "certificate request failed (retrying in {backoff:?}): {e}");
+                m.metrics.certificate_request("failed");
+                *last_error.lock().expect("error lock") = Some(e.to_string());
+                let b = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                b
+            }
+        };
+        drop(m);
+        let deadline = Instant::now() + wait;
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// Presents the current certificate of one identity, in handshakes on
+/// either side; looked up per handshake, so renewals apply at once.
+#[derive(Clone)]
+pub struct CertFor {
+    pub manager: Arc<IdentityManager>,
+    pub identity: SpiffeId,
+}
+
+impl std::fmt::Debug for CertFor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CertFor({})", self.identity)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertFor {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.manager.current(&self.identity)
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertFor {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.manager.current(&self.identity)
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}

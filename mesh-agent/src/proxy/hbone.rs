@@ -1,0 +1,212 @@
+//! The HBONE server: the agent's `:15008` listener inside each pod's
+//! network namespace. Mutual TLS 1.3 with the pod's own certificate, then
+//! HTTP/2 `CONNECT <ip:port>` streams, each carried to the application
+//! from the agent's in-pod source address.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{PodContext, ProxyContext, copy, pool::h2, socket};
+use crate::{
+    identity::{CertFor, SpiffeId},
+    telemetry::metrics::{ConnLabels, Reporter},
+    tls::{self, SpiffeClientVerifier},
+};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HBONE for `pod` until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+    stop: CancellationToken,
+) {
+    let (Some(identities), Some(identity)) = (ctx.identities.clone(), pod.identity.clone()) else {
+        // No mTLS configured: the port stays reserved.
+        return super::inbound::serve_reserved(listener, stop).await;
+    };
+    let verifier = Arc::new(SpiffeClientVerifier::new(
+        identities.bundle(),
+        identities.trust_domain(),
+        true,
+    ));
+    let cert = Arc::new(CertFor {
+        manager: identities,
+        identity: identity.clone(),
+    });
+    let config = match tls::server_config(verifier, cert, &[tls::ALPN_H2]) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::error!(pod = %pod.workload.key(), "hbone: cannot build the TLS configuration: {e}");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("hbone: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, pod, ctx2, identity) =
+            (acceptor.clone(), pod.clone(), ctx.clone(), identity.clone());
+        let cut = ctx.cut.clone();
+        ctx.connections.spawn(async move {
+            tokio::select! {
+                _ = cut.cancelled() => {}
+                _ = connection(acceptor, tcp, peer, pod, ctx2, identity) => {}
+            }
+        });
+    }
+}
+
+async fn connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+    identity: SpiffeId,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = tls::failure_reason(&e);
+            ctx.metrics.tls_failure(Reporter::Destination, reason);
+            tracing::warn!(pod = %pod.workload.key(), %peer, reason, "hbone: refused a client: {e}");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.tls_failure(Reporter::Destination, "timeout");
+            return;
+        }
+    };
+    let peer_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(tls::cert_identity);
+    let Some(peer_id) = peer_id else { return };
+    let peer_id = Arc::new(peer_id);
+    let svc = service_fn(move |req| {
+        let (pod, ctx, identity, peer_id) =
+            (pod.clone(), ctx.clone(), identity.clone(), peer_id.clone());
+        async move { Ok::<_, Infallible>(stream(req, peer, &pod, &ctx, &identity, &peer_id).await) }
+    });
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(h2::STREAM_WINDOW)
+        .initial_connection_window_size(h2::CONNECTION_WINDOW)
+        .max_concurrent_streams(h2::MAX_CONCURRENT_STREAMS)
+        .max_send_buf_size(h2::MAX_SEND_BUFFER)
+        .serve_connection(TokioIo::new(tls), svc)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%peer, "hbone: connection ended: {e}");
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+/// One CONNECT stream: checks where it goes, connects to the application,
+/// answers 200 and relays.
+async fn stream(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    pod: &PodContext,
+    ctx: &Arc<ProxyContext>,
+    identity: &SpiffeId,
+    peer_id: &Arc<SpiffeId>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(dst) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    // The stream must go to a pod on this node with the identity this
+    // connection's handshake proved; anything else is misdirected.
+    let target = match ctx.workloads.local(dst.ip()) {
+        Some(t) if t.identity.as_ref() == Some(identity) => t,
+        _ => {
+            tracing::warn!(pod = %pod.workload.key(), %peer, %dst, "hbone: CONNECT to a destination this identity does not serve");
+            ctx.metrics
+                .proxy_error(Reporter::Destination, "hbone_misdirected");
+            return status(StatusCode::MISDIRECTED_REQUEST);
+        }
+    };
+    if ctx.is_own_listener(dst) {
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let name = target.workload.key().to_string();
+    let app = match socket::connect(
+        &target.netns,
+        &name,
+        dst,
+        socket::Source::AgentLoopback,
+        &ctx.config,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            ctx.metrics.proxy_error(Reporter::Destination, e.reason());
+            tracing::warn!(pod = %name, %peer, "hbone: {e}");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let (ctx, peer_id, identity) = (ctx.clone(), peer_id.clone(), identity.clone());
+    let target_workload = target.workload.clone();
+    ctx.connections.clone().spawn(async move {
+        let tunnel = match upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => return tracing::debug!(%peer, "hbone: upgrade failed: {e}"),
+        };
+        let source = ctx.workloads.by_ip(peer.ip());
+        let (src_p, dst_p) = (peer_id.to_string(), identity.to_string());
+        let m = ctx.metrics.connection_opened(&ConnLabels {
+            reporter: Reporter::Destination,
+            source: source.as_deref(),
+            destination: Some(&target_workload),
+            destination_addr: dst,
+            cluster: &ctx.config.cluster_id,
+            security_policy: "mutual_tls",
+            source_principal: Some(&src_p),
+            destination_principal: Some(&dst_p),
+        });
+        tracing::debug!(%peer, %dst, source = %src_p, "hbone: proxying");
+        let cut = ctx.cut.clone();
+        tokio::select! {
+            _ = cut.cancelled() => {}
+            r = copy::relay(tunnel, app, m.received.clone(), m.sent.clone(), ctx.config.buffer_size) => {
+                if let Err(e) = r {
+                    tracing::debug!(%dst, "hbone: stream closed with {e}");
+                }
+            }
+        }
+    });
+    status(StatusCode::OK)
+}

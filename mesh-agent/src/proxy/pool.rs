@@ -1,0 +1,274 @@
+//! The HBONE client: HTTP/2 `CONNECT` over mutual TLS to a destination
+//! pod's `:15008`, with connections pooled so many streams share one.
+//!
+//! A pooled connection is keyed by the source pod, the destination node and
+//! the destination identity. The source pod, because connections leave from
+//! its own network namespace (the destination sees its address, as with
+//! ztunnel); the identity, because the TLS handshake proved exactly one
+//! server identity, so only destinations with that identity may share it.
+//! With one pod per identity per node this is one connection per
+//! (source identity, destination node).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{
+    Method, Request, StatusCode, Version, client::conn::http2::SendRequest, upgrade::Upgraded,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::Error;
+use crate::{identity::SpiffeId, telemetry::metrics::Metrics, workload::WorkloadKey};
+
+/// HTTP/2 settings of HBONE, both sides. Windows bound what a peer may
+/// send before we read it: per stream and per connection.
+pub mod h2 {
+    pub const STREAM_WINDOW: u32 = 1 << 20;
+    pub const CONNECTION_WINDOW: u32 = 4 << 20;
+    pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+    pub const MAX_SEND_BUFFER: usize = 1 << 20;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: WorkloadKey,
+    pub destination_node: String,
+    pub destination_identity: SpiffeId,
+}
+
+struct Conn {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
+
+pub struct Pool {
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+    metrics: Arc<Metrics>,
+}
+
+/// One CONNECT stream: the tunnel's bytes. Dropping it ends the stream.
+pub struct Tunnel {
+    io: TokioIo<Upgraded>,
+    _stream: StreamGuard,
+}
+
+/// Counts a stream on its pooled connection while it lives, so the reaper
+/// only closes connections nobody uses.
+struct StreamGuard {
+    streams: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+impl StreamGuard {
+    fn new(streams: Arc<AtomicUsize>, last_used: Arc<Mutex<Instant>>) -> Self {
+        streams.fetch_add(1, Ordering::AcqRel);
+        *last_used.lock().expect("pool lock") = Instant::now();
+        Self { streams, last_used }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        *self.last_used.lock().expect("pool lock") = Instant::now();
+        self.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Pool {
+    /// A pool whose idle connections close after `idle`.
+    pub fn new(idle: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            slots: Mutex::new(HashMap::new()),
+            metrics,
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep((idle / 4).max(Duration::from_millis(100))).await;
+                let Some(p) = weak.upgrade() else { return };
+                p.reap(idle);
+            }
+        });
+        pool
+    }
+
+    /// Drops connections that are closed, or idle for longer than `idle`.
+    fn reap(&self, idle: Duration) {
+        let mut slots = self.slots.lock().expect("pool lock");
+        slots.retain(|key, slot| {
+            let Ok(mut guard) = slot.try_lock() else {
+                return true;
+            };
+            let keep = guard.as_ref().is_some_and(|c| {
+                !c.sender.is_closed()
+                    && (c.streams.load(Ordering::Acquire) > 0
+                        || c.last_used.lock().expect("pool lock").elapsed() < idle)
+            });
+            if !keep && guard.take().is_some() {
+                tracing::debug!(?key, "hbone: closing idle connection");
+            }
+            keep
+        });
+        self.metrics.set_hbone_connections(slots.len());
+    }
+
+    /// Opens a CONNECT stream to `authority` over the pooled connection for
+    /// `key`, dialling a new connection with `dial` when there is none.
+    pub async fn open<F, Fut, S>(
+        &self,
+        key: PoolKey,
+        authority: SocketAddr,
+        dial: F,
+    ) -> Result<Tunnel, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<S, Error>>,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let slot = self
+            .slots
+            .lock()
+            .expect("pool lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        // A connection that died between uses is replaced once.
+        for attempt in 0..2 {
+            let (sender, streams, last_used) = {
+                let mut guard = slot.lock().await;
+                if guard.as_ref().is_none_or(|c| c.sender.is_closed()) {
+                    *guard = Some(handshake(dial().await?).await?);
+                    self.metrics
+                        .set_hbone_connections(self.slots.lock().expect("pool lock").len());
+                }
+                let c = guard.as_ref().expect("just set");
+                (c.sender.clone(), c.streams.clone(), c.last_used.clone())
+            };
+            let guard = StreamGuard::new(streams, last_used);
+            match connect(sender, authority).await {
+                Ok(io) => {
+                    return Ok(Tunnel {
+                        io: TokioIo::new(io),
+                        _stream: guard,
+                    });
+                }
+                Err(ConnectError::Closed(e)) if attempt == 0 => {
+                    tracing::debug!(?key, "hbone: pooled connection closed ({e}); redialling");
+                    slot.lock().await.take();
+                }
+                Err(ConnectError::Closed(e)) => {
+                    return Err(Error::Hbone {
+                        dst: authority,
+                        reason: e,
+                    });
+                }
+                Err(ConnectError::Refused(status)) => {
+                    return Err(Error::HboneRefused {
+                        dst: authority,
+                        status,
+                    });
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+}
+
+enum ConnectError {
+    Closed(String),
+    Refused(StatusCode),
+}
+
+async fn handshake<S>(io: S) -> Result<Conn, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(h2::STREAM_WINDOW)
+        .initial_connection_window_size(h2::CONNECTION_WINDOW)
+        .max_send_buf_size(h2::MAX_SEND_BUFFER)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| Error::HboneHandshake(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("hbone: connection ended: {e}");
+        }
+    });
+    Ok(Conn {
+        sender,
+        streams: Arc::new(AtomicUsize::new(0)),
+        last_used: Arc::new(Mutex::new(Instant::now())),
+    })
+}
+
+async fn connect(
+    mut sender: SendRequest<Empty<Bytes>>,
+    authority: SocketAddr,
+) -> Result<Upgraded, ConnectError> {
+    sender
+        .ready()
+        .await
+        .map_err(|e| ConnectError::Closed(e.to_string()))?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .version(Version::HTTP_2)
+        .body(Empty::new())
+        .expect("valid CONNECT request");
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ConnectError::Closed(e.to_string()))?;
+    if resp.status() != StatusCode::OK {
+        return Err(ConnectError::Refused(resp.status()));
+    }
+    hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| ConnectError::Closed(e.to_string()))
+}
