@@ -8,7 +8,7 @@ use mesh_tests::{Agent, AgentOptions, Env, Pod, kernel, sys};
 /// Runs the agent expecting failure; returns (exit code, the one line it printed).
 fn fails(env: &Env, node: &mesh_tests::Node, pods: &[&Pod], opts: AgentOptions) -> (i32, String) {
     let mut opts = opts;
-    opts.log = Some("warn".into());
+    opts.log = Some("error".into());
     let (status, stderr) = Agent::run_expecting_exit(env, node, pods, opts);
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(
@@ -21,7 +21,7 @@ fn fails(env: &Env, node: &mesh_tests::Node, pods: &[&Pod], opts: AgentOptions) 
 }
 
 /// Nothing of the agent is left on these pods or on bpffs.
-fn nothing_left(env: &Env, pods: &[&Pod]) {
+fn nothing_left(env: &Env, node: &mesh_tests::Node, pods: &[&Pod]) {
     for p in pods {
         assert!(
             kernel::cgroup_programs(&p.cgroup).is_empty(),
@@ -34,7 +34,8 @@ fn nothing_left(env: &Env, pods: &[&Pod]) {
             p.name
         );
     }
-    assert!(!env.bpffs.exists(), "pins left in {}", env.bpffs.display());
+    let pins = env.pin_dir(node);
+    assert!(!pins.exists(), "pins left in {}", pins.display());
 }
 
 #[test]
@@ -84,7 +85,7 @@ fn bpffs_missing() {
         line.contains("is not on a bpffs mount") && line.contains("mount -t bpf bpf /sys/fs/bpf"),
         "{line}"
     );
-    nothing_left(&env, &[&pod]);
+    nothing_left(&env, &node, &[&pod]);
 }
 
 #[test]
@@ -100,7 +101,7 @@ fn workload_netns_missing_rolls_back_the_pods_already_enrolled() {
         line,
         "mesh-agent: error: workload default/bad: network namespace /run/netns/mesh-test-does-not-exist does not exist"
     );
-    nothing_left(&env, &[&good]);
+    nothing_left(&env, &node, &[&good]);
 }
 
 #[test]
@@ -117,7 +118,7 @@ fn workload_cgroup_missing() {
             && line.contains("never-created does not exist"),
         "{line}"
     );
-    nothing_left(&env, &[&good]);
+    nothing_left(&env, &node, &[&good]);
 }
 
 #[test]
@@ -129,7 +130,7 @@ fn cgroup_v1_directory_is_refused() {
     let (code, line) = fails(&env, &node, &[&pod], AgentOptions::default());
     assert_eq!(code, 69);
     assert!(line.contains("is not a cgroup v2 directory"), "{line}");
-    assert!(!env.bpffs.exists());
+    assert!(!env.pin_dir(&node).exists());
 }
 
 #[test]
@@ -147,7 +148,7 @@ fn port_in_use_inside_the_pod() {
             pod.ip4
         )
     );
-    nothing_left(&env, &[&pod]);
+    nothing_left(&env, &node, &[&pod]);
 }
 
 #[test]
@@ -190,8 +191,8 @@ fn invalid_workload_file_names_file_line_and_field() {
     cmd.arg(format!("--net=/run/netns/{}", node.netns))
         .arg("--")
         .arg(sys::agent_bin())
-        .args(["run", "--log-level", "warn", "--bpffs-dir"])
-        .arg(&env.bpffs)
+        .args(["run", "--log-level", "error", "--bpffs-dir"])
+        .arg(env.pin_dir(&node))
         .arg("--workloads")
         .arg(&file);
     let (status, stderr) = Agent::run_to_exit(cmd);
@@ -201,5 +202,5 @@ fn invalid_workload_file_names_file_line_and_field() {
         stderr.starts_with(&want) && stderr.contains("unknown field `ip`"),
         "{stderr}"
     );
-    assert!(!env.bpffs.exists());
+    assert!(!env.pin_dir(&node).exists());
 }

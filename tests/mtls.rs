@@ -164,3 +164,475 @@ fn cross_node_traffic_is_mutual_tls_and_never_plaintext_on_the_wire() {
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Occurrences of `needle` in `hay`.
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// TLS 1.3 ServerHello's supported_versions extension: one per handshake.
+const TLS13_SERVER_HELLO: [u8; 6] = [0x00, 0x2b, 0x00, 0x02, 0x03, 0x04];
+
+#[test]
+fn streams_share_one_pooled_connection_which_closes_when_idle() {
+    let c = cluster("mtls-pool");
+    let (env, registry) = (&c.env, [&c.client, &c.server]);
+    c.server.spawn_app(env, &["echo", &c.server.v4(9000)]);
+    let ca = Ca::start(env, &c.fabric, "ca", &registry);
+    let agent_a = Agent::start(
+        env,
+        &c.a,
+        &registry,
+        mtls(&ca, &c.a, &["--hbone-idle-timeout", "1s"]),
+    );
+    let _agent_b = Agent::start(env, &c.b, &registry, mtls(&ca, &c.b, &[]));
+    let capture = Capture::start(env, &c.a.netns, "up0", "tcp port 15008");
+    let r = c
+        .client
+        .run_app(&["churn", &c.server.v4(9000), "50"])
+        .json();
+    assert_eq!(r["ok"], 50, "{r}");
+    assert_eq!(
+        agent_a
+            .metrics()
+            .value("mesh_hbone_pooled_connections", &[]),
+        1.0
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || agent_a
+            .metrics()
+            .value("mesh_hbone_pooled_connections", &[])
+            == 0.0),
+        "the idle pooled connection was not closed"
+    );
+    // A new stream after that dials a new connection.
+    c.client.run_app(&["connect", &c.server.v4(9000)]).json();
+    let pcap = capture.stop(env);
+    assert_eq!(
+        count(&pcap, &TLS13_SERVER_HELLO),
+        2,
+        "50 streams on one handshake, then one more after the idle close"
+    );
+    let out = [
+        ("reporter", "source"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        agent_a
+            .metrics()
+            .value("istio_tcp_connections_opened_total", &out),
+        51.0
+    );
+}
+
+#[test]
+fn the_destination_refuses_clients_with_bad_certificates_and_says_why() {
+    let c = cluster("mtls-refuse-in");
+    let (env, registry) = (&c.env, [&c.client, &c.server]);
+    c.server.spawn_app(env, &["echo", &c.server.v4(9000)]);
+    // A host outside the mesh on node a, playing the attacker.
+    let rogue = env.pod(&c.a, "rogue");
+    let ca = Ca::start(env, &c.fabric, "ca", &registry);
+    let _agent_a = Agent::start(env, &c.a, &registry, mtls(&ca, &c.a, &[]));
+    let agent_b = Agent::start(env, &c.b, &registry, mtls(&ca, &c.b, &[]));
+    let other_ca = env.dir.join("other-ca");
+    mesh_tests::ca::init_root(&other_ca);
+    let client_id = "spiffe://cluster.local/ns/default/sa/client-sa";
+    let cases = [
+        (
+            "unknown_ca",
+            mesh_tests::ca::issue(&other_ca, "foreign", client_id, false),
+        ),
+        (
+            "wrong_trust_domain",
+            ca.issue("evil", "spiffe://evil.local/ns/default/sa/client-sa", false),
+        ),
+        ("expired", ca.issue("old", client_id, true)),
+    ];
+    let (target, authority) = (c.server.v4(15008), c.server.v4(9000));
+    for (reason, cred) in &cases {
+        let r = rogue.run_app(&[
+            "hbone-connect",
+            cred.cert.to_str().unwrap(),
+            cred.key.to_str().unwrap(),
+            &target,
+            &authority,
+            "x",
+        ]);
+        assert!(
+            !r.ok(),
+            "{reason}: a bad certificate got through: {}",
+            r.describe()
+        );
+        let counted = || {
+            agent_b.metrics().value(
+                "mesh_tls_handshake_failures_total",
+                &[("direction", "inbound"), ("reason", reason)],
+            ) == 1.0
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), counted),
+            "{reason} not counted:\n{}",
+            agent_b.metrics().0
+        );
+        assert!(
+            agent_b.log().contains(&format!("reason={reason}")),
+            "{reason} not logged:\n{}",
+            agent_b.log()
+        );
+    }
+    let r = rogue.run_app(&["hbone-connect", "-", "-", &target, &authority, "x"]);
+    assert!(!r.ok(), "a client without a certificate got through");
+    let counted = || {
+        agent_b.metrics().value(
+            "mesh_tls_handshake_failures_total",
+            &[
+                ("direction", "inbound"),
+                ("reason", "no_client_certificate"),
+            ],
+        ) == 1.0
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), counted),
+        "{}",
+        agent_b.metrics().0
+    );
+    // A certificate from the mesh's CA is a mesh identity: let in (what it
+    // may do is authorization's business).
+    let ok = ca.issue(
+        "tool",
+        "spiffe://cluster.local/ns/default/sa/debug-tool",
+        false,
+    );
+    let r = rogue
+        .run_app(&[
+            "hbone-connect",
+            ok.cert.to_str().unwrap(),
+            ok.key.to_str().unwrap(),
+            &target,
+            &authority,
+            "let me in",
+        ])
+        .json();
+    assert_eq!(r["received"], "let me in");
+}
+
+#[test]
+fn the_source_refuses_a_destination_with_the_wrong_identity_or_ca() {
+    let c = cluster("mtls-refuse-out");
+    let env = &c.env;
+    // Two impostors on node b claim (in node a's registry) to run as the
+    // server's service account; node b's agent does not know them.
+    let mut impostor = env.pod(&c.b, "impostor");
+    impostor.service_account = "server-sa".into();
+    let mut foreign = env.pod(&c.b, "foreign");
+    foreign.service_account = "server-sa".into();
+    let ca = Ca::start(env, &c.fabric, "ca", &[&c.client, &c.server]);
+    let wrong_id = ca.issue(
+        "impostor",
+        "spiffe://cluster.local/ns/default/sa/someone-else",
+        false,
+    );
+    impostor.spawn_app(
+        env,
+        &[
+            "hbone-serve",
+            wrong_id.cert.to_str().unwrap(),
+            wrong_id.key.to_str().unwrap(),
+            &impostor.v4(15008),
+        ],
+    );
+    let other_ca = env.dir.join("other-ca");
+    mesh_tests::ca::init_root(&other_ca);
+    let foreign_cert = mesh_tests::ca::issue(
+        &other_ca,
+        "foreign",
+        "spiffe://cluster.local/ns/default/sa/server-sa",
+        false,
+    );
+    foreign.spawn_app(
+        env,
+        &[
+            "hbone-serve",
+            foreign_cert.cert.to_str().unwrap(),
+            foreign_cert.key.to_str().unwrap(),
+            &foreign.v4(15008),
+        ],
+    );
+    let agent_a = Agent::start(
+        env,
+        &c.a,
+        &[&c.client, &c.server, &impostor, &foreign],
+        mtls(&ca, &c.a, &[]),
+    );
+    for (pod, reason) in [(&impostor, "wrong_identity"), (&foreign, "unknown_ca")] {
+        let r = c.client.run_app(&["connect", &pod.v4(9000)]);
+        assert!(
+            !r.ok() && r.describe().contains("reset"),
+            "{reason}: the client must see a refusal: {}",
+            r.describe()
+        );
+        let counted = || {
+            agent_a.metrics().value(
+                "mesh_tls_handshake_failures_total",
+                &[("direction", "outbound"), ("reason", reason)],
+            ) >= 1.0
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), counted),
+            "{reason} not counted:\n{}",
+            agent_a.metrics().0
+        );
+    }
+    let log = agent_a.log();
+    assert!(
+        log.contains("expected spiffe://cluster.local/ns/default/sa/server-sa"),
+        "{log}"
+    );
+    assert!(log.contains("someone-else"), "{log}");
+}
+
+#[test]
+fn the_ca_signs_only_identities_of_pods_on_the_asking_node() {
+    let c = cluster("mtls-placement");
+    let env = &c.env;
+    let mut stray = env.pod(&c.a, "stray");
+    stray.service_account = "stray-sa".into();
+    // The CA's registry puts stray on node b; node a's says node a.
+    let mut stray_on_b = stray.clone();
+    stray_on_b.node = "b".into();
+    let ca = Ca::start(env, &c.fabric, "ca", &[&c.client, &c.server, &stray_on_b]);
+    let agent_a = Agent::start(
+        env,
+        &c.a,
+        &[&c.client, &c.server, &stray],
+        mtls(&ca, &c.a, &[]),
+    );
+    let refusal =
+        "no pod with identity spiffe://cluster.local/ns/default/sa/stray-sa is scheduled on node a";
+    assert!(
+        wait_until(Duration::from_secs(10), || ca.log().contains(refusal)),
+        "CA log:\n{}",
+        ca.log()
+    );
+    let certs = || {
+        agent_a.config_dump()["certificates"]["certificates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || certs().iter().any(
+            |c| c["identity"].as_str().unwrap().ends_with("/sa/stray-sa")
+                && c["lastError"].as_str().is_some_and(|e| e.contains(refusal))
+        )),
+        "{:?}",
+        certs()
+    );
+    assert!(
+        certs().iter().any(
+            |c| c["identity"].as_str().unwrap().ends_with("/sa/client-sa")
+                && c["serial"].is_string()
+        ),
+        "the legitimate pod still gets its certificate: {:?}",
+        certs()
+    );
+    assert!(
+        agent_a
+            .metrics()
+            .value("mesh_certificate_requests_total", &[("result", "failed")])
+            >= 1.0
+    );
+}
+
+#[test]
+fn renewal_keeps_open_connections_and_new_ones_use_the_new_certificate() {
+    let c = cluster("mtls-renew");
+    let (env, registry) = (&c.env, [&c.client, &c.server]);
+    c.server.spawn_app(env, &["echo", &c.server.v4(9000)]);
+    let ca = Ca::start(env, &c.fabric, "ca", &registry);
+    // 4 s certificates: renewed every 2 s.
+    let agent_a = Agent::start(
+        env,
+        &c.a,
+        &registry,
+        mtls(&ca, &c.a, &["--workload-cert-ttl", "4s"]),
+    );
+    let _agent_b = Agent::start(
+        env,
+        &c.b,
+        &registry,
+        mtls(&ca, &c.b, &["--workload-cert-ttl", "4s"]),
+    );
+    let serial = || {
+        agent_a.config_dump()["certificates"]["certificates"][0]["serial"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert!(wait_until(Duration::from_secs(10), || serial().is_some()));
+    let first = serial().unwrap();
+    // One connection, a round trip every 100 ms, across several renewals.
+    let r = c
+        .client
+        .run_app(&["chatter", &c.server.v4(9000), "7"])
+        .json();
+    assert!(r["rounds"].as_u64().unwrap() >= 40, "{r}");
+    let now = serial().unwrap();
+    assert_ne!(first, now, "no renewal in 7 s of 4 s certificates");
+    assert!(
+        agent_a
+            .metrics()
+            .value("mesh_certificate_requests_total", &[("result", "issued")])
+            >= 3.0
+    );
+    c.client.run_app(&["connect", &c.server.v4(9000)]).json();
+}
+
+#[test]
+fn a_second_root_during_rotation_keeps_traffic_flowing() {
+    let c = cluster("mtls-rotate");
+    let (env, registry) = (&c.env, [&c.client, &c.server]);
+    c.server.spawn_app(env, &["echo", &c.server.v4(9000)]);
+    let ca = Ca::start(env, &c.fabric, "ca", &registry);
+    let args = [
+        "--workload-cert-ttl",
+        "6s",
+        "--trust-bundle-refresh",
+        "300ms",
+    ];
+    let agent_a = Agent::start(env, &c.a, &registry, mtls(&ca, &c.a, &args));
+    let agent_b = Agent::start(env, &c.b, &registry, mtls(&ca, &c.b, &args));
+    c.client.run_app(&["connect", &c.server.v4(9000)]).json();
+
+    let root1 = std::fs::read_to_string(ca.dir.join("root-cert.pem")).unwrap();
+    let new_root = env.dir.join("root2");
+    mesh_tests::ca::init_root(&new_root);
+    let root2 = std::fs::read_to_string(new_root.join("root-cert.pem")).unwrap();
+    let stage = |name: &str, signer: &std::path::Path| {
+        let d = env.dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["ca-cert.pem", "ca-key.pem", "cert-chain.pem"] {
+            std::fs::copy(signer.join(f), d.join(f)).unwrap();
+        }
+        std::fs::write(d.join("root-cert.pem"), format!("{root1}{root2}")).unwrap();
+        d
+    };
+    let roots = |a: &Agent| {
+        a.config_dump()["certificates"]["trustBundle"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    // Phase 1: the old root still signs; both roots are published.
+    let phase1 = stage("phase1", &ca.dir);
+    let ca = ca.restart(env, &phase1, &registry);
+    assert!(
+        wait_until(Duration::from_secs(10), || roots(&agent_a) == 2
+            && roots(&agent_b) == 2),
+        "agents did not pick up the second root"
+    );
+    // Phase 2: the new root signs; agents renew onto it one by one.
+    let _ca = ca.restart(env, &stage("phase2", &new_root), &registry);
+    let issuer = |a: &Agent| {
+        a.config_dump()["certificates"]["certificates"][0]["issuer"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let old_issuer = issuer(&agent_a);
+    assert!(
+        wait_until(Duration::from_secs(15), || issuer(&agent_a) != old_issuer),
+        "agent a never renewed onto the new root"
+    );
+    // Mixed roots on the two sides: still trusted both ways.
+    for _ in 0..5 {
+        c.client.run_app(&["connect", &c.server.v4(9000)]).json();
+    }
+    assert!(
+        wait_until(Duration::from_secs(15), || issuer(&agent_b)
+            == issuer(&agent_a)),
+        "agent b never renewed onto the new root"
+    );
+    c.client.run_app(&["connect", &c.server.v4(9000)]).json();
+    assert_eq!(
+        agent_a
+            .metrics()
+            .value("mesh_tls_handshake_failures_total", &[]),
+        0.0
+    );
+}
+
+#[test]
+fn kubernetes_tokens_authenticate_nodes_through_tokenreview() {
+    let c = cluster("mtls-tokenreview");
+    let (env, registry) = (&c.env, [&c.client, &c.server]);
+    // The API server's TokenReview, answered from a table, on the fabric.
+    let fabric_host = mesh_tests::Pod {
+        netns: c.fabric.clone(),
+        ..c.client.clone()
+    };
+    let api = fabric_host
+        .spawn_app_outside_cgroup(env, &["fake-kube", "10.255.0.254:6443", "token-of-a=a"]);
+    let dir = env.dir.join("ca");
+    mesh_tests::ca::init_root(&dir);
+    let ca = Ca::serve(
+        env,
+        &c.fabric,
+        &dir,
+        &registry,
+        &["--kube-api", "http://10.255.0.254:6443"],
+    );
+    let token = |name: &str, value: &str| {
+        let p = env.dir.join(name);
+        std::fs::write(&p, value).unwrap();
+        p
+    };
+    let root = dir.join("root-cert.pem");
+    let token_args = |t: std::path::PathBuf| AgentOptions {
+        args: [
+            "--ca-addr",
+            &ca.addr,
+            "--ca-root",
+            root.to_str().unwrap(),
+            "--ca-token-file",
+            t.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..Default::default()
+    };
+    let agent_a = Agent::start(
+        env,
+        &c.a,
+        &registry,
+        token_args(token("a.token", "token-of-a\n")),
+    );
+    let _agent_b = Agent::start(
+        env,
+        &c.b,
+        &registry,
+        token_args(token("b.token", "stolen-token")),
+    );
+    let serial = |a: &Agent| {
+        a.config_dump()["certificates"]["certificates"][0]["serial"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || serial(&agent_a).is_some()),
+        "node a's token was not accepted:\n{}",
+        ca.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || ca
+            .log()
+            .contains("token rejected by the API server: invalid bearer token")),
+        "CA log:\n{}",
+        ca.log()
+    );
+    assert!(
+        api.lines()
+            .iter()
+            .any(|l| l["path"] == "/apis/authentication.k8s.io/v1/tokenreviews")
+    );
+}

@@ -13,12 +13,11 @@ pub enum Error {
         file: std::path::PathBuf,
         message: String,
     },
-    #[error("{file}: {kind} {namespace}/{name}: {field}: {reason}")]
+    /// `resource` is `Kind namespace/name`.
+    #[error("{file}: {resource}: {field}: {reason}")]
     Invalid {
         file: std::path::PathBuf,
-        kind: String,
-        namespace: String,
-        name: String,
+        resource: String,
         field: String,
         reason: String,
     },

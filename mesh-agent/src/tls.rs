@@ -19,7 +19,9 @@ use serde::Serialize;
 
 use crate::identity::SpiffeId;
 
-pub use verify::{Rejection, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason};
+pub use verify::{
+    Rejection, SpiffeClientVerifier, SpiffeServerVerifier, failure_detail, failure_reason,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -64,7 +64,7 @@ fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOpti
         .arg("--workloads")
         .arg(workloads)
         .arg("--bpffs-dir")
-        .arg(opts.pin_dir.as_ref().unwrap_or(&env.bpffs))
+        .arg(opts.pin_dir.clone().unwrap_or_else(|| env.pin_dir(node)))
         .args([
             "--workload-poll-interval",
             "100ms",
@@ -92,7 +92,7 @@ impl Agent {
             .spawn()
             .expect("spawn mesh-agent");
         let tracked = env.track_agent(child.id());
-        let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| env.bpffs.clone());
+        let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| env.pin_dir(node));
         let mut agent = Self {
             child: Some(child),
             tracked,

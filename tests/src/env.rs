@@ -88,6 +88,13 @@ impl Env {
         self.next_node.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The pin directory of the agent on `node`: one per node, so that two
+    /// agents in one test never share (and prune) each other's pins.
+    pub fn pin_dir(&self, node: &crate::Node) -> PathBuf {
+        // bpffs names may not contain a dot.
+        PathBuf::from(format!("{}--{}", self.bpffs.display(), node.name))
+    }
+
     /// Keeps a started process so that `Drop` ends it (by PID).
     pub(crate) fn track(&self, child: Child) -> u32 {
         let pid = child.id();
@@ -139,6 +146,18 @@ impl Env {
         }
         // Pins first: unpinning the links detaches anything an agent left.
         let _ = fs::remove_dir_all(&self.bpffs);
+        let per_node = format!(
+            "{}--",
+            self.bpffs.file_name().unwrap_or_default().to_string_lossy()
+        );
+        if let Ok(rd) = fs::read_dir(self.bpffs.parent().unwrap_or(Path::new("/sys/fs/bpf"))) {
+            for e in rd
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&per_node))
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
         for ns in self.netns.lock().unwrap().drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         }

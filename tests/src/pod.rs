@@ -225,6 +225,11 @@ impl Pod {
     pub fn spawn_app(&self, env: &Env, args: &[&str]) -> App {
         App::spawn(env, self.command(&sys::testapp_bin(), args))
     }
+
+    /// Like `spawn_app`, outside the pod's cgroup (a host process in its netns).
+    pub fn spawn_app_outside_cgroup(&self, env: &Env, args: &[&str]) -> App {
+        App::spawn(env, self.command_outside_cgroup(&sys::testapp_bin(), args))
+    }
 }
 
 /// A finished `mesh-testapp` run.

@@ -134,6 +134,11 @@ pub fn agent_bin() -> &'static Path {
                 "--manifest-path",
             ])
             .arg(&manifest)
+            // Its own target directory: built alone, mesh-agent unifies
+            // shared dependencies' features differently from the tests, and
+            // one directory for both would rebuild them on every run.
+            .arg("--target-dir")
+            .arg(nested_target_dir())
             .output()
             .expect("run cargo");
         if !out.status.success() {
@@ -152,6 +157,19 @@ pub fn agent_bin() -> &'static Path {
                 panic!("cargo build did not report the mesh-agent executable:\n{stdout}")
             })
     })
+}
+
+/// `<target>/agent-under-test`, next to the tests' own profile directories.
+fn nested_target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let target = exe
+        .ancestors()
+        .find(|a| a.join("CACHEDIR.TAG").exists())
+        .map(Path::to_path_buf);
+    target
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("agent-under-test")
 }
 
 /// The pod application (`mesh-testapp`).

@@ -168,7 +168,7 @@ async fn serve_conn(
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::warn!(%peer, reason = tls::failure_reason(&e), "CA: TLS handshake refused: {e}");
+            tracing::warn!(%peer, reason = %tls::failure_reason(&e), "CA: TLS handshake refused: {}", tls::failure_detail(&e));
             return;
         }
         Err(_) => return,

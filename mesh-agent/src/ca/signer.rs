@@ -96,10 +96,15 @@ pub fn init(dir: &Path, trust_domain: &str, validity: Duration) -> Result<PathBu
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
-    dn.push(
-        DnType::CommonName,
-        format!("mesh root CA {}", OffsetDateTime::now_utc().date()),
-    );
+    // A root's name says which root it is, so a rotation shows in /config_dump.
+    let serial = serial();
+    let tag: String = serial
+        .to_bytes()
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dn.push(DnType::CommonName, format!("mesh root CA {tag}"));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![
@@ -110,7 +115,7 @@ pub fn init(dir: &Path, trust_domain: &str, validity: Duration) -> Result<PathBu
     let now = OffsetDateTime::now_utc();
     p.not_before = now - Duration::from_secs(60);
     p.not_after = now + validity;
-    p.serial_number = Some(serial());
+    p.serial_number = Some(serial);
     let cert = p.self_signed(&key)?;
     write(&key_path, &key.serialize_pem(), true)?;
     for f in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {

@@ -146,7 +146,7 @@ impl CaClient {
         .map_err(|e| Error::Handshake {
             addr: self.addr.clone(),
             reason: tls::failure_reason(&e),
-            detail: e.to_string(),
+            detail: tls::failure_detail(&e),
         })?;
         let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await

@@ -164,11 +164,10 @@ fn one(file: &Path, v: &Value) -> Result<PeerAuthentication, Error> {
         message: format!("PeerAuthentication metadata: {e}"),
     })?;
     let namespace = meta.namespace.unwrap_or_else(|| "default".into());
+    let resource = format!("PeerAuthentication {namespace}/{}", meta.name);
     let bad = |field: &str, reason: String| Error::Invalid {
         file: file.into(),
-        kind: "PeerAuthentication".into(),
-        namespace: namespace.clone(),
-        name: meta.name.clone(),
+        resource: resource.clone(),
         field: field.into(),
         reason,
     };

@@ -87,7 +87,7 @@ async fn connection(
         Ok(Err(e)) => {
             let reason = tls::failure_reason(&e);
             ctx.metrics.tls_failure(Reporter::Destination, reason);
-            tracing::warn!(pod = %pod.workload.key(), %peer, reason, "hbone: refused a client: {e}");
+            tracing::warn!(pod = %pod.workload.key(), %peer, %reason, "hbone: refused a client: {}", tls::failure_detail(&e));
             return;
         }
         Err(_) => {

@@ -178,7 +178,7 @@ async fn open_tunnel(
                     Error::Tls {
                         peer: via,
                         reason,
-                        detail: e.to_string(),
+                        detail: tls::failure_detail(&e),
                     }
                 })
         }

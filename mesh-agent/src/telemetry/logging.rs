@@ -33,6 +33,8 @@ pub fn init(spec: &str, format: LogFormat) -> Result<LogHandle, Error> {
     let output = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            // Colours for a terminal only, not for log files and collectors.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()

@@ -86,6 +86,16 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
     }
 }
 
+/// A one-line account of a failed handshake for logs: the peer's identity
+/// problem in words, or rustls's message.
+pub fn failure_detail(err: &std::io::Error) -> String {
+    match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(CertificateError::Other(OtherError(o)))) => o.to_string(),
+        Some(e) => e.to_string(),
+        None => err.to_string(),
+    }
+}
+
 fn check_identity(
     end_entity: &CertificateDer<'_>,
     trust_domain: &str,

@@ -1,0 +1,146 @@
+//! PeerAuthentication decides whether plaintext may reach a workload:
+//! STRICT refuses it, PERMISSIVE (the default) and DISABLE let it in,
+//! `portLevelMtls` overrides per port. Mesh traffic (HBONE) is mutual TLS
+//! and always accepted. Policies come from Istio YAML and are reloaded.
+
+use std::time::Duration;
+
+use mesh_tests::{Agent, AgentOptions, ca::Ca, sys::wait_until};
+
+const STRICT_NAMESPACE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec:
+  mtls: {mode: STRICT}
+"#;
+
+const STRICT_EXCEPT_8080: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: server, namespace: default}
+spec:
+  selector: {matchLabels: {app: server}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    8080: {mode: PERMISSIVE}
+"#;
+
+const DISABLE_MESH_WIDE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: DISABLE}
+"#;
+
+#[test]
+fn plaintext_follows_peer_authentication_and_mesh_traffic_is_always_mtls() {
+    let env = mesh_tests::Env::new("peer-auth");
+    let a = env.node("a");
+    let b = env.node("b");
+    let client = env.pod(&a, "client");
+    let server = env.pod(&b, "server");
+    // Outside the mesh: not in the registry, so it talks plaintext.
+    let outsider = env.pod(&a, "outsider");
+    let fabric = env.connect_nodes(&[&a, &b]);
+    server.spawn_app(&env, &["echo", &server.v4(9000), &server.v4(8080)]);
+    let registry = [&client, &server];
+    let ca = Ca::start(&env, &fabric, "ca", &registry);
+    let policy = env.dir.join("istio.yaml");
+    std::fs::write(&policy, "").unwrap();
+    let opts = |node| {
+        let mut args = ca.agent_args(node);
+        args.extend(["--istio-config".into(), policy.to_str().unwrap().into()]);
+        AgentOptions {
+            args,
+            ..Default::default()
+        }
+    };
+    let _agent_a = Agent::start(&env, &a, &registry, opts(&a));
+    let agent_b = Agent::start(&env, &b, &registry, opts(&b));
+
+    let plaintext = |port: u16| outsider.run_app(&["connect", &server.v4(port), "plain"]);
+    let mesh = |port: u16| {
+        client
+            .run_app(&["connect", &server.v4(port), "mtls"])
+            .json()
+    };
+    let apply = |yaml: &str, applied: usize| {
+        std::fs::write(&policy, yaml).unwrap();
+        let n = || agent_b.log().matches("Istio configuration applied").count();
+        assert!(
+            wait_until(Duration::from_secs(5), || n() >= applied),
+            "policy not applied:\n{}",
+            agent_b.log()
+        );
+    };
+    let refused = || {
+        agent_b.metrics().value(
+            "mesh_proxy_errors_total",
+            &[("direction", "inbound"), ("reason", "plaintext_refused")],
+        )
+    };
+
+    // Nothing configured: PERMISSIVE.
+    assert_eq!(plaintext(9000).json()["received"], "plain");
+    assert_eq!(mesh(9000)["received"], "mtls");
+
+    // STRICT for the namespace: plaintext is refused (a reset, counted and
+    // logged), mesh traffic still flows.
+    apply(STRICT_NAMESPACE, 1);
+    let r = plaintext(9000);
+    assert!(
+        !r.ok() && r.describe().contains("reset"),
+        "STRICT let plaintext in: {}",
+        r.describe()
+    );
+    assert_eq!(refused(), 1.0);
+    assert!(
+        agent_b
+            .log()
+            .contains("PeerAuthentication is STRICT for default/server")
+    );
+    assert_eq!(mesh(9000)["received"], "mtls");
+
+    // Workload STRICT with port 8080 PERMISSIVE.
+    apply(STRICT_EXCEPT_8080, 2);
+    assert_eq!(plaintext(8080).json()["received"], "plain");
+    assert!(!plaintext(9000).ok());
+    assert_eq!(refused(), 2.0);
+    assert_eq!(mesh(8080)["received"], "mtls");
+
+    // A broken update is rejected; the last good policy keeps serving.
+    std::fs::write(&policy, STRICT_EXCEPT_8080.replace("STRICT", "STRICKT")).unwrap();
+    let rejected = || {
+        agent_b
+            .metrics()
+            .value("mesh_config_rejected_total", &[("source", "istio")])
+            >= 1.0
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), rejected),
+        "{}",
+        agent_b.log()
+    );
+    assert!(
+        agent_b
+            .log()
+            .contains("spec.mtls.mode: unknown mode \"STRICKT\""),
+        "{}",
+        agent_b.log()
+    );
+    assert!(
+        !plaintext(9000).ok(),
+        "the previous STRICT policy must still apply"
+    );
+
+    // Mesh-wide DISABLE: plaintext passes through.
+    apply(DISABLE_MESH_WIDE, 3);
+    assert_eq!(plaintext(9000).json()["received"], "plain");
+    let dump = agent_b.config_dump();
+    assert_eq!(
+        dump["peerAuthentications"]["policies"][0]["mode"],
+        "DISABLE"
+    );
+}
