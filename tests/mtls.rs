@@ -107,6 +107,25 @@ fn cross_node_traffic_is_mutual_tls_and_never_plaintext_on_the_wire() {
         contains(&pcap, b"\x02h2"),
         "ALPN h2 expected in the ClientHello"
     );
+    // Every byte both ways on :15008 is a TLS record: handshake first, then
+    // only application data (TLS 1.3 hides everything else inside it).
+    let flows = mesh_tests::pcap::tcp_flows(&pcap);
+    assert!(flows.len() >= 2, "{flows:?}");
+    for f in flows.iter().filter(|f| !f.bytes.is_empty()) {
+        let records = mesh_tests::pcap::tls_records(&f.bytes)
+            .unwrap_or_else(|e| panic!("{} -> {}: not TLS: {e}", f.src, f.dst));
+        assert_eq!(
+            records[0].0, 0x16,
+            "{} -> {}: must start with a handshake record",
+            f.src, f.dst
+        );
+        assert!(
+            records[1..].iter().all(|(ty, _)| matches!(ty, 0x14 | 0x17)),
+            "{} -> {}: {records:?}",
+            f.src,
+            f.dst
+        );
+    }
 
     let (client_id, server_id) = (
         "spiffe://cluster.local/ns/default/sa/client-sa",
@@ -634,5 +653,50 @@ fn kubernetes_tokens_authenticate_nodes_through_tokenreview() {
         api.lines()
             .iter()
             .any(|l| l["path"] == "/apis/authentication.k8s.io/v1/tokenreviews")
+    );
+}
+
+#[test]
+fn an_intermediate_ca_signs_and_chains_verify_to_the_root() {
+    let c = cluster("mtls-intermediate");
+    let (env, registry) = (&c.env, [&c.client, &c.server]);
+    c.server.spawn_app(env, &["echo", &c.server.v4(9000)]);
+    // The root stays offline; only the intermediate is served.
+    let root = env.dir.join("root");
+    mesh_tests::ca::init_root(&root);
+    let inter = env.dir.join("intermediate");
+    mesh_tests::ca::tool(&[
+        "init",
+        "--dir",
+        inter.to_str().unwrap(),
+        "--signed-by",
+        root.to_str().unwrap(),
+    ]);
+    let ca = Ca::serve(env, &c.fabric, &inter, &registry, &[]);
+    let agent_a = Agent::start(env, &c.a, &registry, mtls(&ca, &c.a, &[]));
+    let _agent_b = Agent::start(env, &c.b, &registry, mtls(&ca, &c.b, &[]));
+    assert_eq!(
+        c.client
+            .run_app(&["connect", &c.server.v4(9000), "chained"])
+            .json()["received"],
+        "chained"
+    );
+    let d = agent_a.config_dump();
+    let cert = &d["certificates"]["certificates"][0];
+    assert!(
+        cert["issuer"]
+            .as_str()
+            .unwrap()
+            .contains("mesh intermediate CA"),
+        "{cert}"
+    );
+    let roots = d["certificates"]["trustBundle"].as_array().unwrap();
+    assert_eq!(roots.len(), 1);
+    assert!(
+        roots[0]["issuer"]
+            .as_str()
+            .unwrap()
+            .contains("mesh root CA"),
+        "only the root is trusted: {roots:?}"
     );
 }

@@ -48,9 +48,12 @@ pub enum CaCommand {
         dir: PathBuf,
         #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
         trust_domain: String,
-        /// How long the root is valid.
+        /// How long the certificate is valid.
         #[arg(long, default_value = "87600h", value_parser = humantime::parse_duration)]
         validity: Duration,
+        /// Make an intermediate signed by the CA in this directory instead of a root.
+        #[arg(long, value_name = "DIR")]
+        signed_by: Option<PathBuf>,
     },
     /// Serve certificate requests from node agents.
     Run(Box<CaRunConfig>),

@@ -85,12 +85,22 @@ fn ca_command(command: CaCommand) -> ExitCode {
             dir,
             trust_domain,
             validity,
-        } => done(ca::signer::init(&dir, &trust_domain, validity).map(|_| {
-            format!(
-                "created a root CA for trust domain {trust_domain} in {}",
-                dir.display()
+            signed_by,
+        } => {
+            let what = if signed_by.is_some() {
+                "an intermediate"
+            } else {
+                "a root"
+            };
+            done(
+                ca::signer::init(&dir, &trust_domain, validity, signed_by.as_deref()).map(|_| {
+                    format!(
+                        "created {what} CA for trust domain {trust_domain} in {}",
+                        dir.display()
+                    )
+                }),
             )
-        })),
+        }
         CaCommand::Join {
             dir,
             trust_domain,

@@ -17,3 +17,4 @@ pub use agent::{Agent, AgentOptions};
 pub use env::Env;
 pub use pod::{Node, Pod};
 pub mod kernel;
+pub mod pcap;

@@ -82,8 +82,15 @@ fn serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-/// Creates a new root CA in `dir` (Istio's file layout).
-pub fn init(dir: &Path, trust_domain: &str, validity: Duration) -> Result<PathBuf, Error> {
+/// Creates a new CA in `dir` (Istio's file layout): a self-signed root, or,
+/// with `parent`, an intermediate signed by the CA in that directory (which
+/// then need not be online: only this directory is served).
+pub fn init(
+    dir: &Path,
+    trust_domain: &str,
+    validity: Duration,
+    parent: Option<&Path>,
+) -> Result<PathBuf, Error> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Write {
         path: dir.into(),
         source,
@@ -96,7 +103,7 @@ pub fn init(dir: &Path, trust_domain: &str, validity: Duration) -> Result<PathBu
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
-    // A root's name says which root it is, so a rotation shows in /config_dump.
+    // A CA's name says which one it is, so rotations show in /config_dump.
     let serial = serial();
     let tag: String = serial
         .to_bytes()
@@ -104,9 +111,19 @@ pub fn init(dir: &Path, trust_domain: &str, validity: Duration) -> Result<PathBu
         .take(4)
         .map(|b| format!("{b:02x}"))
         .collect();
-    dn.push(DnType::CommonName, format!("mesh root CA {tag}"));
+    let role = if parent.is_some() {
+        "intermediate"
+    } else {
+        "root"
+    };
+    dn.push(DnType::CommonName, format!("mesh {role} CA {tag}"));
     p.distinguished_name = dn;
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.is_ca = IsCa::Ca(if parent.is_some() {
+        // An intermediate signs workloads only, never another CA.
+        BasicConstraints::Constrained(0)
+    } else {
+        BasicConstraints::Unconstrained
+    });
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -116,11 +133,26 @@ pub fn init(dir: &Path, trust_domain: &str, validity: Duration) -> Result<PathBu
     p.not_before = now - Duration::from_secs(60);
     p.not_after = now + validity;
     p.serial_number = Some(serial);
-    let cert = p.self_signed(&key)?;
+    let (cert_pem, chain, roots) = match parent {
+        None => {
+            let cert = p.self_signed(&key)?.pem();
+            (cert.clone(), cert.clone(), cert)
+        }
+        Some(parent_dir) => {
+            let up = Signer::load(parent_dir, trust_domain)?;
+            p.use_authority_key_identifier_extension = true;
+            p.not_after = p.not_after.min(up.signing_not_after.into());
+            let cert = p.signed_by(&key, &up.issuer)?.pem();
+            // The chain runs from this certificate up to the root.
+            let parent_chain = read(&parent_dir.join("cert-chain.pem"))?;
+            let roots = read(&parent_dir.join("root-cert.pem"))?;
+            (cert.clone(), format!("{cert}{parent_chain}"), roots)
+        }
+    };
     write(&key_path, &key.serialize_pem(), true)?;
-    for f in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
-        write(&dir.join(f), &cert.pem(), false)?;
-    }
+    write(&dir.join("ca-cert.pem"), &cert_pem, false)?;
+    write(&dir.join("cert-chain.pem"), &chain, false)?;
+    write(&dir.join("root-cert.pem"), &roots, false)?;
     Ok(key_path)
 }
 
@@ -308,7 +340,7 @@ mod tests {
     #[test]
     fn init_then_sign_a_csr_for_exactly_the_asked_identity() {
         let dir = tmp("sign");
-        init(&dir, "td.local", Duration::from_secs(3600 * 24)).unwrap();
+        init(&dir, "td.local", Duration::from_secs(3600 * 24), None).unwrap();
         assert!(matches!(
             init(&dir, "td.local", Duration::from_secs(60)),
             Err(Error::Exists { .. })
@@ -347,7 +379,7 @@ mod tests {
     #[test]
     fn an_intermediate_signer_sends_its_certificate_with_the_leaf() {
         let root_dir = tmp("root");
-        init(&root_dir, "td", Duration::from_secs(86400)).unwrap();
+        init(&root_dir, "td", Duration::from_secs(86400), None).unwrap();
         let root = Signer::load(&root_dir, "td").unwrap();
         // Make an intermediate signed by the root, in a second directory.
         let key = KeyPair::generate().unwrap();
