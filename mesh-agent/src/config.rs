@@ -122,6 +122,9 @@ pub struct CaRunConfig {
     /// The service account node agents run as.
     #[arg(long, default_value = "system:serviceaccount:mesh-system:mesh-agent")]
     pub kube_agent_sa: String,
+    /// Audience agents' tokens are bound to (checked by the TokenReview).
+    #[arg(long, env = "MESH_KUBE_AUDIENCE")]
+    pub kube_audience: Option<String>,
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     pub log_level: String,
     #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

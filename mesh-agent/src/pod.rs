@@ -214,7 +214,7 @@ pub fn enrol(
         identities.acquire(id);
     }
     ctx.workloads.insert_local(&pod);
-    tracing::info!(pod = %key, netns_cookie = pod.netns_cookie, identity = ?identity.as_ref().map(ToString::to_string), "enrolled");
+    tracing::info!(pod = %key, netns_cookie = pod.netns_cookie, identity = %identity.as_ref().map_or_else(|| "none (no mTLS)".to_owned(), ToString::to_string), "enrolled");
     Ok(EnrolledPod {
         workload,
         netns_cookie: pod.netns_cookie,

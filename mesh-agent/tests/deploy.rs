@@ -78,3 +78,43 @@ fn the_workload_configmap_holds_a_valid_registry() {
     mesh_agent::workload::parse(Path::new("deploy/workloads.yaml"), text.as_bytes())
         .expect("valid registry");
 }
+
+#[test]
+fn the_ca_deployment_arguments_are_accepted() {
+    let d = docs("ca.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("a Deployment");
+    let container = &d["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let cli = Cli::try_parse_from(std::iter::once("mesh-agent").chain(args.iter().copied()))
+        .unwrap_or_else(|e| panic!("the CA Deployment's args are not valid: {e}"));
+    let Command::Ca {
+        command: mesh_agent::config::CaCommand::Run(cfg),
+    } = cli.command
+    else {
+        panic!("not `ca run`")
+    };
+    assert_eq!(cfg.listen.port(), 15012);
+    assert_eq!(cfg.kube_audience.as_deref(), Some("mesh-ca"));
+    // The agents' token audience matches.
+    let ds = docs("daemonset.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap();
+    let token = ds["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "ca-token")
+        .expect("the ca-token volume");
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "mesh-ca"
+    );
+}

@@ -225,6 +225,18 @@ fn sweep_stale() {
 /// Removes resources named `name` (and `name-*`) from an earlier run.
 fn remove_leftovers(name: &str, bpffs: &Path) {
     let _ = fs::remove_dir_all(bpffs);
+    let per_node = format!(
+        "{}--",
+        bpffs.file_name().unwrap_or_default().to_string_lossy()
+    );
+    if let Ok(rd) = fs::read_dir(bpffs.parent().unwrap_or(Path::new("/sys/fs/bpf"))) {
+        for e in rd
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&per_node))
+        {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
     if let Ok(rd) = fs::read_dir("/run/netns") {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();

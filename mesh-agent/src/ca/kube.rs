@@ -24,6 +24,7 @@ pub struct TokenReviewer {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// The service account node agents run as.
     agent_sa: String,
+    audience: Option<String>,
 }
 
 impl TokenReviewer {
@@ -32,6 +33,7 @@ impl TokenReviewer {
         token_file: Option<PathBuf>,
         ca_file: Option<PathBuf>,
         agent_sa: String,
+        audience: Option<String>,
     ) -> Result<Self, Error> {
         let api: hyper::Uri = api
             .parse()
@@ -62,6 +64,7 @@ impl TokenReviewer {
             token_file,
             tls,
             agent_sa,
+            audience,
         })
     }
 
@@ -101,7 +104,7 @@ impl TokenReviewer {
         let body = json!({
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
-            "spec": {"token": token},
+            "spec": {"token": token, "audiences": self.audience.iter().collect::<Vec<_>>()},
         });
         let mut req = Request::post(format!(
             "{}/apis/authentication.k8s.io/v1/tokenreviews",

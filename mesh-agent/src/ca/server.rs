@@ -63,6 +63,7 @@ pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
             cfg.kube_token_file.clone(),
             cfg.kube_ca_file.clone(),
             cfg.kube_agent_sa.clone(),
+            cfg.kube_audience.clone(),
         )?),
         None => None,
     };

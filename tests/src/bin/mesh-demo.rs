@@ -5,7 +5,13 @@
 
 use std::{process::Command, sync::Arc, time::Duration};
 
-use mesh_tests::{Agent, AgentOptions, Env, kernel, pod::Pod, sys};
+use mesh_tests::{
+    Agent, AgentOptions, Env,
+    ca::{Ca, Capture},
+    kernel,
+    pod::Pod,
+    sys,
+};
 
 const PIN_DIR: &str = "/sys/fs/bpf/mesh";
 
@@ -79,63 +85,104 @@ fn curl(pod: &Pod, url: &str) -> String {
 }
 
 fn run(env: &Env, hold: bool) {
-    step("A simulated node with two pods and a host outside the mesh");
-    let node = env.node("node");
-    let client = env.pod(&node, "client");
-    let mut server = env.pod(&node, "server");
+    step("Two simulated nodes joined by a fabric, pods on each, a host outside the mesh");
+    let node_a = env.node("node-a");
+    let node_b = env.node("node-b");
+    let mut client = env.pod(&node_a, "client");
+    client.service_account = "sleep".into();
+    let mut server = env.pod(&node_b, "server");
+    server.service_account = "httpbin".into();
     server.labels.push(("version".into(), "v1".into()));
-    let external = env.pod(&node, "external");
+    let external = env.pod(&node_a, "external");
+    let fabric = env.connect_nodes(&[&node_a, &node_b]);
     for p in [&client, &server, &external] {
         println!(
-            "  {:9} netns {:22} ip {} / {}  cgroup {}",
-            p.name,
-            p.netns,
-            p.ip4,
-            p.ip6,
-            p.cgroup.display()
+            "  {:9} on {:7} netns {:20} ip {} / {}  sa {}",
+            p.name, p.node, p.netns, p.ip4, p.ip6, p.service_account
         );
     }
-    println!(
-        "  only client and server are enrolled; external stands for anything outside the mesh"
-    );
+    println!("  client and server are in the mesh; external stands for anything outside it");
     server.spawn_app(env, &["http", "server", &server.v4(8080)]);
     server.spawn_app(env, &["echo", &server.v4(9000), &server.v6(9000)]);
     external.spawn_app(env, &["http", "external", &external.v4(80)]);
+    let registry = [&client, &server];
 
-    step("Start mesh-agent in the node (pins under /sys/fs/bpf/mesh)");
-    let agent = Agent::start(env, &node, &[&client, &server], AgentOptions::default());
-    for l in agent
-        .log()
-        .lines()
-        .filter(|l| l.contains("enrolled") || l.contains("ready"))
-    {
+    step("A certificate authority for the mesh (mesh-agent ca init + ca run), on the fabric");
+    let ca = Ca::start(env, &fabric, "ca", &registry);
+    for l in ca.log().lines().filter(|l| l.contains("ready")) {
         println!("  {}", strip_ansi(l));
     }
 
-    step("1. HTTP from client to server: captured on the way out and on the way in");
-    curl(&client, &format!("http://{}/", server.v4(8080)));
-    println!("  (the app sees 127.0.0.6: the agent's inbound connection, as with Istio's sidecar)");
+    step(
+        "mesh-agent on each node, with a node credential from the CA (pins under /sys/fs/bpf/mesh)",
+    );
+    let opts = |node: &mesh_tests::Node, pins: std::path::PathBuf| AgentOptions {
+        args: ca.agent_args(node),
+        pin_dir: Some(pins),
+        ..Default::default()
+    };
+    let agent_a = Agent::start(env, &node_a, &registry, opts(&node_a, PIN_DIR.into()));
+    let agent_b = Agent::start(env, &node_b, &registry, opts(&node_b, env.pin_dir(&node_b)));
+    for (name, a) in [("node-a", &agent_a), ("node-b", &agent_b)] {
+        for l in a.log().lines().filter(|l| l.contains("enrolled")) {
+            println!(
+                "  {name}: {}",
+                strip_ansi(l).split("INFO ").nth(1).unwrap_or(l)
+            );
+        }
+    }
+    let capture = Capture::start(env, &node_a.netns, "up0", "tcp port 15008");
 
-    step("2. Raw TCP from client to server's echo port, IPv4 and IPv6");
+    step(
+        "1. HTTP from client (node-a) to server (node-b): captured, carried over HBONE (mutual TLS)",
+    );
+    curl(&client, &format!("http://{}/", server.v4(8080)));
+    println!(
+        "  (the app sees 127.0.0.6: the destination agent's connection inside the server pod)"
+    );
+
+    step("2. Raw TCP to the server's echo port, IPv4 and IPv6");
     for dst in [server.v4(9000), server.v6(9000)] {
-        let r = client.run_app(&["connect", &dst, "hello through the mesh"]);
-        let j = r.json();
+        let j = client
+            .run_app(&["connect", &dst, "hello through the mesh"])
+            .json();
         println!("$ [in pod client] mesh-testapp connect {dst}");
         println!(
-            "  sent {:?}, echoed {:?}; the socket's peer reads {} (getpeername restored)",
+            "  sent {:?}, echoed {:?}; getpeername says {}",
             j["sent"].as_str().unwrap(),
             j["received"].as_str().unwrap(),
             j["peer"]
         );
     }
 
-    step("3. HTTP from client to a destination outside the mesh");
-    curl(&client, &format!("http://{}/", external.v4(80)));
-    println!(
-        "  (the agent carried it out of the client pod's own netns, so external sees the client's address)"
+    step(
+        "3. HTTP from client to a destination outside the mesh: no tunnel, straight from the client pod",
     );
+    curl(&client, &format!("http://{}/", external.v4(80)));
 
-    step("4. A long-lived connection, so the maps have something to show");
+    step("4. What crossed the wire between the nodes (tcpdump on node-a's uplink, port 15008)");
+    let pcap = capture.stop(env);
+    let flows = mesh_tests::pcap::tcp_flows(&pcap);
+    let bytes: usize = flows.iter().map(|f| f.bytes.len()).sum();
+    let all_tls = flows
+        .iter()
+        .all(|f| mesh_tests::pcap::tls_records(&f.bytes).is_ok());
+    let leaked = ["hello through the mesh", "hello from server"]
+        .iter()
+        .any(|p| pcap.windows(p.len()).any(|w| w == p.as_bytes()));
+    let handshakes = pcap
+        .windows(6)
+        .filter(|w| *w == [0x00, 0x2b, 0x00, 0x02, 0x03, 0x04])
+        .count();
+    println!(
+        "  {} TCP streams, {bytes} bytes; TLS records only: {}; TLS 1.3 handshakes: {handshakes}; any payload in clear: {}",
+        flows.len(),
+        yes(all_tls),
+        yes(leaked)
+    );
+    println!("  (three requests, one pooled connection: the HBONE streams share it)");
+
+    step("5. A long-lived connection, so the maps have something to show");
     let held = client.spawn_app(env, &["hold", &server.v4(9000), "600"]);
     let h = held.wait_for(|v| v["event"] == "holding", Duration::from_secs(5));
     println!(
@@ -144,36 +191,35 @@ fn run(env: &Env, hold: bool) {
         h["peer"].as_str().unwrap_or("?")
     );
 
-    step("What the agent counted (GET :15020/metrics, Istio's metric names)");
-    print_tcp_table(&agent.metrics().0);
-    let m = agent.metrics();
-    let mut kernel_counts = Vec::new();
-    for line in
-        m.0.lines()
-            .filter(|l| l.starts_with("mesh_ebpf_program_events_total{") && !l.ends_with(" 0"))
-    {
-        let label = |k: &str| {
-            line.split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("?")
-                .to_owned()
-        };
-        kernel_counts.push(format!(
-            "{} {} {}",
-            label("program"),
-            label("outcome"),
-            line.rsplit(' ').next().unwrap_or("?")
-        ));
+    step("What the agents counted (GET :15020/metrics, Istio's metric names)");
+    for (name, a) in [("node-a", &agent_a), ("node-b", &agent_b)] {
+        println!("  {name}:");
+        print_tcp_table(&a.metrics().0);
     }
-    println!(
-        "  kernel programs (mesh_ebpf_program_events_total): {}",
-        kernel_counts.join(", ")
-    );
 
-    step("What the kernel has: our programs, where they are attached, and the maps");
+    step("Certificates the agents hold (GET :15000/config_dump; never keys)");
+    for (name, a) in [("node-a", &agent_a), ("node-b", &agent_b)] {
+        let d = a.config_dump();
+        for c in d["certificates"]["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "  {name}: {}  serial {}  valid until {}",
+                c["identity"].as_str().unwrap_or("?"),
+                c["serial"].as_str().unwrap_or("-"),
+                c["notAfter"].as_str().unwrap_or("-")
+            );
+        }
+    }
+
+    step("What the kernel has on node-a: our programs, where they are attached, and the maps");
     println!("$ bpftool prog show id <id>   (for each program listed in /config_dump)");
-    for p in agent.config_dump()["ebpf"]["programs"].as_array().unwrap() {
+    for p in agent_a.config_dump()["ebpf"]["programs"]
+        .as_array()
+        .unwrap()
+    {
         let out = Command::new("bpftool")
             .args(["prog", "show", "id", &p["id"].to_string()])
             .output()
@@ -189,34 +235,15 @@ fn run(env: &Env, hold: bool) {
             .arg(&env.cgroup),
     );
     shell(
-        &format!("ls {PIN_DIR} {PIN_DIR}/links/default_client"),
-        Command::new("ls")
-            .arg(PIN_DIR)
-            .arg(format!("{PIN_DIR}/links/default_client")),
-    );
-    shell(
         &format!("bpftool map dump pinned {PIN_DIR}/mesh_conn_dst"),
         Command::new("bpftool")
             .args(["map", "dump", "pinned"])
             .arg(format!("{PIN_DIR}/mesh_conn_dst")),
     );
-    let (orig, conn) = kernel::tracking_entries(&agent.pin_dir);
+    let (orig, conn) = kernel::tracking_entries(&agent_a.pin_dir);
     println!(
         "  mesh_orig_dst holds {orig} entr(y/ies), mesh_conn_dst {conn}: one per open captured connection"
     );
-
-    step("What the agent shows at :15000/config_dump (excerpt)");
-    let d = agent.config_dump();
-    for w in d["workloads"].as_array().unwrap() {
-        println!(
-            "  {}/{}  ips {}  netnsCookie {}  listeners {}",
-            w["namespace"].as_str().unwrap(),
-            w["name"].as_str().unwrap(),
-            w["ips"],
-            w["netnsCookie"],
-            w["listeners"].as_array().map_or(0, Vec::len)
-        );
-    }
 
     if hold {
         step("The demo keeps running");
@@ -224,15 +251,24 @@ fn run(env: &Env, hold: bool) {
         println!("        bpftool map dump pinned {PIN_DIR}/mesh_orig_dst");
         println!(
             "        nsenter --net=/run/netns/{} curl -s 127.0.0.1:15020/metrics | grep istio_tcp",
-            node.netns
+            node_a.netns
+        );
+        println!(
+            "        nsenter --net=/run/netns/{} curl -s 127.0.0.1:15000/config_dump",
+            node_a.netns
         );
         println!("  press Enter (or Ctrl-C) to clean up");
         let mut s = String::new();
         let _ = std::io::stdin().read_line(&mut s);
     }
     env.kill(held.pid);
-    step("Clean up: SIGTERM to the agent, then remove the pods and the node");
-    drop(agent);
+    step("Clean up: SIGTERM to the agents, then remove the pods, nodes and CA");
+    drop(agent_a);
+    drop(agent_b);
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
 }
 
 fn check_clean(env: &Env) {
@@ -302,16 +338,29 @@ fn print_tcp_table(text: &str) {
             "unknown" => format!("{} (outside)", label("destination_service")),
             w => w.to_owned(),
         };
-        let key = (label("reporter"), label("source_workload"), dst);
+        let key = (
+            label("reporter"),
+            format!(
+                "{} [{}]",
+                label("source_workload"),
+                label("connection_security_policy")
+            ),
+            dst,
+        );
         rows.entry(key).or_default()[col] += value.parse::<f64>().unwrap_or(0.0);
     }
     println!(
-        "  {:<12} {:<28} {:>6} {:>6} {:>10} {:>10}",
-        "reporter", "source -> destination", "opened", "closed", "bytes req", "bytes resp"
+        "    {:<12} {:<44} {:>6} {:>6} {:>10} {:>10}",
+        "reporter",
+        "source [security] -> destination",
+        "opened",
+        "closed",
+        "bytes req",
+        "bytes resp"
     );
     for ((reporter, src, dst), v) in rows {
         println!(
-            "  {:<12} {:<28} {:>6} {:>6} {:>10} {:>10}",
+            "    {:<12} {:<44} {:>6} {:>6} {:>10} {:>10}",
             reporter,
             format!("{src} -> {dst}"),
             v[0],
