@@ -15,6 +15,9 @@ pub struct Flow {
     pub bytes: Vec<u8>,
 }
 
+/// One direction's initial sequence number and its segments by offset.
+type Segments = (Option<u32>, BTreeMap<u32, Vec<u8>>);
+
 /// The TCP byte streams in a pcap file (Ethernet link type).
 pub fn tcp_flows(pcap: &[u8]) -> Vec<Flow> {
     assert!(pcap.len() >= 24, "not a pcap file");
@@ -32,9 +35,7 @@ pub fn tcp_flows(pcap: &[u8]) -> Vec<Flow> {
         }
     };
     assert_eq!(u32_at(pcap, 20), 1, "only Ethernet captures are understood");
-    // Per direction: initial sequence number and segments by offset.
-    let mut flows: HashMap<(SocketAddr, SocketAddr), (Option<u32>, BTreeMap<u32, Vec<u8>>)> =
-        HashMap::new();
+    let mut flows: HashMap<(SocketAddr, SocketAddr), Segments> = HashMap::new();
     let mut at = 24;
     while at + 16 <= pcap.len() {
         let incl = u32_at(pcap, at + 8) as usize;

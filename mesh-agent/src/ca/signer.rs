@@ -342,7 +342,7 @@ mod tests {
         let dir = tmp("sign");
         init(&dir, "td.local", Duration::from_secs(3600 * 24), None).unwrap();
         assert!(matches!(
-            init(&dir, "td.local", Duration::from_secs(60)),
+            init(&dir, "td.local", Duration::from_secs(60), None),
             Err(Error::Exists { .. })
         ));
         let s = Signer::load(&dir, "td.local").unwrap();
