@@ -141,10 +141,22 @@ fn route(state: &AdminState, ep: Endpoint, req: Request<Incoming>) -> Response<F
             state.metrics.render(),
         ),
         (Endpoint::Readiness | Endpoint::Admin, "/healthz/ready") if get => {
-            if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready")
+            // Ready once the pods are enrolled and each has its certificate:
+            // before that, mesh traffic to them would be refused.
+            let pending = state
+                .identities
+                .as_ref()
+                .map(|i| i.pending())
+                .unwrap_or_default();
+            if !state.ready.load(Ordering::Acquire) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: enrolling pods")
+            } else if !pending.is_empty() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: no certificate yet for {}", pending.join(", ")),
+                )
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                text(StatusCode::OK, "ready")
             }
         }
         (Endpoint::Admin, "/config_dump") if get => {

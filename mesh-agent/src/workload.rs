@@ -244,6 +244,27 @@ fn check_dns_subdomain(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(test)]
+impl Workload {
+    /// A workload for unit tests: one IPv4 address, placeholder paths.
+    pub fn for_tests(name: &str, namespace: &str, labels: &[(&str, &str)]) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: "default".into(),
+            ips: vec!["10.0.0.2".parse().expect("address")],
+            netns: "/run/netns/test".into(),
+            cgroup: "/sys/fs/cgroup/test".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            node: None,
+            uid: None,
+        }
+    }
+}
+
 /// Parses a workload source read by [`crate::watch`] (one file).
 pub fn parse_snapshot(snapshot: &crate::watch::Snapshot) -> Result<Vec<Workload>, Error> {
     let mut all = Vec::new();

@@ -17,6 +17,26 @@ fn docs(file: &str) -> Vec<serde_yaml::Value> {
         .collect()
 }
 
+/// The `args` of the first container of the first `kind` in `file`.
+fn container_args(file: &str, kind: &str) -> (serde_yaml::Value, Vec<String>) {
+    let d = docs(file)
+        .into_iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {file}"));
+    let container = d["spec"]["template"]["spec"]["containers"][0].clone();
+    let args = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    (container, args)
+}
+
+fn parse(args: &[String]) -> Result<Cli, clap::Error> {
+    Cli::try_parse_from(std::iter::once("mesh-agent").chain(args.iter().map(String::as_str)))
+}
+
 #[test]
 fn every_manifest_parses_and_has_a_kind() {
     let kustomization = &docs("kustomization.yaml")[0];
@@ -35,19 +55,8 @@ fn every_manifest_parses_and_has_a_kind() {
 
 #[test]
 fn daemonset_arguments_are_accepted_by_the_agent() {
-    let ds = docs("daemonset.yaml")
-        .into_iter()
-        .find(|d| d["kind"] == "DaemonSet")
-        .expect("a DaemonSet");
-    let container = &ds["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<&str> = container["args"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let cli = Cli::try_parse_from(std::iter::once("mesh-agent").chain(args.iter().copied()))
-        .unwrap_or_else(|e| panic!("the DaemonSet's args are not valid: {e}"));
+    let (container, args) = container_args("daemonset.yaml", "DaemonSet");
+    let cli = parse(&args).unwrap_or_else(|e| panic!("the DaemonSet's args are not valid: {e}"));
     let Command::Run(config) = cli.command else {
         panic!("not a run command")
     };
@@ -81,19 +90,9 @@ fn the_workload_configmap_holds_a_valid_registry() {
 
 #[test]
 fn the_ca_deployment_arguments_are_accepted() {
-    let d = docs("ca.yaml")
-        .into_iter()
-        .find(|d| d["kind"] == "Deployment")
-        .expect("a Deployment");
-    let container = &d["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<&str> = container["args"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let cli = Cli::try_parse_from(std::iter::once("mesh-agent").chain(args.iter().copied()))
-        .unwrap_or_else(|e| panic!("the CA Deployment's args are not valid: {e}"));
+    let (_, args) = container_args("ca.yaml", "Deployment");
+    let cli =
+        parse(&args).unwrap_or_else(|e| panic!("the CA Deployment's args are not valid: {e}"));
     let Command::Ca {
         command: mesh_agent::config::CaCommand::Run(cfg),
     } = cli.command

@@ -25,6 +25,9 @@ pub struct AgentOptions {
     pub log: Option<String>,
     /// Pin directory instead of the environment's.
     pub pin_dir: Option<PathBuf>,
+    /// The agent is not expected to become ready (some pod cannot get a
+    /// certificate): start-up waits for its admin endpoint instead.
+    pub unready: bool,
 }
 
 impl AgentOptions {
@@ -101,7 +104,7 @@ impl Agent {
             pin_dir,
             log_path,
         };
-        agent.wait_ready();
+        agent.wait_ready(opts.unready);
         agent
     }
 
@@ -137,7 +140,14 @@ impl Agent {
         self.child.as_ref().map(Child::id).expect("agent running")
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits for `/healthz/ready`, or with `serving_only` just for the admin
+    /// endpoint (an agent that cannot get all its certificates never is ready).
+    fn wait_ready(&mut self, serving_only: bool) {
+        let probe = if serving_only {
+            "http://127.0.0.1:15000/config_dump"
+        } else {
+            "http://127.0.0.1:15021/healthz/ready"
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self
@@ -152,7 +162,7 @@ impl Agent {
                     self.log()
                 );
             }
-            if self.try_get("http://127.0.0.1:15021/healthz/ready").is_ok() {
+            if self.try_get(probe).is_ok() {
                 return;
             }
             assert!(
@@ -187,10 +197,12 @@ impl Agent {
                 .unwrap(),
             Duration::from_secs(20),
         );
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            Ok(body)
         } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            // The body of an error answer, then what went wrong.
+            Err(format!("{body}{}", String::from_utf8_lossy(&out.stderr)))
         }
     }
 

@@ -155,6 +155,18 @@ impl IdentityManager {
         Ok(issued.key.clone())
     }
 
+    /// Identities that have no certificate yet (readiness waits for none).
+    pub fn pending(&self) -> Vec<String> {
+        let entries = self.entries.lock().expect("identity lock");
+        let mut p: Vec<String> = entries
+            .iter()
+            .filter(|(_, e)| e.current.borrow().is_none())
+            .map(|(id, _)| id.to_string())
+            .collect();
+        p.sort();
+        p
+    }
+
     /// Re-reads the trust bundle from the CA every `every` (new roots during
     /// a rotation reach agents before any certificate needs them).
     pub fn refresh_bundle_every(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
@@ -229,14 +241,60 @@ impl IdentityManager {
     }
 }
 
-/// When to renew: at half the certificate's lifetime.
+/// When to renew: halfway through what is left of a certificate just
+/// received (its half-life). Not from `not_before`: CAs backdate it for
+/// clock skew (ours by a minute), which for short lifetimes would put the
+/// half-life in the past and renew in a loop. Never sooner than 500 ms.
 fn renew_in(info: &CertInfo) -> Duration {
-    let life = info
+    let left = info
         .not_after
-        .duration_since(info.not_before)
+        .duration_since(SystemTime::now())
         .unwrap_or_default();
-    let at = info.not_before + life / 2;
-    at.duration_since(SystemTime::now()).unwrap_or_default()
+    (left / 2).max(Duration::from_millis(500))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(not_before: SystemTime, not_after: SystemTime) -> CertInfo {
+        CertInfo {
+            identity: None,
+            serial: "1".into(),
+            not_before,
+            not_after,
+            issuer: String::new(),
+        }
+    }
+
+    #[test]
+    fn renewal_is_at_half_the_remaining_life_even_when_backdated() {
+        let now = SystemTime::now();
+        // 24 h, backdated a minute: about 12 h.
+        let day = renew_in(&info(
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(86400),
+        ));
+        assert!(
+            day > Duration::from_secs(43000) && day <= Duration::from_secs(43200),
+            "{day:?}"
+        );
+        // 4 s, backdated a minute: about 2 s, not "already due".
+        let short = renew_in(&info(
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(4),
+        ));
+        assert!(
+            short > Duration::from_millis(1500) && short <= Duration::from_secs(2),
+            "{short:?}"
+        );
+        // Expired or about to: soon, but not in a loop.
+        let late = renew_in(&info(
+            now - Duration::from_secs(10),
+            now - Duration::from_secs(1),
+        ));
+        assert_eq!(late, Duration::from_millis(500));
+    }
 }
 
 /// Fetches a certificate for `id` and renews it at half-life, retrying

@@ -250,20 +250,7 @@ mod tests {
     }
 
     fn pod(ns: &str, labels: &[(&str, &str)]) -> Workload {
-        Workload {
-            name: "p".into(),
-            namespace: ns.into(),
-            service_account: "default".into(),
-            ips: vec!["10.0.0.1".parse().unwrap()],
-            netns: "/n".into(),
-            cgroup: "/c".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            node: None,
-            uid: None,
-        }
+        Workload::for_tests("p", ns, labels)
     }
 
     const DOCS: &str = r#"

@@ -82,6 +82,16 @@ async fn connection(
     identity: SpiffeId,
 ) {
     let _ = tcp.set_nodelay(true);
+    // A pod just enrolled may still be waiting for its certificate: hold the
+    // client's hello (it waits in the socket) rather than fail the handshake.
+    if let Some(identities) = &ctx.identities
+        && let Err(e) = identities.wait(&identity, HANDSHAKE_TIMEOUT).await
+    {
+        ctx.metrics
+            .tls_failure(Reporter::Destination, "no_certificate");
+        tracing::warn!(pod = %pod.workload.key(), %peer, "hbone: {e}");
+        return;
+    }
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

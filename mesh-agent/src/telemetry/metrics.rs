@@ -428,20 +428,7 @@ mod tests {
     use crate::workload::Workload;
 
     fn wl(name: &str, labels: &[(&str, &str)]) -> Workload {
-        Workload {
-            name: name.into(),
-            namespace: "default".into(),
-            service_account: "sa".into(),
-            ips: vec!["10.0.0.2".parse().unwrap()],
-            netns: "/run/netns/x".into(),
-            cgroup: "/sys/fs/cgroup/x".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            node: None,
-            uid: None,
-        }
+        Workload::for_tests(name, "default", labels)
     }
 
     #[test]
