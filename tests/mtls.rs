@@ -502,14 +502,16 @@ fn renewal_keeps_open_connections_and_new_ones_use_the_new_certificate() {
     assert!(r["rounds"].as_u64().unwrap() >= 40, "{r}");
     let now = serial().unwrap();
     assert_ne!(first, now, "no renewal in 7 s of 4 s certificates");
-    // Renewed at half-life: about every 2 s, so 3 to 6 certificates in all,
-    // not a renewal loop.
     let issued = agent_a
         .metrics()
         .value("mesh_certificate_requests_total", &[("result", "issued")]);
+    // Renewed at half-life, about every 2 s: a few certificates, not a
+    // renewal loop (allowing for a slow machine).
+    let most = 2.0 + since_first.elapsed().as_secs_f64() / 1.5;
     assert!(
-        (3.0..=6.0).contains(&issued),
-        "{issued} certificates issued in ~8 s of 4 s lifetimes"
+        issued >= 3.0 && issued <= most,
+        "{issued} certificates issued in {:?} of 4 s lifetimes",
+        since_first.elapsed()
     );
     c.client.run_app(&["connect", &c.server.v4(9000)]).json();
 }
