@@ -33,6 +33,21 @@ pub struct Cli {
 pub enum Command {
     /// Load the eBPF programs, enrol the node's pods and proxy their traffic.
     Run(Box<Config>),
+    /// Check Istio configuration files the way `istioctl validate` does:
+    /// every problem with its file, line, resource and field; exit status 1
+    /// when any is an error.
+    Validate {
+        /// Files or directories (walked recursively) of YAML or JSON.
+        #[arg(required = true, value_name = "FILE|DIR")]
+        paths: Vec<PathBuf>,
+        /// Print errors only, not notes (fields accepted but not yet enforced,
+        /// skipped objects).
+        #[arg(long)]
+        errors_only: bool,
+        /// Print the problems as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The mesh's certificate authority.
     Ca {
         #[command(subcommand)]

@@ -7,6 +7,7 @@ pub mod app;
 pub mod ca;
 pub mod config;
 pub mod identity;
+pub mod istio;
 pub mod netns;
 pub mod pod;
 pub mod policy;

@@ -5,6 +5,7 @@ use mesh_agent::{
     app, ca,
     config::{CaCommand, Cli, Command, Config},
     identity::SpiffeId,
+    istio::Severity,
     telemetry,
 };
 
@@ -29,6 +30,43 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(config) => run(*config),
         Command::Ca { command } => ca_command(command),
+        Command::Validate {
+            paths,
+            errors_only,
+            json,
+        } => validate(&paths, errors_only, json),
+    }
+}
+
+fn validate(paths: &[std::path::PathBuf], errors_only: bool, json: bool) -> ExitCode {
+    let report = mesh_agent::istio::check::paths(paths);
+    let shown: Vec<_> = report
+        .problems
+        .iter()
+        .filter(|p| !errors_only || p.severity == Severity::Error)
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&shown).unwrap_or_default()
+        );
+    } else {
+        for p in &shown {
+            println!("{p}");
+        }
+    }
+    let errors = report.errors();
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    eprintln!(
+        "validated {} files, {} documents: {errors} errors, {} notes",
+        report.files,
+        report.documents,
+        report.problems.len() - errors
+    );
+    if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

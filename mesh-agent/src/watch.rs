@@ -10,24 +10,46 @@ use std::{
 /// The files of a source and their bytes, in name order.
 pub type Snapshot = Vec<(PathBuf, Vec<u8>)>;
 
-/// Reads `path`: one file, or every configuration file in a directory.
+/// Reads `path`: one file, or every configuration file under a directory
+/// (recursively). Names starting with `.` are skipped: a Kubernetes
+/// ConfigMap volume keeps its real files under `..data/` and exposes them
+/// again as symlinks at the top, which are what we read.
 pub fn read(path: &Path) -> io::Result<Snapshot> {
     if !path.is_dir() {
         return Ok(vec![(path.to_path_buf(), std::fs::read(path)?)]);
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-        })
-        .collect();
+    let mut files = Vec::new();
+    collect(path, 0, &mut files)?;
     files.sort();
     files
         .into_iter()
         .map(|f| std::fs::read(&f).map(|b| (f, b)))
         .collect()
+}
+
+/// Deep enough for any layout people use, and bounded against symlink loops.
+const MAX_DEPTH: usize = 8;
+
+fn collect(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.file_name()
+            .is_none_or(|n| n.to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
+        if p.is_dir() {
+            if depth < MAX_DEPTH {
+                collect(&p, depth + 1, out)?;
+            }
+        } else if p.is_file()
+            && p.extension()
+                .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
 }
 
 /// Reports a source's new content when it changes.

@@ -1,0 +1,645 @@
+//! Reading configuration documents: multi-document YAML, JSON, Kubernetes
+//! `List`s; each document located (file, line of every field path) and
+//! sorted into Istio resources, Kubernetes objects the registry uses, and
+//! workload registries.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use serde_path_to_error::Segment;
+use yaml_rust2::{
+    Yaml,
+    parser::{Event, MarkedEventReceiver, Parser},
+    scanner::{Marker, TScalarStyle},
+};
+
+use super::{Kind, Meta, Problem, Resource, Severity, Spec};
+use crate::workload::Workload;
+
+/// Where a document came from, and the line of each of its field paths.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub file: std::path::PathBuf,
+    /// Line of the document (or List item).
+    pub line: usize,
+    lines: Arc<BTreeMap<String, usize>>,
+    /// `items[3].` when the document is an item of a List.
+    prefix: String,
+}
+
+impl Origin {
+    /// The line of `path` (relative to the document), or of its nearest
+    /// ancestor that has one.
+    pub fn line_of(&self, path: &str) -> usize {
+        let mut p = format!("{}{path}", self.prefix);
+        loop {
+            if let Some(l) = self.lines.get(&p) {
+                return *l;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p.truncate(i),
+                None => return self.line,
+            }
+        }
+    }
+
+    fn item(&self, index: usize) -> Self {
+        let prefix = format!("{}items[{index}].", self.prefix);
+        let line = self
+            .lines
+            .get(prefix.trim_end_matches('.'))
+            .copied()
+            .unwrap_or(self.line);
+        Self {
+            file: self.file.clone(),
+            line,
+            lines: self.lines.clone(),
+            prefix,
+        }
+    }
+}
+
+/// The Kubernetes objects the service registry reads.
+#[derive(Debug, Clone)]
+pub enum KubeObject {
+    Service(Box<k8s_openapi::api::core::v1::Service>),
+    EndpointSlice(Box<k8s_openapi::api::discovery::v1::EndpointSlice>),
+    Endpoints(Box<k8s_openapi::api::core::v1::Endpoints>),
+    Pod(Box<k8s_openapi::api::core::v1::Pod>),
+    Namespace(Box<k8s_openapi::api::core::v1::Namespace>),
+}
+
+impl KubeObject {
+    /// `Kind namespace/name`, as problems name it.
+    pub fn id(&self) -> String {
+        let (kind, meta) = match self {
+            KubeObject::Service(o) => ("Service", &o.metadata),
+            KubeObject::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+            KubeObject::Endpoints(o) => ("Endpoints", &o.metadata),
+            KubeObject::Pod(o) => ("Pod", &o.metadata),
+            KubeObject::Namespace(o) => {
+                return format!(
+                    "Namespace {}",
+                    o.metadata.name.as_deref().unwrap_or_default()
+                );
+            }
+        };
+        format!(
+            "{kind} {}/{}",
+            meta.namespace.as_deref().unwrap_or("default"),
+            meta.name.as_deref().unwrap_or_default()
+        )
+    }
+}
+
+/// One configuration document.
+// Built once per configuration change and moved a handful of times: the
+// size difference between variants costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Document {
+    Istio(Resource),
+    Kube(KubeObject, Origin),
+    /// A workload registry (`workloads: […]`, the agent's own format).
+    Workloads(Vec<Workload>, Origin),
+}
+
+/// Everything read from a source: documents, and problems found on the way.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub documents: Vec<Document>,
+    pub problems: Vec<Problem>,
+}
+
+/// Reads every file of a source snapshot.
+pub fn parse_snapshot(snapshot: &crate::watch::Snapshot) -> Parsed {
+    let mut out = Parsed::default();
+    for (file, bytes) in snapshot {
+        parse_file(file, bytes, &mut out);
+    }
+    out
+}
+
+/// Reads one file (YAML, possibly several documents, or JSON).
+pub fn parse_file(file: &Path, bytes: &[u8], out: &mut Parsed) {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            return out
+                .problems
+                .push(file_problem(file, 1, format!("not UTF-8: {e}")));
+        }
+    };
+    let mut b = Builder::default();
+    if let Err(e) = Parser::new_from_str(text).load(&mut b, true) {
+        let m = e.marker();
+        return out.problems.push(file_problem(
+            file,
+            m.line(),
+            format!("YAML syntax: {}", e.info()),
+        ));
+    }
+    if let Some(line) = b.too_deep {
+        return out.problems.push(file_problem(
+            file,
+            line,
+            format!("nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    for doc in b.docs {
+        let mut lines = BTreeMap::new();
+        let mut budget = MAX_NODES;
+        let value = to_json(&doc, String::new(), &mut lines, &b.anchors, &mut budget);
+        if budget == 0 {
+            out.problems.push(file_problem(
+                file,
+                doc.line,
+                format!("more than {MAX_NODES} values once aliases are expanded"),
+            ));
+            continue;
+        }
+        let origin = Origin {
+            file: file.into(),
+            line: doc.line,
+            lines: Arc::new(lines),
+            prefix: String::new(),
+        };
+        classify(value, origin, out);
+    }
+}
+
+fn file_problem(file: &Path, line: usize, message: String) -> Problem {
+    Problem {
+        severity: Severity::Error,
+        file: file.into(),
+        line,
+        resource: "document".into(),
+        field: String::new(),
+        message,
+    }
+}
+
+fn classify(value: Value, origin: Origin, out: &mut Parsed) {
+    if value.is_null() {
+        return; // an empty document (`---` at the end)
+    }
+    let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+    let api_version = value["apiVersion"].as_str().unwrap_or_default().to_owned();
+    if kind == "List" || kind.ends_with("List") && value["items"].is_array() {
+        for (i, item) in value["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            classify(item, origin.item(i), out);
+        }
+        return;
+    }
+    if kind.is_empty() && value.get("workloads").is_some() {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Registry {
+            #[serde(default)]
+            workloads: Vec<Workload>,
+        }
+        match typed::<Registry>(value) {
+            Ok(r) => out.documents.push(Document::Workloads(r.workloads, origin)),
+            Err((path, msg)) => {
+                out.problems
+                    .push(problem(&origin, "workload registry", &path, msg))
+            }
+        }
+        return;
+    }
+    let name = value["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let ns = value["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let id = if kind.is_empty() {
+        "document".to_owned()
+    } else {
+        format!(
+            "{kind} {}/{name}",
+            if ns.is_empty() { "default" } else { &ns }
+        )
+    };
+    if let Some(k) = Kind::from_name(&kind) {
+        match istio_resource(k, &api_version, value, &origin) {
+            Ok(r) => out.documents.push(Document::Istio(r)),
+            Err(p) => out.problems.extend(p),
+        }
+        return;
+    }
+    let kube = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") => typed(value).map(|v| KubeObject::Service(Box::new(v))),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            typed(value).map(|v| KubeObject::EndpointSlice(Box::new(v)))
+        }
+        ("v1", "Endpoints") => typed(value).map(|v| KubeObject::Endpoints(Box::new(v))),
+        ("v1", "Pod") => typed(value).map(|v| KubeObject::Pod(Box::new(v))),
+        ("v1", "Namespace") => typed(value).map(|v| KubeObject::Namespace(Box::new(v))),
+        _ => {
+            let what = if kind.is_empty() {
+                "a document without apiVersion/kind".to_owned()
+            } else {
+                format!("{api_version} {kind}")
+            };
+            let note = Problem {
+                severity: Severity::Note,
+                ..problem(
+                    &origin,
+                    &id,
+                    "",
+                    format!("{what} is not configuration the mesh reads: skipped"),
+                )
+            };
+            return out.problems.push(note);
+        }
+    };
+    match kube {
+        Ok(k) => out.documents.push(Document::Kube(k, origin)),
+        Err((path, msg)) => out.problems.push(problem(&origin, &id, &path, msg)),
+    }
+}
+
+fn istio_resource(
+    kind: Kind,
+    api_version: &str,
+    mut value: Value,
+    origin: &Origin,
+) -> Result<Resource, Vec<Problem>> {
+    let name = value["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let mut meta: Meta = serde_json::from_value(value["metadata"].take()).unwrap_or_default();
+    if meta.namespace.is_empty() {
+        meta.namespace = "default".into();
+    }
+    let id = format!("{} {}/{}", kind.name(), meta.namespace, name);
+    let mut problems = Vec::new();
+    if group != kind.group() || !kind.versions().contains(&version) {
+        let served: Vec<String> = kind
+            .versions()
+            .iter()
+            .map(|v| format!("{}/{v}", kind.group()))
+            .collect();
+        problems.push(problem(
+            origin,
+            &id,
+            "apiVersion",
+            format!(
+                "{api_version:?} is not served for {}; use one of {}",
+                kind.name(),
+                served.join(", ")
+            ),
+        ));
+    }
+    if let Some(obj) = value.as_object() {
+        for key in obj
+            .keys()
+            .filter(|k| !["apiVersion", "kind", "metadata", "spec", "status"].contains(&k.as_str()))
+        {
+            problems.push(problem(
+                origin,
+                &id,
+                key,
+                format!("unknown field `{key}` (expected apiVersion, kind, metadata, spec)"),
+            ));
+        }
+    }
+    let spec_value = value
+        .get_mut("spec")
+        .map(Value::take)
+        .unwrap_or(Value::Object(Default::default()));
+    macro_rules! typed_spec {
+        ($variant:ident) => {{
+            let (spec, errors) = typed_all(spec_value);
+            (spec.map(Spec::$variant), errors)
+        }};
+    }
+    let spec = match kind {
+        Kind::VirtualService => typed_spec!(VirtualService),
+        Kind::DestinationRule => typed_spec!(DestinationRule),
+        Kind::Gateway => typed_spec!(Gateway),
+        Kind::ServiceEntry => typed_spec!(ServiceEntry),
+        Kind::WorkloadEntry => typed_spec!(WorkloadEntry),
+        Kind::Sidecar => typed_spec!(Sidecar),
+        Kind::PeerAuthentication => typed_spec!(PeerAuthentication),
+        Kind::RequestAuthentication => typed_spec!(RequestAuthentication),
+        Kind::AuthorizationPolicy => typed_spec!(AuthorizationPolicy),
+        Kind::Telemetry => typed_spec!(Telemetry),
+    };
+    let (spec, type_errors) = spec;
+    let spec_path = |p: &str| {
+        if p.is_empty() {
+            "spec".to_owned()
+        } else {
+            format!("spec.{p}")
+        }
+    };
+    let bad: Vec<String> = type_errors.iter().map(|(p, _)| spec_path(p)).collect();
+    for (path, msg) in type_errors {
+        problems.push(problem(origin, &id, &spec_path(&path), msg));
+    }
+    let Some(spec) = spec else {
+        return Err(problems);
+    };
+    let resource = Resource {
+        api_version: api_version.into(),
+        metadata: meta,
+        spec,
+        origin: origin.clone(),
+    };
+    if problems.is_empty() {
+        return Ok(resource);
+    }
+    // Refused either way; the checks of the fields that did parse are
+    // reported too, so one run shows every problem. Fields that did not
+    // parse were left out, so what the checks say about them is noise.
+    problems.extend(
+        super::validate::check(&resource)
+            .into_iter()
+            .filter(|p| !bad.iter().any(|b| within(&p.field, b))),
+    );
+    Err(problems)
+}
+
+/// Whether field path `p` is `parent` or under it.
+fn within(p: &str, parent: &str) -> bool {
+    p.strip_prefix(parent)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// At most this many type errors are reported per resource.
+const MAX_TYPE_ERRORS: usize = 32;
+
+/// Deserialises `value` as `T`, finding every field that does not fit, not
+/// only the first: each one is reported, removed, and the rest tried
+/// again. Returns what parsed without them, and the errors (path, reason).
+fn typed_all<T: DeserializeOwned>(mut value: Value) -> (Option<T>, Vec<(String, String)>) {
+    let mut errors = Vec::new();
+    for _ in 0..MAX_TYPE_ERRORS {
+        let e = match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(t) => return (Some(t), errors),
+            Err(e) => e,
+        };
+        let segments: Vec<Segment> = e.path().iter().cloned().collect();
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        errors.push((path, e.into_inner().to_string()));
+        if !remove(&mut value, &segments) {
+            break;
+        }
+    }
+    (None, errors)
+}
+
+/// Removes the field at `path` (for a list element, the whole list, so the
+/// other errors' indices stay right). False when nothing could be removed.
+fn remove(value: &mut Value, path: &[Segment]) -> bool {
+    let end = path
+        .iter()
+        .rposition(|s| matches!(s, Segment::Map { .. }))
+        .unwrap_or(usize::MAX);
+    if end == usize::MAX {
+        return false;
+    }
+    let mut v = value;
+    for s in &path[..end] {
+        v = match (s, v) {
+            (Segment::Map { key }, Value::Object(m)) => match m.get_mut(key) {
+                Some(c) => c,
+                None => return false,
+            },
+            (Segment::Seq { index }, Value::Array(a)) => match a.get_mut(*index) {
+                Some(c) => c,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (&path[end], v) {
+        (Segment::Map { key }, Value::Object(m)) => m.remove(key).is_some(),
+        _ => false,
+    }
+}
+
+/// Deserialises `value` as `T`; on failure, the field path and the reason.
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        (path, e.into_inner().to_string())
+    })
+}
+
+fn problem(origin: &Origin, resource: &str, path: &str, message: String) -> Problem {
+    Problem {
+        severity: Severity::Error,
+        file: origin.file.clone(),
+        line: origin.line_of(path),
+        resource: resource.into(),
+        field: path.into(),
+        message,
+    }
+}
+
+// ------------------------------------------------------------ YAML with lines
+
+/// A YAML node and the line it starts on.
+#[derive(Debug, Clone)]
+struct Node {
+    line: usize,
+    value: NodeValue,
+}
+
+#[derive(Debug, Clone)]
+enum NodeValue {
+    Scalar(String, TScalarStyle),
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+    Alias(usize),
+}
+
+enum Frame {
+    Seq(usize, usize, Vec<Node>),
+    Map(usize, usize, Vec<(Node, Node)>, Option<Node>),
+}
+
+/// Deeper nesting than any configuration needs is refused (the tree is
+/// walked recursively).
+const MAX_DEPTH: usize = 64;
+/// Bounds a document after alias expansion ("billion laughs").
+const MAX_NODES: usize = 1 << 17;
+
+/// Builds node trees from the parser's events (with their positions).
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Frame>,
+    docs: Vec<Node>,
+    anchors: BTreeMap<usize, Node>,
+    /// Where nesting went past `MAX_DEPTH`; the rest is skipped.
+    too_deep: Option<usize>,
+    skipping: usize,
+}
+
+impl Builder {
+    fn push(&mut self, node: Node, anchor: usize) {
+        if anchor != 0 {
+            self.anchors.insert(anchor, node.clone());
+        }
+        match self.stack.last_mut() {
+            None => self.docs.push(node),
+            Some(Frame::Seq(_, _, items)) => items.push(node),
+            Some(Frame::Map(_, _, entries, key)) => match key.take() {
+                None => *key = Some(node),
+                Some(k) => entries.push((k, node)),
+            },
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let line = mark.line();
+        if self.skipping > 0 || self.too_deep.is_some() {
+            match ev {
+                Event::SequenceStart(..) | Event::MappingStart(..) => self.skipping += 1,
+                Event::SequenceEnd | Event::MappingEnd => {
+                    self.skipping = self.skipping.saturating_sub(1)
+                }
+                _ => {}
+            }
+            return;
+        }
+        if matches!(ev, Event::SequenceStart(..) | Event::MappingStart(..))
+            && self.stack.len() >= MAX_DEPTH
+        {
+            self.too_deep = Some(line);
+            self.skipping = 1;
+            return;
+        }
+        match ev {
+            Event::Scalar(v, style, anchor, _) => self.push(
+                Node {
+                    line,
+                    value: NodeValue::Scalar(v, style),
+                },
+                anchor,
+            ),
+            Event::Alias(id) => self.push(
+                Node {
+                    line,
+                    value: NodeValue::Alias(id),
+                },
+                0,
+            ),
+            Event::SequenceStart(anchor, _) => {
+                self.stack.push(Frame::Seq(line, anchor, Vec::new()))
+            }
+            Event::MappingStart(anchor, _) => {
+                self.stack.push(Frame::Map(line, anchor, Vec::new(), None))
+            }
+            Event::SequenceEnd => {
+                if let Some(Frame::Seq(line, anchor, items)) = self.stack.pop() {
+                    self.push(
+                        Node {
+                            line,
+                            value: NodeValue::Seq(items),
+                        },
+                        anchor,
+                    );
+                }
+            }
+            Event::MappingEnd => {
+                if let Some(Frame::Map(line, anchor, entries, _)) = self.stack.pop() {
+                    self.push(
+                        Node {
+                            line,
+                            value: NodeValue::Map(entries),
+                        },
+                        anchor,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A scalar's JSON value under YAML's core schema (quoted scalars are strings).
+fn scalar(text: &str, style: TScalarStyle) -> Value {
+    if style != TScalarStyle::Plain {
+        return Value::String(text.into());
+    }
+    match Yaml::from_str(text) {
+        Yaml::Integer(i) => Value::from(i),
+        Yaml::Real(r) => r
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or(Value::String(r), Value::Number),
+        Yaml::Boolean(b) => Value::Bool(b),
+        Yaml::Null => Value::Null,
+        _ => Value::String(text.into()),
+    }
+}
+
+/// The JSON value of `node`, recording the line of each field path.
+/// Stops (with `budget` at 0) once `budget` values have been produced.
+fn to_json(
+    node: &Node,
+    path: String,
+    lines: &mut BTreeMap<String, usize>,
+    anchors: &BTreeMap<usize, Node>,
+    budget: &mut usize,
+) -> Value {
+    if *budget == 0 {
+        return Value::Null;
+    }
+    *budget -= 1;
+    lines.entry(path.clone()).or_insert(node.line);
+    match &node.value {
+        NodeValue::Scalar(t, s) => scalar(t, *s),
+        NodeValue::Alias(id) => anchors
+            .get(id)
+            .map_or(Value::Null, |n| to_json(n, path, lines, anchors, budget)),
+        NodeValue::Seq(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, n)| to_json(n, format!("{path}[{i}]"), lines, anchors, budget))
+                .collect(),
+        ),
+        NodeValue::Map(entries) => {
+            let mut m = serde_json::Map::new();
+            for (k, v) in entries {
+                let key = match &k.value {
+                    NodeValue::Scalar(t, _) => t.clone(),
+                    _ => format!(
+                        "{:?}",
+                        to_json(k, String::new(), &mut BTreeMap::new(), anchors, budget)
+                    ),
+                };
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                // The key's line: an error about a field points at its name.
+                lines.insert(child.clone(), k.line);
+                m.insert(key, to_json(v, child, lines, anchors, budget));
+            }
+            Value::Object(m)
+        }
+    }
+}
