@@ -197,9 +197,13 @@ fn invalid_workload_file_names_file_line_and_field() {
         .arg(&file);
     let (status, stderr) = Agent::run_to_exit(cmd);
     assert_eq!(status.code(), Some(64), "{stderr}");
-    let want = format!("mesh-agent: error: {}:4:5: ", file.display());
+    let want = format!(
+        "{}:4: error: workload registry: workloads[0].ip: unknown field `ip`",
+        file.display()
+    );
     assert!(
-        stderr.starts_with(&want) && stderr.contains("unknown field `ip`"),
+        stderr.starts_with("mesh-agent: error: files configuration rejected (1 errors)")
+            && stderr.contains(&want),
         "{stderr}"
     );
     assert!(!env.pin_dir(&node).exists());

@@ -253,7 +253,7 @@ fn a_bad_workload_file_is_rejected_and_the_last_good_one_keeps_serving() {
     let rejected = || {
         agent
             .metrics()
-            .value("mesh_workload_reloads_total", &[("result", "rejected")])
+            .value("mesh_config_rejected_total", &[("source", "files")])
             >= 1.0
     };
     assert!(
@@ -265,7 +265,7 @@ fn a_bad_workload_file_is_rejected_and_the_last_good_one_keeps_serving() {
     assert!(
         agent
             .log()
-            .contains("workload file rejected, keeping the previous one"),
+            .contains("the previous configuration stays in force"),
         "{}",
         agent.log()
     );

@@ -46,6 +46,10 @@ pub struct AdminState {
     pub dump: RwLock<serde_json::Value>,
     /// Certificates change on their own (renewal): read at request time.
     pub identities: Option<Arc<crate::identity::IdentityManager>>,
+    /// The configuration snapshot in force, read at request time.
+    pub store: Arc<crate::snapshot::Store>,
+    /// The Kubernetes watches, when configured.
+    pub kube: Option<Arc<crate::sources::kube::KubeSource>>,
 }
 
 /// Which endpoint a listener serves.
@@ -164,6 +168,10 @@ fn route(state: &AdminState, ep: Endpoint, req: Request<Incoming>) -> Response<F
             if let Some(i) = &state.identities {
                 dump["certificates"] = serde_json::to_value(i.dump()).unwrap_or_default();
             }
+            if let Some(k) = &state.kube {
+                dump["sources"]["kubernetes"] = k.status();
+            }
+            dump["snapshot"] = serde_json::to_value(&*state.store.load()).unwrap_or_default();
             json(&dump)
         }
         (Endpoint::Admin, "/logging") => logging(state, &req),

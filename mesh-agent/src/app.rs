@@ -1,11 +1,8 @@
-//! Wiring: start everything in order, keep the pods in step with the
-//! workload file, and take everything down again on SIGTERM/SIGINT.
+//! Wiring: start everything in order, keep the configuration snapshot and
+//! the enrolled pods in step with the sources, and take everything down
+//! again on SIGTERM/SIGINT.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, RwLock, atomic::Ordering},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -13,19 +10,24 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState, Endpoint},
     config::Config,
+    discover,
     ebpf::{self, Loaded},
     identity::{
         IdentityManager,
         ca_client::{CaAuth, CaClient},
     },
     pod::{self, EnrolledPod},
-    policy::{self, PeerAuthentications},
-    proxy::{ProxyContext, WorkloadIndex, pool::Pool},
+    proxy::{LocalPods, ProxyContext, pool::Pool},
+    snapshot::{self, Snapshot, SourceDocs, Store},
+    sources::{
+        Rejection,
+        files::{self, FileSource},
+        kube::{self, KubeSource},
+    },
     sys,
     telemetry::{self, logging::LogHandle, metrics::Metrics},
     tls,
-    watch::{self, Watch},
-    workload::{self, Workload, WorkloadKey},
+    workload::{Workload, WorkloadKey},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,16 +37,10 @@ pub enum Error {
          enters pod network namespaces)"
     )]
     NotRoot,
+    #[error("{0}")]
+    Config(Rejection),
     #[error(transparent)]
-    Workloads(#[from] workload::Error),
-    #[error(transparent)]
-    Policy(#[from] policy::Error),
-    #[error("cannot read {path}: {source}")]
-    ReadConfig {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Kube(#[from] kube::Error),
     #[error("--ca-root: {0}")]
     CaRoot(#[source] tls::Error),
     #[error(transparent)]
@@ -67,16 +63,15 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::NotRoot => 77,
-            Error::Workloads(_)
-            | Error::Policy(_)
-            | Error::ReadConfig { .. }
-            | Error::CaRoot(_)
-            | Error::CaClient(_) => 64,
-            Error::Ebpf(_) | Error::Enrol(_) | Error::Admin(_) => 69,
+            Error::Config(_) | Error::CaRoot(_) | Error::CaClient(_) => 64,
+            Error::Kube(_) | Error::Ebpf(_) | Error::Enrol(_) | Error::Admin(_) => 69,
             Error::Telemetry(_) | Error::Signal(_) => 70,
         }
     }
 }
+
+/// How long a burst of Kubernetes events is gathered into one snapshot.
+const KUBE_DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
@@ -85,21 +80,18 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     }
     let config = Arc::new(config);
     tracing::info!(config = %serde_json::to_string(&*config).unwrap_or_default(), "starting mesh-agent {}", env!("CARGO_PKG_VERSION"));
-    let initial_text = watch::read(&config.workloads).map_err(|source| workload::Error::Read {
-        path: config.workloads.clone(),
-        source,
-    })?;
-    let initial = workload::parse_snapshot(&initial_text)?;
-    let istio_text = match &config.istio_config {
-        Some(p) => Some(watch::read(p).map_err(|source| Error::ReadConfig {
-            path: p.clone(),
-            source,
-        })?),
-        None => None,
+    // Configuration first: a bad file at start is an error the operator
+    // sees at once, before anything is attached.
+    let (mut file_source, initial_files) = if config.config.is_empty() {
+        (None, None)
+    } else {
+        let (s, docs) = FileSource::open(&config.config);
+        (Some(s), Some(docs.map_err(Error::Config)?))
     };
-    let peer_auth = match &istio_text {
-        Some(t) => PeerAuthentications::parse(t, &config.root_namespace)?,
-        None => PeerAuthentications::empty(&config.root_namespace),
+    let kube_client = if config.kubernetes {
+        Some(kube::client().await?)
+    } else {
+        None
     };
 
     // Signals first: from here on, an interrupt must lead to a clean exit.
@@ -132,25 +124,42 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
             "no --ca-addr: mutual TLS is off, meshed destinations are reached in plaintext"
         );
     }
+    let settings = snapshot::Settings {
+        node_name: config.node_name.clone(),
+        root_namespace: config.root_namespace.clone(),
+        cluster_domain: config.cluster_domain.clone(),
+    };
+    let store = Arc::new(Store::new(Snapshot::empty(&settings)));
     let ctx = Arc::new(ProxyContext {
         config: config.clone(),
         maps: loaded.maps(),
         metrics: metrics.clone(),
-        workloads: WorkloadIndex::default(),
+        store: store.clone(),
+        local: LocalPods::default(),
         identities,
         pool,
-        peer_auth: RwLock::new(Arc::new(peer_auth)),
         connections: TaskTracker::new(),
         cut: CancellationToken::new(),
     });
-    ctx.workloads.set_registry(&initial);
+    let kube = kube_client.map(|c| {
+        Arc::new(KubeSource::start(
+            c,
+            kube::Settings {
+                node_name: config.node_name.clone(),
+                remote_pods: config.kube_remote_pods,
+            },
+            metrics.clone(),
+        ))
+    });
     let state = Arc::new(AdminState {
         config: config.clone(),
         metrics: metrics.clone(),
         log,
         ready: false.into(),
-        dump: RwLock::new(serde_json::Value::Null),
+        dump: Default::default(),
         identities: ctx.identities.clone(),
+        store: store.clone(),
+        kube: kube.clone(),
     });
     let stop_admin = CancellationToken::new();
     for (l, ep) in [
@@ -161,72 +170,67 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         tokio::spawn(admin::serve(l, state.clone(), ep, stop_admin.clone()));
     }
 
-    let local: Vec<Workload> = initial
-        .into_iter()
-        .filter(|w| w.is_on(&config.node_name))
-        .collect();
-    let keys: Vec<String> = local
-        .iter()
-        .map(|w| pod::links_dir_name(&w.key()))
-        .collect();
-    for stale in loaded.prune_links(&|name| keys.iter().any(|k| k == name)) {
-        tracing::info!(links = %stale, "detached links left by a previous agent for a pod no longer listed");
-    }
     let mut agent = Agent {
         loaded,
         ctx,
         pods: BTreeMap::new(),
+        pending: BTreeMap::new(),
         state: state.clone(),
+        sources: Sources {
+            settings,
+            files: None,
+            kube: None,
+            waits_for_kube: kube.is_some(),
+            version: 0,
+            rejected: BTreeMap::new(),
+        },
+        started: false,
     };
-    for w in local {
-        // At start a bad workload is fatal: the operator sees it at once.
-        let key = w.key();
-        let p = pod::enrol(w, &mut agent.loaded, &agent.ctx)?;
-        agent.pods.insert(key, p);
+    if let Some(docs) = initial_files {
+        if kube.is_some() {
+            // Nothing is published before the cluster has been listed.
+            agent.sources.files = Some(docs);
+        } else {
+            agent.start(docs)?;
+        }
     }
+    // Startup enrolment is over (or, with Kubernetes, happens as the first
+    // snapshot arrives, where a failed pod does not stop the agent).
     pins.armed = false;
     drop(pins);
     agent.publish();
-    state.ready.store(true, Ordering::Release);
-    tracing::info!(pods = agent.pods.len(), pin_dir = %agent.loaded.pin_dir().display(), "ready");
 
-    let mut workloads_watch = Watch::new(config.workloads.clone(), initial_text);
-    let mut istio_watch = config
-        .istio_config
-        .clone()
-        .zip(istio_text)
-        .map(|(p, t)| Watch::new(p, t));
-    let mut tick = tokio::time::interval(config.workload_poll_interval);
+    let mut tick = tokio::time::interval(config.config_poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let signal_name = loop {
+        let kube_changed = async {
+            match &kube {
+                Some(k) => k.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
             _ = tick.tick() => {
-                if let Some(change) = workloads_watch.poll() {
-                    let parsed = change
-                        .map_err(|source| workload::Error::Read { path: config.workloads.clone(), source })
-                        .and_then(|s| workload::parse_snapshot(&s));
-                    match parsed {
-                        Ok(ws) => {
-                            agent.apply(ws);
-                            metrics.workload_reload("applied");
-                        }
-                        Err(e) => {
-                            // Keep serving the last good registry.
-                            tracing::error!("workload file rejected, keeping the previous one: {e}");
-                            metrics.workload_reload("rejected");
-                        }
-                    }
+                if let Some(change) = file_source.as_mut().and_then(FileSource::poll) {
+                    agent.update(change);
                 }
-                if let Some(change) = istio_watch.as_mut().and_then(Watch::poll) {
-                    agent.apply_istio(change);
+                agent.retry_pending();
+            },
+            _ = kube_changed => {
+                tokio::time::sleep(KUBE_DEBOUNCE).await;
+                if let Some(docs) = kube.as_ref().and_then(|k| k.docs()) {
+                    agent.update(Ok(docs));
                 }
             },
         }
     };
     tracing::info!("{signal_name}: shutting down");
-    state.ready.store(false, Ordering::Release);
+    state
+        .ready
+        .store(false, std::sync::atomic::Ordering::Release);
+    drop(kube);
     agent.shutdown().await;
     stop_admin.cancel();
     Ok(())
@@ -285,83 +289,265 @@ impl Drop for PinGuard {
     }
 }
 
-struct Agent {
-    loaded: Loaded,
-    ctx: Arc<ProxyContext>,
-    pods: BTreeMap<WorkloadKey, EnrolledPod>,
-    state: Arc<AdminState>,
+/// The last good content of each source, and what was last refused.
+struct Sources {
+    settings: snapshot::Settings,
+    files: Option<SourceDocs>,
+    kube: Option<SourceDocs>,
+    /// With Kubernetes configured, nothing is built before it has synced.
+    waits_for_kube: bool,
+    version: u64,
+    /// The last rejected update of each source, for `/config_dump`.
+    rejected: BTreeMap<&'static str, serde_json::Value>,
 }
 
-impl Agent {
-    /// Installs new Istio configuration, or keeps the current one if it is
-    /// invalid (logged and counted).
-    fn apply_istio(&mut self, change: std::io::Result<watch::Snapshot>) {
-        let cfg = &self.ctx.config;
-        let path = cfg.istio_config.clone().unwrap_or_default();
-        let parsed = change
-            .map_err(|source| Error::ReadConfig { path, source })
-            .and_then(|s| PeerAuthentications::parse(&s, &cfg.root_namespace).map_err(Error::from));
-        match parsed {
-            Ok(p) => {
-                tracing::info!(
-                    peer_authentications = p.policies.len(),
-                    "Istio configuration applied"
-                );
-                *self.ctx.peer_auth.write().expect("policy lock") = Arc::new(p);
-                self.publish();
-            }
-            Err(e) => {
-                tracing::error!("Istio configuration rejected, keeping the previous one: {e}");
-                self.ctx.metrics.config_rejected("istio");
-            }
+impl Sources {
+    fn slot(&mut self, name: &str) -> &mut Option<SourceDocs> {
+        if name == kube::NAME {
+            &mut self.kube
+        } else {
+            &mut self.files
         }
     }
 
-    /// Brings the enrolled pods in line with the registry `all` (every
-    /// node's pods; this node's are enrolled). A pod that fails to enrol is
-    /// logged and skipped; the others are unaffected.
-    fn apply(&mut self, all: Vec<Workload>) {
-        self.ctx.workloads.set_registry(&all);
+    /// Builds the snapshot with `update` replacing its source's content;
+    /// on failure the source keeps its previous content.
+    fn try_update(&mut self, update: SourceDocs) -> Result<Option<Snapshot>, Rejection> {
+        let name = update.name;
+        let previous = self.slot(name).replace(update);
+        if self.waits_for_kube && self.kube.is_none() {
+            return Ok(None);
+        }
+        let current: Vec<&SourceDocs> = [&self.files, &self.kube].into_iter().flatten().collect();
+        match snapshot::build(&current, &self.settings, self.version + 1) {
+            Ok(s) => {
+                self.version += 1;
+                self.rejected.remove(name);
+                Ok(Some(s))
+            }
+            Err(problems) => {
+                *self.slot(name) = previous;
+                Err(Rejection {
+                    source: name,
+                    problems,
+                })
+            }
+        }
+    }
+}
+
+/// A pod as enrolled, and the registry entry it was enrolled from (which
+/// has no paths when they were discovered).
+struct Enrolled {
+    desired: Arc<Workload>,
+    pod: EnrolledPod,
+}
+
+struct Agent {
+    loaded: Loaded,
+    ctx: Arc<ProxyContext>,
+    pods: BTreeMap<WorkloadKey, Enrolled>,
+    /// Pods of this node not enrolled yet, with the reason (retried).
+    pending: BTreeMap<WorkloadKey, String>,
+    state: Arc<AdminState>,
+    sources: Sources,
+    /// Whether the first snapshot has been applied.
+    started: bool,
+}
+
+impl Agent {
+    /// The first snapshot without Kubernetes: every pod must enrol, or the
+    /// start fails (the operator sees a bad registry at once).
+    fn start(&mut self, docs: SourceDocs) -> Result<(), Error> {
+        let snap = match self.sources.try_update(docs) {
+            Ok(Some(s)) => s,
+            Ok(None) => unreachable!("files alone are enough to build"),
+            Err(r) => return Err(Error::Config(r)),
+        };
+        self.install(snap, files::NAME);
+        let snap = self.ctx.store.load();
+        self.prune_stale_links(&snap);
         let node = self.ctx.config.node_name.clone();
-        let mut desired: BTreeMap<WorkloadKey, Workload> = all
-            .into_iter()
-            .filter(|w| w.is_on(&node))
-            .map(|w| (w.key(), w))
+        for w in snap.local_workloads(&node) {
+            let p = self.enrol(w)?;
+            self.pods.insert(w.key(), p);
+        }
+        self.started = true;
+        self.state
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(pods = self.pods.len(), pin_dir = %self.loaded.pin_dir().display(), "ready");
+        Ok(())
+    }
+
+    /// A source changed: build and install a new snapshot, or keep the
+    /// current one and report why not.
+    fn update(&mut self, change: Result<SourceDocs, Rejection>) {
+        let result = change.and_then(|docs| {
+            let name = docs.name;
+            self.sources.try_update(docs).map(|s| s.map(|s| (s, name)))
+        });
+        match result {
+            Ok(Some((snap, source))) => {
+                self.install(snap, source);
+                if !self.started {
+                    let snap = self.ctx.store.load();
+                    self.prune_stale_links(&snap);
+                    self.started = true;
+                }
+                self.reconcile();
+                if !self.state.ready.load(std::sync::atomic::Ordering::Acquire) {
+                    self.state
+                        .ready
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    tracing::info!(
+                        pods = self.pods.len(),
+                        pending = self.pending.len(),
+                        "ready"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(r) => {
+                // Keep serving the last good configuration.
+                tracing::error!("{r}; the previous configuration stays in force");
+                self.ctx.metrics.config_rejected(r.source);
+                self.sources.rejected.insert(
+                    r.source,
+                    serde_json::json!({
+                        "at": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                        "problems": r.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    }),
+                );
+            }
+        }
+        self.publish();
+    }
+
+    fn install(&mut self, snap: Snapshot, source: &str) {
+        let (version, at) = (snap.version, snap.applied_at);
+        let counts: BTreeMap<&str, usize> = snap
+            .resources
+            .iter()
+            .map(|(k, v)| (k.name(), v.len()))
+            .collect();
+        tracing::info!(
+            version,
+            source,
+            workloads = snap.registry.workloads.len(),
+            services = snap.registry.services.len(),
+            resources = ?counts,
+            "configuration applied"
+        );
+        self.ctx.store.swap(snap);
+        self.ctx.metrics.config_applied(source, version, at);
+    }
+
+    /// Detaches links a previous agent left for pods no longer listed.
+    fn prune_stale_links(&self, snap: &Snapshot) {
+        let keys: Vec<String> = snap
+            .local_workloads(&self.ctx.config.node_name)
+            .map(|w| pod::links_dir_name(&w.key()))
+            .collect();
+        for stale in self
+            .loaded
+            .prune_links(&|name| keys.iter().any(|k| k == name))
+        {
+            tracing::info!(links = %stale, "detached links left by a previous agent for a pod no longer listed");
+        }
+    }
+
+    /// Enrols `w`, first finding its netns and cgroup from its UID when the
+    /// source did not give them (Kubernetes Pods).
+    fn enrol(&mut self, w: &Arc<Workload>) -> Result<Enrolled, Error> {
+        let mut resolved = (**w).clone();
+        if resolved.netns.as_os_str().is_empty() || resolved.cgroup.as_os_str().is_empty() {
+            let uid = resolved.uid.clone().unwrap_or_default();
+            let (cgroup, netns) =
+                discover::pod(&self.ctx.config.cgroup_root, &uid).map_err(|source| {
+                    Error::Enrol(pod::Error::Discover {
+                        pod: w.key(),
+                        source,
+                    })
+                })?;
+            resolved.cgroup = cgroup;
+            resolved.netns = netns;
+        }
+        let p = pod::enrol(resolved, &mut self.loaded, &self.ctx)?;
+        Ok(Enrolled {
+            desired: w.clone(),
+            pod: p,
+        })
+    }
+
+    /// Brings the enrolled pods in line with the current snapshot. A pod
+    /// that fails to enrol is logged, kept pending and retried; the others
+    /// are unaffected.
+    fn reconcile(&mut self) {
+        let snap = self.ctx.store.load();
+        let node = self.ctx.config.node_name.clone();
+        let mut desired: BTreeMap<WorkloadKey, Arc<Workload>> = snap
+            .local_workloads(&node)
+            .map(|w| (w.key(), w.clone()))
             .collect();
         let gone: Vec<WorkloadKey> = self
             .pods
             .iter()
-            .filter(|(k, p)| desired.get(*k) != Some(&*p.workload))
+            .filter(|(k, p)| desired.get(*k) != Some(&p.desired))
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
             if let Some(p) = self.pods.remove(&k) {
-                p.remove(&self.ctx);
+                p.pod.remove(&self.ctx);
             }
         }
+        self.pending.retain(|k, _| desired.contains_key(k));
         desired.retain(|k, _| !self.pods.contains_key(k));
         for (k, w) in desired {
-            match pod::enrol(w, &mut self.loaded, &self.ctx) {
+            match self.enrol(&w) {
                 Ok(p) => {
+                    self.pending.remove(&k);
                     self.pods.insert(k, p);
                 }
                 Err(e) => {
-                    tracing::error!("{e}");
-                    self.ctx.metrics.workload_reload("enrol_failed");
+                    let msg = e.to_string();
+                    // Logged once per distinct reason, not on every retry.
+                    if self.pending.get(&k) != Some(&msg) {
+                        tracing::error!("{msg}");
+                        self.ctx.metrics.enrol_failed();
+                    }
+                    self.pending.insert(k, msg);
                 }
             }
         }
         self.publish();
     }
 
+    /// Tries the pods that could not be enrolled again.
+    fn retry_pending(&mut self) {
+        if !self.pending.is_empty() {
+            self.reconcile();
+        }
+    }
+
     /// Refreshes `/config_dump` and the workload gauge.
     fn publish(&self) {
-        let pods: Vec<_> = self.pods.values().map(EnrolledPod::dump).collect();
+        let pods: Vec<_> = self.pods.values().map(|p| p.pod.dump()).collect();
+        let sources = serde_json::json!({
+            "files": self.sources.files.as_ref().map(|s| serde_json::json!({
+                "paths": self.ctx.config.config,
+                "revision": s.revision,
+                "documents": s.documents.len(),
+            })),
+            "kubernetes": self.state.kube.as_ref().map(|k| k.status()),
+            "rejected": self.sources.rejected,
+        });
         let doc = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "config": &*self.ctx.config,
             "workloads": pods,
-            "peerAuthentications": &**self.ctx.peer_auth.read().expect("policy lock"),
+            "pending": self.pending,
+            "sources": sources,
             "ebpf": {
                 "pinDir": self.loaded.pin_dir(),
                 "programs": self.loaded.programs(),
@@ -377,7 +563,11 @@ impl Agent {
     async fn shutdown(mut self) {
         let keep = self.ctx.config.keep_pins;
         for (_, p) in std::mem::take(&mut self.pods) {
-            if keep { p.keep() } else { p.remove(&self.ctx) }
+            if keep {
+                p.pod.keep()
+            } else {
+                p.pod.remove(&self.ctx)
+            }
         }
         self.ctx.connections.close();
         if tokio::time::timeout(self.ctx.config.drain_timeout, self.ctx.connections.wait())

@@ -36,7 +36,7 @@ pub enum Error {
     #[error("{0}")]
     Identity(#[from] crate::identity::Error),
     #[error("{0}")]
-    Workloads(#[from] crate::workload::Error),
+    Placement(crate::sources::Rejection),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,

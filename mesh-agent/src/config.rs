@@ -118,9 +118,17 @@ pub struct CaRunConfig {
     pub trust_domain: String,
     #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
-    /// Placement registry: the workload file listing every pod with its `node`.
-    #[arg(long, env = "MESH_WORKLOADS", value_name = "FILE")]
-    pub workloads: PathBuf,
+    /// Placement: configuration files or directories with the workload
+    /// registry and/or Kubernetes Pods (each pod with its node). Repeatable.
+    #[arg(
+        long,
+        env = "MESH_CONFIG",
+        value_name = "PATH",
+        value_delimiter = ',',
+        required = true,
+        visible_alias = "workloads"
+    )]
+    pub config: Vec<PathBuf>,
     /// Upper bound on the lifetime of a workload certificate.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
@@ -157,9 +165,37 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
-    /// Workload registry: YAML listing the pods on this node (re-read when it changes).
-    #[arg(long, env = "MESH_WORKLOADS", value_name = "FILE")]
-    pub workloads: PathBuf,
+    /// Configuration files or directories (YAML/JSON, re-read when they
+    /// change): Istio resources, Kubernetes Services, EndpointSlices,
+    /// Endpoints, Pods and Namespaces, and workload registries. Repeatable.
+    #[arg(
+        long,
+        env = "MESH_CONFIG",
+        value_name = "PATH",
+        value_delimiter = ',',
+        visible_alias = "workloads",
+        alias = "istio-config"
+    )]
+    pub config: Vec<PathBuf>,
+
+    /// Read configuration from the Kubernetes API too (in a pod: its service
+    /// account; elsewhere KUBECONFIG): this node's Pods, Services,
+    /// EndpointSlices, Namespaces and the Istio resources.
+    #[arg(long, env = "MESH_KUBERNETES")]
+    pub kubernetes: bool,
+
+    /// With --kubernetes, also watch the pods of other nodes, to know the
+    /// identity to expect from each.
+    #[arg(long, env = "MESH_KUBE_REMOTE_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kube_remote_pods: bool,
+
+    /// Where pod cgroups are found for pods known by UID (Kubernetes Pods).
+    #[arg(long, env = "MESH_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+
+    /// The cluster's DNS domain (service host names end with `.svc.<domain>`).
+    #[arg(long, env = "MESH_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
 
     /// Directory on bpffs where maps and links are pinned.
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]
@@ -231,10 +267,10 @@ pub struct Config {
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
 
-    /// How often the workload file is checked for changes.
-    #[arg(long, env = "MESH_WORKLOAD_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How often configuration files are checked for changes.
+    #[arg(long, env = "MESH_CONFIG_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration, alias = "workload-poll-interval")]
     #[serde(with = "humantime_serde_compat")]
-    pub workload_poll_interval: Duration,
+    pub config_poll_interval: Duration,
 
     /// Copy buffer per direction of a proxied connection, in bytes.
     #[arg(long, env = "MESH_BUFFER_SIZE", default_value_t = 16 * 1024)]
@@ -299,10 +335,6 @@ pub struct Config {
     #[serde(with = "humantime_serde_compat")]
     pub trust_bundle_refresh: Duration,
 
-    /// Istio configuration (a file, or a directory of YAML): PeerAuthentication for now.
-    #[arg(long, env = "MESH_ISTIO_CONFIG", value_name = "PATH")]
-    pub istio_config: Option<PathBuf>,
-
     /// Istio's root namespace (mesh-wide policies live there).
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,
@@ -352,10 +384,16 @@ impl Config {
                 reason: "must be non-zero, or the agent's own connections would be captured".into(),
             });
         }
-        if self.workload_poll_interval < Duration::from_millis(10) {
+        if self.config_poll_interval < Duration::from_millis(10) {
             return Err(Error::Invalid {
-                flag: "workload-poll-interval",
+                flag: "config-poll-interval",
                 reason: "must be at least 10ms".into(),
+            });
+        }
+        if self.config.is_empty() && !self.kubernetes {
+            return Err(Error::Invalid {
+                flag: "config",
+                reason: "give configuration files (--config PATH) or --kubernetes, or both".into(),
             });
         }
         if self.ca_addr.is_some() {
@@ -437,6 +475,27 @@ impl FromStr for Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether `ip` is inside the prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |a: IpAddr| match a {
+            IpAddr::V4(v) => (u128::from(u32::from(v)) << 96, 32u32),
+            IpAddr::V6(v) => (u128::from(v), 128u32),
+        };
+        let ((net, width), (addr, w2)) = (bits(self.addr), bits(ip));
+        if width != w2 {
+            return false;
+        }
+        let len = u32::from(self.len);
+        len == 0 || (net ^ addr) >> (128 - len) == 0
+    }
+
+    /// A single address (`/32`, `/128`).
+    pub fn is_host(&self) -> bool {
+        self.len == if self.addr.is_ipv4() { 32 } else { 128 }
+    }
+}
+
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
@@ -464,7 +523,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let mut all = vec!["mesh-agent", "run", "--workloads", "/w.yaml"];
+        let mut all = vec!["mesh-agent", "run", "--config", "/w.yaml"];
         all.extend_from_slice(args);
         let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
         let Command::Run(c) = cli.command else {
@@ -551,6 +610,43 @@ mod tests {
             "/t",
         ])
         .unwrap();
+    }
+
+    #[test]
+    fn configuration_sources() {
+        let c = parse(&[
+            "--config",
+            "/d1,/d2",
+            "--workloads",
+            "/r.yaml",
+            "--istio-config",
+            "/p.yaml",
+        ])
+        .unwrap();
+        let paths: Vec<&str> = c.config.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(paths, ["/w.yaml", "/d1", "/d2", "/r.yaml", "/p.yaml"]);
+        assert!(!c.kubernetes && c.kube_remote_pods);
+        let cli = Cli::try_parse_from(["mesh-agent", "run"]).unwrap();
+        let Command::Run(c) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "--config: give configuration files (--config PATH) or --kubernetes, or both"
+        );
+        let cli = Cli::try_parse_from([
+            "mesh-agent",
+            "run",
+            "--kubernetes",
+            "--kube-remote-pods",
+            "false",
+        ])
+        .unwrap();
+        let Command::Run(c) = cli.command else {
+            unreachable!()
+        };
+        c.validate().unwrap();
+        assert!(c.kubernetes && !c.kube_remote_pods);
     }
 
     #[test]

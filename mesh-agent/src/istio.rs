@@ -222,13 +222,18 @@ impl std::fmt::Display for Problem {
             Severity::Error => "error",
             Severity::Note => "note",
         };
-        write!(
-            f,
-            "{}:{}: {sev}: {}",
-            self.file.display(),
-            self.line,
-            self.resource
-        )?;
+        // Objects read from an API have no line.
+        if self.line == 0 {
+            write!(f, "{}: {sev}: {}", self.file.display(), self.resource)?;
+        } else {
+            write!(
+                f,
+                "{}:{}: {sev}: {}",
+                self.file.display(),
+                self.line,
+                self.resource
+            )?;
+        }
         if !self.field.is_empty() {
             write!(f, ": {}", self.field)?;
         }

@@ -30,6 +30,12 @@ pub enum Error {
         #[source]
         source: netns::Error,
     },
+    #[error("workload {pod}: {source}")]
+    Discover {
+        pod: WorkloadKey,
+        #[source]
+        source: crate::discover::Error,
+    },
     #[error("workload {pod}: cgroup {path} does not exist")]
     CgroupMissing { pod: WorkloadKey, path: PathBuf },
     #[error(
@@ -213,7 +219,7 @@ pub fn enrol(
     if let (Some(identities), Some(id)) = (&ctx.identities, &identity) {
         identities.acquire(id);
     }
-    ctx.workloads.insert_local(&pod);
+    ctx.local.insert_local(&pod);
     tracing::info!(pod = %key, netns_cookie = pod.netns_cookie, identity = %identity.as_ref().map_or_else(|| "none (no mTLS)".to_owned(), ToString::to_string), "enrolled");
     Ok(EnrolledPod {
         workload,
@@ -237,7 +243,7 @@ impl EnrolledPod {
         for ip in &self.workload.ips {
             self.maps.remove_inbound(*ip);
         }
-        ctx.workloads.remove_local(&self.workload);
+        ctx.local.remove_local(&self.workload);
         if let (Some(identities), Some(id)) = (&ctx.identities, &self.identity) {
             identities.release(id);
         }

@@ -16,6 +16,8 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use crate::snapshot::{Snapshot, Store};
+
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -23,7 +25,6 @@ use crate::{
     ebpf::Maps,
     identity::{IdentityManager, SpiffeId},
     netns::Netns,
-    policy::PeerAuthentications,
     telemetry::metrics::Metrics,
     workload::Workload,
 };
@@ -77,6 +78,10 @@ pub enum Error {
         dst: SocketAddr,
         status: hyper::StatusCode,
     },
+    #[error("{service} port {port}: no ready endpoint")]
+    NoEndpoint { service: String, port: u16 },
+    #[error("cannot resolve {host}: {reason}")]
+    Resolve { host: String, reason: String },
     #[error("plaintext to port {port} refused: PeerAuthentication is STRICT for {pod}")]
     PlaintextRefused { port: u16, pod: String },
     #[error(transparent)]
@@ -100,6 +105,8 @@ impl Error {
             Error::Hbone { .. } | Error::HboneHandshake(_) => "hbone",
             Error::HboneRefused { .. } => "hbone_refused",
             Error::PlaintextRefused { .. } => "plaintext_refused",
+            Error::NoEndpoint { .. } => "no_healthy_upstream",
+            Error::Resolve { .. } => "dns",
             Error::Identity(_) => "no_certificate",
             Error::Io(_) => "io",
         }
@@ -111,12 +118,14 @@ pub struct ProxyContext {
     pub config: Arc<Config>,
     pub maps: Arc<Maps>,
     pub metrics: Arc<Metrics>,
-    pub workloads: WorkloadIndex,
+    /// The configuration in force; a connection takes it once, at its start.
+    pub store: Arc<Store>,
+    /// The pods enrolled on this node.
+    pub local: LocalPods,
     /// Workload certificates; `None` when no CA is configured (no mTLS).
     pub identities: Option<Arc<IdentityManager>>,
     /// HBONE client connections (with `identities`).
     pub pool: Option<Arc<pool::Pool>>,
-    pub peer_auth: RwLock<Arc<PeerAuthentications>>,
     /// Tracks connection tasks, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
     /// Cancelled when the drain period is over: open connections are cut.
@@ -126,10 +135,12 @@ pub struct ProxyContext {
 impl ProxyContext {
     /// Whether `dst` is one of the agent's own in-pod listeners, which a
     /// captured connection must never be sent to (it would loop).
-    fn is_own_listener(&self, dst: SocketAddr) -> bool {
+    fn is_own_listener(&self, snap: &Snapshot, dst: SocketAddr) -> bool {
         let c = &self.config;
         [c.outbound_port, c.inbound_port, c.hbone_port].contains(&dst.port())
-            && (dst.ip().is_loopback() || self.workloads.by_ip(dst.ip()).is_some())
+            && (dst.ip().is_loopback()
+                || self.local.get(dst.ip()).is_some()
+                || snap.registry.workload_at(dst.ip()).is_some())
     }
 }
 
@@ -142,35 +153,17 @@ pub struct PodContext {
     pub identity: Option<SpiffeId>,
 }
 
-/// Every meshed workload by address (the registry, all nodes), and the pods
-/// enrolled on this node.
+/// The pods enrolled on this node, by address (enrolment state, not
+/// configuration: it changes as pods are enrolled, not with snapshots).
 #[derive(Default)]
-pub struct WorkloadIndex {
-    all: RwLock<HashMap<IpAddr, Arc<Workload>>>,
+pub struct LocalPods {
     local: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
 }
 
-impl WorkloadIndex {
-    /// The meshed workload at `ip`, on any node.
-    pub fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.all.read().expect("index lock").get(&ip).cloned()
-    }
-
+impl LocalPods {
     /// The pod enrolled on this node at `ip`.
-    pub fn local(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
+    pub fn get(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
         self.local.read().expect("index lock").get(&ip).cloned()
-    }
-
-    /// Replaces the registry.
-    pub fn set_registry(&self, workloads: &[Workload]) {
-        let mut m = HashMap::new();
-        for w in workloads {
-            let w = Arc::new(w.clone());
-            for ip in &w.ips {
-                m.insert(*ip, w.clone());
-            }
-        }
-        *self.all.write().expect("index lock") = m;
     }
 
     pub fn insert_local(&self, pod: &Arc<PodContext>) {

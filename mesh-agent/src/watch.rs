@@ -68,6 +68,10 @@ impl Watch {
         }
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// `None` when unchanged; otherwise the new content, or the read error
     /// (reported once, until the source comes back).
     pub fn poll(&mut self) -> Option<io::Result<Snapshot>> {

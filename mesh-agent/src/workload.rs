@@ -15,36 +15,12 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt, io,
+    fmt,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use serde::{Deserialize, Serialize};
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot read workload file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path}:{location}{message}")]
-    Syntax {
-        path: PathBuf,
-        location: String,
-        message: String,
-    },
-    #[error("{path}: workloads[{index}] ({id}): {field}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        index: usize,
-        id: String,
-        field: &'static str,
-        reason: String,
-    },
-}
 
 /// One pod on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -56,9 +32,13 @@ pub struct Workload {
     pub service_account: String,
     /// The pod's addresses (one per family).
     pub ips: Vec<IpAddr>,
-    /// Path of the pod's network namespace (`/run/netns/…` or `/proc/<pid>/ns/net`).
+    /// Path of the pod's network namespace (`/run/netns/…` or
+    /// `/proc/<pid>/ns/net`). Empty: found from the pod's `uid` (see
+    /// [`crate::discover`]).
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub netns: PathBuf,
-    /// The pod's cgroup v2 directory.
+    /// The pod's cgroup v2 directory. Empty: found from the pod's `uid`.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub cgroup: PathBuf,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -71,6 +51,10 @@ pub struct Workload {
     /// Kubernetes UID, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
+}
+
+fn is_empty_path(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 fn default_service_account() -> String {
@@ -131,94 +115,64 @@ impl Workload {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WorkloadFile {
-    #[serde(default)]
-    workloads: Vec<Workload>,
-}
-
-/// Reads and validates a workload file.
-pub fn load(path: &Path) -> Result<Vec<Workload>, Error> {
-    let text = std::fs::read(path).map_err(|source| Error::Read {
-        path: path.into(),
-        source,
-    })?;
-    parse(path, &text)
-}
-
-/// Parses and validates workload YAML; `path` only names the source in errors.
-pub fn parse(path: &Path, text: &[u8]) -> Result<Vec<Workload>, Error> {
-    let file: WorkloadFile = match serde_yaml::from_slice(text) {
-        Ok(f) => f,
-        // An empty file is an empty registry, not an error.
-        Err(_) if text.iter().all(u8::is_ascii_whitespace) => WorkloadFile { workloads: vec![] },
-        Err(e) => {
-            let location = e
-                .location()
-                .map(|l| format!("{}:{}: ", l.line(), l.column()))
-                .unwrap_or_else(|| " ".into());
-            return Err(Error::Syntax {
-                path: path.into(),
-                location,
-                message: e.to_string(),
-            });
-        }
-    };
-    validate(path, &file.workloads)?;
-    Ok(file.workloads)
-}
-
-fn validate(path: &Path, ws: &[Workload]) -> Result<(), Error> {
+/// Problems of a registry's entries: (field path, message), paths like
+/// `workloads[2].ips`. Duplicates across files are found when the
+/// snapshot is built.
+pub fn problems(ws: &[Workload]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
     let mut keys = HashMap::new();
     let mut ips = HashMap::new();
     for (index, w) in ws.iter().enumerate() {
-        let bad = |field, reason: String| Error::Invalid {
-            path: path.into(),
-            index,
-            id: w.key().to_string(),
-            field,
-            reason,
+        let mut bad = |field: &str, reason: String| {
+            out.push((format!("workloads[{index}].{field}"), reason));
         };
-        check_dns_label(&w.name).map_err(|r| bad("name", r))?;
-        check_dns_label(&w.namespace).map_err(|r| bad("namespace", r))?;
-        check_dns_subdomain(&w.service_account).map_err(|r| bad("serviceAccount", r))?;
-        if let Some(n) = &w.node {
-            check_dns_subdomain(n).map_err(|r| bad("node", r))?;
+        if let Err(r) = check_dns_label(&w.name) {
+            bad("name", r);
+        }
+        if let Err(r) = check_dns_label(&w.namespace) {
+            bad("namespace", r);
+        }
+        if let Err(r) = check_dns_subdomain(&w.service_account) {
+            bad("serviceAccount", r);
+        }
+        if let Some(n) = &w.node
+            && let Err(r) = check_dns_subdomain(n)
+        {
+            bad("node", r);
         }
         if let Some(first) = keys.insert(w.key(), index) {
-            return Err(bad("name", format!("duplicate of workloads[{first}]")));
+            bad("name", format!("{} is also workloads[{first}]", w.key()));
         }
         if w.ips.is_empty() {
-            return Err(bad("ips", "at least one address is required".into()));
+            bad("ips", "at least one address is required".into());
         }
         for ip in &w.ips {
             if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
-                return Err(bad("ips", format!("{ip} cannot be a pod address")));
+                bad("ips", format!("{ip} cannot be a pod address"));
             }
             if let Some(other) = ips.insert(*ip, w.key()) {
-                return Err(bad("ips", format!("{ip} is also the address of {other}")));
+                bad("ips", format!("{ip} is also the address of {other}"));
             }
         }
         if w.ips.iter().filter(|i| i.is_ipv4()).count() > 1
             || w.ips.iter().filter(|i| i.is_ipv6()).count() > 1
         {
-            return Err(bad("ips", "at most one IPv4 and one IPv6 address".into()));
+            bad("ips", "at most one IPv4 and one IPv6 address".into());
         }
-        if !w.netns.is_absolute() {
-            return Err(bad(
+        for (field, p) in [("netns", &w.netns), ("cgroup", &w.cgroup)] {
+            if !is_empty_path(p) && !p.is_absolute() {
+                bad(field, format!("{} is not an absolute path", p.display()));
+            }
+        }
+        if (is_empty_path(&w.netns) || is_empty_path(&w.cgroup)) && w.uid.is_none() {
+            bad(
                 "netns",
-                format!("{} is not an absolute path", w.netns.display()),
-            ));
-        }
-        if !w.cgroup.is_absolute() {
-            return Err(bad(
-                "cgroup",
-                format!("{} is not an absolute path", w.cgroup.display()),
-            ));
+                "netns and cgroup are required unless uid is given (they are then found from it)"
+                    .into(),
+            );
         }
     }
-    Ok(())
+    out
 }
 
 fn check_dns_label(s: &str) -> Result<(), String> {
@@ -265,15 +219,6 @@ impl Workload {
     }
 }
 
-/// Parses a workload source read by [`crate::watch`] (one file).
-pub fn parse_snapshot(snapshot: &crate::watch::Snapshot) -> Result<Vec<Workload>, Error> {
-    let mut all = Vec::new();
-    for (path, text) in snapshot {
-        all.extend(parse(path, text)?);
-    }
-    Ok(all)
-}
-
 impl Workload {
     /// Whether this pod runs on `node` (no node named means this one).
     pub fn is_on(&self, node: &str) -> bool {
@@ -307,8 +252,21 @@ workloads:
     node: node-b
 "#;
 
+    /// The registry in `s`, or its first problem as `validate` prints it.
     fn p(s: &str) -> Result<Vec<Workload>, String> {
-        parse(Path::new("w.yaml"), s.as_bytes()).map_err(|e| e.to_string())
+        let mut out = crate::istio::parse::Parsed::default();
+        crate::istio::parse::parse_file(std::path::Path::new("w.yaml"), s.as_bytes(), &mut out);
+        if let Some(e) = out.problems.first() {
+            return Err(e.to_string());
+        }
+        Ok(out
+            .documents
+            .into_iter()
+            .flat_map(|d| match d {
+                crate::istio::parse::Document::Workloads(ws, _) => ws,
+                _ => vec![],
+            })
+            .collect())
     }
 
     #[test]
@@ -342,10 +300,16 @@ workloads:
     #[test]
     fn syntax_errors_carry_line_and_field() {
         let e = p("workloads:\n  - name: a\n    namespace: b\n    ipz: []\n").unwrap_err();
-        assert!(e.starts_with("w.yaml:4:"), "{e}");
+        assert!(
+            e.starts_with("w.yaml:4: error: workload registry: workloads[0].ipz:"),
+            "{e}"
+        );
         assert!(e.contains("unknown field `ipz`"), "{e}");
         let e = p("workloads:\n  - name: a\n    namespace: b\n    ips: [not-an-ip]\n    netns: /x\n    cgroup: /y\n").unwrap_err();
-        assert!(e.starts_with("w.yaml:4:"), "{e}");
+        assert!(
+            e.starts_with("w.yaml:4: error: workload registry: workloads[0].ips[0]:"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -353,13 +317,13 @@ workloads:
         let dup_ip = GOOD.replace("ips: [10.10.0.3]", "ips: [10.10.0.2]");
         assert_eq!(
             p(&dup_ip).unwrap_err(),
-            "w.yaml: workloads[1] (demo/server): ips: 10.10.0.2 is also the address of default/client"
+            "w.yaml:12: error: workload registry: workloads[1].ips: 10.10.0.2 is also the address of default/client"
         );
         let bad_name = GOOD.replace("name: server", "name: Server_1");
+        let e = p(&bad_name).unwrap_err();
         assert!(
-            p(&bad_name)
-                .unwrap_err()
-                .contains("(demo/Server_1): name: \"Server_1\" is not a DNS-1123 label")
+            e.contains("w.yaml:10: error: workload registry: workloads[1].name: \"Server_1\" is not a DNS-1123 label"),
+            "{e}"
         );
         let rel = GOOD.replace("netns: /run/netns/server", "netns: run/netns/server");
         assert!(
@@ -376,6 +340,14 @@ workloads:
         let dup = GOOD
             .replace("namespace: demo", "namespace: default")
             .replace("name: server", "name: client");
-        assert!(p(&dup).unwrap_err().contains("duplicate of workloads[0]"));
+        assert!(
+            p(&dup)
+                .unwrap_err()
+                .contains("default/client is also workloads[0]")
+        );
+        let no_paths = "workloads:\n  - name: a\n    namespace: b\n    ips: [10.0.0.9]\n";
+        assert!(p(no_paths).unwrap_err().contains("unless uid is given"));
+        let by_uid = format!("{no_paths}    uid: 4a3c\n");
+        assert_eq!(p(&by_uid).unwrap()[0].uid.as_deref(), Some("4a3c"));
     }
 }

@@ -20,7 +20,10 @@ fn help_lists_every_setting_with_its_environment_variable() {
     let (code, out, _) = agent(&["run", "--help"]);
     assert_eq!(code, 0);
     for flag in [
-        "--workloads",
+        "--config",
+        "--kubernetes",
+        "--cgroup-root",
+        "--cluster-domain",
         "--bpffs-dir",
         "--keep-pins",
         "--exclude-outbound-cidrs",
@@ -63,8 +66,49 @@ fn bad_values_are_refused_before_anything_is_touched() {
 }
 
 #[test]
-fn missing_workload_file_flag_is_a_usage_error() {
+fn running_without_a_configuration_source_is_a_usage_error() {
     let (code, _, err) = agent(&["run"]);
     assert_eq!(code, 64);
-    assert!(err.contains("--workloads <FILE>"), "{err}");
+    assert_eq!(
+        err,
+        "mesh-agent: invalid configuration: --config: give configuration files (--config PATH) or --kubernetes, or both\n"
+    );
+}
+
+fn corpus(dir: &str) -> String {
+    format!("{}/tests/corpus/{dir}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn validate_reports_every_problem_and_fails() {
+    let broken = corpus("broken");
+    let (code, out, err) = agent(&["validate", "--errors-only", &broken]);
+    assert_eq!(code, 1, "{err}");
+    let want = format!(
+        "{broken}/vs-weights-and-regex.yaml:12: error: VirtualService default/reviews: spec.http[0].match[0].uri.regex: invalid regex: error: unclosed group\n"
+    );
+    assert!(out.contains(&want), "{out}");
+    assert!(!out.contains(": note: "), "--errors-only: {out}");
+    assert!(
+        err.starts_with("validated 8 files, ") && err.contains(" errors, "),
+        "{err}"
+    );
+    let (code, out, _) = agent(&["validate", "--json", &format!("{broken}/syntax.yaml")]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["line"], 7);
+    assert_eq!(v[0]["severity"], "error");
+}
+
+#[test]
+fn validate_accepts_the_documented_examples() {
+    let (code, out, err) = agent(&["validate", &corpus("good")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(": note: ") && !out.contains(": error: "),
+        "{out}"
+    );
+    let (code, _, err) = agent(&["validate", "/nonexistent.yaml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("1 errors"), "{err}");
 }

@@ -248,7 +248,7 @@ proptest! {
             "spec": spec,
         });
         let parsed = parse_text(&serde_yaml::to_string(&doc).unwrap(), "shaped.yaml");
-        check::documents(parsed);
+        check::documents(&parsed);
     }
 
     /// Nor on arbitrary text built from YAML's own punctuation.
@@ -256,7 +256,7 @@ proptest! {
     fn validation_never_panics_on_arbitrary_yaml(
         text in "([a-zA-Z0-9 :,\\-\\[\\]{}&*!|>'\"#%@`?\\n\\t.]|kind: VirtualService\n|apiVersion: networking.istio.io/v1\n|spec:\n  |---\n){0,120}"
     ) {
-        check::documents(parse_text(&text, "arbitrary.yaml"));
+        check::documents(&parse_text(&text, "arbitrary.yaml"));
     }
 }
 

@@ -84,8 +84,13 @@ fn daemonset_arguments_are_accepted_by_the_agent() {
 fn the_workload_configmap_holds_a_valid_registry() {
     let cm = &docs("workloads.yaml")[0];
     let text = cm["data"]["workloads.yaml"].as_str().unwrap();
-    mesh_agent::workload::parse(Path::new("deploy/workloads.yaml"), text.as_bytes())
-        .expect("valid registry");
+    let file = (
+        Path::new("deploy/workloads.yaml").to_path_buf(),
+        text.as_bytes().to_vec(),
+    );
+    let docs = mesh_agent::sources::files::read_documents([&file])
+        .unwrap_or_else(|e| panic!("the workload ConfigMap is refused: {e}"));
+    assert!(!docs.documents.is_empty());
 }
 
 #[test]

@@ -3,14 +3,14 @@
 //! Node agents authenticate with their node credential (a client
 //! certificate for `spiffe://<td>/mesh/node/<name>`) or, in Kubernetes,
 //! with a service-account token checked by TokenReview. A node gets
-//! certificates only for the identities of pods the placement registry
-//! (the same workload file the agents read, with `node:` set) schedules on
-//! it; anything else is refused and logged with the reason.
+//! certificates only for the identities of meshed pods the placement
+//! (the same configuration the agents read: workload registries with
+//! `node:` set, Kubernetes Pods with `spec.nodeName`) schedules on it;
+//! anything else is refused and logged with the reason.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -29,10 +29,24 @@ use super::{
 use crate::{
     config::CaRunConfig,
     identity::SpiffeId,
+    registry,
+    snapshot::SourceDocs,
+    sources::files::FileSource,
     tls::{self, FixedCert, SharedBundle, SpiffeClientVerifier},
-    watch::{self, Watch},
-    workload::{self, Workload},
+    workload::Workload,
 };
+
+/// The meshed workloads of a configuration, with their nodes.
+fn placement(docs: &SourceDocs) -> Vec<Workload> {
+    let settings = registry::Settings {
+        cluster_domain: "cluster.local".into(),
+    };
+    registry::build(&docs.documents, &settings)
+        .workloads
+        .iter()
+        .map(|w| (**w).clone())
+        .collect()
+}
 
 struct State {
     signer: Signer,
@@ -52,11 +66,8 @@ enum Caller {
 /// Runs the CA until SIGTERM or SIGINT.
 pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
     let signer = Signer::load(&cfg.dir, &cfg.trust_domain)?;
-    let workloads_text = watch::read(&cfg.workloads).map_err(|source| Error::Read {
-        path: cfg.workloads.clone(),
-        source,
-    })?;
-    let placement = workload::parse_snapshot(&workloads_text)?;
+    let (files, initial) = FileSource::open(&cfg.config);
+    let placement = placement(&initial.map_err(Error::Placement)?);
     let kube = match &cfg.kube_api {
         Some(api) => Some(TokenReviewer::new(
             api,
@@ -119,11 +130,7 @@ pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
         kube,
         max_ttl: cfg.max_workload_cert_ttl,
     });
-    tokio::spawn(watch_placement(
-        state.clone(),
-        cfg.workloads.clone(),
-        workloads_text,
-    ));
+    tokio::spawn(watch_placement(state.clone(), files));
 
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
@@ -140,16 +147,13 @@ pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
     Ok(())
 }
 
-async fn watch_placement(state: Arc<State>, path: PathBuf, initial: watch::Snapshot) {
-    let mut watch = Watch::new(path, initial);
+async fn watch_placement(state: Arc<State>, mut files: FileSource) {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        match watch.poll().map(|r| {
-            r.map_err(|e| e.to_string())
-                .and_then(|s| workload::parse_snapshot(&s).map_err(|e| e.to_string()))
-        }) {
+        match files.poll() {
             None => {}
-            Some(Ok(ws)) => {
+            Some(Ok(docs)) => {
+                let ws = placement(&docs);
                 tracing::info!(workloads = ws.len(), "placement registry reloaded");
                 *state.placement.write().expect("placement lock") = Arc::new(ws);
             }

@@ -54,14 +54,14 @@ pub fn paths(paths: &[PathBuf]) -> Report {
         }
     }
     report.documents = parsed.documents.len();
-    report.problems = documents(parsed);
+    report.problems = documents(&parsed);
     report
 }
 
 /// Problems of parsed documents: those found while parsing, each resource's
 /// own, and those between resources (duplicates).
-pub fn documents(parsed: Parsed) -> Vec<Problem> {
-    let mut problems = parsed.problems;
+pub fn documents(parsed: &Parsed) -> Vec<Problem> {
+    let mut problems = parsed.problems.clone();
     let mut seen: BTreeMap<String, (PathBuf, usize)> = BTreeMap::new();
     for d in &parsed.documents {
         let (id, origin) = match d {

@@ -30,6 +30,15 @@ macro_rules! enumeration {
 }
 pub(crate) use enumeration;
 
+/// The selector of ServiceEntry and Sidecar (`workloadSelector: {labels:
+/// …}`); policies use `selector: {matchLabels: …}` instead.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadLabels {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
 // ---------------------------------------------------------------- VirtualService
 
 spec! {
@@ -790,7 +799,7 @@ spec! {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         pub endpoints: Vec<WorkloadEntry>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub workload_selector: Option<WorkloadSelector>,
+        pub workload_selector: Option<WorkloadLabels>,
         #[serde(skip_serializing_if = "Vec::is_empty")]
         pub export_to: Vec<String>,
         #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -832,7 +841,7 @@ enumeration! {
 spec! {
     pub struct Sidecar {
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub workload_selector: Option<WorkloadSelector>,
+        pub workload_selector: Option<WorkloadLabels>,
         #[serde(skip_serializing_if = "Vec::is_empty")]
         pub ingress: Vec<IstioIngressListener>,
         #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -44,6 +44,15 @@ impl Origin {
         }
     }
 
+    /// The origin of an object read from an API rather than a file: `name`
+    /// says where (e.g. `kubernetes:VirtualService/ns/name`); no lines.
+    pub fn object(name: &str) -> Self {
+        Self {
+            file: name.into(),
+            ..Self::default()
+        }
+    }
+
     fn item(&self, index: usize) -> Self {
         let prefix = format!("{}items[{index}].", self.prefix);
         let line = self
@@ -180,7 +189,10 @@ fn file_problem(file: &Path, line: usize, message: String) -> Problem {
     }
 }
 
-fn classify(value: Value, origin: Origin, out: &mut Parsed) {
+/// Sorts one document (a JSON value) into `out`: an Istio resource, a
+/// Kubernetes object, a workload registry, the items of a List, or a
+/// problem.
+pub fn classify(value: Value, origin: Origin, out: &mut Parsed) {
     if value.is_null() {
         return; // an empty document (`---` at the end)
     }
@@ -206,7 +218,16 @@ fn classify(value: Value, origin: Origin, out: &mut Parsed) {
             workloads: Vec<Workload>,
         }
         match typed::<Registry>(value) {
-            Ok(r) => out.documents.push(Document::Workloads(r.workloads, origin)),
+            Ok(r) => {
+                let bad = crate::workload::problems(&r.workloads);
+                for (path, msg) in &bad {
+                    out.problems
+                        .push(problem(&origin, "workload registry", path, msg.clone()));
+                }
+                if bad.is_empty() {
+                    out.documents.push(Document::Workloads(r.workloads, origin));
+                }
+            }
             Err((path, msg)) => {
                 out.problems
                     .push(problem(&origin, "workload registry", &path, msg))

@@ -24,7 +24,9 @@ spec! {
         pub mtls: Option<MutualTls>,
         /// Keyed by the workload's target port.
         #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-        pub port_level_mtls: BTreeMap<u32, MutualTls>,
+        /// Keys are port numbers; kept as written so a bad key is reported
+        /// by validation with its name.
+        pub port_level_mtls: BTreeMap<String, MutualTls>,
     }
 }
 

@@ -102,19 +102,35 @@ impl Check<'_> {
 
     fn selector(&mut self, path: &str, s: &Option<WorkloadSelector>) {
         if let Some(s) = s {
-            if s.match_labels.is_empty() {
-                self.note(
-                    path,
-                    "a workload selector without labels selects every workload in the namespace",
-                );
+            self.labels(path, "matchLabels", &s.match_labels);
+        }
+    }
+
+    /// The `labels` form of selector (ServiceEntry, Sidecar).
+    fn labels_selector(&mut self, path: &str, s: &Option<WorkloadLabels>) {
+        if let Some(s) = s {
+            self.labels(path, "labels", &s.labels);
+        }
+    }
+
+    fn labels(
+        &mut self,
+        path: &str,
+        field: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) {
+        if labels.is_empty() {
+            self.note(
+                path,
+                "a workload selector without labels selects every workload in the namespace",
+            );
+        }
+        for (k, v) in labels {
+            if let Err(e) = check_label_key(k) {
+                self.err(format!("{path}.{field}.{k}"), format!("key {k:?}: {e}"));
             }
-            for (k, v) in &s.match_labels {
-                if let Err(e) = check_label_key(k) {
-                    self.err(format!("{path}.matchLabels.{k}"), format!("key {k:?}: {e}"));
-                }
-                if let Err(e) = check_label_value(v) {
-                    self.err(format!("{path}.matchLabels.{k}"), e);
-                }
+            if let Err(e) = check_label_value(v) {
+                self.err(format!("{path}.{field}.{k}"), e);
             }
         }
     }
@@ -1060,7 +1076,7 @@ fn service_entry(c: &mut Check<'_>, s: &ServiceEntry) {
             }
         }
     }
-    c.selector("spec.workloadSelector", &s.workload_selector);
+    c.labels_selector("spec.workloadSelector", &s.workload_selector);
 }
 
 fn workload_entry(c: &mut Check<'_>, p: &str, e: &WorkloadEntry) {
@@ -1145,7 +1161,7 @@ fn sidecar(c: &mut Check<'_>, s: &Sidecar) {
     {
         destination(c, "spec.outboundTrafficPolicy.egressProxy", ep);
     }
-    c.selector("spec.workloadSelector", &s.workload_selector);
+    c.labels_selector("spec.workloadSelector", &s.workload_selector);
 }
 
 fn targets(
@@ -1190,7 +1206,13 @@ fn peer_authentication(c: &mut Check<'_>, s: &PeerAuthentication) {
         );
     }
     for port in s.port_level_mtls.keys() {
-        c.port(&format!("spec.portLevelMtls.{port}"), *port);
+        match port.parse::<u32>() {
+            Ok(n) => c.port(&format!("spec.portLevelMtls.{port}"), n),
+            Err(_) => c.err(
+                format!("spec.portLevelMtls.{port}"),
+                format!("{port:?} is not a port number"),
+            ),
+        }
     }
 }
 

@@ -12,13 +12,14 @@
 //! HBONE is always mutual TLS; the mode decides the plaintext path:
 //! `STRICT` refuses it, `PERMISSIVE` accepts it, `DISABLE` passes it through.
 
-use std::{collections::BTreeMap, path::Path};
+use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use serde::Serialize;
 
-use super::Error;
-use crate::workload::Workload;
+use crate::{
+    istio::{Resource, Spec, security},
+    workload::Workload,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -30,23 +31,22 @@ pub enum MtlsMode {
 }
 
 impl MtlsMode {
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "UNSET" => Self::Unset,
-            "DISABLE" => Self::Disable,
-            "PERMISSIVE" => Self::Permissive,
-            "STRICT" => Self::Strict,
-            _ => return None,
-        })
-    }
-
     /// Whether plaintext connections are let in.
     pub fn allows_plaintext(self) -> bool {
         self != Self::Strict
     }
+
+    fn of(m: &Option<security::MutualTls>) -> Self {
+        match m.as_ref().and_then(|m| m.mode) {
+            None | Some(security::MtlsMode::Unset) => Self::Unset,
+            Some(security::MtlsMode::Disable) => Self::Disable,
+            Some(security::MtlsMode::Permissive) => Self::Permissive,
+            Some(security::MtlsMode::Strict) => Self::Strict,
+        }
+    }
 }
 
-/// One PeerAuthentication resource.
+/// One PeerAuthentication resource, reduced to what decides a mode.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerAuthentication {
@@ -59,14 +59,45 @@ pub struct PeerAuthentication {
     pub port_level: BTreeMap<u16, MtlsMode>,
 }
 
-#[derive(Deserialize)]
+impl PeerAuthentication {
+    /// The policy of a (validated) resource; `None` for other kinds.
+    pub fn from_resource(r: &Resource) -> Option<Self> {
+        let Spec::PeerAuthentication(s) = &r.spec else {
+            return None;
+        };
+        Some(Self {
+            name: r.metadata.name.clone(),
+            namespace: r.metadata.namespace.clone(),
+            creation_timestamp: r.metadata.creation_timestamp.clone(),
+            selector: s.selector.as_ref().map(|s| s.match_labels.clone()),
+            mode: MtlsMode::of(&s.mtls),
+            port_level: s
+                .port_level_mtls
+                .iter()
+                .filter_map(|(p, m)| Some((p.parse::<u16>().ok()?, MtlsMode::of(&Some(m.clone())))))
+                .collect(),
+        })
+    }
+}
+
+/// The mode of one workload, resolved once per snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Meta {
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    creation_timestamp: Option<String>,
+pub struct Effective {
+    pub mode: Option<MtlsMode>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level: BTreeMap<u16, MtlsMode>,
+}
+
+impl Effective {
+    /// The mode for plaintext arriving at `port`.
+    pub fn mode(&self, port: u16) -> MtlsMode {
+        self.port_level
+            .get(&port)
+            .copied()
+            .or(self.mode)
+            .unwrap_or(MtlsMode::Permissive)
+    }
 }
 
 /// All PeerAuthentications in force.
@@ -85,39 +116,35 @@ impl PeerAuthentications {
         }
     }
 
-    /// Reads every PeerAuthentication in a source (files of multi-document
-    /// YAML, JSON, or Kubernetes `List`s). Other kinds are skipped here.
-    pub fn parse(snapshot: &crate::watch::Snapshot, root_namespace: &str) -> Result<Self, Error> {
-        let mut policies = Vec::new();
-        for (file, text) in snapshot {
-            for doc in serde_yaml::Deserializer::from_slice(text) {
-                let v = Value::deserialize(doc).map_err(|e| Error::Syntax {
-                    file: file.clone(),
-                    message: e.to_string(),
-                })?;
-                let items = match v["kind"].as_str() {
-                    Some("List") => v["items"].as_sequence().cloned().unwrap_or_default(),
-                    _ => vec![v],
-                };
-                for item in items {
-                    if item["kind"].as_str() == Some("PeerAuthentication")
-                        && item["apiVersion"]
-                            .as_str()
-                            .is_some_and(|a| a.starts_with("security.istio.io/"))
-                    {
-                        policies.push(one(file, &item)?);
-                    }
-                }
-            }
-        }
-        Ok(Self {
+    /// The policies among `resources` (validated Istio resources).
+    pub fn from_resources<'a>(
+        resources: impl IntoIterator<Item = &'a Resource>,
+        root_namespace: &str,
+    ) -> Self {
+        Self {
             root_namespace: root_namespace.into(),
-            policies,
-        })
+            policies: resources
+                .into_iter()
+                .filter_map(PeerAuthentication::from_resource)
+                .collect(),
+        }
+    }
+
+    /// What applies to workload `w`, resolved once: its ports that a
+    /// workload policy names, and the mode of every other port.
+    pub fn effective(&self, w: &Workload) -> Effective {
+        let (port_level, mode) = self.resolve(w);
+        Effective { mode, port_level }
     }
 
     /// The mode for plaintext arriving at `port` of workload `w`.
     pub fn mode_for(&self, w: &Workload, port: u16) -> MtlsMode {
+        self.effective(w).mode(port)
+    }
+
+    /// Port overrides (each already falling back to the levels above) and
+    /// the mode of the other ports.
+    fn resolve(&self, w: &Workload) -> (BTreeMap<u16, MtlsMode>, Option<MtlsMode>) {
         let oldest = |it: &mut dyn Iterator<Item = &PeerAuthentication>| {
             it.min_by(|a, b| {
                 (&a.creation_timestamp, &a.name).cmp(&(&b.creation_timestamp, &b.name))
@@ -142,99 +169,25 @@ impl PeerAuthentications {
                 .iter()
                 .filter(|p| p.namespace == self.root_namespace && p.selector.is_none()),
         );
-        let port_mode = workload
-            .as_ref()
-            .and_then(|p| p.port_level.get(&port).copied());
-        [
-            port_mode,
-            workload.map(|p| p.mode),
-            namespace.map(|p| p.mode),
-            mesh.map(|p| p.mode),
-        ]
-        .into_iter()
-        .flatten()
-        .find(|m| *m != MtlsMode::Unset)
-        .unwrap_or(MtlsMode::Permissive)
+        let first_set = |modes: [Option<MtlsMode>; 3]| {
+            modes.into_iter().flatten().find(|m| *m != MtlsMode::Unset)
+        };
+        let base = first_set([
+            workload.as_ref().map(|p| p.mode),
+            namespace.as_ref().map(|p| p.mode),
+            mesh.as_ref().map(|p| p.mode),
+        ]);
+        let ports = workload
+            .map(|p| p.port_level)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(port, m)| {
+                let m = if m == MtlsMode::Unset { base? } else { m };
+                Some((port, m))
+            })
+            .collect();
+        (ports, base)
     }
-}
-
-fn one(file: &Path, v: &Value) -> Result<PeerAuthentication, Error> {
-    let meta: Meta = serde_yaml::from_value(v["metadata"].clone()).map_err(|e| Error::Syntax {
-        file: file.into(),
-        message: format!("PeerAuthentication metadata: {e}"),
-    })?;
-    let namespace = meta.namespace.unwrap_or_else(|| "default".into());
-    let resource = format!("PeerAuthentication {namespace}/{}", meta.name);
-    let bad = |field: &str, reason: String| Error::Invalid {
-        file: file.into(),
-        resource: resource.clone(),
-        field: field.into(),
-        reason,
-    };
-    let spec = &v["spec"];
-    let mode_at = |field: &str, m: &Value| -> Result<MtlsMode, Error> {
-        match m {
-            Value::Null => Ok(MtlsMode::Unset),
-            Value::String(s) => MtlsMode::parse(s).ok_or_else(|| {
-                bad(
-                    field,
-                    format!("unknown mode {s:?} (UNSET, DISABLE, PERMISSIVE or STRICT)"),
-                )
-            }),
-            other => Err(bad(field, format!("expected a string, found {other:?}"))),
-        }
-    };
-    let mode = mode_at("spec.mtls.mode", &spec["mtls"]["mode"])?;
-    let selector = match &spec["selector"]["matchLabels"] {
-        Value::Null => None,
-        Value::Mapping(m) => Some(
-            m.iter()
-                .map(|(k, v)| match (k.as_str(), v.as_str()) {
-                    (Some(k), Some(v)) => Ok((k.to_owned(), v.to_owned())),
-                    _ => Err(bad(
-                        "spec.selector.matchLabels",
-                        "labels must be strings".into(),
-                    )),
-                })
-                .collect::<Result<BTreeMap<_, _>, _>>()?,
-        ),
-        _ => {
-            return Err(bad(
-                "spec.selector.matchLabels",
-                "expected a map of labels".into(),
-            ));
-        }
-    };
-    let mut port_level = BTreeMap::new();
-    if let Value::Mapping(ports) = &spec["portLevelMtls"] {
-        if selector.is_none() {
-            return Err(bad(
-                "spec.portLevelMtls",
-                "port-level mTLS needs a workload selector".into(),
-            ));
-        }
-        for (k, v) in ports {
-            let port = match k {
-                Value::Number(n) => n.as_u64(),
-                Value::String(s) => s.parse().ok(),
-                _ => None,
-            }
-            .filter(|p| (1..=65535).contains(p))
-            .ok_or_else(|| bad("spec.portLevelMtls", format!("{k:?} is not a port number")))?;
-            port_level.insert(
-                port as u16,
-                mode_at(&format!("spec.portLevelMtls.{port}.mode"), &v["mode"])?,
-            );
-        }
-    }
-    Ok(PeerAuthentication {
-        name: meta.name,
-        namespace,
-        creation_timestamp: meta.creation_timestamp,
-        selector,
-        mode,
-        port_level,
-    })
 }
 
 #[cfg(test)]
@@ -242,11 +195,22 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<PeerAuthentications, String> {
-        PeerAuthentications::parse(
-            &vec![("pa.yaml".into(), yaml.as_bytes().to_vec())],
+        let mut out = crate::istio::parse::Parsed::default();
+        crate::istio::parse::parse_file(std::path::Path::new("pa.yaml"), yaml.as_bytes(), &mut out);
+        let problems = crate::istio::check::documents(&out);
+        if let Some(p) = problems
+            .iter()
+            .find(|p| p.severity == crate::istio::Severity::Error)
+        {
+            return Err(p.to_string());
+        }
+        Ok(PeerAuthentications::from_resources(
+            out.documents.iter().filter_map(|d| match d {
+                crate::istio::parse::Document::Istio(r) => Some(r),
+                _ => None,
+            }),
             "istio-system",
-        )
-        .map_err(|e| e.to_string())
+        ))
     }
 
     fn pod(ns: &str, labels: &[(&str, &str)]) -> Workload {
@@ -340,11 +304,11 @@ spec: {selector: {matchLabels: {app: x}}, mtls: {mode: UNSET}}
     }
 
     #[test]
-    fn invalid_policies_name_file_resource_and_field() {
+    fn invalid_policies_name_file_line_resource_and_field() {
         let e = parse("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: x, namespace: ns}\nspec: {mtls: {mode: STRICKT}}\n").unwrap_err();
-        assert_eq!(
-            e,
-            "pa.yaml: PeerAuthentication ns/x: spec.mtls.mode: unknown mode \"STRICKT\" (UNSET, DISABLE, PERMISSIVE or STRICT)"
+        assert!(
+            e.starts_with("pa.yaml:4: error: PeerAuthentication ns/x: spec.mtls.mode: unknown variant `STRICKT`"),
+            "{e}"
         );
         let e = parse("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: x, namespace: ns}\nspec: {portLevelMtls: {80: {mode: STRICT}}}\n").unwrap_err();
         assert!(
@@ -352,7 +316,23 @@ spec: {selector: {matchLabels: {app: x}}, mtls: {mode: UNSET}}
             "{e}"
         );
         let e = parse("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: x, namespace: ns}\nspec: {selector: {matchLabels: {a: b}}, portLevelMtls: {http: {mode: STRICT}}}\n").unwrap_err();
-        assert!(e.contains("is not a port number"), "{e}");
-        assert!(parse("kind: [").unwrap_err().starts_with("pa.yaml: "));
+        assert!(e.contains("spec.portLevelMtls.http"), "{e}");
+        assert!(parse("kind: [").unwrap_err().starts_with("pa.yaml:"));
+    }
+
+    #[test]
+    fn effective_modes_are_resolved_per_workload() {
+        let p = parse(DOCS).unwrap();
+        let db = pod("legacy", &[("app", "db")]);
+        let e = p.effective(&db);
+        assert_eq!(e.mode, Some(MtlsMode::Strict));
+        assert_eq!(e.port_level.get(&8080), Some(&MtlsMode::Disable));
+        assert_eq!(
+            e.port_level.get(&9090),
+            Some(&MtlsMode::Strict),
+            "UNSET inherits"
+        );
+        assert_eq!(e.mode(1234), MtlsMode::Strict);
+        assert_eq!(Effective::default().mode(1), MtlsMode::Permissive);
     }
 }

@@ -158,7 +158,7 @@ async fn stream(
     };
     // The stream must go to a pod on this node with the identity this
     // connection's handshake proved; anything else is misdirected.
-    let target = match ctx.workloads.local(dst.ip()) {
+    let target = match ctx.local.get(dst.ip()) {
         Some(t) if t.identity.as_ref() == Some(identity) => t,
         _ => {
             tracing::warn!(pod = %pod.workload.key(), %peer, %dst, "hbone: CONNECT to a destination this identity does not serve");
@@ -167,7 +167,8 @@ async fn stream(
             return status(StatusCode::MISDIRECTED_REQUEST);
         }
     };
-    if ctx.is_own_listener(dst) {
+    let snap = ctx.store.load();
+    if ctx.is_own_listener(&snap, dst) {
         return status(StatusCode::BAD_REQUEST);
     }
     let name = target.workload.key().to_string();
@@ -195,12 +196,13 @@ async fn stream(
             Ok(u) => TokioIo::new(u),
             Err(e) => return tracing::debug!(%peer, "hbone: upgrade failed: {e}"),
         };
-        let source = ctx.workloads.by_ip(peer.ip());
+        let source = snap.registry.workload_at(peer.ip()).cloned();
         let (src_p, dst_p) = (peer_id.to_string(), identity.to_string());
         let m = ctx.metrics.connection_opened(&ConnLabels {
             reporter: Reporter::Destination,
             source: source.as_deref(),
             destination: Some(&target_workload),
+            service: None,
             destination_addr: dst,
             cluster: &ctx.config.cluster_id,
             security_policy: "mutual_tls",

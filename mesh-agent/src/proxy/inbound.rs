@@ -2,7 +2,8 @@
 //! to the agent's `:15006` listener in that pod; the accepted socket's local
 //! address is where the client was going. The agent connects to the
 //! application from a source `sk_lookup` passes (`127.0.0.6`, `::6`) so it
-//! is not captured again. (PeerAuthentication STRICT/PERMISSIVE decides here once mTLS lands.)
+//! is not captured again. PeerAuthentication decides whether plaintext may
+//! come in at all.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -38,13 +39,10 @@ async fn handle(
     ctx: &ProxyContext,
 ) -> Result<(), Error> {
     let pod_name = pod.workload.key().to_string();
-    // PeerAuthentication decides whether plaintext may come in at all.
+    // One snapshot for the connection's whole life.
+    let snap = ctx.store.load();
     let port = stream.local_addr()?.port();
-    let mode = ctx
-        .peer_auth
-        .read()
-        .expect("policy lock")
-        .mode_for(&pod.workload, port);
+    let mode = snap.peer_authentication(&pod.workload).mode(port);
     if !mode.allows_plaintext() {
         socket::reset(&stream);
         return Err(Error::PlaintextRefused {
@@ -52,7 +50,7 @@ async fn handle(
             pod: pod_name,
         });
     }
-    let (dst, upstream) = match connect_app(&stream, pod, &pod_name, ctx).await {
+    let (dst, upstream) = match connect_app(&stream, pod, &pod_name, ctx, &snap).await {
         Ok(x) => x,
         Err(e) => {
             // The client sees a refusal, as it would without the mesh.
@@ -61,11 +59,12 @@ async fn handle(
         }
     };
     stream.set_nodelay(true)?;
-    let src_workload = ctx.workloads.by_ip(peer.ip());
+    let src_workload = snap.registry.workload_at(peer.ip());
     let m = ctx.metrics.connection_opened(&ConnLabels {
         reporter: Reporter::Destination,
-        source: src_workload.as_deref(),
+        source: src_workload.map(|w| &**w),
         destination: Some(&pod.workload),
+        service: None,
         destination_addr: dst,
         cluster: &ctx.config.cluster_id,
         security_policy: "none",
@@ -93,9 +92,10 @@ async fn connect_app(
     pod: &PodContext,
     pod_name: &str,
     ctx: &ProxyContext,
+    snap: &crate::snapshot::Snapshot,
 ) -> Result<(SocketAddr, TcpStream), Error> {
     let dst = stream.local_addr()?;
-    if ctx.is_own_listener(dst) {
+    if ctx.is_own_listener(snap, dst) {
         return Err(Error::Loop { dst });
     }
     let app = socket::connect(

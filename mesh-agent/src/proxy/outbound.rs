@@ -1,8 +1,11 @@
 //! Outbound: connections the capture programs sent to `127.0.0.1:15001`
 //! inside a pod are carried to where the application meant them to go,
-//! from inside the same pod so the source address stays the pod's. A
-//! meshed destination is reached over HBONE (mutual TLS); anything else
-//! directly.
+//! from inside the same pod so the source address stays the pod's.
+//!
+//! Where that is comes from the registry: a service address (Kubernetes
+//! VIP, ServiceEntry address) is replaced by one of the service's
+//! endpoints; a meshed destination is reached over HBONE (mutual TLS,
+//! expecting that workload's identity); anything else directly.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -15,10 +18,66 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, PodContext, ProxyContext, copy, pool::PoolKey, socket};
 use crate::{
     identity::{CertFor, SpiffeId},
+    registry::{Resolution, Service},
+    snapshot::Snapshot,
     telemetry::metrics::{ConnLabels, Reporter},
     tls::{self, SpiffeServerVerifier},
     workload::Workload,
 };
+
+/// Where a captured connection is carried.
+struct Target<'a> {
+    /// The address to connect to (an endpoint, once a service is resolved).
+    addr: SocketAddr,
+    /// The meshed workload there: reached over HBONE.
+    workload: Option<Arc<Workload>>,
+    /// The service the application addressed, if it used one.
+    service: Option<&'a Arc<Service>>,
+}
+
+/// Resolves the application's destination `dst` in `snap`.
+async fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, Error> {
+    let Some((svc, port)) = snap.registry.service_at(dst) else {
+        return Ok(Target {
+            addr: dst,
+            workload: snap.registry.workload_at(dst.ip()).cloned(),
+            service: None,
+        });
+    };
+    if svc.resolution == Resolution::Passthrough {
+        return Ok(Target {
+            addr: dst,
+            workload: snap.registry.workload_at(dst.ip()).cloned(),
+            service: Some(svc),
+        });
+    }
+    let e = svc.pick(port).ok_or_else(|| Error::NoEndpoint {
+        service: svc.hostname.clone(),
+        port: port.port,
+    })?;
+    let target_port = e.port_for(port);
+    let addr = match (e.address, &e.hostname) {
+        (Some(ip), _) => SocketAddr::new(ip, target_port),
+        (None, Some(host)) => {
+            let mut addrs = tokio::net::lookup_host((host.as_str(), target_port))
+                .await
+                .map_err(|e| Error::Resolve {
+                    host: host.clone(),
+                    reason: e.to_string(),
+                })?;
+            addrs.next().ok_or_else(|| Error::Resolve {
+                host: host.clone(),
+                reason: "no addresses".into(),
+            })?
+        }
+        (None, None) => unreachable!("registry endpoints have an address or a host name"),
+    };
+    Ok(Target {
+        addr,
+        workload: e.workload.as_ref().map(|w| w.0.clone()),
+        service: Some(svc),
+    })
+}
 
 /// How long a new pod's first connection may wait for its certificate.
 const CERT_WAIT: Duration = Duration::from_secs(10);
@@ -48,13 +107,22 @@ async fn handle(
     pod: &PodContext,
     ctx: &ProxyContext,
 ) -> Result<(), Error> {
-    let dst = match original_destination(&stream, peer, pod, ctx) {
+    // One snapshot for the connection's whole life.
+    let snap = ctx.store.load();
+    let dst = match original_destination(&stream, peer, pod, ctx, &snap) {
         Ok(d) => d,
         Err(e) => return refuse(&stream, e),
     };
     stream.set_nodelay(true)?;
-    let meshed = ctx.workloads.by_ip(dst.ip());
-    match (&ctx.identities, &pod.identity, meshed) {
+    let target = match resolve(&snap, dst).await {
+        Ok(t) => t,
+        Err(e) => return refuse(&stream, e),
+    };
+    let dst = target.addr;
+    if target.service.is_some() && ctx.is_own_listener(&snap, dst) {
+        return refuse(&stream, Error::Loop { dst });
+    }
+    match (&ctx.identities, &pod.identity, target.workload) {
         (Some(_), Some(src_id), Some(w)) => {
             let dst_id = w.identity(src_id.trust_domain());
             let tunnel = match open_tunnel(pod, ctx, dst, &w, &dst_id, src_id).await {
@@ -66,6 +134,7 @@ async fn handle(
                 reporter: Reporter::Source,
                 source: Some(&pod.workload),
                 destination: Some(&w),
+                service: target.service.map(|s| &**s),
                 destination_addr: dst,
                 cluster: &ctx.config.cluster_id,
                 security_policy: "mutual_tls",
@@ -87,6 +156,7 @@ async fn handle(
                 reporter: Reporter::Source,
                 source: Some(&pod.workload),
                 destination: meshed.as_deref(),
+                service: target.service.map(|s| &**s),
                 destination_addr: dst,
                 cluster: &ctx.config.cluster_id,
                 security_policy: "unknown",
@@ -112,13 +182,14 @@ fn original_destination(
     peer: SocketAddr,
     pod: &PodContext,
     ctx: &ProxyContext,
+    snap: &Snapshot,
 ) -> Result<SocketAddr, Error> {
     let local = stream.local_addr()?;
     let dst = ctx
         .maps
         .original_destination(pod.netns_cookie, peer, local)
         .ok_or(Error::NoOriginalDst { peer })?;
-    if ctx.is_own_listener(dst) {
+    if ctx.is_own_listener(snap, dst) {
         return Err(Error::Loop { dst });
     }
     Ok(dst)

@@ -4,7 +4,8 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use prometheus::{
-    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
     core::{Collector, Desc},
     proto,
 };
@@ -53,6 +54,8 @@ pub struct ConnLabels<'a> {
     pub reporter: Reporter,
     pub source: Option<&'a Workload>,
     pub destination: Option<&'a Workload>,
+    /// The service the client addressed, when it used one.
+    pub service: Option<&'a crate::registry::Service>,
     /// Where the connection was going (used when the destination is not a known workload).
     pub destination_addr: SocketAddr,
     pub cluster: &'a str,
@@ -88,16 +91,22 @@ impl ConnLabels<'_> {
             w(s, Workload::app),
             w(s, Workload::version),
             cluster(s),
-            // No service registry yet: name the address the client dialled.
-            d.map_or_else(
-                || self.destination_addr.ip().to_string(),
-                |w| w.canonical_service().to_string(),
-            ),
-            w(d, |w| &w.namespace),
-            d.map_or_else(
-                || self.destination_addr.ip().to_string(),
-                |w| w.canonical_service().to_string(),
-            ),
+            // The service the client addressed; without one, Istio names
+            // the workload's canonical service, or the address dialled.
+            match (self.service, d) {
+                (Some(svc), _) => svc.hostname.clone(),
+                (None, Some(w)) => w.canonical_service().to_string(),
+                (None, None) => self.destination_addr.ip().to_string(),
+            },
+            match (self.service, d) {
+                (Some(svc), _) => svc.namespace.clone(),
+                (None, d) => w(d, |w| &w.namespace),
+            },
+            match (self.service, d) {
+                (Some(svc), _) => svc.name.clone(),
+                (None, Some(w)) => w.canonical_service().to_string(),
+                (None, None) => self.destination_addr.ip().to_string(),
+            },
             w(d, |w| &w.name),
             w(d, Workload::canonical_service),
             w(d, Workload::canonical_revision),
@@ -123,10 +132,14 @@ pub struct Metrics {
     active: IntGaugeVec,
     proxy_errors: IntCounterVec,
     workloads: IntGauge,
-    workload_reloads: IntCounterVec,
+    enrol_failures: IntCounter,
     tls_failures: IntCounterVec,
     cert_requests: IntCounterVec,
     config_rejected: IntCounterVec,
+    config_applied: IntCounterVec,
+    config_version: IntGauge,
+    config_applied_at: Gauge,
+    kube_watch_errors: IntCounterVec,
     hbone_connections: IntGauge,
 }
 
@@ -202,12 +215,14 @@ impl Metrics {
                 "Connections the agent could not carry, by reason.",
                 &["direction", "reason"],
             )?,
-            workload_reloads: counter_vec(
-                &registry,
-                "mesh_workload_reloads_total",
-                "Changes of the workload file, applied or rejected.",
-                &["result"],
-            )?,
+            enrol_failures: {
+                let c = IntCounter::new(
+                    "mesh_workload_enrol_failures_total",
+                    "Pods the agent failed to enrol (retried on the next change or tick).",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             tls_failures: counter_vec(
                 &registry,
                 "mesh_tls_handshake_failures_total",
@@ -225,6 +240,34 @@ impl Metrics {
                 "mesh_config_rejected_total",
                 "Configuration updates rejected (the previous configuration kept serving), by source.",
                 &["source"],
+            )?,
+            config_applied: counter_vec(
+                &registry,
+                "mesh_config_applied_total",
+                "Configuration updates applied, by source.",
+                &["source"],
+            )?,
+            config_version: {
+                let g = IntGauge::new(
+                    "mesh_config_version",
+                    "Version of the configuration snapshot in force (1 for the first).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            config_applied_at: {
+                let g = Gauge::new(
+                    "mesh_config_last_apply_timestamp_seconds",
+                    "When the snapshot in force was applied (Unix time).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            kube_watch_errors: counter_vec(
+                &registry,
+                "mesh_kube_watch_errors_total",
+                "Kubernetes list/watch errors (each retried with backoff), by watched kind.",
+                &["kind"],
             )?,
             hbone_connections: {
                 let g = IntGauge::new(
@@ -292,8 +335,23 @@ impl Metrics {
         self.workloads.set(n as i64);
     }
 
-    pub fn workload_reload(&self, result: &str) {
-        self.workload_reloads.with_label_values(&[result]).inc();
+    pub fn enrol_failed(&self) {
+        self.enrol_failures.inc();
+    }
+
+    /// Records a new snapshot from `source`.
+    pub fn config_applied(&self, source: &str, version: u64, at: std::time::SystemTime) {
+        self.config_applied.with_label_values(&[source]).inc();
+        self.config_version.set(version as i64);
+        self.config_applied_at.set(
+            at.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+    }
+
+    pub fn kube_watch_error(&self, kind: &str) {
+        self.kube_watch_errors.with_label_values(&[kind]).inc();
     }
 
     /// The Prometheus text exposition of everything.
@@ -439,6 +497,7 @@ mod tests {
             reporter: Reporter::Source,
             source: Some(&src),
             destination: None,
+            service: None,
             destination_addr: "192.0.2.9:80".parse().unwrap(),
             cluster: "Kubernetes",
             security_policy: "unknown",

@@ -1,0 +1,466 @@
+//! The configuration snapshot: everything the sources say, validated,
+//! merged and compiled once into one immutable, versioned value. The agent
+//! swaps snapshots atomically; each connection takes the current one when
+//! it starts and keeps it for its lifetime, so a reload never changes the
+//! rules under a connection in flight.
+
+pub mod compile;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+    time::SystemTime,
+};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::{
+    istio::{Kind, Problem, Resource, Severity, Spec, parse::Document},
+    policy::{PeerAuthentications, peer_auth::Effective},
+    registry::{self, Registry},
+    workload::{Workload, WorkloadKey},
+};
+
+/// What one source currently provides.
+#[derive(Debug, Clone, Default)]
+pub struct SourceDocs {
+    /// `files` or `kubernetes`.
+    pub name: &'static str,
+    /// Changes whenever the content does (a content hash, resource versions).
+    pub revision: String,
+    pub documents: Vec<Document>,
+    /// Findings that did not refuse anything (fields not yet enforced…).
+    pub notes: Vec<Problem>,
+}
+
+/// What a snapshot's sources were, for `/config_dump`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceStatus {
+    pub name: &'static str,
+    pub revision: String,
+    pub documents: usize,
+}
+
+/// Settings the snapshot is compiled against.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_name: String,
+    pub root_namespace: String,
+    pub cluster_domain: String,
+}
+
+/// Policies that apply to one workload of this node, resolved once.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadPolicies {
+    pub peer_authentication: Effective,
+    /// `Kind namespace/name` of each policy that selects the workload.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub authorization: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub request_authentication: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub telemetry: Vec<String>,
+}
+
+/// One immutable, compiled configuration.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    /// 1 for the first configuration applied, +1 for each one after.
+    pub version: u64,
+    #[serde(serialize_with = "rfc3339")]
+    pub applied_at: SystemTime,
+    pub sources: Vec<SourceStatus>,
+    /// Istio resources by kind, oldest first.
+    pub resources: BTreeMap<Kind, Vec<Arc<Resource>>>,
+    pub registry: Registry,
+    pub routes: compile::Routes,
+    pub peer_authentications: PeerAuthentications,
+    /// For each workload on this node.
+    pub policies: BTreeMap<WorkloadKey, WorkloadPolicies>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<Problem>,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+impl Snapshot {
+    /// The configuration before any source has been read.
+    pub fn empty(settings: &Settings) -> Self {
+        Self {
+            version: 0,
+            applied_at: SystemTime::now(),
+            sources: Vec::new(),
+            resources: BTreeMap::new(),
+            registry: Registry::default(),
+            routes: compile::Routes::default(),
+            peer_authentications: PeerAuthentications::empty(&settings.root_namespace),
+            policies: BTreeMap::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// The PeerAuthentication mode in force for a workload of this node.
+    pub fn peer_authentication(&self, w: &Workload) -> Effective {
+        match self.policies.get(&w.key()) {
+            Some(p) => p.peer_authentication.clone(),
+            // Not indexed (enrolled from an older snapshot): resolve now.
+            None => self.peer_authentications.effective(w),
+        }
+    }
+
+    /// The workloads this node enrols.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.registry.on_node(node)
+    }
+}
+
+/// Builds the snapshot of `sources`. Errors are problems between documents
+/// of different files or sources (each document was validated on its own
+/// when its source read it).
+pub fn build(
+    sources: &[&SourceDocs],
+    settings: &Settings,
+    version: u64,
+) -> Result<Snapshot, Vec<Problem>> {
+    let docs: Vec<&Document> = sources.iter().flat_map(|s| &s.documents).collect();
+    conflicts(&docs)?;
+    let mut resources: BTreeMap<Kind, Vec<Arc<Resource>>> = BTreeMap::new();
+    for d in &docs {
+        if let Document::Istio(r) = d {
+            resources
+                .entry(r.kind())
+                .or_default()
+                .push(Arc::new(r.clone()));
+        }
+    }
+    for rs in resources.values_mut() {
+        rs.sort_by(|a, b| {
+            (
+                &a.metadata.creation_timestamp,
+                &a.metadata.namespace,
+                &a.metadata.name,
+            )
+                .cmp(&(
+                    &b.metadata.creation_timestamp,
+                    &b.metadata.namespace,
+                    &b.metadata.name,
+                ))
+        });
+    }
+    let registry = registry::build(
+        docs.iter().copied(),
+        &registry::Settings {
+            cluster_domain: settings.cluster_domain.clone(),
+        },
+    );
+    let all: Vec<&Arc<Resource>> = resources.values().flatten().collect();
+    let routes = compile::Routes::new(all.iter().copied(), &settings.cluster_domain);
+    let peer_authentications = PeerAuthentications::from_resources(
+        all.iter().map(|r| r.as_ref()),
+        &settings.root_namespace,
+    );
+    let policies = registry
+        .on_node(&settings.node_name)
+        .map(|w| {
+            let selecting = |kind: Kind| -> Vec<String> {
+                resources
+                    .get(&kind)
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| applies_to(r, w, &settings.root_namespace))
+                    .map(|r| r.id())
+                    .collect()
+            };
+            let p = WorkloadPolicies {
+                peer_authentication: peer_authentications.effective(w),
+                authorization: selecting(Kind::AuthorizationPolicy),
+                request_authentication: selecting(Kind::RequestAuthentication),
+                telemetry: selecting(Kind::Telemetry),
+            };
+            (w.key(), p)
+        })
+        .collect();
+    Ok(Snapshot {
+        version,
+        applied_at: SystemTime::now(),
+        sources: sources
+            .iter()
+            .map(|s| SourceStatus {
+                name: s.name,
+                revision: s.revision.clone(),
+                documents: s.documents.len(),
+            })
+            .collect(),
+        resources,
+        registry,
+        routes,
+        peer_authentications,
+        policies,
+        notes: sources.iter().flat_map(|s| s.notes.clone()).collect(),
+    })
+}
+
+/// Whether a workload-scoped policy (selector form) applies to `w`: its
+/// namespace's or the root namespace's policies without a selector, and
+/// those whose selector matches in its namespace. `targetRef` policies bind
+/// to gateways and services, not to a pod.
+fn applies_to(r: &Resource, w: &Workload, root_namespace: &str) -> bool {
+    let (selector, targeted) = match &r.spec {
+        Spec::AuthorizationPolicy(s) => (
+            &s.selector,
+            s.target_ref.is_some() || !s.target_refs.is_empty(),
+        ),
+        Spec::RequestAuthentication(s) => (
+            &s.selector,
+            s.target_ref.is_some() || !s.target_refs.is_empty(),
+        ),
+        Spec::Telemetry(s) => (
+            &s.selector,
+            s.target_ref.is_some() || !s.target_refs.is_empty(),
+        ),
+        _ => return false,
+    };
+    if targeted {
+        return false;
+    }
+    let ns = &r.metadata.namespace;
+    match selector {
+        None => ns == &w.namespace || ns == root_namespace,
+        Some(sel) => {
+            ns == &w.namespace
+                && sel
+                    .match_labels
+                    .iter()
+                    .all(|(k, v)| w.labels.get(k) == Some(v))
+        }
+    }
+}
+
+/// The same object defined twice (in two files or two sources), or two
+/// workloads claiming one address.
+fn conflicts(docs: &[&Document]) -> Result<(), Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut seen: HashMap<String, (std::path::PathBuf, usize)> = HashMap::new();
+    let mut ips: HashMap<IpAddr, String> = HashMap::new();
+    let mut keys: HashSet<WorkloadKey> = HashSet::new();
+    let mut conflict =
+        |origin: &crate::istio::parse::Origin, resource: String, field: &str, message: String| {
+            problems.push(Problem {
+                severity: Severity::Error,
+                file: origin.file.clone(),
+                line: origin.line,
+                resource,
+                field: field.into(),
+                message,
+            });
+        };
+    for d in docs {
+        let (id, origin) = match d {
+            Document::Istio(r) => (r.id(), &r.origin),
+            Document::Kube(k, o) => (k.id(), o),
+            Document::Workloads(ws, o) => {
+                for w in ws {
+                    if !keys.insert(w.key()) {
+                        conflict(
+                            o,
+                            "workload registry".into(),
+                            "workloads",
+                            format!("{} is listed twice", w.key()),
+                        );
+                    }
+                    for ip in &w.ips {
+                        if let Some(other) = ips.insert(*ip, w.key().to_string())
+                            && other != w.key().to_string()
+                        {
+                            conflict(
+                                o,
+                                "workload registry".into(),
+                                "workloads",
+                                format!("{ip} is the address of both {other} and {}", w.key()),
+                            );
+                        }
+                    }
+                }
+                continue;
+            }
+        };
+        match seen.get(&id) {
+            Some((file, line)) => conflict(
+                origin,
+                id.clone(),
+                "metadata.name",
+                format!("defined twice (also at {}:{line})", file.display()),
+            ),
+            None => {
+                seen.insert(id, (origin.file.clone(), origin.line));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// The snapshot in force, swapped atomically.
+pub struct Store {
+    current: ArcSwap<Snapshot>,
+}
+
+impl Store {
+    pub fn new(initial: Snapshot) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(initial),
+        }
+    }
+
+    /// The current snapshot; hold the `Arc` for as long as the work it
+    /// decides (a connection) lasts.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn swap(&self, next: Snapshot) -> Arc<Snapshot> {
+        self.current.swap(Arc::new(next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::istio::parse;
+
+    fn source(name: &'static str, file: &str, yaml: &str) -> SourceDocs {
+        let mut out = parse::Parsed::default();
+        parse::parse_file(Path::new(file), yaml.as_bytes(), &mut out);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        SourceDocs {
+            name,
+            revision: "r1".into(),
+            documents: out.documents,
+            notes: vec![],
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            node_name: "node-a".into(),
+            root_namespace: "istio-system".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    const WORKLOADS: &str = r#"
+workloads:
+  - {name: web, namespace: shop, ips: [10.0.0.2], netns: /n, cgroup: /c, labels: {app: web}, node: node-a}
+  - {name: db, namespace: shop, ips: [10.0.0.3], netns: /n, cgroup: /c, labels: {app: db}, node: node-b}
+"#;
+
+    const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-only, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-only, namespace: shop}
+spec: {selector: {matchLabels: {app: db}}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh, namespace: istio-system}
+spec: {accessLogging: [{providers: [{name: envoy}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v1}, weight: 90}, {destination: {host: reviews, subset: v2}, weight: 10}]}]
+"#;
+
+    #[test]
+    fn merges_sources_and_indexes_policies_by_local_workload() {
+        let files = source("files", "w.yaml", WORKLOADS);
+        let kube = source("kubernetes", "kube", POLICIES);
+        let s = build(&[&files, &kube], &settings(), 7).unwrap();
+        assert_eq!(s.version, 7);
+        assert_eq!(s.sources.len(), 2);
+        assert_eq!(s.registry.workloads.len(), 2);
+        assert_eq!(
+            s.policies.len(),
+            1,
+            "only this node's workloads are indexed"
+        );
+        let web = &s.policies.values().next().unwrap();
+        assert_eq!(web.authorization, ["AuthorizationPolicy shop/web-only"]);
+        assert_eq!(web.telemetry, ["Telemetry istio-system/mesh"]);
+        assert_eq!(
+            web.peer_authentication.mode(80),
+            crate::policy::MtlsMode::Strict
+        );
+        let vs = &s.routes.virtual_services["reviews.shop.svc.cluster.local"][0];
+        assert_eq!(vs.http[0].cumulative_weights, [90, 100]);
+        let dump = serde_json::to_value(&s).unwrap();
+        assert_eq!(dump["version"], 7);
+        assert_eq!(
+            dump["resources"]["VirtualService"][0]["metadata"]["name"],
+            "reviews"
+        );
+    }
+
+    #[test]
+    fn conflicts_between_files_are_refused() {
+        let a = source("files", "a.yaml", POLICIES);
+        let b = source(
+            "files",
+            "b.yaml",
+            &POLICIES[..POLICIES.find("---").unwrap()],
+        );
+        let e = build(&[&a, &b], &settings(), 1).unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            e[0].to_string(),
+            "b.yaml:2: error: PeerAuthentication istio-system/default: metadata.name: defined twice (also at a.yaml:2)"
+        );
+        let w2 = source(
+            "files",
+            "w2.yaml",
+            &WORKLOADS.replace("name: web", "name: web2"),
+        );
+        let w = source("files", "w.yaml", WORKLOADS);
+        let e = build(&[&w, &w2], &settings(), 1).unwrap_err();
+        assert!(
+            e[0].message
+                .contains("10.0.0.2 is the address of both shop/web and shop/web2"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn the_store_swaps_whole_snapshots() {
+        let store = Store::new(Snapshot::empty(&settings()));
+        let held = store.load();
+        let files = source("files", "w.yaml", WORKLOADS);
+        store.swap(build(&[&files], &settings(), 1).unwrap());
+        assert_eq!(held.version, 0, "a holder keeps the snapshot it took");
+        assert_eq!(store.load().version, 1);
+        assert_eq!(store.load().registry.workloads.len(), 2);
+    }
+}

@@ -1,0 +1,329 @@
+//! The per-request form of routing configuration, built once per snapshot:
+//! VirtualService hosts resolved to FQDNs, match regexes compiled, route
+//! weights normalised to cumulative thresholds, DestinationRules indexed by
+//! host. Routing (the L7 issue) reads only this.
+
+use std::{collections::HashMap, sync::Arc};
+
+use regex::Regex;
+use serde::Serialize;
+
+use crate::istio::{
+    Resource, Spec,
+    common::StringMatch,
+    networking::{HttpMatchRequest, HttpRoute, VirtualService},
+};
+
+/// How one string is matched, ready to run.
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    Exact(String),
+    Prefix(String),
+    /// Anchored at both ends, as Envoy's RE2 `safe_regex` full match.
+    Regex(Regex),
+}
+
+impl Matcher {
+    /// `None` for an empty StringMatch (matches anything); validation
+    /// guarantees regexes compile, so a failure here is also "anything".
+    fn new(m: &StringMatch, ignore_case: bool) -> Option<Self> {
+        let fold = |s: &str| {
+            if ignore_case {
+                s.to_ascii_lowercase()
+            } else {
+                s.to_owned()
+            }
+        };
+        if let Some(e) = &m.exact {
+            return Some(Self::Exact(fold(e)));
+        }
+        if let Some(p) = &m.prefix {
+            return Some(Self::Prefix(fold(p)));
+        }
+        let re = m.regex.as_ref()?;
+        let pattern = if ignore_case {
+            format!("(?i)^(?:{re})$")
+        } else {
+            format!("^(?:{re})$")
+        };
+        Regex::new(&pattern).ok().map(Self::Regex)
+    }
+
+    pub fn matches(&self, s: &str) -> bool {
+        match self {
+            Self::Exact(e) => s == e,
+            Self::Prefix(p) => s.starts_with(p.as_str()),
+            Self::Regex(r) => r.is_match(s),
+        }
+    }
+}
+
+impl Serialize for Matcher {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Exact(e) => s.collect_str(&format_args!("exact:{e}")),
+            Self::Prefix(p) => s.collect_str(&format_args!("prefix:{p}")),
+            Self::Regex(r) => s.collect_str(&format_args!("regex:{}", r.as_str())),
+        }
+    }
+}
+
+/// One `match` block: every condition must hold.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledMatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<Matcher>,
+    pub ignore_uri_case: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<Matcher>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<Matcher>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, Option<Matcher>)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub without_headers: Vec<(String, Option<Matcher>)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<(String, Option<Matcher>)>,
+}
+
+impl CompiledMatch {
+    fn new(m: &HttpMatchRequest) -> Self {
+        let map = |ms: &std::collections::BTreeMap<String, StringMatch>| {
+            ms.iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), Matcher::new(v, false)))
+                .collect()
+        };
+        Self {
+            uri: m
+                .uri
+                .as_ref()
+                .and_then(|u| Matcher::new(u, m.ignore_uri_case)),
+            ignore_uri_case: m.ignore_uri_case,
+            method: m.method.as_ref().and_then(|u| Matcher::new(u, false)),
+            authority: m.authority.as_ref().and_then(|u| Matcher::new(u, false)),
+            headers: map(&m.headers),
+            without_headers: map(&m.without_headers),
+            query_params: m
+                .query_params
+                .iter()
+                .map(|(k, v)| (k.clone(), Matcher::new(v, false)))
+                .collect(),
+        }
+    }
+
+    /// Whether a request's path matches the `uri` condition.
+    pub fn uri_matches(&self, path: &str) -> bool {
+        match &self.uri {
+            None => true,
+            Some(m) if self.ignore_uri_case => m.matches(&path.to_ascii_lowercase()),
+            Some(m) => m.matches(path),
+        }
+    }
+}
+
+/// One `http` route, with its weights as cumulative thresholds out of the
+/// total (so a draw in `0..total` picks a destination with one search).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledHttpRoute {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub matches: Vec<CompiledMatch>,
+    pub cumulative_weights: Vec<u32>,
+}
+
+impl CompiledHttpRoute {
+    fn new(r: &HttpRoute) -> Self {
+        Self {
+            name: r.name.clone(),
+            matches: r.matches.iter().map(CompiledMatch::new).collect(),
+            cumulative_weights: normalise(r.route.iter().map(|d| d.weight)),
+        }
+    }
+
+    /// The destination index for a draw `x` in `0..100`.
+    pub fn pick(&self, x: u32) -> Option<usize> {
+        let total = *self.cumulative_weights.last()?;
+        if total == 0 {
+            return None;
+        }
+        let x = x % total;
+        Some(self.cumulative_weights.partition_point(|w| *w <= x))
+    }
+}
+
+/// Istio's weights: one destination takes everything; several share by
+/// weight (validation ensures they total 100; anything else is scaled).
+pub fn normalise(weights: impl IntoIterator<Item = Option<i32>>) -> Vec<u32> {
+    let w: Vec<u32> = weights
+        .into_iter()
+        .map(|w| w.unwrap_or(0).max(0) as u32)
+        .collect();
+    if w.len() == 1 {
+        return vec![100];
+    }
+    let total: u64 = w.iter().map(|x| u64::from(*x)).sum();
+    if total == 0 {
+        return vec![0; w.len()];
+    }
+    let mut acc = 0u64;
+    w.iter()
+        .map(|x| {
+            acc += u64::from(*x);
+            (acc * 100 / total) as u32
+        })
+        .collect()
+}
+
+/// A VirtualService, compiled.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledVirtualService {
+    pub name: String,
+    pub namespace: String,
+    /// Hosts as FQDNs (short names resolved in the resource's namespace).
+    pub hosts: Vec<String>,
+    pub http: Vec<CompiledHttpRoute>,
+    #[serde(skip)]
+    pub resource: Arc<Resource>,
+}
+
+/// Routing configuration by host.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Routes {
+    pub virtual_services: HashMap<String, Vec<Arc<CompiledVirtualService>>>,
+    pub destination_rules: HashMap<String, Arc<Resource>>,
+}
+
+/// Istio's short-name rule: a host without a dot is a service in the
+/// resource's namespace; anything with a dot (or `*`) is taken as written.
+pub fn fqdn(host: &str, namespace: &str, cluster_domain: &str) -> String {
+    if host.contains('.') || host.contains('*') {
+        host.to_owned()
+    } else {
+        format!("{host}.{namespace}.svc.{cluster_domain}")
+    }
+}
+
+impl Routes {
+    pub fn new<'a>(
+        resources: impl IntoIterator<Item = &'a Arc<Resource>>,
+        cluster_domain: &str,
+    ) -> Self {
+        let mut routes = Routes::default();
+        // Oldest first, so the first rule for a host is the one Istio keeps.
+        let mut rs: Vec<&Arc<Resource>> = resources.into_iter().collect();
+        rs.sort_by(|a, b| {
+            (
+                &a.metadata.creation_timestamp,
+                &a.metadata.namespace,
+                &a.metadata.name,
+            )
+                .cmp(&(
+                    &b.metadata.creation_timestamp,
+                    &b.metadata.namespace,
+                    &b.metadata.name,
+                ))
+        });
+        for r in rs {
+            let ns = &r.metadata.namespace;
+            match &r.spec {
+                Spec::VirtualService(vs) => {
+                    let c = Arc::new(compile_vs(r, vs, cluster_domain));
+                    for h in &c.hosts {
+                        routes
+                            .virtual_services
+                            .entry(h.clone())
+                            .or_default()
+                            .push(c.clone());
+                    }
+                }
+                Spec::DestinationRule(dr) => {
+                    routes
+                        .destination_rules
+                        .entry(fqdn(&dr.host, ns, cluster_domain))
+                        .or_insert_with(|| r.clone());
+                }
+                _ => {}
+            }
+        }
+        routes
+    }
+}
+
+fn compile_vs(
+    r: &Arc<Resource>,
+    vs: &VirtualService,
+    cluster_domain: &str,
+) -> CompiledVirtualService {
+    CompiledVirtualService {
+        name: r.metadata.name.clone(),
+        namespace: r.metadata.namespace.clone(),
+        hosts: vs
+            .hosts
+            .iter()
+            .map(|h| fqdn(h, &r.metadata.namespace, cluster_domain))
+            .collect(),
+        http: vs.http.iter().map(CompiledHttpRoute::new).collect(),
+        resource: r.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_become_cumulative_thresholds() {
+        assert_eq!(normalise([Some(75), Some(25)]), [75, 100]);
+        assert_eq!(normalise([None]), [100], "a single destination takes all");
+        assert_eq!(normalise([Some(1), Some(1)]), [50, 100], "scaled to 100");
+        assert_eq!(normalise([Some(0), Some(100)]), [0, 100]);
+        let r = CompiledHttpRoute {
+            name: String::new(),
+            matches: vec![],
+            cumulative_weights: normalise([Some(90), Some(10)]),
+        };
+        let picks: Vec<usize> = (0..100).filter_map(|x| r.pick(x)).collect();
+        assert_eq!(picks.iter().filter(|i| **i == 0).count(), 90);
+        assert_eq!(picks.iter().filter(|i| **i == 1).count(), 10);
+        let zero = CompiledHttpRoute {
+            cumulative_weights: normalise([Some(0), Some(100)]),
+            ..r
+        };
+        assert!((0..100).all(|x| zero.pick(x) == Some(1)));
+    }
+
+    #[test]
+    fn matchers_follow_envoy_semantics() {
+        let re = Matcher::new(
+            &StringMatch {
+                regex: Some("/api/v[12]".into()),
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+        assert!(
+            re.matches("/api/v1") && !re.matches("/api/v1/x"),
+            "full match"
+        );
+        let m = CompiledMatch::new(&HttpMatchRequest {
+            uri: Some(StringMatch {
+                prefix: Some("/API".into()),
+                ..Default::default()
+            }),
+            ignore_uri_case: true,
+            ..Default::default()
+        });
+        assert!(m.uri_matches("/api/x") && m.uri_matches("/Api"));
+        assert_eq!(
+            fqdn("reviews", "bookinfo", "cluster.local"),
+            "reviews.bookinfo.svc.cluster.local"
+        );
+        assert_eq!(fqdn("httpbin.org", "x", "cluster.local"), "httpbin.org");
+        assert_eq!(fqdn("*", "x", "cluster.local"), "*");
+    }
+}
