@@ -141,11 +141,13 @@ fn plaintext_follows_peer_authentication_and_mesh_traffic_is_always_mtls() {
     assert_eq!(plaintext(9000).json()["received"], "plain");
     let dump = agent_b.config_dump();
     let snap = &dump["snapshot"];
-    assert_eq!(snap["peerAuthentications"]["policies"][0]["mode"], "DISABLE");
+    assert_eq!(
+        snap["peerAuthentications"]["policies"][0]["mode"],
+        "DISABLE"
+    );
     // Resolved once per snapshot for each pod of the node.
     assert_eq!(
-        snap["policies"]["default/server"]["peerAuthentication"]["mode"],
-        "DISABLE",
+        snap["policies"]["default/server"]["peerAuthentication"]["mode"], "DISABLE",
         "{snap}"
     );
     assert_eq!(snap["version"], 4, "three updates applied after the first");

@@ -297,7 +297,8 @@ struct Sources {
     /// With Kubernetes configured, nothing is built before it has synced.
     waits_for_kube: bool,
     version: u64,
-    /// The last rejected update of each source, for `/config_dump`.
+    /// The last rejected update of each source (kept after later updates
+    /// apply, with its time), for `/config_dump`.
     rejected: BTreeMap<&'static str, serde_json::Value>,
 }
 
@@ -322,7 +323,6 @@ impl Sources {
         match snapshot::build(&current, &self.settings, self.version + 1) {
             Ok(s) => {
                 self.version += 1;
-                self.rejected.remove(name);
                 Ok(Some(s))
             }
             Err(problems) => {
@@ -540,7 +540,7 @@ impl Agent {
                 "documents": s.documents.len(),
             })),
             "kubernetes": self.state.kube.as_ref().map(|k| k.status()),
-            "rejected": self.sources.rejected,
+            "lastRejected": self.sources.rejected,
         });
         let doc = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),

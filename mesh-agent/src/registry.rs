@@ -175,13 +175,16 @@ impl Service {
         self.ports.iter().find(|p| p.port == port)
     }
 
-    /// The next ready endpoint that serves `port` (round robin; issue-5
-    /// load balancing replaces this with DestinationRule policies).
-    pub fn pick(&self, port: &ServicePort) -> Option<&Endpoint> {
+    /// The next ready endpoint that serves `port` to a client that used
+    /// an address of `family`'s kind (round robin; DestinationRule load
+    /// balancing comes with L7 routing). Like Kubernetes, an IPv4 service
+    /// address leads to IPv4 endpoints and an IPv6 one to IPv6.
+    pub fn pick(&self, port: &ServicePort, family: IpAddr) -> Option<&Endpoint> {
         let ready: Vec<&Endpoint> = self
             .endpoints
             .iter()
             .filter(|e| e.ready && e.weight > 0)
+            .filter(|e| e.address.is_none_or(|a| a.is_ipv4() == family.is_ipv4()))
             .filter(|e| {
                 // Endpoints that list ports must list this one.
                 e.ports.is_empty()

@@ -64,12 +64,12 @@ fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOpti
         .arg("--")
         .arg(sys::agent_bin())
         .arg("run")
-        .arg("--workloads")
+        .arg("--config")
         .arg(workloads)
         .arg("--bpffs-dir")
         .arg(opts.pin_dir.clone().unwrap_or_else(|| env.pin_dir(node)))
         .args([
-            "--workload-poll-interval",
+            "--config-poll-interval",
             "100ms",
             "--drain-timeout",
             "1s",

@@ -78,7 +78,7 @@ impl Ca {
                 TRUST_DOMAIN,
                 "--listen",
                 &format!("{FABRIC_ADDR}:15012"),
-                "--workloads",
+                "--config",
             ])
             .arg(&workloads)
             .args(extra)

@@ -259,13 +259,13 @@ pub fn classify(value: Value, origin: Origin, out: &mut Parsed) {
         return;
     }
     let kube = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => typed(value).map(|v| KubeObject::Service(Box::new(v))),
+        ("v1", "Service") => strict(value).map(|v| KubeObject::Service(Box::new(v))),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            typed(value).map(|v| KubeObject::EndpointSlice(Box::new(v)))
+            strict(value).map(|v| KubeObject::EndpointSlice(Box::new(v)))
         }
-        ("v1", "Endpoints") => typed(value).map(|v| KubeObject::Endpoints(Box::new(v))),
-        ("v1", "Pod") => typed(value).map(|v| KubeObject::Pod(Box::new(v))),
-        ("v1", "Namespace") => typed(value).map(|v| KubeObject::Namespace(Box::new(v))),
+        ("v1", "Endpoints") => strict(value).map(|v| KubeObject::Endpoints(Box::new(v))),
+        ("v1", "Pod") => strict(value).map(|v| KubeObject::Pod(Box::new(v))),
+        ("v1", "Namespace") => strict(value).map(|v| KubeObject::Namespace(Box::new(v))),
         _ => {
             let what = if kind.is_empty() {
                 "a document without apiVersion/kind".to_owned()
@@ -451,6 +451,52 @@ fn remove(value: &mut Value, path: &[Segment]) -> bool {
     match (&path[end], v) {
         (Segment::Map { key }, Value::Object(m)) => m.remove(key).is_some(),
         _ => false,
+    }
+}
+
+/// Like [`typed`], and a field the type does not know is an error too, as
+/// with `kubectl apply` (k8s-openapi's types ignore unknown fields: a typo
+/// would silently drop a setting).
+fn strict<T: DeserializeOwned + serde::Serialize>(value: Value) -> Result<T, (String, String)> {
+    let t: T = typed(value.clone())?;
+    let back = serde_json::to_value(&t).unwrap_or_default();
+    let mut dropped = Vec::new();
+    dropped_fields(&value, &back, String::new(), &mut dropped);
+    match dropped.into_iter().next() {
+        None => Ok(t),
+        Some(path) => {
+            let name = path
+                .rsplit(['.', ']'])
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            Err((path, format!("unknown field `{name}`")))
+        }
+    }
+}
+
+/// Paths of `input` (non-null) that are missing from `output`.
+fn dropped_fields(input: &Value, output: &Value, path: String, out: &mut Vec<String>) {
+    match (input, output) {
+        (Value::Object(i), Value::Object(o)) => {
+            for (k, v) in i.iter().filter(|(_, v)| !v.is_null()) {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match o.get(k) {
+                    None => out.push(p),
+                    Some(ov) => dropped_fields(v, ov, p, out),
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(o)) => {
+            for (n, (a, b)) in i.iter().zip(o).enumerate() {
+                dropped_fields(a, b, format!("{path}[{n}]"), out);
+            }
+        }
+        _ => {}
     }
 }
 

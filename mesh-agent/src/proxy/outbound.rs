@@ -51,7 +51,7 @@ async fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, Error> 
             service: Some(svc),
         });
     }
-    let e = svc.pick(port).ok_or_else(|| Error::NoEndpoint {
+    let e = svc.pick(port, dst.ip()).ok_or_else(|| Error::NoEndpoint {
         service: svc.hostname.clone(),
         port: port.port,
     })?;

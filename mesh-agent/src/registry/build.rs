@@ -641,14 +641,17 @@ spec:
         assert_eq!(e.labels["version"], "v1", "labels from the pod");
         assert!(e.workload.is_some(), "a meshed endpoint");
         assert!(!svc.endpoints[1].ready && svc.endpoints[1].workload.is_none());
+        let v4: IpAddr = "10.96.0.10".parse().unwrap();
         for _ in 0..4 {
-            let picked = svc.pick(port).unwrap();
+            let picked = svc.pick(port, v4).unwrap();
             assert_eq!(
                 picked.address,
                 Some("10.1.0.5".parse().unwrap()),
                 "only ready endpoints"
             );
         }
+        let v6: IpAddr = "fd00::10".parse().unwrap();
+        assert!(svc.pick(port, v6).is_none(), "no IPv6 endpoint");
 
         // No EndpointSlice: the selector over known pods (meshed or not).
         let (legacy, lp) = r.service_at("10.96.0.11:5000".parse().unwrap()).unwrap();

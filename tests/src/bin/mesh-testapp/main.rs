@@ -7,11 +7,14 @@
 //! mesh-testapp http NAME ADDR...       answer any HTTP request with NAME and addresses
 //! mesh-testapp connect ADDR [PAYLOAD]  send PAYLOAD, half-close, read the echo
 //! mesh-testapp churn ADDR COUNT        COUNT sequential echo round trips
+//! mesh-testapp load ADDR UNTIL         new connections back to back (echo round trips) until UNTIL
 //! mesh-testapp hold ADDR SECS          connect and keep the connection open
 //! mesh-testapp listen ADDR             bind and listen, then wait (holds a port)
 //! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
-//! mesh-testapp chatter ADDR SECS       one connection, a round trip every 100 ms for SECS
+//! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
+//!
+//! UNTIL is a number of seconds, or a path: run until that file exists.
 //! mesh-testapp hbone-connect CERT KEY TARGET AUTHORITY PAYLOAD   (CERT/KEY "-" for none)
 //! mesh-testapp hbone-serve CERT KEY ADDR
 //! mesh-testapp fake-kube ADDR TOKEN=NODE...
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
         ["connect", addr] => connect(addr, "hello mesh"),
         ["connect", addr, payload] => connect(addr, payload),
         ["churn", addr, count] => churn(addr, count.parse()?),
+        ["load", addr, until] => load(addr, &Until::parse(until)),
         ["hold", addr, secs] => hold(addr, secs.parse()?),
         ["listen", addr] => {
             let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
@@ -50,7 +54,7 @@ fn main() -> Result<()> {
             std::thread::park();
             Ok(())
         }
-        ["chatter", addr, secs] => chatter(addr, secs.parse()?),
+        ["chatter", addr, until] => chatter(addr, &Until::parse(until)),
         ["hbone-connect", cert, key, target, authority, payload] => {
             tokio_main(hbone::connect(cert, key, target, authority, payload))
         }
@@ -59,6 +63,28 @@ fn main() -> Result<()> {
         ["get", url] => request("GET", url),
         ["post", url] => request("POST", url),
         _ => bail!("usage: see the comment at the top of mesh-testapp.rs"),
+    }
+}
+
+/// When a timed command stops.
+enum Until {
+    Deadline(std::time::Instant),
+    File(std::path::PathBuf),
+}
+
+impl Until {
+    fn parse(s: &str) -> Self {
+        match s.parse::<u64>() {
+            Ok(secs) => Self::Deadline(std::time::Instant::now() + Duration::from_secs(secs)),
+            Err(_) => Self::File(s.into()),
+        }
+    }
+
+    fn reached(&self) -> bool {
+        match self {
+            Self::Deadline(d) => std::time::Instant::now() >= *d,
+            Self::File(f) => f.exists(),
+        }
     }
 }
 
@@ -71,16 +97,15 @@ fn tokio_main<F: Future<Output = Result<()>>>(f: F) -> Result<()> {
 
 /// One long-lived connection doing a round trip every 100 ms: proves a
 /// connection survives what happens meanwhile (certificate renewals).
-fn chatter(addr: &str, secs: u64) -> Result<()> {
+fn chatter(addr: &str, until: &Until) -> Result<()> {
     let mut s = dial(addr)?;
     println!(
         "{}",
         json!({"event": "connected", "local": s.local_addr()?.to_string()})
     );
     std::io::stdout().flush()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     let mut rounds = 0u64;
-    while std::time::Instant::now() < deadline {
+    while !until.reached() {
         let msg = format!("round {rounds}\n");
         s.write_all(msg.as_bytes())?;
         let mut buf = vec![0u8; msg.len()];
@@ -201,22 +226,48 @@ fn connect(addr: &str, payload: &str) -> Result<()> {
     Ok(())
 }
 
+/// One echo round trip on a new connection.
+fn round_trip(addr: &str) -> Result<()> {
+    let mut s = dial(addr)?;
+    s.write_all(b"ping")?;
+    s.shutdown(Shutdown::Write)?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)?;
+    if got != b"ping" {
+        bail!("echo mismatch: {got:?}");
+    }
+    Ok(())
+}
+
+/// New connections back to back until `until`: every one must succeed.
+fn load(addr: &str, until: &Until) -> Result<()> {
+    println!("{}", json!({"event": "started"}));
+    std::io::stdout().flush()?;
+    let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
+    while !until.reached() {
+        match round_trip(addr) {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({"event": "done", "ok": ok, "failed": failed, "first_error": first_error})
+    );
+    if failed > 0 {
+        bail!("{failed} of {} connections failed", ok + failed);
+    }
+    Ok(())
+}
+
 fn churn(addr: &str, count: u32) -> Result<()> {
     let mut failed = 0u32;
     let mut first_error = None;
     for _ in 0..count {
-        let r = (|| -> Result<()> {
-            let mut s = dial(addr)?;
-            s.write_all(b"ping")?;
-            s.shutdown(Shutdown::Write)?;
-            let mut got = Vec::new();
-            s.read_to_end(&mut got)?;
-            if got != b"ping" {
-                bail!("echo mismatch: {got:?}");
-            }
-            Ok(())
-        })();
-        if let Err(e) = r {
+        if let Err(e) = round_trip(addr) {
             failed += 1;
             first_error.get_or_insert(e.to_string());
         }
