@@ -228,7 +228,7 @@ fn services_and_service_entries_pick_endpoints_and_expect_their_identity() {
 /// One version of the rewritten file: everything that changes, in one
 /// file, so a rewrite is one atomic rename.
 fn mesh_yaml(i: usize, server: &Pod) -> Vec<Value> {
-    let endpoints = if i % 2 == 0 {
+    let endpoints = if i.is_multiple_of(2) {
         // Selector form: the Service's endpoints come from the registry.
         vec![]
     } else {
@@ -262,7 +262,7 @@ fn mesh_yaml(i: usize, server: &Pod) -> Vec<Value> {
         json!({
             "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
             "metadata": {"name": "default", "namespace": "default"},
-            "spec": {"mtls": {"mode": if i % 3 == 0 { "STRICT" } else { "PERMISSIVE" }}},
+            "spec": {"mtls": {"mode": if i.is_multiple_of(3) { "STRICT" } else { "PERMISSIVE" }}},
         }),
     ];
     docs.extend(endpoints);

@@ -28,6 +28,8 @@ pub struct AgentOptions {
     /// The agent is not expected to become ready (some pod cannot get a
     /// certificate): start-up waits for its admin endpoint instead.
     pub unready: bool,
+    /// Environment variables for the agent (e.g. KUBECONFIG).
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentOptions {
@@ -77,7 +79,8 @@ fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOpti
             &node.name,
         ])
         .args(["--log-level", opts.log.as_deref().unwrap_or("info")])
-        .args(&opts.args);
+        .args(&opts.args)
+        .envs(opts.env.iter().map(|(k, v)| (k, v)));
     c
 }
 

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod ca;
 pub mod env;
+pub mod fake_apiserver;
 pub mod pod;
 pub mod sys;
 

@@ -46,6 +46,10 @@ pub struct Pod {
     pub labels: Vec<(String, String)>,
     /// The node it runs on.
     pub node: String,
+    /// Kubernetes UID; the pod's cgroup is named after it as the kubelet
+    /// does (`…pod<uid>`), so the agent can find a pod it learns from the
+    /// Kubernetes API.
+    pub uid: String,
 }
 
 impl Env {
@@ -83,7 +87,12 @@ impl Env {
         sys::ip(&format!("-n {ns} link set eth0 up"));
         sys::ip(&format!("-n {ns} route add default via 10.10.{i}.1"));
         sys::ip(&format!("-n {ns} -6 route add default via fd10:0:0:{i}::1"));
-        let cgroup = self.cgroup.join(short);
+        let uid = format!(
+            "00000000-0000-4000-8000-{:06x}{:06x}",
+            std::process::id() & 0xff_ffff,
+            u32::from(i) << 8 | u32::from(host)
+        );
+        let cgroup = self.cgroup.join(format!("{short}_pod{uid}"));
         std::fs::create_dir_all(&cgroup)
             .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
         Pod {
@@ -96,6 +105,7 @@ impl Env {
             ip6,
             labels: vec![("app".into(), short.into())],
             node: node.name.clone(),
+            uid,
         }
     }
 }
@@ -182,6 +192,24 @@ impl Pod {
             "cgroup": self.cgroup,
             "labels": labels,
             "node": self.node,
+        })
+    }
+
+    /// This pod as a Kubernetes Pod object (what the API server serves).
+    pub fn kubernetes(&self) -> Value {
+        let labels: serde_json::Map<String, Value> = self
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": self.name, "namespace": self.namespace,
+                         "uid": self.uid, "labels": labels},
+            "spec": {"nodeName": self.node, "serviceAccountName": self.service_account,
+                     "containers": [{"name": "app", "image": "mesh-testapp"}]},
+            "status": {"phase": "Running", "podIP": self.ip4.to_string(),
+                       "podIPs": [{"ip": self.ip4.to_string()}, {"ip": self.ip6.to_string()}]},
         })
     }
 

@@ -1,0 +1,256 @@
+//! The agent with `--kubernetes`: a fake API server on the fabric (real
+//! HTTP, list and watch) tells two agents about pods, a service and a
+//! policy. Each agent enrols only its own node's pods, found by UID in the
+//! cgroup tree; traffic to the service crosses nodes over HBONE; pods added
+//! and deleted through the API are enrolled and removed.
+
+use std::time::Duration;
+
+use mesh_tests::{
+    Agent, AgentOptions, Env, Node, Pod,
+    ca::Ca,
+    fake_apiserver::{FakeApiServer, in_netns},
+    pod::FABRIC_ADDR,
+    sys::wait_until,
+};
+use serde_json::{Value, json};
+
+const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const PA: &str = "/apis/security.istio.io/v1/peerauthentications";
+
+fn enrolled(agent: &Agent) -> Vec<String> {
+    let dump = agent.config_dump();
+    let mut keys: Vec<String> = dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            format!(
+                "{}/{}",
+                w["namespace"].as_str().unwrap(),
+                w["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn workload<'a>(dump: &'a Value, name: &str) -> &'a Value {
+    dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not enrolled: {dump}"))
+}
+
+#[test]
+fn pods_services_and_policies_come_from_the_kubernetes_api() {
+    let env = Env::new("kube");
+    let a = env.node("a");
+    let b = env.node("b");
+    let mut client = env.pod(&a, "client");
+    client.service_account = "client-sa".into();
+    let mut server = env.pod(&b, "server");
+    server.service_account = "server-sa".into();
+    let late = env.pod(&a, "late");
+    let fabric = env.connect_nodes(&[&a, &b]);
+
+    // The API server lives on the fabric, where both nodes reach it.
+    let listener = in_netns(&fabric, || {
+        std::net::TcpListener::bind((FABRIC_ADDR, 0)).expect("bind on the fabric")
+    });
+    let api = FakeApiServer::start(listener);
+    for c in [PODS, NAMESPACES, SERVICES, SLICES, PA] {
+        api.register(c);
+    }
+    api.apply(
+        NAMESPACES,
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "default", "labels": {"istio.io/dataplane-mode": "ambient"}}}),
+    );
+    api.apply(PODS, client.kubernetes());
+    api.apply(PODS, server.kubernetes());
+    api.apply(
+        SERVICES,
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "echo", "namespace": "default"},
+               "spec": {"clusterIP": "10.96.0.60", "selector": {"app": "server"},
+                        "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 9000}]}}),
+    );
+    api.apply(
+        PA,
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": "default", "namespace": "default"},
+               "spec": {"mtls": {"mode": "STRICT"}}}),
+    );
+    let kubeconfig = env.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+
+    // The pods' processes: the kubelet would have started them.
+    server.spawn_app(&env, &["echo", &server.v4(9000)]);
+    client.spawn_app(&env, &["listen", "127.0.0.1:0"]);
+    let ca = Ca::start(&env, &fabric, "ca", &[&client, &server, &late]);
+    let opts = |node: &Node| {
+        let mut args = ca.agent_args(node);
+        args.extend([
+            "--kubernetes".into(),
+            "--cgroup-root".into(),
+            env.cgroup.display().to_string(),
+        ]);
+        AgentOptions {
+            args,
+            env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+            ..Default::default()
+        }
+    };
+    let agent_a = Agent::start(&env, &a, &[], opts(&a));
+    let agent_b = Agent::start(&env, &b, &[], opts(&b));
+
+    // Each agent enrols its own node's pod and no other, found by UID.
+    assert_eq!(enrolled(&agent_a), ["default/client"]);
+    assert_eq!(enrolled(&agent_b), ["default/server"]);
+    let dump = agent_a.config_dump();
+    let c = workload(&dump, "client");
+    assert!(
+        c["netns"].as_str().unwrap().starts_with("/proc/")
+            && c["cgroup"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("pod{}", client.uid)),
+        "{c}"
+    );
+    assert!(
+        api.requests().iter().any(|r| r.path == PODS
+            && r.query.get("fieldSelector").map(String::as_str) == Some("spec.nodeName=a")),
+        "node a's pods were not asked for by field selector"
+    );
+    let kube = &dump["sources"]["kubernetes"];
+    assert_eq!(kube["Pod (this node)"]["count"], 1, "{kube}");
+    assert_eq!(kube["Pod (other nodes)"]["count"], 1, "{kube}");
+
+    // The service, known only from the API, leads across nodes over HBONE.
+    let r = client
+        .run_app(&["connect", "10.96.0.60:80", "via the kubernetes api"])
+        .json();
+    assert_eq!(r["received"], "via the kubernetes api");
+    let m = agent_a.metrics();
+    assert_eq!(
+        m.value(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("destination_service", "echo.default.svc.cluster.local"),
+                ("connection_security_policy", "mutual_tls"),
+                (
+                    "destination_principal",
+                    "spiffe://cluster.local/ns/default/sa/server-sa"
+                ),
+            ]
+        ),
+        1.0
+    );
+    // STRICT from the API: plaintext from outside the mesh (node b itself)
+    // is refused.
+    let node_b_host = Pod {
+        netns: b.netns.clone(),
+        ..client.clone()
+    };
+    let outside = node_b_host.run_app_outside_cgroup(&["connect", &server.v4(9000)]);
+    assert!(
+        !outside.ok(),
+        "STRICT let plaintext in: {}",
+        outside.describe()
+    );
+    assert_eq!(
+        agent_b.metrics().value(
+            "mesh_proxy_errors_total",
+            &[("reason", "plaintext_refused")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        agent_b.config_dump()["snapshot"]["policies"]["default/server"]["peerAuthentication"]["mode"],
+        "STRICT"
+    );
+
+    // A pod scheduled later on node a is enrolled, and removed when deleted.
+    late.spawn_app(&env, &["listen", "127.0.0.1:0"]);
+    api.apply(PODS, late.kubernetes());
+    assert!(
+        wait_until(Duration::from_secs(10), || enrolled(&agent_a)
+            == ["default/client", "default/late"]),
+        "{}",
+        agent_a.log()
+    );
+    assert_eq!(enrolled(&agent_b), ["default/server"], "not on node b");
+    let r = late.run_app(&["connect", "10.96.0.60:80", "late"]).json();
+    assert_eq!(r["received"], "late");
+    api.delete(PODS, "default/late");
+    assert!(
+        wait_until(Duration::from_secs(10), || enrolled(&agent_a)
+            == ["default/client"]),
+        "{}",
+        agent_a.log()
+    );
+    drop(api);
+}
+
+/// A pod the API says is on this node, before its processes exist: the
+/// agent keeps it pending (not an error that stops anything) and enrols
+/// it once the pod has a process.
+#[test]
+fn a_pod_without_a_process_yet_is_enrolled_when_it_starts() {
+    let env = Env::new("kube-pending");
+    let a = env.node("a");
+    let pod: Pod = env.pod(&a, "slow");
+    let api = FakeApiServer::start(in_netns(&a.netns, || {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    }));
+    for c in [PODS, NAMESPACES, SERVICES, SLICES] {
+        api.register(c);
+    }
+    let mut labelled = pod.kubernetes();
+    labelled["metadata"]["labels"]["istio.io/dataplane-mode"] = json!("ambient");
+    api.apply(PODS, labelled);
+    let kubeconfig = env.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let agent = Agent::start(
+        &env,
+        &a,
+        &[],
+        AgentOptions {
+            args: vec![
+                "--kubernetes".into(),
+                "--cgroup-root".into(),
+                env.cgroup.display().to_string(),
+            ],
+            env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+            ..Default::default()
+        },
+    );
+    let dump = agent.config_dump();
+    assert!(
+        dump["pending"]["default/slow"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no process in"),
+        "{dump}"
+    );
+    pod.spawn_app(&env, &["listen", "127.0.0.1:0"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || enrolled(&agent)
+            == ["default/slow"]),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.config_dump()["pending"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
+}
