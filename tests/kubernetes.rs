@@ -94,7 +94,17 @@ fn pods_services_and_policies_come_from_the_kubernetes_api() {
     // The pods' processes: the kubelet would have started them.
     server.spawn_app(&env, &["echo", &server.v4(9000)]);
     client.spawn_app(&env, &["listen", "127.0.0.1:0"]);
-    let ca = Ca::start(&env, &fabric, "ca", &[&client, &server, &late]);
+    // The CA places pods by what the API says too (no pod listed in files).
+    let ca_dir = env.dir.join("ca");
+    mesh_tests::ca::init_root(&ca_dir);
+    let ca = Ca::serve_with_env(
+        &env,
+        &fabric,
+        &ca_dir,
+        &[],
+        &["--kubernetes"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
     let opts = |node: &Node| {
         let mut args = ca.agent_args(node);
         args.extend([

@@ -145,7 +145,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         Arc::new(KubeSource::start(
             c,
             kube::Settings {
-                node_name: config.node_name.clone(),
+                node_name: Some(config.node_name.clone()),
                 remote_pods: config.kube_remote_pods,
             },
             metrics.clone(),

@@ -125,10 +125,14 @@ pub struct CaRunConfig {
         env = "MESH_CONFIG",
         value_name = "PATH",
         value_delimiter = ',',
-        required = true,
-        visible_alias = "workloads"
+        visible_alias = "workloads",
+        required_unless_present = "kubernetes"
     )]
     pub config: Vec<PathBuf>,
+    /// Placement from the Kubernetes API too: every pod and its node (in a
+    /// pod: its service account; elsewhere KUBECONFIG).
+    #[arg(long, env = "MESH_KUBERNETES")]
+    pub kubernetes: bool,
     /// Upper bound on the lifetime of a workload certificate.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]

@@ -88,10 +88,12 @@ impl Kind {
 
     /// The Kubernetes resource (plural) name, for API paths.
     pub fn plural(self) -> String {
-        match self {
-            Kind::Telemetry => "telemetries".into(),
-            Kind::AuthorizationPolicy => "authorizationpolicies".into(),
-            k => format!("{}s", k.name().to_lowercase()),
+        let lower = self.name().to_lowercase();
+        match lower.strip_suffix('y') {
+            // A consonant before the y: ServiceEntry, WorkloadEntry,
+            // AuthorizationPolicy, Telemetry (not Gateway).
+            Some(stem) if !stem.ends_with(['a', 'e', 'i', 'o', 'u']) => format!("{stem}ies"),
+            _ => format!("{lower}s"),
         }
     }
 }

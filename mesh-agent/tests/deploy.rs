@@ -122,3 +122,94 @@ fn the_ca_deployment_arguments_are_accepted() {
         "mesh-ca"
     );
 }
+
+#[test]
+fn the_agent_and_the_ca_watch_kubernetes_with_the_access_they_need() {
+    let (_, args) = container_args("daemonset.yaml", "DaemonSet");
+    let Command::Run(config) = parse(&args).unwrap().command else {
+        panic!("not a run command")
+    };
+    assert!(config.kubernetes);
+    let ds = docs("daemonset.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap();
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["hostPID"].as_bool(),
+        Some(true),
+        "pods' network namespaces are found through /proc"
+    );
+    let (_, ca_args) = container_args("ca.yaml", "Deployment");
+    let Command::Ca {
+        command: mesh_agent::config::CaCommand::Run(ca),
+    } = parse(&ca_args).unwrap().command
+    else {
+        panic!("not `ca run`")
+    };
+    assert!(ca.kubernetes, "the CA places pods by the API");
+
+    // Every kind the watchers list and watch is granted.
+    let role = docs("rbac.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .unwrap();
+    let allowed = |group: &str, resource: &str| {
+        role["rules"].as_sequence().unwrap().iter().any(|r| {
+            let has = |key: &str, v: &str| {
+                r[key]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x.as_str() == Some(v) || x.as_str() == Some("*"))
+            };
+            has("apiGroups", group)
+                && has("resources", resource)
+                && has("verbs", "list")
+                && has("verbs", "watch")
+        })
+    };
+    for (group, resource) in [
+        ("", "pods"),
+        ("", "services"),
+        ("", "namespaces"),
+        ("discovery.k8s.io", "endpointslices"),
+    ] {
+        assert!(allowed(group, resource), "{group}/{resource}");
+    }
+    for kind in mesh_agent::istio::Kind::ALL {
+        assert!(allowed(kind.group(), &kind.plural()), "{kind:?}");
+    }
+}
+
+#[test]
+fn the_crds_serve_every_istio_kind_and_version_the_agent_reads() {
+    let crds = docs("crds/istio.yaml");
+    assert_eq!(crds.len(), mesh_agent::istio::Kind::ALL.len());
+    for kind in mesh_agent::istio::Kind::ALL {
+        let crd = crds
+            .iter()
+            .find(|c| c["spec"]["names"]["kind"] == kind.name())
+            .unwrap_or_else(|| panic!("no CRD for {kind:?}"));
+        assert_eq!(crd["spec"]["group"], kind.group());
+        assert_eq!(crd["spec"]["names"]["plural"], kind.plural().as_str());
+        assert_eq!(
+            crd["metadata"]["name"].as_str().unwrap(),
+            format!("{}.{}", kind.plural(), kind.group())
+        );
+        let versions: Vec<&str> = crd["spec"]["versions"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(versions, kind.versions(), "{kind:?}");
+        let stored: Vec<_> = crd["spec"]["versions"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter(|v| v["storage"].as_bool() == Some(true))
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(stored, ["v1"], "the agent watches v1");
+    }
+}

@@ -21,11 +21,12 @@ const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const VS: &str = "/apis/networking.istio.io/v1/virtualservices";
 const PA: &str = "/apis/security.istio.io/v1/peerauthentications";
+const SE: &str = "/apis/networking.istio.io/v1/serviceentries";
 
 fn server() -> FakeApiServer {
     let s = FakeApiServer::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
-    // Only two Istio kinds are "installed"; the others answer 404.
-    for c in [PODS, NAMESPACES, SERVICES, SLICES, VS, PA] {
+    // Only three Istio kinds are "installed"; the others answer 404.
+    for c in [PODS, NAMESPACES, SERVICES, SLICES, VS, PA, SE] {
         s.register(c);
     }
     s
@@ -82,6 +83,13 @@ fn seed(s: &FakeApiServer) {
                "spec": {"mtls": {"mode": "STRICT"}}}),
     );
     s.apply(VS, virtual_service(100, 0));
+    s.apply(
+        SE,
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+               "metadata": {"name": "api", "namespace": "shop"},
+               "spec": {"hosts": ["api.example.com"], "resolution": "DNS",
+                        "ports": [{"number": 443, "name": "https", "protocol": "HTTPS"}]}}),
+    );
 }
 
 fn ids(d: &SourceDocs) -> Vec<String> {
@@ -157,7 +165,7 @@ async fn lists_watches_relists_after_410_and_reconnects() {
     let src = KubeSource::start(
         client(&s),
         Settings {
-            node_name: "node-a".into(),
+            node_name: Some("node-a".into()),
             remote_pods: true,
         },
         metrics.clone(),
@@ -173,6 +181,7 @@ async fn lists_watches_relists_after_410_and_reconnects() {
             "Pod shop/web-a",
             "Pod shop/web-b",
             "Service shop/web",
+            "ServiceEntry shop/api",
             "VirtualService shop/reviews",
         ]
     );
@@ -317,7 +326,7 @@ async fn a_pod_of_another_node_is_ignored_even_when_the_server_sends_it() {
     let src = KubeSource::start(
         client(&s),
         Settings {
-            node_name: "node-a".into(),
+            node_name: Some("node-a".into()),
             remote_pods: false,
         },
         Arc::new(Metrics::new().unwrap()),

@@ -63,6 +63,18 @@ impl Ca {
 
     /// Serves the CA whose files are in `dir`.
     pub fn serve(env: &Env, netns: &str, dir: &Path, pods: &[&Pod], extra: &[&str]) -> Self {
+        Self::serve_with_env(env, netns, dir, pods, extra, &[])
+    }
+
+    /// Like `serve`, with environment variables (e.g. KUBECONFIG).
+    pub fn serve_with_env(
+        env: &Env,
+        netns: &str,
+        dir: &Path,
+        pods: &[&Pod],
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Self {
         let workloads = dir.join("placement.yaml");
         write_workloads(&workloads, pods);
         let log_path = dir.join("ca.log");
@@ -82,6 +94,7 @@ impl Ca {
             ])
             .arg(&workloads)
             .args(extra)
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -31,17 +31,20 @@ use crate::{
     identity::SpiffeId,
     registry,
     snapshot::SourceDocs,
-    sources::files::FileSource,
+    sources::{
+        files::FileSource,
+        kube::{self as kube_source, KubeSource},
+    },
     tls::{self, FixedCert, SharedBundle, SpiffeClientVerifier},
     workload::Workload,
 };
 
-/// The meshed workloads of a configuration, with their nodes.
-fn placement(docs: &SourceDocs) -> Vec<Workload> {
+/// The meshed workloads of the configuration, with their nodes.
+fn placement<'a>(sources: impl IntoIterator<Item = &'a SourceDocs>) -> Vec<Workload> {
     let settings = registry::Settings {
         cluster_domain: "cluster.local".into(),
     };
-    registry::build(&docs.documents, &settings)
+    registry::build(sources.into_iter().flat_map(|s| &s.documents), &settings)
         .workloads
         .iter()
         .map(|w| (**w).clone())
@@ -66,8 +69,44 @@ enum Caller {
 /// Runs the CA until SIGTERM or SIGINT.
 pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
     let signer = Signer::load(&cfg.dir, &cfg.trust_domain)?;
-    let (files, initial) = FileSource::open(&cfg.config);
-    let placement = placement(&initial.map_err(Error::Placement)?);
+    let (files, file_docs) = if cfg.config.is_empty() {
+        (None, None)
+    } else {
+        let (f, docs) = FileSource::open(&cfg.config);
+        (Some(f), Some(docs.map_err(Error::Placement)?))
+    };
+    let kube_pods = if cfg.kubernetes {
+        let client = kube_source::client()
+            .await
+            .map_err(|e| Error::Kube(e.to_string()))?;
+        let metrics =
+            crate::telemetry::metrics::Metrics::new().map_err(|e| Error::Kube(e.to_string()))?;
+        let k = KubeSource::start(
+            client,
+            kube_source::Settings {
+                node_name: None,
+                remote_pods: false,
+            },
+            Arc::new(metrics),
+        );
+        // Refusing certificates for pods the CA has not listed yet would
+        // only make every agent retry: wait for the first list.
+        while k.docs().is_none() {
+            tracing::info!("waiting for the first list of pods from the Kubernetes API");
+            tokio::select! {
+                _ = k.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+        Some(Arc::new(k))
+    } else {
+        None
+    };
+    let placement = placement(
+        file_docs
+            .iter()
+            .chain(kube_pods.as_ref().and_then(|k| k.docs()).as_ref()),
+    );
     let kube = match &cfg.kube_api {
         Some(api) => Some(TokenReviewer::new(
             api,
@@ -130,7 +169,7 @@ pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
         kube,
         max_ttl: cfg.max_workload_cert_ttl,
     });
-    tokio::spawn(watch_placement(state.clone(), files));
+    tokio::spawn(watch_placement(state.clone(), files, file_docs, kube_pods));
 
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
@@ -147,20 +186,37 @@ pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
     Ok(())
 }
 
-async fn watch_placement(state: Arc<State>, mut files: FileSource) {
+/// Keeps the placement in step with the files and the API.
+async fn watch_placement(
+    state: Arc<State>,
+    mut files: Option<FileSource>,
+    mut file_docs: Option<SourceDocs>,
+    kube: Option<Arc<KubeSource>>,
+) {
     loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        match files.poll() {
-            None => {}
-            Some(Ok(docs)) => {
-                let ws = placement(&docs);
-                tracing::info!(workloads = ws.len(), "placement registry reloaded");
-                *state.placement.write().expect("placement lock") = Arc::new(ws);
+        let kube_changed = async {
+            match &kube {
+                Some(k) => k.changed().await,
+                None => std::future::pending().await,
             }
-            Some(Err(e)) => {
-                tracing::error!("placement registry rejected, keeping the previous one: {e}")
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                match files.as_mut().and_then(FileSource::poll) {
+                    None => continue,
+                    Some(Ok(docs)) => file_docs = Some(docs),
+                    Some(Err(e)) => {
+                        tracing::error!("placement rejected, keeping the previous one: {e}");
+                        continue;
+                    }
+                }
             }
+            _ = kube_changed => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+        let kube_docs = kube.as_ref().and_then(|k| k.docs());
+        let ws = placement(file_docs.iter().chain(kube_docs.as_ref()));
+        tracing::info!(workloads = ws.len(), "placement reloaded");
+        *state.placement.write().expect("placement lock") = Arc::new(ws);
     }
 }
 

@@ -1487,6 +1487,29 @@ fn telemetry(c: &mut Check<'_>, s: &Telemetry) {
 fn enforced(kind: Kind) -> &'static [&'static str] {
     match kind {
         Kind::PeerAuthentication => &["selector", "mtls", "portLevelMtls"],
+        // The service registry: where captured connections go.
+        Kind::ServiceEntry => &[
+            "hosts",
+            "addresses",
+            "ports",
+            "location",
+            "resolution",
+            "endpoints.address",
+            "endpoints.ports",
+            "endpoints.labels",
+            "endpoints.locality",
+            "endpoints.weight",
+            "endpoints.serviceAccount",
+            "workloadSelector",
+        ],
+        Kind::WorkloadEntry => &[
+            "address",
+            "ports",
+            "labels",
+            "locality",
+            "weight",
+            "serviceAccount",
+        ],
         _ => &[],
     }
 }

@@ -56,8 +56,11 @@ pub enum Error {
 /// What to watch.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub node_name: String,
-    /// Also watch the pods of other nodes (their identities and labels).
+    /// The node an agent runs on: its pods are watched by field selector.
+    /// `None` (the CA): every pod, in one watch.
+    pub node_name: Option<String>,
+    /// With a node: also watch the pods of other nodes (their identities
+    /// and labels).
     pub remote_pods: bool,
 }
 
@@ -131,15 +134,19 @@ impl KubeSource {
             changed: Notify::new(),
             metrics,
         });
+        let Some(node) = settings.node_name.clone() else {
+            return Self::start_cluster_wide(client, shared);
+        };
         let mut tasks = Vec::new();
-        let node = settings.node_name.clone();
         let local = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let this_node = node.clone();
         tasks.push(spawn(
             shared.clone(),
             "Pod (this node)",
             Api::<Pod>::all(client.clone()),
             local,
             move |p: Pod| {
+                let node = &this_node;
                 let on = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
                 if on != Some(node.as_str()) {
                     // The field selector should have kept it out.
@@ -150,9 +157,7 @@ impl KubeSource {
             },
         ));
         if settings.remote_pods {
-            let others = watcher::Config::default()
-                .fields(&format!("spec.nodeName!={}", settings.node_name));
-            let node = settings.node_name.clone();
+            let others = watcher::Config::default().fields(&format!("spec.nodeName!={node}"));
             tasks.push(spawn(
                 shared.clone(),
                 "Pod (other nodes)",
@@ -166,6 +171,27 @@ impl KubeSource {
                 },
             ));
         }
+        Self::start_common(client, shared, tasks)
+    }
+
+    /// Every pod in one watch (placement, for the CA), and the rest as for
+    /// an agent.
+    fn start_cluster_wide(client: Client, shared: Arc<Shared>) -> Self {
+        let tasks = vec![spawn(
+            shared.clone(),
+            "Pod",
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            pod,
+        )];
+        Self::start_common(client, shared, tasks)
+    }
+
+    fn start_common(
+        client: Client,
+        shared: Arc<Shared>,
+        mut tasks: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Self {
         tasks.push(spawn(
             shared.clone(),
             "Namespace",
