@@ -202,7 +202,7 @@ fn invalid_workload_file_names_file_line_and_field() {
         file.display()
     );
     assert!(
-        stderr.starts_with("mesh-agent: error: files configuration rejected (1 errors)")
+        stderr.starts_with("mesh-agent: error: files configuration rejected (1 error)")
             && stderr.contains(&want),
         "{stderr}"
     );

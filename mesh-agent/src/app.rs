@@ -410,7 +410,7 @@ impl Agent {
             Ok(None) => {}
             Err(r) => {
                 // Keep serving the last good configuration.
-                tracing::error!("{r}; the previous configuration stays in force");
+                tracing::error!("{r}\n  (the previous configuration stays in force)");
                 self.ctx.metrics.config_rejected(r.source);
                 self.sources.rejected.insert(
                     r.source,

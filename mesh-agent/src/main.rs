@@ -57,11 +57,13 @@ fn validate(paths: &[std::path::PathBuf], errors_only: bool, json: bool) -> Exit
     }
     let errors = report.errors();
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     eprintln!(
-        "validated {} files, {} documents: {errors} errors, {} notes",
-        report.files,
-        report.documents,
-        report.problems.len() - errors
+        "validated {}: {} accepted, {}, {}",
+        plural(report.files, "file"),
+        plural(report.documents, "document"),
+        plural(errors, "error"),
+        plural(report.problems.len() - errors, "note")
     );
     if errors > 0 {
         ExitCode::FAILURE

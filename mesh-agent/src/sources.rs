@@ -23,12 +23,9 @@ impl std::fmt::Display for Rejection {
             .iter()
             .filter(|p| p.severity == Severity::Error)
             .collect();
-        write!(
-            f,
-            "{} configuration rejected ({} errors)",
-            self.source,
-            errors.len()
-        )?;
+        let n = errors.len();
+        let s = if n == 1 { "" } else { "s" };
+        write!(f, "{} configuration rejected ({n} error{s})", self.source)?;
         for p in errors {
             write!(f, "\n  {p}")?;
         }

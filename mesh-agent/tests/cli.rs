@@ -90,7 +90,9 @@ fn validate_reports_every_problem_and_fails() {
     assert!(out.contains(&want), "{out}");
     assert!(!out.contains(": note: "), "--errors-only: {out}");
     assert!(
-        err.starts_with("validated 8 files, ") && err.contains(" errors, "),
+        err.starts_with("validated 8 files: ")
+            && err.contains(" accepted, ")
+            && err.contains(" errors, "),
         "{err}"
     );
     let (code, out, _) = agent(&["validate", "--json", &format!("{broken}/syntax.yaml")]);
@@ -110,5 +112,8 @@ fn validate_accepts_the_documented_examples() {
     );
     let (code, _, err) = agent(&["validate", "/nonexistent.yaml"]);
     assert_eq!(code, 1);
-    assert!(err.contains("1 errors"), "{err}");
+    assert_eq!(
+        err,
+        "validated 0 files: 0 documents accepted, 1 error, 0 notes\n"
+    );
 }

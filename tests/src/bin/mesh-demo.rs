@@ -1,7 +1,8 @@
-//! `cargo xtask demo`: two pods and an outside host on one simulated node,
-//! the agent enrolling the pods, real HTTP and TCP through it, and what the
-//! agent and the kernel saw. Everything is removed at the end, also on
-//! Ctrl-C.
+//! `cargo xtask demo`: two simulated nodes with a pod each, a host outside
+//! the mesh, a CA, an agent per node configured with Istio YAML and a
+//! Kubernetes Service; real HTTP and TCP through the agents over mutual
+//! TLS, a rejected configuration edit, and what the agents and the kernel
+//! saw. Everything is removed at the end, also on Ctrl-C.
 
 use std::{process::Command, sync::Arc, time::Duration};
 
@@ -14,6 +15,46 @@ use mesh_tests::{
 };
 
 const PIN_DIR: &str = "/sys/fs/bpf/mesh";
+
+/// The demo's configuration directory: what an operator would `kubectl
+/// apply`, read from files here.
+const MESH_YAML: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: default}
+spec:
+  clusterIP: 10.96.0.80
+  selector: {app: server}
+  ports: [{name: http, port: 8000, targetPort: 8080}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: default}
+spec:
+  hosts: [httpbin]
+  http:
+    - route: [{destination: {host: httpbin, subset: v1}}]
+";
+
+/// A canary split with a typo'd weight.
+const BROKEN_YAML: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: canary, namespace: default}
+spec:
+  hosts: [httpbin]
+  http:
+    - route:
+        - destination: {host: httpbin, subset: v1}
+          weight: 90
+        - destination: {host: httpbin, subset: v2}
+          weight: 01O
+";
 
 fn main() {
     let hold = std::env::args().any(|a| a == "--hold");
@@ -107,6 +148,20 @@ fn run(env: &Env, hold: bool) {
     external.spawn_app(env, &["http", "external", &external.v4(80)]);
     let registry = [&client, &server];
 
+    step(
+        "Configuration the Istio way: a Service, a mesh-wide STRICT PeerAuthentication, a VirtualService",
+    );
+    let config = env.dir.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("mesh.yaml"), MESH_YAML).unwrap();
+    for l in MESH_YAML.lines().filter(|l| !l.starts_with('#')) {
+        println!("  | {l}");
+    }
+    shell(
+        "mesh-agent validate config/",
+        Command::new(sys::agent_bin()).arg("validate").arg(&config),
+    );
+
     step("A certificate authority for the mesh (mesh-agent ca init + ca run), on the fabric");
     let ca = Ca::start(env, &fabric, "ca", &registry);
     for l in ca.log().lines().filter(|l| l.contains("ready")) {
@@ -116,10 +171,14 @@ fn run(env: &Env, hold: bool) {
     step(
         "mesh-agent on each node, with a node credential from the CA (pins under /sys/fs/bpf/mesh)",
     );
-    let opts = |node: &mesh_tests::Node, pins: std::path::PathBuf| AgentOptions {
-        args: ca.agent_args(node),
-        pin_dir: Some(pins),
-        ..Default::default()
+    let opts = |node: &mesh_tests::Node, pins: std::path::PathBuf| {
+        let mut args = ca.agent_args(node);
+        args.extend(["--config".into(), config.display().to_string()]);
+        AgentOptions {
+            args,
+            pin_dir: Some(pins),
+            ..Default::default()
+        }
     };
     let agent_a = Agent::start(env, &node_a, &registry, opts(&node_a, PIN_DIR.into()));
     let agent_b = Agent::start(env, &node_b, &registry, opts(&node_b, env.pin_dir(&node_b)));
@@ -140,6 +199,11 @@ fn run(env: &Env, hold: bool) {
     println!(
         "  (the app sees 127.0.0.6: the destination agent's connection inside the server pod)"
     );
+
+    step(
+        "1b. The same server by its Service address: 10.96.0.80 exists nowhere on the network, the agent picks an endpoint",
+    );
+    curl(&client, "http://10.96.0.80:8000/");
 
     step("2. Raw TCP to the server's echo port, IPv4 and IPv6");
     for dst in [server.v4(9000), server.v6(9000)] {
@@ -182,7 +246,36 @@ fn run(env: &Env, hold: bool) {
     );
     println!("  (three requests, one pooled connection: the HBONE streams share it)");
 
-    step("5. A long-lived connection, so the maps have something to show");
+    step(
+        "5. A broken edit is rejected with file, line and field; the last good configuration keeps serving",
+    );
+    let version = |a: &Agent| a.metrics().value("mesh_config_version", &[]);
+    let before = version(&agent_a);
+    let broken = config.join("canary.yaml");
+    std::fs::write(&broken, BROKEN_YAML).unwrap();
+    let rejected = || {
+        agent_a
+            .metrics()
+            .value("mesh_config_rejected_total", &[("source", "files")])
+            >= 1.0
+    };
+    sys::wait_until(Duration::from_secs(5), rejected);
+    for l in agent_a.log().lines().filter(|l| l.contains("canary.yaml")) {
+        println!(
+            "  node-a: {}",
+            strip_ansi(l).split("ERROR ").nth(1).unwrap_or(l)
+        );
+    }
+    println!(
+        "  configuration version still {before}; mesh_config_rejected_total{{source=\"files\"}} = {}",
+        agent_a
+            .metrics()
+            .value("mesh_config_rejected_total", &[("source", "files")])
+    );
+    curl(&client, "http://10.96.0.80:8000/");
+    std::fs::remove_file(&broken).unwrap();
+
+    step("6. A long-lived connection, so the maps have something to show");
     let held = client.spawn_app(env, &["hold", &server.v4(9000), "600"]);
     let h = held.wait_for(|v| v["event"] == "holding", Duration::from_secs(5));
     println!(
