@@ -26,7 +26,7 @@ use crate::{
     },
     sys,
     telemetry::{self, logging::LogHandle, metrics::Metrics},
-    tls,
+    tls, watch,
     workload::{Workload, WorkloadKey},
 };
 
@@ -200,12 +200,26 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     drop(pins);
     agent.publish();
 
+    let notifier = file_source.as_ref().and_then(|_| {
+        watch::Notifier::new(&config.config)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, interval = ?config.config_poll_interval,
+                    "cannot watch the configuration files for changes; reading them on a timer only");
+            })
+            .ok()
+    });
     let mut tick = tokio::time::interval(config.config_poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let signal_name = loop {
         let kube_changed = async {
             match &kube {
                 Some(k) => k.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let files_changed = async {
+            match &notifier {
+                Some(n) => n.changed().await,
                 None => std::future::pending().await,
             }
         };
@@ -217,6 +231,12 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
                     agent.update(change);
                 }
                 agent.retry_pending();
+            },
+            _ = files_changed => {
+                tokio::time::sleep(watch::SETTLE).await;
+                if let Some(change) = file_source.as_mut().and_then(FileSource::poll) {
+                    agent.update(change);
+                }
             },
             _ = kube_changed => {
                 tokio::time::sleep(KUBE_DEBOUNCE).await;

@@ -271,7 +271,9 @@ pub struct Config {
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
 
-    /// How often configuration files are checked for changes.
+    /// How often configuration files are re-read in case a change
+    /// notification was missed (changes are normally seen at once, through
+    /// inotify).
     #[arg(long, env = "MESH_CONFIG_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration, alias = "workload-poll-interval")]
     #[serde(with = "humantime_serde_compat")]
     pub config_poll_interval: Duration,

@@ -1,10 +1,20 @@
 //! Watching configuration on disk by content: a file, or a directory of
 //! `.yaml`/`.yml`/`.json` files. A change is reported once, whatever the
 //! editor did to the files (rewrites, renames, touches).
+//!
+//! [`Notifier`] wakes the reader as soon as the kernel reports a change
+//! (inotify), so an edit applies within milliseconds; reading on a timer
+//! stays as the safety net for file systems without inotify.
 
 use std::{
     io,
     path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use notify::{
+    EventKind, RecursiveMode, Watcher,
+    event::{AccessKind, AccessMode},
 };
 
 /// The files of a source and their bytes, in name order.
@@ -86,6 +96,66 @@ impl Watch {
     }
 }
 
+/// How long after a change notification the files are read: long enough
+/// for an editor's truncate-then-write or a ConfigMap's symlink swap to
+/// finish, short enough to stay far below the 1 s a change may take to
+/// reach the data plane.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Signals that something under the watched paths may have changed. The
+/// content comparison in [`Watch::poll`] decides whether it really did.
+pub struct Notifier {
+    // Dropping the watcher ends the inotify watches.
+    _watcher: notify::RecommendedWatcher,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl Notifier {
+    pub fn new(paths: &[PathBuf]) -> Result<Self, notify::Error> {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let wake = changed.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                match event.map(|e| e.kind) {
+                    // Reading the files (ours included) is not a change;
+                    // without this filter every read would cause the next.
+                    Ok(EventKind::Access(
+                        AccessKind::Open(_)
+                        | AccessKind::Read
+                        | AccessKind::Close(AccessMode::Read),
+                    )) => {}
+                    // A change, or the watch lost track (queue overflow):
+                    // either way, read again.
+                    _ => wake.notify_one(),
+                }
+            })?;
+        for p in paths {
+            let (target, mode) = if p.is_dir() {
+                (p.as_path(), RecursiveMode::Recursive)
+            } else {
+                // A file is watched through its directory: editors and
+                // ConfigMap updates replace files by rename, which a watch
+                // on the file itself would not follow.
+                let dir = p
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                (dir, RecursiveMode::NonRecursive)
+            };
+            watcher.watch(target, mode)?;
+        }
+        Ok(Self {
+            _watcher: watcher,
+            changed,
+        })
+    }
+
+    /// Returns when a change was reported since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +187,43 @@ mod tests {
         assert!(f.poll().is_none(), "a missing file is reported once");
         std::fs::write(&file, "a: 3").unwrap();
         assert_eq!(f.poll().unwrap().unwrap()[0].1, b"a: 3");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Waits for a wake-up, at most `secs`.
+    async fn woke(n: &Notifier, secs: u64) -> bool {
+        tokio::time::timeout(std::time::Duration::from_secs(secs), n.changed())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn notifier_wakes_on_changes_not_on_reads() {
+        let dir = std::env::temp_dir().join(format!("mesh-notify-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let single = dir.join("single.yaml");
+        std::fs::write(&single, "a: 1").unwrap();
+        let watched = dir.join("sub");
+        let n = Notifier::new(&[watched.clone(), single.clone()]).unwrap();
+
+        // A ConfigMap-style update: a new directory swapped in by rename.
+        std::fs::create_dir_all(watched.join("..2026_tmp")).unwrap();
+        std::fs::write(watched.join("..2026_tmp/x.yaml"), "x: 1").unwrap();
+        std::fs::rename(watched.join("..2026_tmp"), watched.join("..data")).unwrap();
+        assert!(woke(&n, 5).await, "a rename under a watched directory");
+        while woke(&n, 1).await {} // drain the burst
+
+        // Reading, as the agent does after each wake-up, is not a change.
+        let _ = read(&watched).unwrap();
+        let _ = read(&single).unwrap();
+        assert!(!woke(&n, 1).await, "reads woke the notifier");
+
+        // A single file replaced by rename (what editors do) is seen
+        // through its directory.
+        std::fs::write(dir.join("single.tmp"), "a: 2").unwrap();
+        std::fs::rename(dir.join("single.tmp"), &single).unwrap();
+        assert!(woke(&n, 5).await, "a file replaced by rename");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

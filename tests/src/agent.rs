@@ -30,6 +30,9 @@ pub struct AgentOptions {
     pub unready: bool,
     /// Environment variables for the agent (e.g. KUBECONFIG).
     pub env: Vec<(String, String)>,
+    /// `--config-poll-interval`; tests default to 100 ms so that changes
+    /// apply quickly even where file notifications were missed.
+    pub config_poll_interval: Option<String>,
 }
 
 impl AgentOptions {
@@ -72,7 +75,7 @@ fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOpti
         .arg(opts.pin_dir.clone().unwrap_or_else(|| env.pin_dir(node)))
         .args([
             "--config-poll-interval",
-            "100ms",
+            opts.config_poll_interval.as_deref().unwrap_or("100ms"),
             "--drain-timeout",
             "1s",
             "--node-name",

@@ -54,6 +54,13 @@ enum Task {
     },
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
+    /// Benchmarks on release builds (root): today, how long a
+    /// configuration change takes to reach the data plane.
+    Bench {
+        /// Fewer rounds (about 10 s instead of 30 s).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -88,6 +95,19 @@ fn main() -> Result<()> {
             status(&mut t)
         }
         Task::Lint => lint(&tools),
+        Task::Bench { quick } => {
+            let dir = build(&tools, true)?;
+            let out = target_dir(&tools)?.join("bench");
+            std::fs::create_dir_all(&out)?;
+            let json = out.join("config-apply.json");
+            let mut b = Command::new(dir.join("mesh-bench"));
+            b.args(["config-apply", "--rounds", if quick { "10" } else { "40" }])
+                .arg("--json")
+                .arg(&json)
+                .env("MESH_AGENT_BIN", dir.join("mesh-agent"))
+                .env("MESH_TESTAPP_BIN", dir.join("mesh-testapp"));
+            status(&mut b)
+        }
     }
 }
 

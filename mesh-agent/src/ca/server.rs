@@ -169,7 +169,18 @@ pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
         kube,
         max_ttl: cfg.max_workload_cert_ttl,
     });
-    tokio::spawn(watch_placement(state.clone(), files, file_docs, kube_pods));
+    let notifier = files.as_ref().and_then(|_| {
+        crate::watch::Notifier::new(&cfg.config)
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot watch the placement files; reading them every 500 ms"))
+            .ok()
+    });
+    tokio::spawn(watch_placement(
+        state.clone(),
+        files,
+        file_docs,
+        notifier,
+        kube_pods,
+    ));
 
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
@@ -191,27 +202,42 @@ async fn watch_placement(
     state: Arc<State>,
     mut files: Option<FileSource>,
     mut file_docs: Option<SourceDocs>,
+    notifier: Option<crate::watch::Notifier>,
     kube: Option<Arc<KubeSource>>,
 ) {
     loop {
+        let files_changed = async {
+            match &notifier {
+                Some(n) => n.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         let kube_changed = async {
             match &kube {
                 Some(k) => k.changed().await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                match files.as_mut().and_then(FileSource::poll) {
-                    None => continue,
-                    Some(Ok(docs)) => file_docs = Some(docs),
-                    Some(Err(e)) => {
-                        tracing::error!("placement rejected, keeping the previous one: {e}");
-                        continue;
-                    }
+        let file_event = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => true,
+            _ = files_changed => {
+                tokio::time::sleep(crate::watch::SETTLE).await;
+                true
+            }
+            _ = kube_changed => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                false
+            }
+        };
+        if file_event {
+            match files.as_mut().and_then(FileSource::poll) {
+                None => continue,
+                Some(Ok(docs)) => file_docs = Some(docs),
+                Some(Err(e)) => {
+                    tracing::error!("placement rejected, keeping the previous one: {e}");
+                    continue;
                 }
             }
-            _ = kube_changed => tokio::time::sleep(Duration::from_millis(50)).await,
         }
         let kube_docs = kube.as_ref().and_then(|k| k.docs());
         let ws = placement(file_docs.iter().chain(kube_docs.as_ref()));

@@ -13,6 +13,7 @@
 //! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
 //! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
+//! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
 //! mesh-testapp hbone-connect CERT KEY TARGET AUTHORITY PAYLOAD   (CERT/KEY "-" for none)
@@ -55,6 +56,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         ["chatter", addr, until] => chatter(addr, &Until::parse(until)),
+        ["watch-get", url, until] => watch_get(url, &Until::parse(until)),
         ["hbone-connect", cert, key, target, authority, payload] => {
             tokio_main(hbone::connect(cert, key, target, authority, payload))
         }
@@ -296,7 +298,47 @@ fn hold(addr: &str, secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// Polls `url` (a new connection each time) and prints
+/// `{"event":"answer","body":…,"unix_ns":…}` whenever the answer differs
+/// from the previous one: when a change reached the data plane, to within
+/// a millisecond or two. Only the part of an `http NAME` server's body
+/// before the first `:` counts ("hello from NAME"); the rest names the
+/// connection's addresses, which differ every time.
+fn watch_get(url: &str, until: &Until) -> Result<()> {
+    println!("{}", json!({"event": "started"}));
+    std::io::stdout().flush()?;
+    let mut last = None;
+    while !until.reached() {
+        let answer = match fetch("GET", url) {
+            Ok((200, body)) => body.split(':').next().unwrap_or_default().to_string(),
+            Ok((status, _)) => format!("HTTP {status}"),
+            Err(e) => format!("error: {e:#}"),
+        };
+        if last.as_ref() != Some(&answer) {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            println!(
+                "{}",
+                json!({"event": "answer", "body": answer, "unix_ns": now.as_nanos() as u64})
+            );
+            std::io::stdout().flush()?;
+            last = Some(answer);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 fn request(method: &str, url: &str) -> Result<()> {
+    let (status, body) = fetch(method, url)?;
+    print!("{body}");
+    if !(200..300).contains(&status) {
+        bail!("HTTP {status}");
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 request on a new connection: the status and the body.
+fn fetch(method: &str, url: &str) -> Result<(u16, String)> {
     let rest = url.strip_prefix("http://").context("only http:// URLs")?;
     let (hostport, path) = rest
         .split_once('/')
@@ -320,9 +362,5 @@ fn request(method: &str, url: &str) -> Result<()> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no status")?;
-    print!("{body}");
-    if !(200..300).contains(&status) {
-        bail!("HTTP {status}");
-    }
-    Ok(())
+    Ok((status, body.to_string()))
 }
