@@ -114,35 +114,37 @@ impl Notifier {
     pub fn new(paths: &[PathBuf]) -> Result<Self, notify::Error> {
         let changed = Arc::new(tokio::sync::Notify::new());
         let wake = changed.clone();
+        let targets: Vec<Target> = paths.iter().map(|p| Target::of(p)).collect();
+        let relevant = targets.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                match event.map(|e| e.kind) {
+                match event {
                     // Reading the files (ours included) is not a change;
                     // without this filter every read would cause the next.
-                    Ok(EventKind::Access(
-                        AccessKind::Open(_)
-                        | AccessKind::Read
-                        | AccessKind::Close(AccessMode::Read),
-                    )) => {}
+                    Ok(notify::Event {
+                        kind:
+                            EventKind::Access(
+                                AccessKind::Open(_)
+                                | AccessKind::Read
+                                | AccessKind::Close(AccessMode::Read),
+                            ),
+                        ..
+                    }) => {}
+                    // Something else in a watched file's directory (a log
+                    // written next to it, say).
+                    Ok(e)
+                        if !e.paths.is_empty()
+                            && !e.paths.iter().any(|p| relevant.iter().any(|t| t.covers(p))) => {}
                     // A change, or the watch lost track (queue overflow):
                     // either way, read again.
                     _ => wake.notify_one(),
                 }
             })?;
-        for p in paths {
-            let (target, mode) = if p.is_dir() {
-                (p.as_path(), RecursiveMode::Recursive)
-            } else {
-                // A file is watched through its directory: editors and
-                // ConfigMap updates replace files by rename, which a watch
-                // on the file itself would not follow.
-                let dir = p
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                (dir, RecursiveMode::NonRecursive)
-            };
-            watcher.watch(target, mode)?;
+        for t in &targets {
+            match t {
+                Target::Dir(d) => watcher.watch(d, RecursiveMode::Recursive)?,
+                Target::File { dir, .. } => watcher.watch(dir, RecursiveMode::NonRecursive)?,
+            }
         }
         Ok(Self {
             _watcher: watcher,
@@ -153,6 +155,48 @@ impl Notifier {
     /// Returns when a change was reported since the last call.
     pub async fn changed(&self) {
         self.changed.notified().await;
+    }
+}
+
+/// What one configured path makes the notifier watch.
+#[derive(Clone)]
+enum Target {
+    /// A directory, recursively: any change under it counts.
+    Dir(PathBuf),
+    /// A file, watched through its directory: editors and ConfigMap
+    /// updates replace files by rename, which a watch on the file itself
+    /// would not follow.
+    File { dir: PathBuf, file: PathBuf },
+}
+
+impl Target {
+    fn of(p: &Path) -> Self {
+        if p.is_dir() {
+            return Self::Dir(p.to_path_buf());
+        }
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        // Events name paths as the watch was given, so build the file's
+        // path the same way.
+        let file = dir.join(p.file_name().unwrap_or_default());
+        Self::File { dir, file }
+    }
+
+    /// Whether an event on `p` may change this target's content.
+    fn covers(&self, p: &Path) -> bool {
+        match self {
+            Self::Dir(d) => p.starts_with(d),
+            Self::File { dir, file } => {
+                p == file
+                    // A ConfigMap volume swaps its `..data` symlink.
+                    || (p.parent() == Some(dir.as_path())
+                        && p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("..")))
+            }
+        }
     }
 }
 
@@ -190,6 +234,21 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[test]
+    fn a_file_target_covers_the_file_and_configmap_swaps_only() {
+        let t = Target::File {
+            dir: "/etc/mesh".into(),
+            file: "/etc/mesh/mesh.yaml".into(),
+        };
+        assert!(t.covers(Path::new("/etc/mesh/mesh.yaml")));
+        assert!(t.covers(Path::new("/etc/mesh/..data")));
+        assert!(!t.covers(Path::new("/etc/mesh/other.yaml")));
+        assert!(!t.covers(Path::new("/etc/mesh/sub/..data")));
+        let d = Target::Dir("/etc/mesh".into());
+        assert!(d.covers(Path::new("/etc/mesh/sub/x.yaml")));
+        assert!(!d.covers(Path::new("/etc/meshy/x.yaml")));
+    }
+
     /// Waits for a wake-up, at most `secs`.
     async fn woke(n: &Notifier, secs: u64) -> bool {
         tokio::time::timeout(std::time::Duration::from_secs(secs), n.changed())
@@ -214,10 +273,12 @@ mod tests {
         assert!(woke(&n, 5).await, "a rename under a watched directory");
         while woke(&n, 1).await {} // drain the burst
 
-        // Reading, as the agent does after each wake-up, is not a change.
+        // Reading, as the agent does after each wake-up, is not a change,
+        // and neither is a log written next to a watched file.
         let _ = read(&watched).unwrap();
         let _ = read(&single).unwrap();
-        assert!(!woke(&n, 1).await, "reads woke the notifier");
+        std::fs::write(dir.join("agent.log"), "a log line").unwrap();
+        assert!(!woke(&n, 1).await, "reads or a neighbour woke the notifier");
 
         // A single file replaced by rename (what editors do) is seen
         // through its directory.
