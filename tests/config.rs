@@ -3,119 +3,15 @@
 //! identity HBONE expects there), and the directory can be rewritten while
 //! traffic flows without a failed request or a dropped connection.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use mesh_tests::{
-    Agent, AgentOptions, Env, Node, Pod,
-    ca::{Ca, TRUST_DOMAIN},
+    Agent, Pod,
+    ca::TRUST_DOMAIN,
+    cluster::{cluster, get, service, write_text, write_yaml},
     sys::wait_until,
 };
 use serde_json::{Value, json};
-
-/// Two nodes on a fabric with a CA; `client` on `a`, `servers` on `b`.
-struct Cluster {
-    env: Env,
-    a: Node,
-    b: Node,
-    client: Pod,
-    servers: Vec<Pod>,
-    fabric: String,
-    config: PathBuf,
-}
-
-fn cluster(test: &str, servers: &[(&str, &[(&str, &str)])]) -> Cluster {
-    let env = Env::new(test);
-    let a = env.node("a");
-    let b = env.node("b");
-    let mut client = env.pod(&a, "client");
-    client.service_account = "client-sa".into();
-    let servers = servers
-        .iter()
-        .map(|(name, labels)| {
-            let mut p = env.pod(&b, name);
-            p.service_account = "web-sa".into();
-            p.labels = labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            p
-        })
-        .collect();
-    let fabric = env.connect_nodes(&[&a, &b]);
-    let config = env.dir.join("config");
-    std::fs::create_dir_all(&config).unwrap();
-    Cluster {
-        env,
-        a,
-        b,
-        client,
-        servers,
-        fabric,
-        config,
-    }
-}
-
-impl Cluster {
-    /// A CA and an agent on each node, all reading the config directory.
-    fn mesh(&self) -> (Ca, Agent, Agent) {
-        let mut registry = vec![&self.client];
-        registry.extend(&self.servers);
-        let ca = Ca::start(&self.env, &self.fabric, "ca", &registry);
-        let opts = |node: &Node| {
-            let mut args = ca.agent_args(node);
-            args.extend(["--config".into(), self.config.display().to_string()]);
-            AgentOptions {
-                args,
-                ..Default::default()
-            }
-        };
-        let a = Agent::start(&self.env, &self.a, &registry, opts(&self.a));
-        let b = Agent::start(&self.env, &self.b, &registry, opts(&self.b));
-        (ca, a, b)
-    }
-}
-
-/// Writes `docs` as one multi-document YAML file, atomically (a rename),
-/// so the agent never reads half of it.
-fn write_yaml(path: &Path, docs: &[Value]) {
-    let text: String = docs
-        .iter()
-        .map(|d| format!("---\n{}", serde_yaml_text(d)))
-        .collect();
-    write_text(path, &text);
-}
-
-fn write_text(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// JSON is YAML; one document per line keeps the files readable in logs.
-fn serde_yaml_text(v: &Value) -> String {
-    format!("{v}\n")
-}
-
-fn service(name: &str, vip: &str, selector: &str, port: u16, target: u16) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "clusterIP": vip,
-            "selector": {"app": selector},
-            "ports": [{"name": "http", "port": port, "targetPort": target}],
-        },
-    })
-}
-
-fn get(pod: &Pod, url: &str) -> String {
-    let r = pod.run_app(&["get", url]);
-    assert!(r.ok(), "GET {url}: {}", r.describe());
-    String::from_utf8_lossy(&r.output.stdout).into_owned()
-}
 
 #[test]
 fn services_and_service_entries_pick_endpoints_and_expect_their_identity() {
@@ -132,15 +28,21 @@ fn services_and_service_entries_pick_endpoints_and_expect_their_identity() {
     write_yaml(
         &c.config.join("services.yaml"),
         &[
-            service("web", "10.96.0.10", "web", 80, 9000),
-            service("nobody", "10.96.0.11", "nothing-selects-this", 80, 9000),
+            // TCP ports: this test is about L4 (tests/l7.rs does HTTP).
+            service("web", "10.96.0.10", "web", ("tcp-web", 80, 9000)),
+            service(
+                "nobody",
+                "10.96.0.11",
+                "nothing-selects-this",
+                ("tcp", 80, 9000),
+            ),
             json!({
                 "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
                 "metadata": {"name": "legacy", "namespace": "default"},
                 "spec": {
                     "hosts": ["legacy.example.internal"],
                     "addresses": ["10.200.0.0/24"],
-                    "ports": [{"number": 80, "name": "http", "protocol": "HTTP", "targetPort": 9000}],
+                    "ports": [{"number": 80, "name": "tcp", "protocol": "TCP", "targetPort": 9000}],
                     "location": "MESH_INTERNAL",
                     "resolution": "STATIC",
                     "endpoints": [{"address": v2.ip4.to_string()}],
@@ -219,7 +121,7 @@ fn services_and_service_entries_pick_endpoints_and_expect_their_identity() {
         .find(|s| s["name"] == "web")
         .expect("web in the registry");
     assert_eq!(web["hostname"], "web.default.svc.cluster.local");
-    assert_eq!(web["ports"][0]["protocol"], "HTTP", "named http");
+    assert_eq!(web["ports"][0]["protocol"], "TCP", "named tcp-web");
     // Each pod is an endpoint per address family.
     assert_eq!(web["endpoints"].as_array().unwrap().len(), 4);
     assert_eq!(web["endpoints"][0]["workload"], "default/web-v1");

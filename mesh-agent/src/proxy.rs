@@ -4,6 +4,7 @@
 
 pub mod copy;
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;

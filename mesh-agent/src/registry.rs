@@ -180,10 +180,21 @@ impl Service {
     /// balancing comes with L7 routing). Like Kubernetes, an IPv4 service
     /// address leads to IPv4 endpoints and an IPv6 one to IPv6.
     pub fn pick(&self, port: &ServicePort, family: IpAddr) -> Option<&Endpoint> {
+        self.pick_where(port, family, |_| true)
+    }
+
+    /// Like [`Service::pick`], among the endpoints `keep` accepts (a
+    /// DestinationRule subset).
+    pub fn pick_where(
+        &self,
+        port: &ServicePort,
+        family: IpAddr,
+        keep: impl Fn(&Endpoint) -> bool,
+    ) -> Option<&Endpoint> {
         let ready: Vec<&Endpoint> = self
             .endpoints
             .iter()
-            .filter(|e| e.ready && e.weight > 0)
+            .filter(|e| e.ready && e.weight > 0 && keep(e))
             .filter(|e| e.address.is_none_or(|a| a.is_ipv4() == family.is_ipv4()))
             .filter(|e| {
                 // Endpoints that list ports must list this one.

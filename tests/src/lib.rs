@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod ca;
+pub mod cluster;
 pub mod env;
 pub mod fake_apiserver;
 pub mod pod;

@@ -1502,6 +1502,26 @@ fn enforced(kind: Kind) -> &'static [&'static str] {
             "endpoints.serviceAccount",
             "workloadSelector",
         ],
+        // L7 routing in the source pod's agent.
+        Kind::VirtualService => &[
+            "hosts",
+            "gateways",
+            "http.name",
+            "http.match.name",
+            "http.match.uri",
+            "http.match.method",
+            "http.match.authority",
+            "http.match.headers",
+            "http.match.withoutHeaders",
+            "http.match.queryParams",
+            "http.match.ignoreUriCase",
+            "http.match.port",
+            "http.match.sourceLabels",
+            "http.match.sourceNamespace",
+            "http.route.destination",
+            "http.route.weight",
+        ],
+        Kind::DestinationRule => &["host", "subsets.name", "subsets.labels"],
         Kind::WorkloadEntry => &[
             "address",
             "ports",
@@ -1571,7 +1591,7 @@ fn collect_fields(v: &serde_json::Value, path: String, depth: usize, out: &mut B
                 } else {
                     format!("{path}.{k}")
                 };
-                if depth >= 1
+                if depth >= 2
                     || MAP_FIELDS.contains(&k.as_str())
                     || !matches!(
                         child,

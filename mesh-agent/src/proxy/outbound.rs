@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, PodContext, ProxyContext, copy, pool::PoolKey, socket};
 use crate::{
     identity::{CertFor, SpiffeId},
-    registry::{Resolution, Service},
+    registry::{Endpoint, Resolution, Service, ServicePort},
     snapshot::Snapshot,
     telemetry::metrics::{ConnLabels, Reporter},
     tls::{self, SpiffeServerVerifier},
@@ -55,9 +55,19 @@ async fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, Error> 
         service: svc.hostname.clone(),
         port: port.port,
     })?;
+    Ok(Target {
+        addr: endpoint_addr(e, port).await?,
+        workload: e.workload.as_ref().map(|w| w.0.clone()),
+        service: Some(svc),
+    })
+}
+
+/// The socket address of endpoint `e` for service port `port` (resolving
+/// a DNS endpoint's name now).
+pub(super) async fn endpoint_addr(e: &Endpoint, port: &ServicePort) -> Result<SocketAddr, Error> {
     let target_port = e.port_for(port);
-    let addr = match (e.address, &e.hostname) {
-        (Some(ip), _) => SocketAddr::new(ip, target_port),
+    match (e.address, &e.hostname) {
+        (Some(ip), _) => Ok(SocketAddr::new(ip, target_port)),
         (None, Some(host)) => {
             let mut addrs = tokio::net::lookup_host((host.as_str(), target_port))
                 .await
@@ -68,15 +78,10 @@ async fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, Error> 
             addrs.next().ok_or_else(|| Error::Resolve {
                 host: host.clone(),
                 reason: "no addresses".into(),
-            })?
+            })
         }
         (None, None) => unreachable!("registry endpoints have an address or a host name"),
-    };
-    Ok(Target {
-        addr,
-        workload: e.workload.as_ref().map(|w| w.0.clone()),
-        service: Some(svc),
-    })
+    }
 }
 
 /// How long a new pod's first connection may wait for its certificate.
@@ -104,8 +109,8 @@ pub async fn serve(
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
-    pod: &PodContext,
-    ctx: &ProxyContext,
+    pod: &Arc<PodContext>,
+    ctx: &Arc<ProxyContext>,
 ) -> Result<(), Error> {
     // One snapshot for the connection's whole life.
     let snap = ctx.store.load();
@@ -114,6 +119,14 @@ async fn handle(
         Err(e) => return refuse(&stream, e),
     };
     stream.set_nodelay(true)?;
+    if let Some((svc, port)) = snap.registry.service_at(dst)
+        && port.protocol.is_http()
+        && svc.resolution != Resolution::Passthrough
+    {
+        let (svc, port) = (svc.clone(), port.clone());
+        super::http::serve(stream, peer, pod.clone(), ctx.clone(), snap, svc, port).await;
+        return Ok(());
+    }
     let target = match resolve(&snap, dst).await {
         Ok(t) => t,
         Err(e) => return refuse(&stream, e),
@@ -197,7 +210,7 @@ fn original_destination(
 
 /// A CONNECT stream to `dst` over the pooled mTLS connection to the
 /// destination pod's node.
-async fn open_tunnel(
+pub(super) async fn open_tunnel(
     pod: &PodContext,
     ctx: &ProxyContext,
     dst: SocketAddr,

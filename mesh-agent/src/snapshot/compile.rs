@@ -3,7 +3,10 @@
 //! weights normalised to cumulative thresholds, DestinationRules indexed by
 //! host. Routing (the L7 issue) reads only this.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use regex::Regex;
 use serde::Serialize;
@@ -85,6 +88,27 @@ pub struct CompiledMatch {
     pub without_headers: Vec<(String, Option<Matcher>)>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub query_params: Vec<(String, Option<Matcher>)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source_namespace: String,
+}
+
+/// What a route match looks at in a request.
+pub struct RequestView<'a> {
+    /// The path without the query string.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub method: &'a str,
+    /// `Host` (HTTP/1.1) or `:authority` (HTTP/2).
+    pub authority: &'a str,
+    pub headers: &'a http::HeaderMap,
+    /// The service port the client connected to.
+    pub port: u16,
+    pub source_labels: &'a BTreeMap<String, String>,
+    pub source_namespace: &'a str,
 }
 
 impl CompiledMatch {
@@ -109,7 +133,47 @@ impl CompiledMatch {
                 .iter()
                 .map(|(k, v)| (k.clone(), Matcher::new(v, false)))
                 .collect(),
+            port: m.port.and_then(|p| u16::try_from(p).ok()),
+            source_labels: m.source_labels.clone(),
+            source_namespace: m.source_namespace.clone(),
         }
+    }
+
+    /// Whether every condition holds for `r` (Istio ANDs the fields of
+    /// one match block).
+    pub fn matches(&self, r: &RequestView<'_>) -> bool {
+        let header = |name: &str| r.headers.get(name).and_then(|v| v.to_str().ok());
+        self.uri_matches(r.path)
+            && self.method.as_ref().is_none_or(|m| m.matches(r.method))
+            && self
+                .authority
+                .as_ref()
+                .is_none_or(|m| m.matches(r.authority))
+            && self.port.is_none_or(|p| p == r.port)
+            && self.headers.iter().all(|(name, m)| match header(name) {
+                // A header present with any value, for an empty matcher.
+                Some(v) => m.as_ref().is_none_or(|m| m.matches(v)),
+                None => false,
+            })
+            && self
+                .without_headers
+                .iter()
+                .all(|(name, m)| match header(name) {
+                    Some(v) => m.as_ref().is_some_and(|m| !m.matches(v)),
+                    None => true,
+                })
+            && self
+                .query_params
+                .iter()
+                .all(|(name, m)| match query_param(r.query, name) {
+                    Some(v) => m.as_ref().is_none_or(|m| m.matches(&v)),
+                    None => false,
+                })
+            && self
+                .source_labels
+                .iter()
+                .all(|(k, v)| r.source_labels.get(k) == Some(v))
+            && (self.source_namespace.is_empty() || self.source_namespace == r.source_namespace)
     }
 
     /// Whether a request's path matches the `uri` condition.
@@ -122,6 +186,49 @@ impl CompiledMatch {
     }
 }
 
+/// The value of query parameter `name` (percent-decoding `+` and `%xx`).
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (decode(k) == name).then(|| decode(v))
+    })
+}
+
+fn decode(s: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
+            (b'+', _, _) => out.push(b' '),
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                i += 2;
+            }
+            (c, _, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where a route sends a request: a service host (FQDN), optionally one
+/// subset of its endpoints and a port.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledDestination {
+    pub host: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub subset: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
 /// One `http` route, with its weights as cumulative thresholds out of the
 /// total (so a draw in `0..total` picks a destination with one search).
 #[derive(Debug, Clone, Serialize)]
@@ -130,16 +237,36 @@ pub struct CompiledHttpRoute {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub name: String,
     pub matches: Vec<CompiledMatch>,
+    pub destinations: Vec<CompiledDestination>,
     pub cumulative_weights: Vec<u32>,
 }
 
 impl CompiledHttpRoute {
-    fn new(r: &HttpRoute) -> Self {
+    fn new(r: &HttpRoute, namespace: &str, cluster_domain: &str) -> Self {
         Self {
             name: r.name.clone(),
             matches: r.matches.iter().map(CompiledMatch::new).collect(),
+            destinations: r
+                .route
+                .iter()
+                .map(|d| CompiledDestination {
+                    host: fqdn(&d.destination.host, namespace, cluster_domain),
+                    subset: d.destination.subset.clone(),
+                    port: d
+                        .destination
+                        .port
+                        .as_ref()
+                        .and_then(|p| u16::try_from(p.number).ok())
+                        .filter(|p| *p != 0),
+                })
+                .collect(),
             cumulative_weights: normalise(r.route.iter().map(|d| d.weight)),
         }
+    }
+
+    /// Whether the route takes `r`: no match blocks, or any one of them.
+    pub fn takes(&self, r: &RequestView<'_>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(r))
     }
 
     /// The destination index for a draw `x` in `0..100`.
@@ -184,6 +311,9 @@ pub struct CompiledVirtualService {
     pub namespace: String,
     /// Hosts as FQDNs (short names resolved in the resource's namespace).
     pub hosts: Vec<String>,
+    /// Whether it applies to traffic inside the mesh (no `gateways`, or
+    /// `mesh` among them), rather than only at gateways.
+    pub for_mesh: bool,
     pub http: Vec<CompiledHttpRoute>,
     #[serde(skip)]
     pub resource: Arc<Resource>,
@@ -195,6 +325,9 @@ pub struct CompiledVirtualService {
 pub struct Routes {
     pub virtual_services: HashMap<String, Vec<Arc<CompiledVirtualService>>>,
     pub destination_rules: HashMap<String, Arc<Resource>>,
+    /// DestinationRule subsets by host, then name: the labels an endpoint
+    /// must carry.
+    pub subsets: HashMap<String, HashMap<String, BTreeMap<String, String>>>,
 }
 
 /// Istio's short-name rule: a host without a dot is a service in the
@@ -241,10 +374,18 @@ impl Routes {
                     }
                 }
                 Spec::DestinationRule(dr) => {
-                    routes
-                        .destination_rules
-                        .entry(fqdn(&dr.host, ns, cluster_domain))
-                        .or_insert_with(|| r.clone());
+                    let host = fqdn(&dr.host, ns, cluster_domain);
+                    if routes.destination_rules.contains_key(&host) {
+                        continue;
+                    }
+                    routes.destination_rules.insert(host.clone(), r.clone());
+                    routes.subsets.insert(
+                        host,
+                        dr.subsets
+                            .iter()
+                            .map(|s| (s.name.clone(), s.labels.clone()))
+                            .collect(),
+                    );
                 }
                 _ => {}
             }
@@ -266,7 +407,12 @@ fn compile_vs(
             .iter()
             .map(|h| fqdn(h, &r.metadata.namespace, cluster_domain))
             .collect(),
-        http: vs.http.iter().map(CompiledHttpRoute::new).collect(),
+        for_mesh: vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh"),
+        http: vs
+            .http
+            .iter()
+            .map(|h| CompiledHttpRoute::new(h, &r.metadata.namespace, cluster_domain))
+            .collect(),
         resource: r.clone(),
     }
 }
@@ -284,6 +430,7 @@ mod tests {
         let r = CompiledHttpRoute {
             name: String::new(),
             matches: vec![],
+            destinations: vec![],
             cumulative_weights: normalise([Some(90), Some(10)]),
         };
         let picks: Vec<usize> = (0..100).filter_map(|x| r.pick(x)).collect();

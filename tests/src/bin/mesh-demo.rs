@@ -33,12 +33,27 @@ metadata: {name: default, namespace: istio-system}
 spec: {mtls: {mode: STRICT}}
 ---
 apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: default}
+spec:
+  host: httpbin
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: httpbin, namespace: default}
 spec:
   hosts: [httpbin]
   http:
-    - route: [{destination: {host: httpbin, subset: v1}}]
+    - name: testers-see-v2
+      match: [{headers: {end-user: {exact: jason}}}]
+      route: [{destination: {host: httpbin, subset: v2}}]
+    - name: canary
+      route:
+        - {destination: {host: httpbin, subset: v1}, weight: 90}
+        - {destination: {host: httpbin, subset: v2}, weight: 10}
 ";
 
 /// A canary split with a typo'd weight.
@@ -134,9 +149,15 @@ fn run(env: &Env, hold: bool) {
     let mut server = env.pod(&node_b, "server");
     server.service_account = "httpbin".into();
     server.labels.push(("version".into(), "v1".into()));
+    let mut server_v2 = env.pod(&node_b, "server-v2");
+    server_v2.service_account = "httpbin".into();
+    server_v2.labels = vec![
+        ("app".into(), "server".into()),
+        ("version".into(), "v2".into()),
+    ];
     let external = env.pod(&node_a, "external");
     let fabric = env.connect_nodes(&[&node_a, &node_b]);
-    for p in [&client, &server, &external] {
+    for p in [&client, &server, &server_v2, &external] {
         println!(
             "  {:9} on {:7} netns {:20} ip {} / {}  sa {}",
             p.name, p.node, p.netns, p.ip4, p.ip6, p.service_account
@@ -144,12 +165,13 @@ fn run(env: &Env, hold: bool) {
     }
     println!("  client and server are in the mesh; external stands for anything outside it");
     server.spawn_app(env, &["http", "server", &server.v4(8080)]);
+    server_v2.spawn_app(env, &["http", "server-v2", &server_v2.v4(8080)]);
     server.spawn_app(env, &["echo", &server.v4(9000), &server.v6(9000)]);
     external.spawn_app(env, &["http", "external", &external.v4(80)]);
-    let registry = [&client, &server];
+    let registry = [&client, &server, &server_v2];
 
     step(
-        "Configuration the Istio way: a Service, a mesh-wide STRICT PeerAuthentication, a VirtualService",
+        "Configuration the Istio way: a Service, mesh-wide STRICT mTLS, subsets, a canary VirtualService",
     );
     let config = env.dir.join("config");
     std::fs::create_dir_all(&config).unwrap();
@@ -204,6 +226,18 @@ fn run(env: &Env, hold: bool) {
         "1b. The same server by its Service address: 10.96.0.80 exists nowhere on the network, the agent picks an endpoint",
     );
     curl(&client, "http://10.96.0.80:8000/");
+
+    step(
+        "1c. A canary split in the node agent, no waypoint: 1,000 requests on one keep-alive connection, then as end-user jason",
+    );
+    for (who, headers) in [("anyone", vec![]), ("jason", vec!["end-user: jason"])] {
+        let mut args = vec!["http-count", "http://10.96.0.80:8000/", "1000"];
+        args.extend(headers);
+        let j = client.run_app(&args).json();
+        println!("$ [in pod client] mesh-testapp {}", args.join(" "));
+        println!("  {who:6}: {}", j["answers"]);
+    }
+    println!("  (weights 90/10 to subsets v1/v2; the header match sends jason to v2 only)");
 
     step("2. Raw TCP to the server's echo port, IPv4 and IPv6");
     for dst in [server.v4(9000), server.v6(9000)] {

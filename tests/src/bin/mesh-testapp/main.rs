@@ -13,6 +13,7 @@
 //! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
 //! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
+//! mesh-testapp http-count URL N [NAME:VALUE]...   N keep-alive GETs with these headers; count answers by server and status
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
@@ -57,6 +58,7 @@ fn main() -> Result<()> {
         }
         ["chatter", addr, until] => chatter(addr, &Until::parse(until)),
         ["watch-get", url, until] => watch_get(url, &Until::parse(until)),
+        ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
         ["hbone-connect", cert, key, target, authority, payload] => {
             tokio_main(hbone::connect(cert, key, target, authority, payload))
         }
@@ -175,29 +177,49 @@ fn echo(mut s: TcpStream) -> Result<()> {
     Ok(())
 }
 
+/// Answers HTTP/1.1 requests on `s` (keep-alive, until the client closes
+/// or asks to) with `hello from NAME: …`.
 fn http_reply(s: TcpStream, name: &str) -> Result<()> {
     let (local, peer) = (s.local_addr()?, s.peer_addr()?);
     let mut r = BufReader::new(s.try_clone()?);
-    let mut request_line = String::new();
-    r.read_line(&mut request_line)?;
+    let mut s = s;
     loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
+        let mut request_line = String::new();
+        if r.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let (mut length, mut close) = (0usize, false);
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h)? == 0 || h == "\r\n" {
+                break;
+            }
+            let (k, v) = h.split_once(':').unwrap_or((&h, ""));
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "content-length" {
+                length = v.parse().context("bad Content-Length")?;
+            } else if k == "connection" && v.eq_ignore_ascii_case("close") {
+                close = true;
+            }
+        }
+        std::io::copy(&mut (&mut r).take(length as u64), &mut std::io::sink())?;
+        let body = format!("hello from {name}: you reached {local}, you are {peer}\n");
+        // One write: `write!` on a socket would send each piece on its own
+        // and meet Nagle and delayed ACKs (40 ms a response).
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        s.write_all(response.as_bytes())?;
+        println!(
+            "{}",
+            json!({"event": "http", "request": request_line.trim(), "local": local.to_string(), "peer": peer.to_string()})
+        );
+        if close {
+            return Ok(());
         }
     }
-    let body = format!("hello from {name}: you reached {local}, you are {peer}\n");
-    let mut s = s;
-    write!(
-        s,
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    println!(
-        "{}",
-        json!({"event": "http", "request": request_line.trim(), "local": local.to_string(), "peer": peer.to_string()})
-    );
-    Ok(())
 }
 
 fn dial(addr: &str) -> Result<TcpStream> {
@@ -296,6 +318,116 @@ fn hold(addr: &str, secs: u64) -> Result<()> {
     std::io::stdout().flush()?;
     std::thread::sleep(Duration::from_secs(secs));
     Ok(())
+}
+
+/// `n` GETs of `url` on one keep-alive connection (a new one if the
+/// server closes it); prints how many answers each server gave
+/// (`hello from NAME`, or `HTTP <status>` for other statuses) and the
+/// response flags of replies the agent made itself.
+fn http_count(url: &str, n: usize, headers: &[&str]) -> Result<()> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (hostport, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let addr: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("bad host:port in {url}"))?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n{extra}\r\n");
+    let mut answers = std::collections::BTreeMap::<String, u64>::new();
+    let mut flags = std::collections::BTreeMap::<String, u64>::new();
+    let (mut conn, mut connections) = (None, 0u64);
+    for _ in 0..n {
+        if conn.is_none() {
+            let s = TcpStream::connect_timeout(&addr, TIMEOUT)
+                .with_context(|| format!("connect {addr}"))?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            conn = Some((BufReader::new(s.try_clone()?), s));
+            connections += 1;
+        }
+        let (r, w) = conn.as_mut().expect("connected");
+        w.write_all(request.as_bytes())?;
+        let resp = read_response(r)?;
+        let answer = if resp.status == 200 {
+            resp.body.split(':').next().unwrap_or_default().to_string()
+        } else {
+            format!("HTTP {}", resp.status)
+        };
+        *answers.entry(answer).or_default() += 1;
+        if let Some(f) = resp.flags {
+            *flags.entry(f).or_default() += 1;
+        }
+        if resp.close {
+            conn = None;
+        }
+    }
+    println!(
+        "{}",
+        json!({"event": "counts", "answers": answers, "flags": flags, "connections": connections})
+    );
+    Ok(())
+}
+
+struct ParsedResponse {
+    status: u16,
+    body: String,
+    close: bool,
+    flags: Option<String>,
+}
+
+/// One HTTP/1.1 response: Content-Length or chunked body.
+fn read_response(r: &mut impl BufRead) -> Result<ParsedResponse> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        bail!("connection closed before a response");
+    }
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line {line:?}"))?;
+    let (mut length, mut chunked, mut close, mut flags) = (None, false, false, None);
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h == "\r\n" {
+            break;
+        }
+        let (k, v) = h.split_once(':').unwrap_or((&h, ""));
+        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+        match k.as_str() {
+            "content-length" => length = Some(v.parse::<usize>().context("bad Content-Length")?),
+            "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
+            "connection" => close = v.eq_ignore_ascii_case("close"),
+            "x-mesh-response-flags" => flags = Some(v),
+            _ => {}
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = length {
+        body.resize(n, 0);
+        r.read_exact(&mut body)?;
+    } else {
+        r.read_to_end(&mut body)?;
+        close = true;
+    }
+    Ok(ParsedResponse {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        close,
+        flags,
+    })
 }
 
 /// Polls `url` (a new connection each time) and prints

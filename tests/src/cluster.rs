@@ -1,0 +1,114 @@
+//! A two-node mesh for tests that drive it through configuration: a
+//! client pod on node `a`, server pods on node `b`, a CA on the fabric, an
+//! agent per node reading one config directory.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::{Agent, AgentOptions, Env, Node, Pod, ca::Ca};
+
+/// Two nodes on a fabric with a CA; `client` on `a`, `servers` on `b`.
+pub struct Cluster {
+    pub env: Env,
+    pub a: Node,
+    pub b: Node,
+    pub client: Pod,
+    pub servers: Vec<Pod>,
+    pub fabric: String,
+    pub config: PathBuf,
+}
+
+pub fn cluster(test: &str, servers: &[(&str, &[(&str, &str)])]) -> Cluster {
+    let env = Env::new(test);
+    let a = env.node("a");
+    let b = env.node("b");
+    let mut client = env.pod(&a, "client");
+    client.service_account = "client-sa".into();
+    let servers = servers
+        .iter()
+        .map(|(name, labels)| {
+            let mut p = env.pod(&b, name);
+            p.service_account = "web-sa".into();
+            p.labels = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            p
+        })
+        .collect();
+    let fabric = env.connect_nodes(&[&a, &b]);
+    let config = env.dir.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    Cluster {
+        env,
+        a,
+        b,
+        client,
+        servers,
+        fabric,
+        config,
+    }
+}
+
+impl Cluster {
+    /// A CA and an agent on each node, all reading the config directory.
+    pub fn mesh(&self) -> (Ca, Agent, Agent) {
+        let mut registry = vec![&self.client];
+        registry.extend(&self.servers);
+        let ca = Ca::start(&self.env, &self.fabric, "ca", &registry);
+        let opts = |node: &Node| {
+            let mut args = ca.agent_args(node);
+            args.extend(["--config".into(), self.config.display().to_string()]);
+            AgentOptions {
+                args,
+                ..Default::default()
+            }
+        };
+        let a = Agent::start(&self.env, &self.a, &registry, opts(&self.a));
+        let b = Agent::start(&self.env, &self.b, &registry, opts(&self.b));
+        (ca, a, b)
+    }
+}
+
+/// Writes `docs` as one multi-document YAML file, atomically (a rename),
+/// so the agent never reads half of it.
+pub fn write_yaml(path: &Path, docs: &[Value]) {
+    let text: String = docs
+        .iter()
+        .map(|d| format!("---\n{}", serde_yaml_text(d)))
+        .collect();
+    write_text(path, &text);
+}
+
+pub fn write_text(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// JSON is YAML; one document per line keeps the files readable in logs.
+pub fn serde_yaml_text(v: &Value) -> String {
+    format!("{v}\n")
+}
+
+/// A Service `name` at `vip` selecting `app: selector`, with one port
+/// (its name decides the protocol, as in Istio: `http-…`, `tcp-…`).
+pub fn service(name: &str, vip: &str, selector: &str, port: (&str, u16, u16)) -> Value {
+    let (port_name, port, target) = port;
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "clusterIP": vip,
+            "selector": {"app": selector},
+            "ports": [{"name": port_name, "port": port, "targetPort": target}],
+        },
+    })
+}
+
+pub fn get(pod: &Pod, url: &str) -> String {
+    let r = pod.run_app(&["get", url]);
+    assert!(r.ok(), "GET {url}: {}", r.describe());
+    String::from_utf8_lossy(&r.output.stdout).into_owned()
+}
