@@ -3,12 +3,17 @@
 //! request by the VirtualService and DestinationRule of the service's host,
 //! then carries it over HBONE to the chosen endpoint.
 
-use mesh_tests::cluster::{Cluster, cluster, service, write_yaml};
+use std::time::Duration;
+
+use mesh_tests::{
+    cluster::{Cluster, cluster, service, write_yaml},
+    pod::App,
+};
 use serde_json::{Value, json};
 
 /// Two versions of `web` on node b, a Service with an HTTP port, subsets
-/// by version.
-fn web(test: &str) -> Cluster {
+/// by version; the servers' request logs.
+fn web(test: &str) -> (Cluster, App, App) {
     let c = cluster(
         test,
         &[
@@ -17,9 +22,9 @@ fn web(test: &str) -> Cluster {
         ],
     );
     let (v1, v2) = (&c.servers[0], &c.servers[1]);
-    v1.spawn_app(&c.env, &["http", "v1", &v1.v4(9000)]);
-    v2.spawn_app(&c.env, &["http", "v2", &v2.v4(9000)]);
-    c
+    let a1 = v1.spawn_app(&c.env, &["http", "v1", &v1.v4(9000)]);
+    let a2 = v2.spawn_app(&c.env, &["http", "v2", &v2.v4(9000)]);
+    (c, a1, a2)
 }
 
 fn destination_rule() -> Value {
@@ -56,7 +61,7 @@ fn answers(v: &Value, name: &str) -> u64 {
 
 #[test]
 fn weighted_split_and_header_matched_canary() {
-    let c = web("l7-split");
+    let (c, _, _) = web("l7-split");
     write_yaml(
         &c.config.join("web.yaml"),
         &[
@@ -105,4 +110,203 @@ fn weighted_split_and_header_matched_canary() {
     assert_eq!(answers(&jason, "hello from v2"), 200, "{jason}");
     let other = count(&c, url, 200, &["end-user: other"]);
     assert!(answers(&other, "hello from v1") > 150, "{other}");
+}
+
+fn status(v: &Value) -> u64 {
+    v["last"]["status"].as_u64().unwrap_or(0)
+}
+
+fn last_header<'a>(v: &'a Value, name: &str) -> &'a str {
+    v["last"]["headers"][name].as_str().unwrap_or("")
+}
+
+/// The last request a server logged (path and headers as it saw them).
+fn last_request(app: &App) -> Value {
+    app.lines()
+        .into_iter()
+        .rev()
+        .find(|l| l["event"] == "http")
+        .expect("the server logged a request")
+}
+
+fn to(subset: &str) -> Value {
+    json!([{"destination": {"host": "web", "subset": subset}}])
+}
+
+#[test]
+fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
+    let (c, app1, app2) = web("l7-actions");
+    let prefix = |p: &str| json!([{"uri": {"prefix": p}}]);
+    write_yaml(
+        &c.config.join("web.yaml"),
+        &[
+            service("web", "10.96.0.10", "web", ("http-web", 80, 9000)),
+            destination_rule(),
+            virtual_service(json!([
+                {"name": "redirect", "match": [{"uri": {"exact": "/old"}}],
+                 "redirect": {"uri": "/new", "authority": "elsewhere.example"}},
+                {"name": "direct", "match": prefix("/teapot"),
+                 "directResponse": {"status": 418, "body": {"string": "short and stout"}}},
+                {"name": "rewrite", "match": prefix("/api/v1/"),
+                 "rewrite": {"uri": "/v2/", "authority": "web.internal"}, "route": to("v1")},
+                {"name": "regex", "match": [{"uri": {"regex": "/users/[0-9]+/profile"}}],
+                 "rewrite": {"uriRegexRewrite": {"match": "^/users/([0-9]+)/profile$", "rewrite": "/profile/\\1"}},
+                 "route": to("v1")},
+                {"name": "headers", "match": prefix("/headers"),
+                 "headers": {"request": {"set": {"x-route": "headers"}, "remove": ["x-secret"]},
+                             "response": {"add": {"x-served-by": "mesh"}}},
+                 "route": [{"destination": {"host": "web", "subset": "v1"},
+                            "headers": {"request": {"set": {"x-subset": "v1"}}}}]},
+                {"name": "abort", "match": prefix("/abort"),
+                 "fault": {"abort": {"httpStatus": 503, "percentage": {"value": 50}}}, "route": to("v1")},
+                {"name": "delay", "match": prefix("/delay"),
+                 "fault": {"delay": {"fixedDelay": "300ms", "percentage": {"value": 100}}}, "route": to("v1")},
+                {"name": "timeout", "match": prefix("/slow"), "timeout": "500ms", "route": to("v1")},
+                {"name": "per-try", "match": prefix("/stuck"),
+                 "retries": {"attempts": 2, "perTryTimeout": "200ms", "retryOn": "5xx"}, "route": to("v1")},
+                {"name": "retry", "match": prefix("/flaky"),
+                 "retries": {"attempts": 3, "retryOn": "5xx"}, "route": to("v1")},
+                {"name": "default-retries", "match": prefix("/unconfigured"), "route": to("v1")},
+                {"name": "mirror", "match": prefix("/mirror"), "route": to("v1"),
+                 "mirror": {"host": "web", "subset": "v2"}, "mirrorPercentage": {"value": 100}},
+                {"name": "method", "match": [{"method": {"exact": "POST"}, "uri": {"prefix": "/m"}}], "route": to("v2")},
+                {"name": "query", "match": [{"queryParams": {"canary": {"exact": "yes"}}}], "route": to("v2")},
+                {"name": "case", "match": [{"uri": {"prefix": "/CaSe"}, "ignoreUriCase": true}], "route": to("v2")},
+                {"name": "authority", "match": [{"authority": {"prefix": "web.example"}}], "route": to("v2")},
+                {"name": "without", "match": [{"uri": {"prefix": "/w"}, "withoutHeaders": {"x-skip": {}}}], "route": to("v2")},
+                {"name": "source", "match": [{"uri": {"prefix": "/src"}, "sourceLabels": {"app": "client"}, "sourceNamespace": "default"}], "route": to("v2")},
+                {"name": "other-source", "match": [{"uri": {"prefix": "/src"}, "sourceLabels": {"app": "somebody-else"}}], "route": to("v1")},
+            ])),
+        ],
+    );
+    let (_ca, agent_a, _agent_b) = c.mesh();
+    let base = "http://10.96.0.10:80";
+    let one = |path: &str, extra: &[&str]| count(&c, &format!("{base}{path}"), 1, extra);
+    let logs = || format!("agent a:\n{}", agent_a.log());
+
+    // Redirect and direct response: answered by the agent.
+    let r = one("/old", &[]);
+    assert_eq!(status(&r), 301, "{r}");
+    assert_eq!(
+        last_header(&r, "location"),
+        "http://elsewhere.example/new",
+        "{r}"
+    );
+    let r = one("/teapot", &[]);
+    assert_eq!(
+        (status(&r), r["last"]["body"].as_str()),
+        (418, Some("short and stout")),
+        "{r}"
+    );
+
+    // Rewrites: the prefix the route matched, the authority, a regex.
+    let r = one("/api/v1/items?page=2", &[]);
+    assert_eq!(status(&r), 200, "{r} {}", logs());
+    let seen = last_request(&app1);
+    assert_eq!(seen["request"], "GET /v2/items?page=2 HTTP/1.1", "{seen}");
+    assert_eq!(seen["headers"]["host"], "web.internal", "{seen}");
+    one("/users/42/profile", &[]);
+    assert_eq!(last_request(&app1)["request"], "GET /profile/42 HTTP/1.1");
+
+    // Header operations, route and destination level, both directions.
+    let r = one("/headers", &["x-secret: hunter2", "x-keep: yes"]);
+    let seen = last_request(&app1);
+    assert_eq!(seen["headers"]["x-route"], "headers", "{seen}");
+    assert_eq!(seen["headers"]["x-subset"], "v1", "{seen}");
+    assert_eq!(seen["headers"]["x-keep"], "yes", "{seen}");
+    assert!(seen["headers"].get("x-secret").is_none(), "removed: {seen}");
+    assert_eq!(last_header(&r, "x-served-by"), "mesh", "{r}");
+
+    // Fault abort at 50 %: 2,000 requests, the share within ±10 points
+    // (9 standard deviations), each flagged FI.
+    let r = count(&c, &format!("{base}/abort"), 2000, &[]);
+    let aborted = answers(&r, "HTTP 503");
+    assert!((800..=1200).contains(&aborted), "{r}");
+    assert_eq!(r["flags"]["FI"].as_u64(), Some(aborted), "{r}");
+    assert_eq!(answers(&r, "hello from v1"), 2000 - aborted, "{r}");
+
+    // Fault delay: the answer comes, late, flagged DI.
+    let r = one("/delay", &[]);
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(r["elapsed_ms"].as_u64().unwrap() >= 300, "{r}");
+    assert_eq!(last_header(&r, "x-mesh-response-flags"), "DI", "{r}");
+
+    // Route timeout: 504 with UT, the slow upstream abandoned.
+    let r = one("/slow", &["x-delay-ms: 3000"]);
+    assert_eq!(
+        (status(&r), last_header(&r, "x-mesh-response-flags")),
+        (504, "UT"),
+        "{r}"
+    );
+    // Per-try timeout: every try times out, retries run out (URX).
+    let r = one("/stuck", &["x-delay-ms: 3000"]);
+    assert_eq!(
+        (status(&r), last_header(&r, "x-mesh-response-flags")),
+        (504, "URX"),
+        "{r}"
+    );
+
+    // Retries recover from an upstream failing every other request.
+    let r = count(&c, &format!("{base}/flaky"), 200, &["x-fail-every: 2"]);
+    assert_eq!(answers(&r, "hello from v1"), 200, "{r} {}", logs());
+    // Istio's default policy retries a GET on 503 too, but never a POST
+    // the application has seen.
+    let r = count(
+        &c,
+        &format!("{base}/unconfigured"),
+        100,
+        &["x-fail-every: 2"],
+    );
+    assert_eq!(answers(&r, "hello from v1"), 100, "{r}");
+    let r = count(
+        &c,
+        &format!("{base}/unconfigured"),
+        100,
+        &["x-fail-every: 2", "--method=POST", "--body=order"],
+    );
+    assert_eq!(
+        answers(&r, "HTTP 503"),
+        50,
+        "every other POST fails, none retried: {r}"
+    );
+
+    // Mirror: the client sees v1 only; v2 gets a copy, Host marked -shadow.
+    let r = count(&c, &format!("{base}/mirror"), 20, &[]);
+    assert_eq!(answers(&r, "hello from v1"), 20, "{r}");
+    let shadowed = app2.wait_for(
+        |l| {
+            l["event"] == "http"
+                && l["headers"]["host"]
+                    .as_str()
+                    .is_some_and(|h| h.ends_with("-shadow"))
+        },
+        Duration::from_secs(5),
+    );
+    assert!(
+        shadowed["request"]
+            .as_str()
+            .unwrap()
+            .starts_with("GET /mirror"),
+        "{shadowed}"
+    );
+
+    // Each match type.
+    let v2 = |r: &Value| answers(r, "hello from v2") == 1;
+    assert!(v2(&one("/m", &["--method=POST", "--body=x"])), "method");
+    assert!(v2(&one("/anything?canary=yes", &[])), "query parameter");
+    assert!(v2(&one("/case/ANY", &[])), "ignoreUriCase");
+    assert!(v2(&one("/x", &["Host: web.example.com"])), "authority");
+    assert!(v2(&one("/w", &[])), "withoutHeaders, header absent");
+    assert!(
+        v2(&one("/src", &[])),
+        "sourceLabels and sourceNamespace of the client pod"
+    );
+
+    // Nothing matched: 404 with NR, from the agent.
+    let r = one("/w", &["x-skip: 1"]);
+    assert_eq!(
+        (status(&r), last_header(&r, "x-mesh-response-flags")),
+        (404, "NR"),
+        "{r}"
+    );
 }

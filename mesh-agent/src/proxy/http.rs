@@ -19,19 +19,22 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
 };
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+mod actions;
+mod retry;
+
 use super::{Error, PodContext, ProxyContext, outbound, socket};
 use crate::{
     registry::{Endpoint, Service, ServicePort},
     snapshot::{
         Snapshot,
-        compile::{CompiledDestination, RequestView},
+        compile::{CompiledDestination, CompiledHttpRoute, RequestView},
     },
 };
 
@@ -128,8 +131,100 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
+/// Where `decide` sends a request.
+struct Decision<'a> {
+    /// The VirtualService route that took it (`None`: no VirtualService,
+    /// the service's default route).
+    route: Option<&'a CompiledHttpRoute>,
+    /// Which of the route's match blocks matched.
+    matched: Option<usize>,
+    /// The destination drawn by weight, and its index in the route.
+    dest: Option<(usize, CompiledDestination)>,
+}
+
+/// Why one attempt got no response.
+struct AttemptError {
+    reply: LocalReply,
+    /// Set when the failure may be retried (depending on the policy).
+    failure: Option<retry::Failure>,
+}
+
+impl From<LocalReply> for AttemptError {
+    fn from(reply: LocalReply) -> Self {
+        Self {
+            reply,
+            failure: None,
+        }
+    }
+}
+
+/// Request bodies up to this size are kept so that a retry or a mirror
+/// can send them again; larger or unsized bodies stream once.
+const MAX_REPLAY: u64 = 64 * 1024;
+
+/// A request body that can be sent more than once when it was small.
+enum Replay {
+    Buffered(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl Replay {
+    async fn new(body: Incoming) -> Result<Self, LocalReply> {
+        let hint = hyper::body::Body::size_hint(&body);
+        if hint.upper().is_some_and(|u| u <= MAX_REPLAY) {
+            // Bounded by the declared length, which hyper enforces.
+            let b = body.collect().await.map_err(|e| {
+                LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    "DPE",
+                    format!("reading the request body: {e}"),
+                )
+            })?;
+            return Ok(Self::Buffered(b.to_bytes()));
+        }
+        Ok(Self::Stream(Some(body)))
+    }
+
+    /// The body for the next attempt (`None`: already streamed away).
+    fn next(&mut self) -> Option<Body> {
+        match self {
+            Self::Buffered(b) => Some(full(b.clone())),
+            Self::Stream(s) => s.take().map(|b| b.boxed()),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Self::Buffered(_))
+    }
+}
+
+/// What every attempt of a request shares.
+struct RequestHead {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    /// The client spoke HTTP/2.
+    client_h2: bool,
+}
+
+impl RequestHead {
+    fn build(&self, body: Body) -> Request<Body> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.headers_mut() = self.headers.clone();
+        *r.version_mut() = if self.client_h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        r
+    }
+}
+
 impl Conn {
-    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let _in_flight = retry::InFlight::start();
         match self.forward(req).await {
             Ok(r) => r,
             Err(reply) => {
@@ -139,10 +234,235 @@ impl Conn {
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Body>, LocalReply> {
-        let dest = self.decide(&req)?;
-        let (svc, port) = self.destination_service(&dest)?;
-        let labels = self.subset_labels(&dest)?;
+    async fn forward(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, LocalReply> {
+        let decision = self.decide(&req)?;
+        let route = decision.route;
+        let mut delayed = false;
+        if let Some(r) = route {
+            let fault = actions::Fault::draw(r);
+            if let Some(d) = fault.delay {
+                tokio::time::sleep(d).await;
+                delayed = true;
+            }
+            if let Some(status) = fault.abort {
+                return Err(LocalReply::new(status, "FI", "fault filter abort"));
+            }
+            if let Some(rd) = &r.spec.redirect {
+                let host = actions::authority(req.uri(), req.headers());
+                let location = actions::redirect_location(rd, req.uri(), &host, self.port.port);
+                let mut resp = Response::new(full(Bytes::new()));
+                *resp.status_mut() = actions::redirect_status(rd);
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                return Ok(resp);
+            }
+            if let Some(d) = &r.spec.direct_response {
+                let mut resp = Response::new(full(actions::direct_body(d)));
+                *resp.status_mut() = u16::try_from(d.status)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .unwrap_or(StatusCode::OK);
+                return Ok(resp);
+            }
+        }
+        let Some((dest_index, dest)) = decision.dest else {
+            return Err(LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NR",
+                "the route has no destination",
+            ));
+        };
+        let client_h2 = req.version() == Version::HTTP_2;
+        let (mut parts, body) = req.into_parts();
+        let dest_headers = route
+            .and_then(|r| r.spec.route.get(dest_index))
+            .and_then(|d| d.headers.as_ref());
+        if let Some(r) = route {
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            if let Some(new) = actions::rewrite(r, decision.matched, pq)
+                && let Ok(u) = new.parse()
+            {
+                parts.uri = u;
+            }
+            if let Some(a) = r
+                .spec
+                .rewrite
+                .as_ref()
+                .map(|w| w.authority.as_str())
+                .filter(|a| !a.is_empty())
+                && let Ok(v) = HeaderValue::from_str(a)
+            {
+                parts.headers.insert(header::HOST, v);
+                // The URI's authority (HTTP/2) follows the Host header.
+                if let Ok(u) = parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .parse()
+                {
+                    parts.uri = u;
+                }
+            }
+            for h in [r.spec.headers.as_ref(), dest_headers]
+                .into_iter()
+                .flatten()
+            {
+                actions::apply_headers(&mut parts.headers, h.request.as_ref());
+            }
+        }
+        let policy = retry::Policy::of(route);
+        let mut body = Replay::new(body).await?;
+        let head = RequestHead {
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+            client_h2,
+        };
+        if let Some(r) = route {
+            for (m, pct) in &r.mirrors {
+                if actions::chance(*pct)
+                    && let Replay::Buffered(b) = &body
+                {
+                    self.mirror(m.clone(), &head, b.clone());
+                }
+            }
+        }
+        let overall = route
+            .and_then(|r| r.spec.timeout.as_ref())
+            .map(|d| d.get())
+            .filter(|d| !d.is_zero());
+        let attempts = self.attempts(&dest, &head, &mut body, &policy);
+        let (resp, exhausted) = match overall {
+            Some(t) => tokio::time::timeout(t, attempts).await.map_err(|_| {
+                LocalReply::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout",
+                )
+            })??,
+            None => attempts.await?,
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(r) = route {
+            for h in [r.spec.headers.as_ref(), dest_headers]
+                .into_iter()
+                .flatten()
+            {
+                actions::apply_headers(&mut parts.headers, h.response.as_ref());
+            }
+        }
+        let flags: Vec<&str> = [(delayed, "DI"), (exhausted, "URX")]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, f)| *f)
+            .collect();
+        if !flags.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&flags.join(","))
+        {
+            parts.headers.insert(FLAGS_HEADER, v);
+        }
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// Sends the request, retrying as `policy` allows. Returns the response
+    /// and whether retries ran out on a retriable answer (flag `URX`).
+    async fn attempts(
+        &self,
+        dest: &CompiledDestination,
+        head: &RequestHead,
+        body: &mut Replay,
+        policy: &retry::Policy,
+    ) -> Result<(Response<Incoming>, bool), LocalReply> {
+        let mut tries = 0;
+        let mut _permit = None;
+        loop {
+            let Some(b) = body.next() else {
+                unreachable!("a streamed body is only sent once: retries need a replayable body")
+            };
+            let attempt = self.send(dest, head.build(b), head.client_h2);
+            let outcome = match policy.per_try_timeout {
+                Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
+                    Err(AttemptError {
+                        reply: LocalReply::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "UT",
+                            "upstream request timeout (per try)",
+                        ),
+                        failure: Some(retry::Failure::PerTryTimeout),
+                    })
+                }),
+                None => attempt.await,
+            };
+            let retriable = match &outcome {
+                Ok(r) => policy.retries_response(&head.method, r.status(), r.headers()),
+                Err(e) => e
+                    .failure
+                    .is_some_and(|f| policy.retries_failure(&head.method, f)),
+            };
+            let permit = (retriable && tries < policy.retries && body.replayable())
+                .then(retry::RetryPermit::take)
+                .flatten();
+            if permit.is_none() {
+                let exhausted = retriable && tries > 0;
+                return match outcome {
+                    Ok(r) => Ok((r, exhausted)),
+                    Err(mut e) => {
+                        if exhausted {
+                            e.reply.flag = "URX";
+                        }
+                        Err(e.reply)
+                    }
+                };
+            }
+            _permit = permit;
+            tries += 1;
+            tokio::time::sleep(policy.backoff(tries)).await;
+        }
+    }
+
+    /// Sends a copy of the request to a mirror target and drops the answer
+    /// (Envoy's shadowing: the Host gets `-shadow` appended).
+    fn mirror(self: &Arc<Self>, dest: CompiledDestination, head: &RequestHead, body: Bytes) {
+        let mut copy = RequestHead {
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            headers: head.headers.clone(),
+            client_h2: head.client_h2,
+        };
+        let host = actions::authority(&copy.uri, &copy.headers);
+        if let Ok(v) = HeaderValue::from_str(&format!("{host}-shadow")) {
+            copy.headers.insert(header::HOST, v);
+        }
+        let conn = self.clone();
+        tokio::spawn(async move {
+            let req = copy.build(full(body));
+            match conn.send(&dest, req, copy.client_h2).await {
+                Ok(resp) => {
+                    // Read the answer so the connection can be reused.
+                    let _ = resp.into_body().collect().await;
+                }
+                Err(e) => {
+                    tracing::debug!(host = %dest.host, "http: mirror failed: {}", e.reply.message)
+                }
+            }
+        });
+    }
+
+    /// One attempt: an endpoint of the destination, a connection to it,
+    /// the request.
+    async fn send(
+        &self,
+        dest: &CompiledDestination,
+        req: Request<Body>,
+        client_h2: bool,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let (svc, port) = self.destination_service(dest)?;
+        let labels = self.subset_labels(dest)?;
         let ep = svc
             .pick_where(&port, self.client.ip(), |e| {
                 labels
@@ -153,19 +473,23 @@ impl Conn {
                 LocalReply::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "UH",
-                    format!("no healthy upstream for {}", describe(&dest)),
+                    format!("no healthy upstream for {}", describe(dest)),
                 )
             })?;
+        let connect_failure = |reply| AttemptError {
+            reply,
+            failure: Some(retry::Failure::Connect),
+        };
         let addr = outbound::endpoint_addr(ep, &port)
             .await
-            .map_err(|e| upstream_failure(&e))?;
+            .map_err(|e| connect_failure(upstream_failure(&e)))?;
         // HTTP/2 upstream for ports declared so (and gRPC), or when the
         // client spoke it; HTTP/1.1 otherwise.
         let h2 = matches!(
             port.protocol,
             crate::registry::Protocol::Http2 | crate::registry::Protocol::Grpc
-        ) || req.version() == Version::HTTP_2;
-        let mut sender = self.upstream(ep, addr, h2).await?;
+        ) || client_h2;
+        let mut sender = self.upstream(ep, addr, h2).await.map_err(connect_failure)?;
         let req = prepare(req, h2);
         let result = match &mut sender {
             Upstream::H1(s) => s.send_request(req).await,
@@ -178,22 +502,27 @@ impl Conn {
                     .expect("upstreams lock")
                     .entry(addr)
                     .or_insert(sender);
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, body.boxed()))
+                Ok(resp)
             }
-            Err(e) => Err(LocalReply::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UC",
-                format!("upstream connect error or disconnect/reset before headers: {e}"),
-            )),
+            Err(e) => Err(AttemptError {
+                failure: Some(if refused_stream(&e) {
+                    retry::Failure::RefusedStream
+                } else {
+                    retry::Failure::Reset
+                }),
+                reply: LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UC",
+                    format!("upstream connect error or disconnect/reset before headers: {e}"),
+                ),
+            }),
         }
     }
 
-    /// The destination for `req`: the first VirtualService route that
-    /// takes it, then a weighted draw among its destinations; without a
+    /// Where `req` goes: the first VirtualService route that takes it,
+    /// then a weighted draw among its destinations; without a
     /// VirtualService, the service itself.
-    fn decide(&self, req: &Request<Incoming>) -> Result<CompiledDestination, LocalReply> {
+    fn decide(&self, req: &Request<Incoming>) -> Result<Decision<'_>, LocalReply> {
         let vss: Vec<_> = self
             .snap
             .routes
@@ -203,52 +532,52 @@ impl Conn {
             .flatten()
             .filter(|vs| vs.for_mesh)
             .collect();
-        if vss.is_empty() || vss.iter().all(|vs| vs.http.is_empty()) {
-            return Ok(CompiledDestination {
-                host: self.svc.hostname.clone(),
-                subset: String::new(),
-                port: None,
+        if vss.iter().all(|vs| vs.http.is_empty()) {
+            return Ok(Decision {
+                route: None,
+                matched: None,
+                dest: Some((
+                    0,
+                    CompiledDestination {
+                        host: self.svc.hostname.clone(),
+                        subset: String::new(),
+                        port: None,
+                    },
+                )),
             });
         }
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or_default();
+        let authority = actions::authority(req.uri(), req.headers());
         let view = RequestView {
             path: req.uri().path(),
             query: req.uri().query(),
             method: req.method().as_str(),
-            authority,
+            authority: &authority,
             headers: req.headers(),
             port: self.port.port,
             source_labels: &self.pod.workload.labels,
             source_namespace: &self.pod.workload.namespace,
         };
-        let route = vss
+        let (route, matched) = vss
             .iter()
             .flat_map(|vs| vs.http.iter())
-            .find(|r| r.takes(&view))
+            .find_map(|r| {
+                if r.matches.is_empty() {
+                    return Some((r, None));
+                }
+                r.matches
+                    .iter()
+                    .position(|m| m.matches(&view))
+                    .map(|i| (r, Some(i)))
+            })
             .ok_or_else(|| LocalReply::new(StatusCode::NOT_FOUND, "NR", "no route matched"))?;
-        let i = route
+        let dest = route
             .pick(fastrand::u32(0..100))
-            .filter(|i| *i < route.destinations.len())
-            .ok_or_else(|| {
-                LocalReply::new(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "NR",
-                    format!(
-                        "route {:?} has no destination (redirect and direct responses are not supported yet)",
-                        route.name
-                    ),
-                )
-            })?;
-        Ok(route.destinations[i].clone())
+            .and_then(|i| Some((i, route.destinations.get(i)?.clone())));
+        Ok(Decision {
+            route: Some(route),
+            matched,
+            dest,
+        })
     }
 
     /// The service and port a destination names.
@@ -383,6 +712,20 @@ impl Conn {
     }
 }
 
+/// Whether the upstream refused an HTTP/2 stream (REFUSED_STREAM: it did
+/// not process the request). Read from the error chain's text: the `h2`
+/// error type is not ours to depend on.
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        if s.to_string().contains("refused stream") {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn upstream_failure(e: &Error) -> LocalReply {
     LocalReply::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -429,7 +772,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// The request as the upstream gets it: origin-form for HTTP/1.1 (Host
 /// kept), absolute for HTTP/2 (`:authority` from Host).
-fn prepare(req: Request<Incoming>, h2: bool) -> Request<Body> {
+fn prepare(req: Request<Body>, h2: bool) -> Request<Body> {
     let (mut parts, body) = req.into_parts();
     let authority = parts
         .uri
@@ -478,7 +821,7 @@ fn prepare(req: Request<Incoming>, h2: bool) -> Request<Body> {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
     }
-    Request::from_parts(parts, body.boxed())
+    Request::from_parts(parts, body)
 }
 
 /// What an upstream HTTP connection runs on.

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::istio::{
     Resource, Spec,
     common::StringMatch,
-    networking::{HttpMatchRequest, HttpRoute, VirtualService},
+    networking::{Destination, HttpMatchRequest, HttpRoute, VirtualService},
 };
 
 /// How one string is matched, ready to run.
@@ -239,28 +239,67 @@ pub struct CompiledHttpRoute {
     pub matches: Vec<CompiledMatch>,
     pub destinations: Vec<CompiledDestination>,
     pub cumulative_weights: Vec<u32>,
+    /// Mirror targets with the share of requests each receives (0-100).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<(CompiledDestination, f64)>,
+    /// `rewrite.uriRegexRewrite`, compiled.
+    #[serde(skip)]
+    pub uri_regex_rewrite: Option<(Regex, String)>,
+    /// Everything else the route does (redirect, direct response, rewrite,
+    /// headers, timeout, retries, fault), read as written.
+    #[serde(skip)]
+    pub spec: HttpRoute,
 }
 
 impl CompiledHttpRoute {
     fn new(r: &HttpRoute, namespace: &str, cluster_domain: &str) -> Self {
+        let dest = |d: &Destination| CompiledDestination {
+            host: fqdn(&d.host, namespace, cluster_domain),
+            subset: d.subset.clone(),
+            port: d
+                .port
+                .as_ref()
+                .and_then(|p| u16::try_from(p.number).ok())
+                .filter(|p| *p != 0),
+        };
+        // `mirror` + `mirrorPercentage` (or the deprecated integer), and
+        // the newer `mirrors` list; unset percentages mirror everything.
+        let mut mirrors: Vec<(CompiledDestination, f64)> = r
+            .mirror
+            .iter()
+            .map(|m| {
+                let pct = r
+                    .mirror_percentage
+                    .as_ref()
+                    .map(|p| p.value)
+                    .or(r.mirror_percent.map(f64::from))
+                    .unwrap_or(100.0);
+                (dest(m), pct)
+            })
+            .collect();
+        mirrors.extend(r.mirrors.iter().map(|m| {
+            (
+                dest(&m.destination),
+                m.percentage.as_ref().map_or(100.0, |p| p.value),
+            )
+        }));
         Self {
             name: r.name.clone(),
             matches: r.matches.iter().map(CompiledMatch::new).collect(),
-            destinations: r
-                .route
-                .iter()
-                .map(|d| CompiledDestination {
-                    host: fqdn(&d.destination.host, namespace, cluster_domain),
-                    subset: d.destination.subset.clone(),
-                    port: d
-                        .destination
-                        .port
-                        .as_ref()
-                        .and_then(|p| u16::try_from(p.number).ok())
-                        .filter(|p| *p != 0),
-                })
-                .collect(),
+            destinations: r.route.iter().map(|d| dest(&d.destination)).collect(),
             cumulative_weights: normalise(r.route.iter().map(|d| d.weight)),
+            mirrors,
+            uri_regex_rewrite: r
+                .rewrite
+                .as_ref()
+                .and_then(|w| w.uri_regex_rewrite.as_ref())
+                .and_then(|rr| {
+                    // Envoy (RE2) writes groups as `\1`; the regex crate as `${1}`.
+                    let groups = Regex::new(r"\\(\d)").ok()?;
+                    let with = groups.replace_all(&rr.rewrite, "$${$1}").into_owned();
+                    Some((Regex::new(&rr.pattern).ok()?, with))
+                }),
+            spec: r.clone(),
         }
     }
 
@@ -278,6 +317,12 @@ impl CompiledHttpRoute {
         let x = x % total;
         Some(self.cumulative_weights.partition_point(|w| *w <= x))
     }
+}
+
+/// A route compiled in namespace `default` (unit tests elsewhere).
+#[cfg(test)]
+pub fn compile_route_for_tests(spec: &HttpRoute) -> CompiledHttpRoute {
+    CompiledHttpRoute::new(spec, "default", "cluster.local")
 }
 
 /// Istio's weights: one destination takes everything; several share by
@@ -432,6 +477,9 @@ mod tests {
             matches: vec![],
             destinations: vec![],
             cumulative_weights: normalise([Some(90), Some(10)]),
+            mirrors: vec![],
+            uri_regex_rewrite: None,
+            spec: HttpRoute::default(),
         };
         let picks: Vec<usize> = (0..100).filter_map(|x| r.pick(x)).collect();
         assert_eq!(picks.iter().filter(|i| **i == 0).count(), 90);

@@ -13,7 +13,7 @@
 //! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
 //! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
-//! mesh-testapp http-count URL N [NAME:VALUE]...   N keep-alive GETs with these headers; count answers by server and status
+//! mesh-testapp http-count URL N [NAME:VALUE | --method=M | --body=B]...   N keep-alive requests; count answers by server and status
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
@@ -177,8 +177,14 @@ fn echo(mut s: TcpStream) -> Result<()> {
     Ok(())
 }
 
+/// Requests this `http` server answered (for `x-fail-every`).
+static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Answers HTTP/1.1 requests on `s` (keep-alive, until the client closes
-/// or asks to) with `hello from NAME: …`.
+/// or asks to) with `hello from NAME: …`, and logs each with its headers.
+/// Tests steer it with request headers: `x-delay-ms: N` answers after N
+/// ms, `x-status: CODE` answers with that status, `x-fail-every: K`
+/// answers 503 to every K-th request this server sees.
 fn http_reply(s: TcpStream, name: &str) -> Result<()> {
     let (local, peer) = (s.local_addr()?, s.peer_addr()?);
     let mut r = BufReader::new(s.try_clone()?);
@@ -189,6 +195,7 @@ fn http_reply(s: TcpStream, name: &str) -> Result<()> {
             return Ok(());
         }
         let (mut length, mut close) = (0usize, false);
+        let mut headers = serde_json::Map::new();
         loop {
             let mut h = String::new();
             if r.read_line(&mut h)? == 0 || h == "\r\n" {
@@ -201,20 +208,39 @@ fn http_reply(s: TcpStream, name: &str) -> Result<()> {
             } else if k == "connection" && v.eq_ignore_ascii_case("close") {
                 close = true;
             }
+            headers.insert(k, v.into());
         }
-        std::io::copy(&mut (&mut r).take(length as u64), &mut std::io::sink())?;
+        let mut body_in = Vec::new();
+        (&mut r).take(length as u64).read_to_end(&mut body_in)?;
+        let seen = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let header = |k: &str| {
+            headers
+                .get(k)
+                .and_then(|v| v.as_str())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if let Some(ms) = header("x-delay-ms") {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        let status = match (header("x-status"), header("x-fail-every")) {
+            (Some(code), _) => code,
+            (None, Some(k)) if k > 0 && seen.is_multiple_of(k) => 503,
+            _ => 200,
+        };
         let body = format!("hello from {name}: you reached {local}, you are {peer}\n");
         // One write: `write!` on a socket would send each piece on its own
         // and meet Nagle and delayed ACKs (40 ms a response).
         let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
         s.write_all(response.as_bytes())?;
         println!(
             "{}",
-            json!({"event": "http", "request": request_line.trim(), "local": local.to_string(), "peer": peer.to_string()})
+            json!({"event": "http", "request": request_line.trim(), "headers": headers,
+                   "body": String::from_utf8_lossy(&body_in), "status": status,
+                   "local": local.to_string(), "peer": peer.to_string()})
         );
         if close {
             return Ok(());
@@ -332,8 +358,30 @@ fn http_count(url: &str, n: usize, headers: &[&str]) -> Result<()> {
     let addr: SocketAddr = hostport
         .parse()
         .with_context(|| format!("bad host:port in {url}"))?;
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n{extra}\r\n");
+    let mut method = "GET";
+    let mut body = "";
+    let mut extra = String::new();
+    for h in headers {
+        if let Some(m) = h.strip_prefix("--method=") {
+            method = m;
+        } else if let Some(b) = h.strip_prefix("--body=") {
+            body = b;
+        } else {
+            extra.push_str(&format!("{h}\r\n"));
+        }
+    }
+    // A Host among the headers replaces the URL's.
+    let host = if extra.to_ascii_lowercase().contains("host:") {
+        String::new()
+    } else {
+        format!("Host: {hostport}\r\n")
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\n{host}{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let started = std::time::Instant::now();
+    let mut last = json!(null);
     let mut answers = std::collections::BTreeMap::<String, u64>::new();
     let mut flags = std::collections::BTreeMap::<String, u64>::new();
     let (mut conn, mut connections) = (None, 0u64);
@@ -354,6 +402,7 @@ fn http_count(url: &str, n: usize, headers: &[&str]) -> Result<()> {
             format!("HTTP {}", resp.status)
         };
         *answers.entry(answer).or_default() += 1;
+        last = json!({"status": resp.status, "headers": resp.headers, "body": resp.body});
         if let Some(f) = resp.flags {
             *flags.entry(f).or_default() += 1;
         }
@@ -363,7 +412,8 @@ fn http_count(url: &str, n: usize, headers: &[&str]) -> Result<()> {
     }
     println!(
         "{}",
-        json!({"event": "counts", "answers": answers, "flags": flags, "connections": connections})
+        json!({"event": "counts", "answers": answers, "flags": flags, "connections": connections,
+               "last": last, "elapsed_ms": started.elapsed().as_millis() as u64})
     );
     Ok(())
 }
@@ -373,6 +423,7 @@ struct ParsedResponse {
     body: String,
     close: bool,
     flags: Option<String>,
+    headers: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One HTTP/1.1 response: Content-Length or chunked body.
@@ -387,6 +438,7 @@ fn read_response(r: &mut impl BufRead) -> Result<ParsedResponse> {
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("bad status line {line:?}"))?;
     let (mut length, mut chunked, mut close, mut flags) = (None, false, false, None);
+    let mut headers = serde_json::Map::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h)? == 0 || h == "\r\n" {
@@ -394,6 +446,7 @@ fn read_response(r: &mut impl BufRead) -> Result<ParsedResponse> {
         }
         let (k, v) = h.split_once(':').unwrap_or((&h, ""));
         let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+        headers.insert(k.clone(), v.clone().into());
         match k.as_str() {
             "content-length" => length = Some(v.parse::<usize>().context("bad Content-Length")?),
             "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
@@ -427,6 +480,7 @@ fn read_response(r: &mut impl BufRead) -> Result<ParsedResponse> {
         body: String::from_utf8_lossy(&body).into_owned(),
         close,
         flags,
+        headers,
     })
 }
 
