@@ -8,6 +8,7 @@ use std::time::Duration;
 use mesh_tests::{
     cluster::{Cluster, cluster, service, write_yaml},
     pod::App,
+    sys::wait_until,
 };
 use serde_json::{Value, json};
 
@@ -110,6 +111,43 @@ fn weighted_split_and_header_matched_canary() {
     assert_eq!(answers(&jason, "hello from v2"), 200, "{jason}");
     let other = count(&c, url, 200, &["end-user: other"]);
     assert!(answers(&other, "hello from v1") > 150, "{other}");
+
+    // Request telemetry with Istio's names and labels, per version.
+    let served = |version: &str| {
+        agent_a.metrics().value(
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "client"),
+                ("destination_service", "web.default.svc.cluster.local"),
+                ("destination_version", version),
+                ("request_protocol", "http"),
+                ("response_code", "200"),
+                ("response_flags", "-"),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        ) as u64
+    };
+    let total = n as u64 + 400;
+    assert!(
+        wait_until(Duration::from_secs(5), || served("v1") + served("v2")
+            == total),
+        "istio_requests_total v1 {} + v2 {} != {total}",
+        served("v1"),
+        served("v2")
+    );
+    assert_eq!(served("v2"), v2 + 200 + answers(&other, "hello from v2"));
+    let m = agent_a.metrics();
+    assert_eq!(
+        m.value(
+            "istio_request_duration_milliseconds_count",
+            &[("destination_version", "v1")]
+        ) as u64,
+        served("v1")
+    );
+    // Each response body is the server's greeting: tens of bytes.
+    let sizes = m.value("istio_response_bytes_sum", &[]) / total as f64;
+    assert!((40.0..120.0).contains(&sizes), "mean response size {sizes}");
 }
 
 fn status(v: &Value) -> u64 {
@@ -224,6 +262,17 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
     assert!((800..=1200).contains(&aborted), "{r}");
     assert_eq!(r["flags"]["FI"].as_u64(), Some(aborted), "{r}");
     assert_eq!(answers(&r, "hello from v1"), 2000 - aborted, "{r}");
+    let fi = || {
+        agent_a.metrics().value(
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "FI")],
+        ) as u64
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || fi() == aborted),
+        "FI in metrics: {}",
+        fi()
+    );
 
     // Fault delay: the answer comes, late, flagged DI.
     let r = one("/delay", &[]);

@@ -13,8 +13,11 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -27,6 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 mod actions;
+mod metered;
 mod retry;
 
 use super::{Error, PodContext, ProxyContext, outbound, socket};
@@ -36,6 +40,7 @@ use crate::{
         Snapshot,
         compile::{CompiledDestination, CompiledHttpRoute, RequestView},
     },
+    telemetry::metrics::{ConnLabels, Reporter, RequestOutcome},
 };
 
 /// Bodies in both directions: streamed from the peer, or made here.
@@ -48,9 +53,11 @@ pub const FLAGS_HEADER: &str = "x-mesh-response-flags";
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one captured connection as HTTP until the client closes it.
+#[allow(clippy::too_many_arguments)] // one captured connection's context
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
+    dst: SocketAddr,
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
     snap: Arc<Snapshot>,
@@ -64,6 +71,7 @@ pub async fn serve(
         svc,
         port,
         client: peer,
+        dst,
         upstreams: Mutex::new(HashMap::new()),
     });
     let service = hyper::service::service_fn(move |req| {
@@ -92,6 +100,8 @@ struct Conn {
     svc: Arc<Service>,
     port: ServicePort,
     client: SocketAddr,
+    /// The service address the client dialled.
+    dst: SocketAddr,
     upstreams: Mutex<HashMap<SocketAddr, Upstream>>,
 }
 
@@ -165,11 +175,21 @@ const MAX_REPLAY: u64 = 64 * 1024;
 /// A request body that can be sent more than once when it was small.
 enum Replay {
     Buffered(Bytes),
-    Stream(Option<Incoming>),
+    Stream(Option<Body>),
 }
 
+/// Who served a request (the last attempt), for its metrics.
+struct Served {
+    service: Arc<Service>,
+    workload: Option<Arc<crate::workload::Workload>>,
+    mtls: bool,
+}
+
+type ServedSlot = Mutex<Option<Served>>;
+
 impl Replay {
-    async fn new(body: Incoming) -> Result<Self, LocalReply> {
+    /// Reads a small body now; `bytes` gets the body's size either way.
+    async fn new(body: Incoming, bytes: &Arc<AtomicU64>) -> Result<Self, LocalReply> {
         let hint = hyper::body::Body::size_hint(&body);
         if hint.upper().is_some_and(|u| u <= MAX_REPLAY) {
             // Bounded by the declared length, which hyper enforces.
@@ -180,16 +200,20 @@ impl Replay {
                     format!("reading the request body: {e}"),
                 )
             })?;
-            return Ok(Self::Buffered(b.to_bytes()));
+            let b = b.to_bytes();
+            bytes.store(b.len() as u64, Ordering::Relaxed);
+            return Ok(Self::Buffered(b));
         }
-        Ok(Self::Stream(Some(body)))
+        Ok(Self::Stream(Some(
+            metered::Metered::counting(body.boxed(), bytes.clone()).boxed(),
+        )))
     }
 
     /// The body for the next attempt (`None`: already streamed away).
     fn next(&mut self) -> Option<Body> {
         match self {
             Self::Buffered(b) => Some(full(b.clone())),
-            Self::Stream(s) => s.take().map(|b| b.boxed()),
+            Self::Stream(s) => s.take(),
         }
     }
 
@@ -224,19 +248,87 @@ impl RequestHead {
 
 impl Conn {
     async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let _in_flight = retry::InFlight::start();
-        match self.forward(req).await {
+        let in_flight = retry::InFlight::start();
+        let started = Instant::now();
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let served = ServedSlot::default();
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let resp = match self.forward(req, &served, &request_bytes).await {
             Ok(r) => r,
             Err(reply) => {
                 tracing::debug!(pod = %self.pod.workload.key(), flag = reply.flag, "http: {}", reply.message);
                 reply.into_response()
             }
-        }
+        };
+        let (parts, body) = resp.into_parts();
+        let code = parts.status.as_u16();
+        let text = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        let (flags, grpc_status) = (text(FLAGS_HEADER), text("grpc-status"));
+        let served = served.into_inner().unwrap_or_default();
+        let conn = self.clone();
+        let body = metered::Metered::recording(body, move |response_bytes| {
+            drop(in_flight);
+            conn.record(
+                served,
+                &RequestOutcome {
+                    protocol: if grpc { "grpc" } else { "http" },
+                    code,
+                    grpc_status: if grpc { &grpc_status } else { "-" },
+                    flags: &flags,
+                    duration: started.elapsed(),
+                    request_bytes: request_bytes.load(Ordering::Relaxed),
+                    response_bytes,
+                },
+            );
+        });
+        Response::from_parts(parts, body.boxed())
+    }
+
+    /// Records a finished request with Istio's labels (reporter: source).
+    fn record(&self, served: Option<Served>, outcome: &RequestOutcome<'_>) {
+        let (service, workload, mtls) = match &served {
+            Some(s) => (&s.service, s.workload.as_deref(), s.mtls),
+            None => (&self.svc, None, false),
+        };
+        let trust_domain = self
+            .pod
+            .identity
+            .as_ref()
+            .map(|i| i.trust_domain().to_owned());
+        let source_principal = self.pod.identity.as_ref().map(ToString::to_string);
+        let destination_principal = workload
+            .zip(trust_domain.as_deref())
+            .map(|(w, td)| w.identity(td).to_string());
+        let labels = ConnLabels {
+            reporter: Reporter::Source,
+            source: Some(&self.pod.workload),
+            destination: workload,
+            service: Some(service),
+            destination_addr: self.dst,
+            cluster: &self.ctx.config.cluster_id,
+            security_policy: if mtls { "mutual_tls" } else { "unknown" },
+            source_principal: source_principal.as_deref().filter(|_| mtls),
+            destination_principal: destination_principal.as_deref().filter(|_| mtls),
+        };
+        self.ctx.metrics.request_done(&labels, outcome);
     }
 
     async fn forward(
         self: &Arc<Self>,
         req: Request<Incoming>,
+        served: &ServedSlot,
+        request_bytes: &Arc<AtomicU64>,
     ) -> Result<Response<Body>, LocalReply> {
         let decision = self.decide(&req)?;
         let route = decision.route;
@@ -315,7 +407,7 @@ impl Conn {
             }
         }
         let policy = retry::Policy::of(route);
-        let mut body = Replay::new(body).await?;
+        let mut body = Replay::new(body, request_bytes).await?;
         let head = RequestHead {
             method: parts.method,
             uri: parts.uri,
@@ -335,7 +427,7 @@ impl Conn {
             .and_then(|r| r.spec.timeout.as_ref())
             .map(|d| d.get())
             .filter(|d| !d.is_zero());
-        let attempts = self.attempts(&dest, &head, &mut body, &policy);
+        let attempts = self.attempts(&dest, &head, &mut body, &policy, served);
         let (resp, exhausted) = match overall {
             Some(t) => tokio::time::timeout(t, attempts).await.map_err(|_| {
                 LocalReply::new(
@@ -377,6 +469,7 @@ impl Conn {
         head: &RequestHead,
         body: &mut Replay,
         policy: &retry::Policy,
+        served: &ServedSlot,
     ) -> Result<(Response<Incoming>, bool), LocalReply> {
         let mut tries = 0;
         let mut _permit = None;
@@ -384,7 +477,7 @@ impl Conn {
             let Some(b) = body.next() else {
                 unreachable!("a streamed body is only sent once: retries need a replayable body")
             };
-            let attempt = self.send(dest, head.build(b), head.client_h2);
+            let attempt = self.send(dest, head.build(b), head.client_h2, Some(served));
             let outcome = match policy.per_try_timeout {
                 Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
                     Err(AttemptError {
@@ -441,7 +534,7 @@ impl Conn {
         let conn = self.clone();
         tokio::spawn(async move {
             let req = copy.build(full(body));
-            match conn.send(&dest, req, copy.client_h2).await {
+            match conn.send(&dest, req, copy.client_h2, None).await {
                 Ok(resp) => {
                     // Read the answer so the connection can be reused.
                     let _ = resp.into_body().collect().await;
@@ -460,6 +553,7 @@ impl Conn {
         dest: &CompiledDestination,
         req: Request<Body>,
         client_h2: bool,
+        served: Option<&ServedSlot>,
     ) -> Result<Response<Incoming>, AttemptError> {
         let (svc, port) = self.destination_service(dest)?;
         let labels = self.subset_labels(dest)?;
@@ -476,6 +570,16 @@ impl Conn {
                     format!("no healthy upstream for {}", describe(dest)),
                 )
             })?;
+        if let Some(slot) = served {
+            let workload = ep.workload.as_ref().map(|w| w.0.clone());
+            *slot.lock().expect("served lock") = Some(Served {
+                mtls: workload.is_some()
+                    && self.ctx.identities.is_some()
+                    && self.pod.identity.is_some(),
+                workload,
+                service: svc.clone(),
+            });
+        }
         let connect_failure = |reply| AttemptError {
             reply,
             failure: Some(retry::Failure::Connect),

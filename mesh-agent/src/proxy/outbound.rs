@@ -124,7 +124,7 @@ async fn handle(
         && svc.resolution != Resolution::Passthrough
     {
         let (svc, port) = (svc.clone(), port.clone());
-        super::http::serve(stream, peer, pod.clone(), ctx.clone(), snap, svc, port).await;
+        super::http::serve(stream, peer, dst, pod.clone(), ctx.clone(), snap, svc, port).await;
         return Ok(());
     }
     let target = match resolve(&snap, dst).await {

@@ -4,8 +4,8 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use prometheus::{
-    Encoder as _, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder as _, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
     core::{Collector, Desc},
     proto,
 };
@@ -39,6 +39,44 @@ const ISTIO_TCP_LABELS: [&str; 23] = [
     "response_flags",
     "connection_security_policy",
 ];
+
+/// Istio's request labels: the TCP ones plus the response's codes.
+const ISTIO_HTTP_LABELS: [&str; 25] = {
+    let mut l = [""; 25];
+    let mut i = 0;
+    while i < ISTIO_TCP_LABELS.len() {
+        l[i] = ISTIO_TCP_LABELS[i];
+        i += 1;
+    }
+    l[23] = "response_code";
+    l[24] = "grpc_response_status";
+    l
+};
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Istio's buckets for request and response sizes (bytes).
+const SIZE_BUCKETS: [f64; 8] = [
+    1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
+];
+
+/// How one HTTP request ended, for its metrics.
+pub struct RequestOutcome<'a> {
+    /// `http` or `grpc`.
+    pub protocol: &'a str,
+    pub code: u16,
+    /// gRPC status, `-` for plain HTTP.
+    pub grpc_status: &'a str,
+    /// Envoy response flags, `-` when none.
+    pub flags: &'a str,
+    pub duration: std::time::Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
 
 /// Which side of the connection reports it, as Istio names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +179,24 @@ pub struct Metrics {
     config_applied_at: Gauge,
     kube_watch_errors: IntCounterVec,
     hbone_connections: IntGauge,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    request_bytes: HistogramVec,
+    response_bytes: HistogramVec,
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> Result<HistogramVec, Error> {
+    let v = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        &ISTIO_HTTP_LABELS,
+    )?;
+    registry.register(Box::new(v.clone()))?;
+    Ok(v)
 }
 
 /// The live counters of one connection; dropping it records the close.
@@ -277,10 +333,55 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            requests: counter_vec(
+                &registry,
+                "istio_requests_total",
+                "HTTP and gRPC requests, by Istio's standard labels.",
+                &ISTIO_HTTP_LABELS,
+            )?,
+            request_duration: histogram_vec(
+                &registry,
+                "istio_request_duration_milliseconds",
+                "Time from the request's first byte to the response's last.",
+                &DURATION_BUCKETS,
+            )?,
+            request_bytes: histogram_vec(
+                &registry,
+                "istio_request_bytes",
+                "Request sizes (body bytes).",
+                &SIZE_BUCKETS,
+            )?,
+            response_bytes: histogram_vec(
+                &registry,
+                "istio_response_bytes",
+                "Response sizes (body bytes).",
+                &SIZE_BUCKETS,
+            )?,
             active,
             workloads,
             registry,
         })
+    }
+
+    /// Records a finished HTTP request.
+    pub fn request_done(&self, labels: &ConnLabels<'_>, o: &RequestOutcome<'_>) {
+        let [tcp @ .., _, _, security] = labels.values();
+        let code = o.code.to_string();
+        let v: Vec<&str> = tcp
+            .iter()
+            .map(String::as_str)
+            .chain([o.protocol, o.flags, security.as_str(), &code, o.grpc_status])
+            .collect();
+        self.requests.with_label_values(&v).inc();
+        self.request_duration
+            .with_label_values(&v)
+            .observe(o.duration.as_secs_f64() * 1000.0);
+        self.request_bytes
+            .with_label_values(&v)
+            .observe(o.request_bytes as f64);
+        self.response_bytes
+            .with_label_values(&v)
+            .observe(o.response_bytes as f64);
     }
 
     /// Exports the kernel programs' counters and map sizes on every scrape.
