@@ -359,3 +359,84 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
         "{r}"
     );
 }
+
+#[test]
+fn malformed_requests_are_refused_before_the_upstream() {
+    let (c, app1, _app2) = web("l7-malformed");
+    write_yaml(
+        &c.config.join("web.yaml"),
+        &[service("web", "10.96.0.10", "web", ("http", 80, 9000))],
+    );
+    let (_ca, _agent_a, _agent_b) = c.mesh();
+    let raw = |bytes: &str| c.client.run_app(&["raw", "10.96.0.10:80", bytes]).json();
+    let served = || app1.lines().iter().filter(|l| l["event"] == "http").count();
+
+    // A good request first, so the path is known to work.
+    let ok = raw("GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n");
+    assert_eq!(ok["status"], 200, "{ok}");
+    let before = served();
+
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: web\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let cases: [(&str, &str, u64); 6] = [
+        (
+            "space in a header name",
+            "GET / HTTP/1.1\r\nHost: web\r\nBad Header: x\r\n\r\n",
+            400,
+        ),
+        (
+            "control byte in a header value",
+            "GET / HTTP/1.1\r\nHost: web\r\nX-A: a\u{1}b\r\n\r\n",
+            400,
+        ),
+        ("not HTTP", "HELLO THERE\r\n\r\n", 400),
+        ("oversized headers", &huge, 431),
+        (
+            "invalid chunk size",
+            "POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nhello\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            "two different Content-Lengths",
+            "POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nhello",
+            400,
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let r = raw(bytes);
+        assert_eq!(r["status"].as_u64(), Some(want), "{what}: {r}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        served(),
+        before,
+        "a malformed request reached the upstream: {:?}",
+        app1.lines()
+    );
+
+    // Content-Length and Transfer-Encoding together, the classic way to
+    // smuggle a second request past a proxy: the request is read by
+    // Transfer-Encoding alone and the connection closed after it (RFC 9112
+    // §6.1), so what follows is never taken for a request.
+    let r = raw(
+        "POST /first HTTP/1.1\r\nHost: web\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+    );
+    let text = r["received"].as_str().unwrap().to_ascii_lowercase();
+    assert!(
+        text.contains("connection: close") && text.matches("http/1.1 ").count() == 1,
+        "{r}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let requests: Vec<String> = app1
+        .lines()
+        .iter()
+        .filter(|l| l["event"] == "http")
+        .map(|l| l["request"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        !requests.iter().any(|r| r.contains("smuggled")),
+        "{requests:?}"
+    );
+}

@@ -49,6 +49,9 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// The header carrying the response flag of a response the agent made.
 pub const FLAGS_HEADER: &str = "x-mesh-response-flags";
 
+/// The most header bytes a request may carry.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -82,7 +85,12 @@ pub async fn serve(
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Requests with larger headers get 431 (Envoy's limit is 60 KiB).
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await
@@ -189,17 +197,56 @@ type ServedSlot = Mutex<Option<Served>>;
 
 impl Replay {
     /// Reads a small body now; `bytes` gets the body's size either way.
-    async fn new(body: Incoming, bytes: &Arc<AtomicU64>) -> Result<Self, LocalReply> {
+    /// An HTTP/1.1 body of unknown length (chunked) is read up to
+    /// `MAX_REPLAY` before anything goes upstream, so that bad chunking
+    /// early in it is refused here; HTTP/2 bodies of unknown length (gRPC
+    /// streams) are never held back.
+    async fn new(body: Incoming, bytes: &Arc<AtomicU64>, h1: bool) -> Result<Self, LocalReply> {
+        let bad_body = |e: hyper::Error| {
+            LocalReply::new(
+                StatusCode::BAD_REQUEST,
+                "DPE",
+                format!("invalid request body: {e}"),
+            )
+        };
         let hint = hyper::body::Body::size_hint(&body);
+        if h1 && hint.upper().is_none() {
+            let mut body = body;
+            let mut buf = bytes::BytesMut::new();
+            loop {
+                match body.frame().await {
+                    None => {
+                        bytes.store(buf.len() as u64, Ordering::Relaxed);
+                        return Ok(Self::Buffered(buf.freeze()));
+                    }
+                    Some(Err(e)) => return Err(bad_body(e)),
+                    Some(Ok(frame)) => {
+                        // Trailers of a chunked request are not forwarded.
+                        if let Ok(d) = frame.into_data() {
+                            buf.extend_from_slice(&d);
+                        }
+                        if buf.len() as u64 > MAX_REPLAY {
+                            bytes.store(buf.len() as u64, Ordering::Relaxed);
+                            let head =
+                                futures::stream::once(std::future::ready(Ok::<_, hyper::Error>(
+                                    hyper::body::Frame::data(buf.freeze()),
+                                )));
+                            let rest = http_body_util::BodyStream::new(metered::Metered::counting(
+                                body.boxed(),
+                                bytes.clone(),
+                            ));
+                            let stream = futures::StreamExt::chain(head, rest);
+                            return Ok(Self::Stream(Some(
+                                http_body_util::StreamBody::new(stream).boxed(),
+                            )));
+                        }
+                    }
+                }
+            }
+        }
         if hint.upper().is_some_and(|u| u <= MAX_REPLAY) {
             // Bounded by the declared length, which hyper enforces.
-            let b = body.collect().await.map_err(|e| {
-                LocalReply::new(
-                    StatusCode::BAD_REQUEST,
-                    "DPE",
-                    format!("reading the request body: {e}"),
-                )
-            })?;
+            let b = body.collect().await.map_err(bad_body)?;
             let b = b.to_bytes();
             bytes.store(b.len() as u64, Ordering::Relaxed);
             return Ok(Self::Buffered(b));
@@ -407,7 +454,7 @@ impl Conn {
             }
         }
         let policy = retry::Policy::of(route);
-        let mut body = Replay::new(body, request_bytes).await?;
+        let mut body = Replay::new(body, request_bytes, !client_h2).await?;
         let head = RequestHead {
             method: parts.method,
             uri: parts.uri,

@@ -14,6 +14,7 @@
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
 //! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
 //! mesh-testapp http-count URL N [NAME:VALUE | --method=M | --body=B]...   N keep-alive requests; count answers by server and status
+//! mesh-testapp raw ADDR BYTES           send BYTES as they are, print what comes back until the peer closes
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
@@ -58,6 +59,7 @@ fn main() -> Result<()> {
         }
         ["chatter", addr, until] => chatter(addr, &Until::parse(until)),
         ["watch-get", url, until] => watch_get(url, &Until::parse(until)),
+        ["raw", addr, bytes] => raw(addr, bytes),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
         ["hbone-connect", cert, key, target, authority, payload] => {
             tokio_main(hbone::connect(cert, key, target, authority, payload))
@@ -273,6 +275,29 @@ fn connect(addr: &str, payload: &str) -> Result<()> {
     if got != payload {
         bail!("echo mismatch: sent {payload:?}, received {got:?}");
     }
+    Ok(())
+}
+
+/// Writes `bytes` and prints everything the peer answers before closing
+/// (or going quiet for 5 s): how a proxy answers malformed requests.
+fn raw(addr: &str, bytes: &str) -> Result<()> {
+    let mut s = dial(addr)?;
+    s.write_all(bytes.as_bytes())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse::<u16>().ok());
+    println!("{}", json!({"status": status, "received": text}));
     Ok(())
 }
 
