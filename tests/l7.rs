@@ -361,7 +361,7 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
 }
 
 #[test]
-fn malformed_requests_are_refused_before_the_upstream() {
+fn malformed_requests_are_refused_before_the_upstream_and_upgrades_pass() {
     let (c, app1, _app2) = web("l7-malformed");
     write_yaml(
         &c.config.join("web.yaml"),
@@ -438,5 +438,27 @@ fn malformed_requests_are_refused_before_the_upstream() {
     assert!(
         !requests.iter().any(|r| r.contains("smuggled")),
         "{requests:?}"
+    );
+
+    // A WebSocket upgrade passes: 101 from the server, then raw bytes both
+    // ways on the same connection, through both agents.
+    let r = c.client.run_app(&[
+        "raw",
+        "10.96.0.10:80",
+        "GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nframes after the upgrade",
+        "frames after the upgrade",
+    ])
+    .json();
+    assert_eq!(r["status"], 101, "{r}");
+    assert!(
+        r["received"]
+            .as_str()
+            .unwrap()
+            .ends_with("\r\n\r\nframes after the upgrade"),
+        "{r}"
+    );
+    app1.wait_for(
+        |l| l["event"] == "upgraded",
+        std::time::Duration::from_secs(5),
     );
 }

@@ -416,6 +416,11 @@ impl Conn {
             ));
         };
         let client_h2 = req.version() == Version::HTTP_2;
+        let mut req = req;
+        // An HTTP/1.1 upgrade (WebSocket): once the upstream agrees, the
+        // two connections are joined byte for byte.
+        let client_upgrade = (!client_h2 && req.headers().contains_key(header::UPGRADE))
+            .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let dest_headers = route
             .and_then(|r| r.spec.route.get(dest_index))
@@ -485,6 +490,14 @@ impl Conn {
             })??,
             None => attempts.await?,
         };
+        let mut resp = resp;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client) = client_upgrade
+        {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(join_upgraded(client, upstream));
+            return Ok(resp.map(BodyExt::boxed));
+        }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if let Some(r) = route {
@@ -860,6 +873,20 @@ impl Conn {
         let s = socket::connect(&pod.netns, &name, addr, socket::Source::Pod, &ctx.config).await?;
         s.set_nodelay(true)?;
         Ok(UpstreamIo::Tcp(s))
+    }
+}
+
+/// Joins an upgraded client connection and its upstream until both ends
+/// are closed.
+async fn join_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match futures::future::try_join(client, upstream).await {
+        Ok((c, u)) => {
+            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                tracing::debug!("http: upgraded connection ended: {e}");
+            }
+        }
+        Err(e) => tracing::debug!("http: upgrade failed: {e}"),
     }
 }
 

@@ -14,7 +14,7 @@
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
 //! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
 //! mesh-testapp http-count URL N [NAME:VALUE | --method=M | --body=B]...   N keep-alive requests; count answers by server and status
-//! mesh-testapp raw ADDR BYTES           send BYTES as they are, print what comes back until the peer closes
+//! mesh-testapp raw ADDR BYTES [UNTIL]   send BYTES as they are, print what comes back until the peer closes (or UNTIL arrived)
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
@@ -59,7 +59,8 @@ fn main() -> Result<()> {
         }
         ["chatter", addr, until] => chatter(addr, &Until::parse(until)),
         ["watch-get", url, until] => watch_get(url, &Until::parse(until)),
-        ["raw", addr, bytes] => raw(addr, bytes),
+        ["raw", addr, bytes] => raw(addr, bytes, None),
+        ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
         ["hbone-connect", cert, key, target, authority, payload] => {
             tokio_main(hbone::connect(cert, key, target, authority, payload))
@@ -214,6 +215,30 @@ fn http_reply(s: TcpStream, name: &str) -> Result<()> {
         }
         let mut body_in = Vec::new();
         (&mut r).take(length as u64).read_to_end(&mut body_in)?;
+        if let Some(proto) = headers.get("upgrade").and_then(|v| v.as_str()) {
+            // WebSocket and friends: agree, then echo raw bytes.
+            s.write_all(
+                format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {proto}\r\n\r\n")
+                    .as_bytes(),
+            )?;
+            println!(
+                "{}",
+                json!({"event": "upgraded", "request": request_line.trim(), "protocol": proto})
+            );
+            std::io::stdout().flush()?;
+            let mut buf = [0u8; 16384];
+            // Bytes that came with the request head are in the reader.
+            let pending = r.buffer().to_vec();
+            s.write_all(&pending)?;
+            r.consume(pending.len());
+            loop {
+                let n = r.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                s.write_all(&buf[..n])?;
+            }
+        }
         let seen = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let header = |k: &str| {
             headers
@@ -280,7 +305,7 @@ fn connect(addr: &str, payload: &str) -> Result<()> {
 
 /// Writes `bytes` and prints everything the peer answers before closing
 /// (or going quiet for 5 s): how a proxy answers malformed requests.
-fn raw(addr: &str, bytes: &str) -> Result<()> {
+fn raw(addr: &str, bytes: &str, until: Option<&str>) -> Result<()> {
     let mut s = dial(addr)?;
     s.write_all(bytes.as_bytes())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -289,7 +314,12 @@ fn raw(addr: &str, bytes: &str) -> Result<()> {
     loop {
         match s.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if until.is_some_and(|u| String::from_utf8_lossy(&got).contains(u)) {
+                    break;
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
             Err(e) => return Err(e.into()),
