@@ -462,3 +462,89 @@ fn malformed_requests_are_refused_before_the_upstream_and_upgrades_pass() {
         std::time::Duration::from_secs(5),
     );
 }
+
+#[test]
+fn http2_h2c_and_grpc_unary_and_streaming_follow_the_same_rules() {
+    let (c, _app1, _app2) = web("l7-h2");
+    let (v1, v2) = (&c.servers[0], &c.servers[1]);
+    let g1 = v1.spawn_app(&c.env, &["h2", "v1", &v1.v4(9100)]);
+    v2.spawn_app(&c.env, &["h2", "v2", &v2.v4(9100)]);
+    let echo_dr = json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "echo", "namespace": "default"},
+        "spec": {"host": "echo", "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2"}},
+        ]},
+    });
+    let echo_vs = json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "echo", "namespace": "default"},
+        "spec": {"hosts": ["echo"], "http": [
+            {"match": [{"headers": {"end-user": {"exact": "jason"}}}],
+             "route": [{"destination": {"host": "echo", "subset": "v2"}}]},
+            {"route": [{"destination": {"host": "echo", "subset": "v1"}}]},
+        ]},
+    });
+    write_yaml(
+        &c.config.join("web.yaml"),
+        &[
+            service("web", "10.96.0.10", "web", ("http", 80, 9000)),
+            service("echo", "10.96.0.20", "web", ("grpc", 80, 9100)),
+            echo_dr,
+            echo_vs,
+        ],
+    );
+    let (_ca, agent_a, _agent_b) = c.mesh();
+    let h2 = |url: &str, n: &str, headers: &[&str]| {
+        let mut args = vec!["h2-count", url, n];
+        args.extend(headers);
+        c.client.run_app(&args).json()
+    };
+
+    // h2c to a gRPC port: HTTP/2 end to end, routed by the same rules.
+    let r = h2("http://10.96.0.20:80/", "100", &[]);
+    assert_eq!(answers(&r, "hello from v1"), 100, "{r}\n{}", agent_a.log());
+    let r = h2("http://10.96.0.20:80/", "100", &["end-user: jason"]);
+    assert_eq!(answers(&r, "hello from v2"), 100, "{r}");
+    assert!(
+        g1.lines()
+            .iter()
+            .any(|l| l["event"] == "h2" && l["version"] == "HTTP/2.0"),
+        "the upstream spoke HTTP/2"
+    );
+
+    // gRPC: a unary call, and a stream of 50 messages each echoed before
+    // the next is sent (nothing buffered on the way), then the trailers.
+    for n in ["1", "50"] {
+        let r = c
+            .client
+            .run_app(&["grpc-call", "http://10.96.0.20:80/echo.Echo/Chat", n])
+            .json();
+        assert_eq!(r["echoed"].as_u64(), n.parse().ok(), "{r}");
+        assert_eq!(r["grpc_status"], "0", "{r}");
+    }
+    let grpc_ok = || {
+        agent_a.metrics().value(
+            "istio_requests_total",
+            &[
+                ("request_protocol", "grpc"),
+                ("response_code", "200"),
+                ("grpc_response_status", "0"),
+            ],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || grpc_ok() == 2.0),
+        "gRPC calls in istio_requests_total: {}",
+        grpc_ok()
+    );
+
+    // h2c from the client to an HTTP/1.1 port: translated, as Envoy does.
+    let r = h2("http://10.96.0.10:80/", "20", &[]);
+    assert_eq!(
+        answers(&r, "hello from v1") + answers(&r, "hello from v2"),
+        20,
+        "{r}"
+    );
+}

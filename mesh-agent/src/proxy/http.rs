@@ -324,8 +324,11 @@ impl Conn {
         let (flags, grpc_status) = (text(FLAGS_HEADER), text("grpc-status"));
         let served = served.into_inner().unwrap_or_default();
         let conn = self.clone();
-        let body = metered::Metered::recording(body, move |response_bytes| {
+        let body = metered::Metered::recording(body, move |response_bytes, trailer_status| {
             drop(in_flight);
+            // gRPC puts its status in the trailers, or in the headers of a
+            // trailers-only response.
+            let grpc_status = trailer_status.unwrap_or(grpc_status);
             conn.record(
                 served,
                 &RequestOutcome {
@@ -647,12 +650,25 @@ impl Conn {
         let addr = outbound::endpoint_addr(ep, &port)
             .await
             .map_err(|e| connect_failure(upstream_failure(&e)))?;
-        // HTTP/2 upstream for ports declared so (and gRPC), or when the
-        // client spoke it; HTTP/1.1 otherwise.
+        // HTTP/2 upstream for ports declared so (and gRPC); HTTP/1.1 for
+        // `http` ports whatever the client spoke, as Envoy does unless a
+        // DestinationRule says `useClientProtocol`.
+        let use_client = self
+            .snap
+            .routes
+            .destination_rules
+            .get(&dest.host)
+            .and_then(|r| match &r.spec {
+                crate::istio::Spec::DestinationRule(dr) => dr.traffic_policy.as_ref(),
+                _ => None,
+            })
+            .and_then(|p| p.connection_pool.as_ref())
+            .and_then(|c| c.http.as_ref())
+            .is_some_and(|h| h.use_client_protocol == Some(true));
         let h2 = matches!(
             port.protocol,
             crate::registry::Protocol::Http2 | crate::registry::Protocol::Grpc
-        ) || client_h2;
+        ) || (use_client && client_h2);
         let mut sender = self.upstream(ep, addr, h2).await.map_err(connect_failure)?;
         let req = prepare(req, h2);
         let result = match &mut sender {

@@ -16,11 +16,14 @@ use hyper::body::{Frame, SizeHint};
 
 use super::Body;
 
-type OnDrop = Box<dyn FnOnce(u64) + Send + Sync>;
+/// Called with the bytes that went through and the `grpc-status` the
+/// trailers carried, if any.
+type OnDrop = Box<dyn FnOnce(u64, Option<String>) + Send + Sync>;
 
 pub struct Metered {
     inner: Body,
     count: Arc<AtomicU64>,
+    grpc_status: Option<String>,
     on_drop: Option<OnDrop>,
 }
 
@@ -30,15 +33,20 @@ impl Metered {
         Self {
             inner,
             count,
+            grpc_status: None,
             on_drop: None,
         }
     }
 
     /// Calls `on_drop` with the bytes sent once the body is done with.
-    pub fn recording(inner: Body, on_drop: impl FnOnce(u64) + Send + Sync + 'static) -> Self {
+    pub fn recording(
+        inner: Body,
+        on_drop: impl FnOnce(u64, Option<String>) + Send + Sync + 'static,
+    ) -> Self {
         Self {
             inner,
             count: Arc::new(AtomicU64::new(0)),
+            grpc_status: None,
             on_drop: Some(Box::new(on_drop)),
         }
     }
@@ -54,10 +62,16 @@ impl hyper::body::Body for Metered {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &polled
-            && let Some(d) = f.data_ref()
-        {
-            this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        if let Poll::Ready(Some(Ok(f))) = &polled {
+            if let Some(d) = f.data_ref() {
+                this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            } else if let Some(s) = f
+                .trailers_ref()
+                .and_then(|t| t.get("grpc-status"))
+                .and_then(|v| v.to_str().ok())
+            {
+                this.grpc_status = Some(s.to_owned());
+            }
         }
         polled
     }
@@ -74,7 +88,7 @@ impl hyper::body::Body for Metered {
 impl Drop for Metered {
     fn drop(&mut self) {
         if let Some(f) = self.on_drop.take() {
-            f(self.count.load(Ordering::Relaxed));
+            f(self.count.load(Ordering::Relaxed), self.grpc_status.take());
         }
     }
 }

@@ -14,6 +14,7 @@
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
 //! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
 //! mesh-testapp http-count URL N [NAME:VALUE | --method=M | --body=B]...   N keep-alive requests; count answers by server and status
+//! mesh-testapp h2 NAME ADDR | h2-count URL N [NAME:VALUE]... | grpc-call URL N   (see h2.rs)
 //! mesh-testapp raw ADDR BYTES [UNTIL]   send BYTES as they are, print what comes back until the peer closes (or UNTIL arrived)
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
 //!
@@ -23,6 +24,7 @@
 //! mesh-testapp fake-kube ADDR TOKEN=NODE...
 //! ```
 
+mod h2;
 mod hbone;
 mod kube;
 
@@ -59,6 +61,9 @@ fn main() -> Result<()> {
         }
         ["chatter", addr, until] => chatter(addr, &Until::parse(until)),
         ["watch-get", url, until] => watch_get(url, &Until::parse(until)),
+        ["h2", name, addr] => tokio_main(h2::serve(name, addr)),
+        ["h2-count", url, n, headers @ ..] => tokio_main(h2::count(url, n.parse()?, headers)),
+        ["grpc-call", url, n] => tokio_main(h2::grpc_call(url, n.parse()?)),
         ["raw", addr, bytes] => raw(addr, bytes, None),
         ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
