@@ -548,3 +548,139 @@ fn http2_h2c_and_grpc_unary_and_streaming_follow_the_same_rules() {
         "{r}"
     );
 }
+
+/// A DestinationRule for `host` with this traffic policy.
+fn traffic_policy(host: &str, policy: Value) -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": host, "namespace": "default"},
+        "spec": {"host": host, "trafficPolicy": policy},
+    })
+}
+
+#[test]
+fn destination_rules_hash_break_circuits_and_eject_outliers() {
+    let (c, _app1, app2) = web("l7-dr");
+    write_yaml(
+        &c.config.join("web.yaml"),
+        &[
+            service("by-header", "10.96.0.31", "web", ("http", 80, 9000)),
+            traffic_policy(
+                "by-header",
+                json!({"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}),
+            ),
+            service("sticky", "10.96.0.32", "web", ("http", 80, 9000)),
+            traffic_policy(
+                "sticky",
+                json!({"loadBalancer": {"consistentHash": {"httpCookie": {"name": "session", "path": "/", "ttl": "60s"}, "maglev": {}}}}),
+            ),
+            service("guarded", "10.96.0.33", "web", ("http", 80, 9000)),
+            traffic_policy(
+                "guarded",
+                json!({"connectionPool": {"tcp": {"maxConnections": 1},
+                                          "http": {"http1MaxPendingRequests": 1, "maxRequestsPerConnection": 1}}}),
+            ),
+            service("ejecting", "10.96.0.34", "web", ("http", 80, 9000)),
+            traffic_policy(
+                "ejecting",
+                json!({"outlierDetection": {"consecutive5xxErrors": 3, "interval": "1s",
+                                            "baseEjectionTime": "2s", "maxEjectionPercent": 100}}),
+            ),
+        ],
+    );
+    let (_ca, agent_a, _agent_b) = c.mesh();
+    let servers = |v: &Value| {
+        v["answers"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+
+    // Consistent hash on a header: each user always reaches one endpoint;
+    // users spread over both.
+    let mut seen = std::collections::BTreeSet::new();
+    for user in 0..12 {
+        let h = format!("x-user: user-{user}");
+        let r = count(&c, "http://10.96.0.31:80/", 20, &[&h]);
+        let s = servers(&r);
+        assert_eq!(
+            s.len(),
+            1,
+            "user-{user} went to {s:?}: {r}\n{}",
+            agent_a.log()
+        );
+        seen.extend(s);
+    }
+    assert_eq!(seen.len(), 2, "12 users all hashed to {seen:?}");
+
+    // Sticky sessions by cookie (Maglev): the first answer sets the cookie
+    // with its TTL; requests carrying it stay on one endpoint.
+    let first = count(&c, "http://10.96.0.32:80/", 1, &[]);
+    let cookie = last_header(&first, "set-cookie").to_owned();
+    assert!(
+        cookie.starts_with("session=") && cookie.contains("Max-Age=60"),
+        "{first}"
+    );
+    let value = cookie.split(';').next().unwrap();
+    for _ in 0..3 {
+        let h = format!("Cookie: {value}");
+        let r = count(&c, "http://10.96.0.32:80/", 20, &[&h]);
+        assert_eq!(servers(&r).len(), 1, "{r}");
+        assert_eq!(
+            last_header(&r, "set-cookie"),
+            "",
+            "no new cookie once one is sent"
+        );
+    }
+
+    // Circuit breaking: one connection, one pending request; the rest of a
+    // burst of slow requests is refused at once with 503 UO.
+    let r = c
+        .client
+        .run_app(&[
+            "http-burst",
+            "http://10.96.0.33:80/",
+            "10",
+            "x-delay-ms: 500",
+        ])
+        .json();
+    let (ok, overflow) = (
+        r["statuses"]["200"].as_u64().unwrap_or(0),
+        r["flags"]["UO"].as_u64().unwrap_or(0),
+    );
+    assert!(ok >= 2 && overflow >= 5 && ok + overflow == 10, "{r}");
+    assert_eq!(r["statuses"]["503"].as_u64(), Some(overflow), "{r}");
+
+    // Outlier detection: v2 fails every request; after three in a row it
+    // is ejected and gets nothing, then comes back after the ejection time.
+    let to_v2 = || {
+        app2.lines()
+            .iter()
+            .filter(|l| {
+                l["event"] == "http" && l["request"].as_str().is_some_and(|r| r.contains("/od"))
+            })
+            .count()
+    };
+    let r = count(
+        &c,
+        "http://10.96.0.34:80/od",
+        12,
+        &["x-fail-on: v2", "--method=POST"],
+    );
+    assert!(answers(&r, "HTTP 503") >= 3, "{r}");
+    let before = to_v2();
+    let r = count(
+        &c,
+        "http://10.96.0.34:80/od",
+        20,
+        &["x-fail-on: v2", "--method=POST"],
+    );
+    assert_eq!(answers(&r, "hello from v1"), 20, "v2 ejected: {r}");
+    assert_eq!(to_v2(), before, "an ejected endpoint got requests");
+    std::thread::sleep(Duration::from_millis(2500));
+    let r = count(&c, "http://10.96.0.34:80/od", 20, &["--method=POST"]);
+    assert!(
+        answers(&r, "hello from v2") > 0,
+        "v2 back after the ejection time: {r}"
+    );
+}

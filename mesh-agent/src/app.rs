@@ -140,6 +140,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         pool,
         connections: TaskTracker::new(),
         cut: CancellationToken::new(),
+        clusters: Default::default(),
     });
     let kube = kube_client.map(|c| {
         Arc::new(KubeSource::start(

@@ -131,6 +131,8 @@ pub struct ProxyContext {
     pub connections: TaskTracker,
     /// Cancelled when the drain period is over: open connections are cut.
     pub cut: CancellationToken,
+    /// Load balancing, circuit breaking and outlier state per destination.
+    pub clusters: http::cluster::Clusters,
 }
 
 impl ProxyContext {

@@ -191,8 +191,23 @@ impl Service {
         family: IpAddr,
         keep: impl Fn(&Endpoint) -> bool,
     ) -> Option<&Endpoint> {
-        let ready: Vec<&Endpoint> = self
-            .endpoints
+        let ready = self.candidates(port, family, keep);
+        if ready.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(ready[i % ready.len()])
+    }
+
+    /// The ready endpoints that serve `port` to a client of `family`'s
+    /// kind and that `keep` accepts: what load balancing chooses among.
+    pub fn candidates(
+        &self,
+        port: &ServicePort,
+        family: IpAddr,
+        keep: impl Fn(&Endpoint) -> bool,
+    ) -> Vec<&Endpoint> {
+        self.endpoints
             .iter()
             .filter(|e| e.ready && e.weight > 0 && keep(e))
             .filter(|e| e.address.is_none_or(|a| a.is_ipv4() == family.is_ipv4()))
@@ -206,12 +221,7 @@ impl Service {
                         .as_ref()
                         .is_some_and(|n| e.ports.contains_key(n))
             })
-            .collect();
-        if ready.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(ready[i % ready.len()])
+            .collect()
     }
 }
 

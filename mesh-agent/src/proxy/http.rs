@@ -30,6 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 mod actions;
+pub mod cluster;
 mod metered;
 mod retry;
 
@@ -110,7 +111,8 @@ struct Conn {
     client: SocketAddr,
     /// The service address the client dialled.
     dst: SocketAddr,
-    upstreams: Mutex<HashMap<SocketAddr, Upstream>>,
+    /// Each with the requests it carried (`maxRequestsPerConnection`).
+    upstreams: Mutex<HashMap<SocketAddr, (Upstream, usize)>>,
 }
 
 /// A request sender on an upstream connection.
@@ -561,7 +563,13 @@ impl Conn {
                     .is_some_and(|f| policy.retries_failure(&head.method, f)),
             };
             let permit = (retriable && tries < policy.retries && body.replayable())
-                .then(retry::RetryPermit::take)
+                .then(|| {
+                    let port = dest.port.unwrap_or(self.port.port);
+                    let pool =
+                        cluster::Policy::of(self.destination_rule(&dest.host), &dest.subset, port);
+                    let c = self.ctx.clusters.get(&dest.host, &dest.subset, port);
+                    retry::RetryPermit::take_for(&c, pool.max_retries())
+                })
                 .flatten();
             if permit.is_none() {
                 let exhausted = retriable && tries > 0;
@@ -620,12 +628,39 @@ impl Conn {
     ) -> Result<Response<Incoming>, AttemptError> {
         let (svc, port) = self.destination_service(dest)?;
         let labels = self.subset_labels(dest)?;
-        let ep = svc
-            .pick_where(&port, self.client.ip(), |e| {
-                labels
-                    .iter()
-                    .all(|(k, v)| e.labels.get(k.as_str()) == Some(v))
-            })
+        let dr = self.destination_rule(&dest.host);
+        let policy = cluster::Policy::of(dr, &dest.subset, port.port);
+        // HTTP/2 upstream for ports declared so (and gRPC); HTTP/1.1 for
+        // `http` ports whatever the client spoke, as Envoy does unless a
+        // DestinationRule says `useClientProtocol`.
+        let use_client = policy
+            .connection_pool
+            .and_then(|c| c.http.as_ref())
+            .is_some_and(|h| h.use_client_protocol == Some(true));
+        let h2 = matches!(
+            port.protocol,
+            crate::registry::Protocol::Http2 | crate::registry::Protocol::Grpc
+        ) || (use_client && client_h2);
+        let cluster = self.ctx.clusters.get(&dest.host, &dest.subset, port.port);
+        let mut admission = cluster.admit(&policy, !h2).await.map_err(|o| {
+            LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UO",
+                format!("upstream overflow ({o:?}): the DestinationRule's connection pool is full"),
+            )
+        })?;
+        let candidates = svc.candidates(&port, self.client.ip(), |e| {
+            labels
+                .iter()
+                .all(|(k, v)| e.labels.get(k.as_str()) == Some(v))
+        });
+        let input = cluster::HashInput {
+            headers: req.headers(),
+            query: req.uri().query(),
+            client: self.client.ip(),
+        };
+        let pick = cluster
+            .pick(&candidates, &policy, &input, self.dst.ip(), &mut admission)
             .ok_or_else(|| {
                 LocalReply::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -633,6 +668,7 @@ impl Conn {
                     format!("no healthy upstream for {}", describe(dest)),
                 )
             })?;
+        let ep = pick.endpoint;
         if let Some(slot) = served {
             let workload = ep.workload.as_ref().map(|w| w.0.clone());
             *slot.lock().expect("served lock") = Some(Served {
@@ -643,60 +679,83 @@ impl Conn {
                 service: svc.clone(),
             });
         }
-        let connect_failure = |reply| AttemptError {
-            reply,
-            failure: Some(retry::Failure::Connect),
+        let od = policy.outlier_detection;
+        let hosts = candidates.len();
+        let connect_failure = |reply| {
+            cluster.record(&pick.key, cluster::Outcome::LocalFailure, od, hosts);
+            AttemptError {
+                reply,
+                failure: Some(retry::Failure::Connect),
+            }
         };
-        let addr = outbound::endpoint_addr(ep, &port)
-            .await
-            .map_err(|e| connect_failure(upstream_failure(&e)))?;
-        // HTTP/2 upstream for ports declared so (and gRPC); HTTP/1.1 for
-        // `http` ports whatever the client spoke, as Envoy does unless a
-        // DestinationRule says `useClientProtocol`.
-        let use_client = self
-            .snap
-            .routes
-            .destination_rules
-            .get(&dest.host)
-            .and_then(|r| match &r.spec {
-                crate::istio::Spec::DestinationRule(dr) => dr.traffic_policy.as_ref(),
-                _ => None,
-            })
-            .and_then(|p| p.connection_pool.as_ref())
-            .and_then(|c| c.http.as_ref())
-            .is_some_and(|h| h.use_client_protocol == Some(true));
-        let h2 = matches!(
-            port.protocol,
-            crate::registry::Protocol::Http2 | crate::registry::Protocol::Grpc
-        ) || (use_client && client_h2);
-        let mut sender = self.upstream(ep, addr, h2).await.map_err(connect_failure)?;
+        let addr = match outbound::endpoint_addr(ep, &port).await {
+            Ok(a) => a,
+            Err(e) => return Err(connect_failure(upstream_failure(&e))),
+        };
+        let (mut sender, uses) = match self.upstream(ep, addr, h2, policy.connect_timeout()).await {
+            Ok(u) => u,
+            Err(reply) => return Err(connect_failure(reply)),
+        };
         let req = prepare(req, h2);
         let result = match &mut sender {
             Upstream::H1(s) => s.send_request(req).await,
             Upstream::H2(s) => s.send_request(req).await,
         };
         match result {
-            Ok(resp) => {
-                self.upstreams
-                    .lock()
-                    .expect("upstreams lock")
-                    .entry(addr)
-                    .or_insert(sender);
+            Ok(mut resp) => {
+                cluster.record(
+                    &pick.key,
+                    cluster::Outcome::Status(resp.status().as_u16()),
+                    od,
+                    hosts,
+                );
+                // `maxRequestsPerConnection`: a connection that carried
+                // its share is not reused.
+                if policy
+                    .max_requests_per_connection()
+                    .is_none_or(|max| uses + 1 < max)
+                {
+                    self.upstreams
+                        .lock()
+                        .expect("upstreams lock")
+                        .entry(addr)
+                        .or_insert((sender, uses + 1));
+                }
+                if let Some(c) = pick.set_cookie
+                    && let Ok(v) = HeaderValue::from_str(&c)
+                {
+                    resp.headers_mut().append(header::SET_COOKIE, v);
+                }
                 Ok(resp)
             }
-            Err(e) => Err(AttemptError {
-                failure: Some(if refused_stream(&e) {
-                    retry::Failure::RefusedStream
-                } else {
-                    retry::Failure::Reset
-                }),
-                reply: LocalReply::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UC",
-                    format!("upstream connect error or disconnect/reset before headers: {e}"),
-                ),
-            }),
+            Err(e) => {
+                cluster.record(&pick.key, cluster::Outcome::LocalFailure, od, hosts);
+                Err(AttemptError {
+                    failure: Some(if refused_stream(&e) {
+                        retry::Failure::RefusedStream
+                    } else {
+                        retry::Failure::Reset
+                    }),
+                    reply: LocalReply::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UC",
+                        format!("upstream connect error or disconnect/reset before headers: {e}"),
+                    ),
+                })
+            }
         }
+    }
+
+    /// The DestinationRule for `host`, if any.
+    fn destination_rule(&self, host: &str) -> Option<&crate::istio::networking::DestinationRule> {
+        self.snap
+            .routes
+            .destination_rules
+            .get(host)
+            .and_then(|r| match &r.spec {
+                crate::istio::Spec::DestinationRule(dr) => Some(dr),
+                _ => None,
+            })
     }
 
     /// Where `req` goes: the first VirtualService route that takes it,
@@ -829,21 +888,30 @@ impl Conn {
         ep: &Endpoint,
         addr: SocketAddr,
         h2: bool,
-    ) -> Result<Upstream, LocalReply> {
+        connect_timeout: Option<Duration>,
+    ) -> Result<(Upstream, usize), LocalReply> {
         let cached = self.upstreams.lock().expect("upstreams lock").remove(&addr);
-        if let Some(mut u) = cached {
+        if let Some((mut u, uses)) = cached {
             let ready = match &mut u {
                 Upstream::H1(s) => s.ready().await.is_ok(),
                 Upstream::H2(s) => s.ready().await.is_ok(),
             };
             if ready {
-                return Ok(u);
+                return Ok((u, uses));
             }
         }
-        let io = self
-            .connect(ep, addr)
-            .await
-            .map_err(|e| upstream_failure(&e))?;
+        let connect = self.connect(ep, addr);
+        let io = match connect_timeout {
+            Some(t) => tokio::time::timeout(t, connect).await.map_err(|_| {
+                LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UF",
+                    format!("upstream connect error: {addr} did not answer within {t:?} (connectTimeout)"),
+                )
+            })?,
+            None => connect.await,
+        }
+        .map_err(|e| upstream_failure(&e))?;
         let fail = |e: hyper::Error| {
             LocalReply::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -861,7 +929,7 @@ impl Conn {
                     tracing::debug!(%addr, "http: upstream connection ended: {e}");
                 }
             });
-            Ok(Upstream::H2(sender))
+            Ok((Upstream::H2(sender), 0))
         } else {
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                 .await
@@ -871,7 +939,7 @@ impl Conn {
                     tracing::debug!(%addr, "http: upstream connection ended: {e}");
                 }
             });
-            Ok(Upstream::H1(sender))
+            Ok((Upstream::H1(sender), 0))
         }
     }
 

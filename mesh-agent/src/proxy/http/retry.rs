@@ -5,9 +5,14 @@
 //! three) keeps retries from multiplying load when an upstream struggles.
 
 use std::{
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
+
+use super::cluster::Cluster;
 
 use http::{HeaderMap, Method, StatusCode};
 
@@ -188,22 +193,43 @@ impl Drop for InFlight {
 }
 
 /// A retry the budget allowed; gives its place back when dropped.
-pub struct RetryPermit;
+pub struct RetryPermit {
+    /// The destination whose `maxRetries` it also counts against.
+    cluster: Option<Arc<Cluster>>,
+}
 
 impl RetryPermit {
-    /// `None` when retries in flight already use the budget.
+    /// `None` when retries in flight already use the agent's budget.
     pub fn take() -> Option<Self> {
         let budget = (ACTIVE.load(Ordering::Relaxed) / 5).max(3);
-        let mut now = RETRYING.load(Ordering::Relaxed);
-        loop {
-            if now >= budget {
+        // Lazily: a permit made and dropped would give back a place never taken.
+        reserve(&RETRYING, budget).then(|| Self { cluster: None })
+    }
+
+    /// Also within the destination's `maxRetries` (concurrent retries to
+    /// it), when the DestinationRule sets one.
+    pub fn take_for(cluster: &Arc<Cluster>, max_retries: Option<usize>) -> Option<Self> {
+        let mut permit = Self::take()?;
+        if let Some(max) = max_retries {
+            if !reserve(&cluster.retrying, max) {
                 return None;
             }
-            match RETRYING.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return Some(Self),
-                Err(v) => now = v,
-            }
+            permit.cluster = Some(cluster.clone());
+        }
+        Some(permit)
+    }
+}
+
+/// Adds one to `counter` unless it reached `limit`.
+fn reserve(counter: &AtomicUsize, limit: usize) -> bool {
+    let mut now = counter.load(Ordering::Relaxed);
+    loop {
+        if now >= limit {
+            return false;
+        }
+        match counter.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(v) => now = v,
         }
     }
 }
@@ -211,6 +237,9 @@ impl RetryPermit {
 impl Drop for RetryPermit {
     fn drop(&mut self) {
         RETRYING.fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = &self.cluster {
+            c.retrying.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

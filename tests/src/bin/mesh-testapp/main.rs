@@ -16,6 +16,7 @@
 //! mesh-testapp http-count URL N [NAME:VALUE | --method=M | --body=B]...   N keep-alive requests; count answers by server and status
 //! mesh-testapp h2 NAME ADDR | h2-count URL N [NAME:VALUE]... | grpc-call URL N   (see h2.rs)
 //! mesh-testapp raw ADDR BYTES [UNTIL]   send BYTES as they are, print what comes back until the peer closes (or UNTIL arrived)
+//! mesh-testapp http-burst URL N [NAME:VALUE | --method=M]...   N requests at once, one connection each; count answers and flags
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
@@ -67,6 +68,7 @@ fn main() -> Result<()> {
         ["raw", addr, bytes] => raw(addr, bytes, None),
         ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
+        ["http-burst", url, n, headers @ ..] => http_burst(url, n.parse()?, headers),
         ["hbone-connect", cert, key, target, authority, payload] => {
             tokio_main(hbone::connect(cert, key, target, authority, payload))
         }
@@ -192,7 +194,8 @@ static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(
 /// or asks to) with `hello from NAME: …`, and logs each with its headers.
 /// Tests steer it with request headers: `x-delay-ms: N` answers after N
 /// ms, `x-status: CODE` answers with that status, `x-fail-every: K`
-/// answers 503 to every K-th request this server sees.
+/// answers 503 to every K-th request this server sees, `x-fail-on: NAME,…`
+/// answers 503 when this server is one of those named.
 fn http_reply(s: TcpStream, name: &str) -> Result<()> {
     let (local, peer) = (s.local_addr()?, s.peer_addr()?);
     let mut r = BufReader::new(s.try_clone()?);
@@ -254,7 +257,12 @@ fn http_reply(s: TcpStream, name: &str) -> Result<()> {
         if let Some(ms) = header("x-delay-ms") {
             std::thread::sleep(Duration::from_millis(ms));
         }
+        let fail_here = headers
+            .get("x-fail-on")
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| v.split(',').any(|n| n.trim() == name));
         let status = match (header("x-status"), header("x-fail-every")) {
+            _ if fail_here => 503,
             (Some(code), _) => code,
             (None, Some(k)) if k > 0 && seen.is_multiple_of(k) => 503,
             _ => 200,
@@ -474,6 +482,58 @@ fn http_count(url: &str, n: usize, headers: &[&str]) -> Result<()> {
         "{}",
         json!({"event": "counts", "answers": answers, "flags": flags, "connections": connections,
                "last": last, "elapsed_ms": started.elapsed().as_millis() as u64})
+    );
+    Ok(())
+}
+
+/// `n` requests at the same time, each on its own connection (as many
+/// clients would): what a connection pool limit does to them.
+fn http_burst(url: &str, n: usize, headers: &[&str]) -> Result<()> {
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (url, headers): (String, Vec<String>) =
+                (url.to_owned(), headers.iter().map(|h| h.to_string()).collect());
+            std::thread::spawn(move || -> Result<(u16, Option<String>, String)> {
+                let h: Vec<&str> = headers.iter().map(String::as_str).collect();
+                let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+                let (hostport, path) = rest
+                    .split_once('/')
+                    .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+                let mut method = "GET";
+                let mut extra = String::new();
+                for x in &h {
+                    match x.strip_prefix("--method=") {
+                        Some(m) => method = m,
+                        None => extra.push_str(&format!("{x}\r\n")),
+                    }
+                }
+                let s = TcpStream::connect_timeout(&hostport.parse()?, TIMEOUT)?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                let mut w = s.try_clone()?;
+                w.write_all(
+                    format!("{method} {path} HTTP/1.1\r\nHost: {hostport}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )?;
+                let resp = read_response(&mut BufReader::new(s))?;
+                let answer = resp.body.split(':').next().unwrap_or_default().to_owned();
+                Ok((resp.status, resp.flags, answer))
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+    let mut flags = std::collections::BTreeMap::<String, u64>::new();
+    for h in handles {
+        let (status, flag, _) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("request thread panicked"))??;
+        *statuses.entry(status.to_string()).or_default() += 1;
+        if let Some(f) = flag {
+            *flags.entry(f).or_default() += 1;
+        }
+    }
+    println!(
+        "{}",
+        json!({"event": "burst", "statuses": statuses, "flags": flags})
     );
     Ok(())
 }
