@@ -684,3 +684,62 @@ fn destination_rules_hash_break_circuits_and_eject_outliers() {
         "v2 back after the ejection time: {r}"
     );
 }
+
+#[test]
+fn locality_prefers_the_local_zone_and_fails_over() {
+    let mut c = cluster(
+        "l7-locality",
+        &[
+            ("web-z1", &[("app", "web"), ("istio-locality", "r1.z1")]),
+            ("web-z2", &[("app", "web"), ("istio-locality", "r1.z2")]),
+        ],
+    );
+    c.client
+        .labels
+        .push(("istio-locality".into(), "r1.z1".into()));
+    let (z1, z2) = (&c.servers[0], &c.servers[1]);
+    z1.spawn_app(&c.env, &["http", "z1", &z1.v4(9000)]);
+    z2.spawn_app(&c.env, &["http", "z2", &z2.v4(9000)]);
+    write_yaml(
+        &c.config.join("web.yaml"),
+        &[
+            service("local", "10.96.0.41", "web", ("http", 80, 9000)),
+            traffic_policy(
+                "local",
+                json!({"outlierDetection": {"consecutive5xxErrors": 2, "baseEjectionTime": "30s",
+                                            "maxEjectionPercent": 100}}),
+            ),
+            service("split", "10.96.0.42", "web", ("http", 80, 9000)),
+            traffic_policy(
+                "split",
+                json!({"loadBalancer": {"localityLbSetting": {"distribute": [
+                    {"from": "r1/z1/*", "to": {"r1/z1/*": 20, "r1/z2/*": 80}}]}}}),
+            ),
+        ],
+    );
+    let (_ca, agent_a, _agent_b) = c.mesh();
+
+    // The client's own zone takes everything while it is healthy.
+    let r = count(&c, "http://10.96.0.41:80/", 200, &[]);
+    assert_eq!(answers(&r, "hello from z1"), 200, "{r}\n{}", agent_a.log());
+    // It fails: ejected after two errors, traffic fails over to zone 2.
+    let r = count(
+        &c,
+        "http://10.96.0.41:80/",
+        4,
+        &["x-fail-on: z1", "--method=POST"],
+    );
+    assert!(answers(&r, "HTTP 503") >= 2, "{r}");
+    let r = count(
+        &c,
+        "http://10.96.0.41:80/",
+        100,
+        &["x-fail-on: z1", "--method=POST"],
+    );
+    assert_eq!(answers(&r, "hello from z2"), 100, "failed over: {r}");
+
+    // distribute: 20/80 from zone 1, over 2,000 requests within ±5 points.
+    let r = count(&c, "http://10.96.0.42:80/", 2000, &[]);
+    let to_z2 = answers(&r, "hello from z2");
+    assert!((1500..=1700).contains(&to_z2), "{r}");
+}

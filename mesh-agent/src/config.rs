@@ -286,6 +286,13 @@ pub struct Config {
     #[arg(long, env = "MESH_AGENT_MARK", default_value = "0x539", value_parser = parse_u32)]
     pub agent_mark: u32,
 
+    /// This node's locality, `region/zone/subzone` (Kubernetes
+    /// `topology.kubernetes.io/region` and `zone`): pods without an
+    /// `istio-locality` label are taken to be here, for locality-aware
+    /// load balancing.
+    #[arg(long, env = "MESH_LOCALITY", default_value = "")]
+    pub locality: String,
+
     /// Cluster name used in metric labels (Istio's default).
     #[arg(long, env = "MESH_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,

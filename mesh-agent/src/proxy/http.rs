@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 
 mod actions;
 pub mod cluster;
+mod locality;
 mod metered;
 mod retry;
 
@@ -68,6 +69,10 @@ pub async fn serve(
     svc: Arc<Service>,
     port: ServicePort,
 ) {
+    let locality = match crate::registry::build::pod_locality(&pod.workload.labels, None) {
+        l if l.region.is_empty() => crate::registry::Locality::parse(&ctx.config.locality),
+        l => l,
+    };
     let conn = Arc::new(Conn {
         pod,
         ctx,
@@ -76,6 +81,7 @@ pub async fn serve(
         port,
         client: peer,
         dst,
+        locality,
         upstreams: Mutex::new(HashMap::new()),
     });
     let service = hyper::service::service_fn(move |req| {
@@ -111,6 +117,9 @@ struct Conn {
     client: SocketAddr,
     /// The service address the client dialled.
     dst: SocketAddr,
+    /// Where the client pod runs (its `istio-locality` label, else the
+    /// node's `--locality`).
+    locality: crate::registry::Locality,
     /// Each with the requests it carried (`maxRequestsPerConnection`).
     upstreams: Mutex<HashMap<SocketAddr, (Upstream, usize)>>,
 }
@@ -658,6 +667,8 @@ impl Conn {
             headers: req.headers(),
             query: req.uri().query(),
             client: self.client.ip(),
+            locality: &self.locality,
+            client_labels: &self.pod.workload.labels,
         };
         let pick = cluster
             .pick(&candidates, &policy, &input, self.dst.ip(), &mut admission)

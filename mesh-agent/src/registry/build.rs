@@ -221,7 +221,7 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 
 /// A pod's locality: Istio's `istio-locality` label (`region.zone.subzone`),
 /// else the zone its EndpointSlice gives.
-fn pod_locality(labels: &BTreeMap<String, String>, zone: Option<&str>) -> Locality {
+pub fn pod_locality(labels: &BTreeMap<String, String>, zone: Option<&str>) -> Locality {
     if let Some(l) = labels.get("istio-locality") {
         return Locality::parse(&l.replace('.', "/"));
     }

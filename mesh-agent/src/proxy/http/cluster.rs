@@ -124,11 +124,14 @@ impl<'a> Policy<'a> {
     }
 }
 
-/// What a request offers consistent hashing.
+/// What a request offers load balancing: hash inputs and where the
+/// client is.
 pub struct HashInput<'a> {
     pub headers: &'a http::HeaderMap,
     pub query: Option<&'a str>,
     pub client: IpAddr,
+    pub locality: &'a crate::registry::Locality,
+    pub client_labels: &'a std::collections::BTreeMap<String, String>,
 }
 
 /// The endpoint chosen for a request, and the cookie to set when a
@@ -291,11 +294,17 @@ impl Cluster {
         dialled: IpAddr,
         admission: &mut Admission,
     ) -> Option<Pick<'e>> {
-        let eligible = self.healthy(candidates, policy.outlier_detection);
+        let lb = policy.load_balancer;
+        let eligible = super::locality::prefer(
+            self.healthy(candidates, policy.outlier_detection),
+            input.locality,
+            lb.and_then(|l| l.locality_lb_setting.as_ref()),
+            policy.outlier_detection.is_some(),
+            input.client_labels,
+        );
         if eligible.is_empty() {
             return None;
         }
-        let lb = policy.load_balancer;
         let (index, set_cookie) = match lb.and_then(|l| l.consistent_hash.as_ref()) {
             Some(ch) => {
                 let (key, set_cookie) = hash_key(ch, input);
