@@ -743,3 +743,103 @@ fn locality_prefers_the_local_zone_and_fails_over() {
     let to_z2 = answers(&r, "hello from z2");
     assert!((1500..=1700).contains(&to_z2), "{r}");
 }
+
+#[test]
+fn tcp_and_tls_routes_and_protocol_detection() {
+    let (c, _app1, _app2) = web("l7-l4");
+    let (v1, v2) = (&c.servers[0], &c.servers[1]);
+    let e1 = v1.spawn_app(&c.env, &["echo", &v1.v4(9200)]);
+    let e2 = v2.spawn_app(&c.env, &["echo", &v2.v4(9200)]);
+    let vs = |host: &str, spec: Value| {
+        let mut spec = spec;
+        spec["hosts"] = json!([host]);
+        json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": host, "namespace": "default"}, "spec": spec,
+        })
+    };
+    let subsets = |host: &str| {
+        let mut dr = destination_rule();
+        dr["metadata"]["name"] = json!(host);
+        dr["spec"]["host"] = json!(host);
+        dr
+    };
+    let dest =
+        |host: &str, subset: &str| json!([{"destination": {"host": host, "subset": subset}}]);
+    write_yaml(
+        &c.config.join("web.yaml"),
+        &[
+            // tcp route: everything on port 5000 to v2.
+            service("db", "10.96.0.51", "web", ("tcp", 5000, 9000)),
+            subsets("db"),
+            vs(
+                "db",
+                json!({"tcp": [{"match": [{"port": 5000}], "route": dest("db", "v2")}]}),
+            ),
+            // tls routes by server name.
+            service("secure", "10.96.0.52", "web", ("tls", 443, 9200)),
+            subsets("secure"),
+            vs(
+                "secure",
+                json!({"tls": [
+                    {"match": [{"sniHosts": ["v1.example.com"]}], "route": dest("secure", "v1")},
+                    {"match": [{"sniHosts": ["*.example.org"]}], "route": dest("secure", "v2")},
+                ]}),
+            ),
+            // A port named without a protocol: HTTP is detected, so the
+            // http route applies; anything else stays TCP.
+            service("plain", "10.96.0.53", "web", ("web", 80, 9000)),
+            subsets("plain"),
+            vs(
+                "plain",
+                json!({"http": [
+                    {"match": [{"headers": {"x-canary": {"exact": "1"}}}], "route": dest("plain", "v2")},
+                    {"route": dest("plain", "v1")},
+                ]}),
+            ),
+            service("opaque", "10.96.0.54", "web", ("data", 7000, 9200)),
+        ],
+    );
+    let (_ca, agent_a, _agent_b) = c.mesh();
+
+    for _ in 0..4 {
+        let body = mesh_tests::cluster::get(&c.client, "http://10.96.0.51:5000/");
+        assert!(
+            body.starts_with("hello from v2"),
+            "tcp route: {body}\n{}",
+            agent_a.log()
+        );
+    }
+
+    let hello = |sni: &str| {
+        c.client
+            .run_app(&["tls-hello", "10.96.0.52:443", sni])
+            .json()
+    };
+    let (n1, n2) = (e1.accepted().len(), e2.accepted().len());
+    assert_eq!(hello("v1.example.com")["echoed"], true);
+    assert_eq!(
+        (e1.accepted().len(), e2.accepted().len()),
+        (n1 + 1, n2),
+        "SNI v1.example.com → v1"
+    );
+    assert_eq!(hello("api.example.org")["echoed"], true);
+    assert_eq!(
+        (e1.accepted().len(), e2.accepted().len()),
+        (n1 + 1, n2 + 1),
+        "SNI *.example.org → v2"
+    );
+
+    let r = count(&c, "http://10.96.0.53:80/", 20, &["x-canary: 1"]);
+    assert_eq!(answers(&r, "hello from v2"), 20, "detected as HTTP: {r}");
+    let r = count(&c, "http://10.96.0.53:80/", 20, &[]);
+    assert_eq!(answers(&r, "hello from v1"), 20, "{r}");
+    let r = c
+        .client
+        .run_app(&["connect", "10.96.0.54:7000", "not http at all"]);
+    assert!(
+        r.ok(),
+        "non-HTTP on an undeclared port stays TCP: {}",
+        r.describe()
+    );
+}

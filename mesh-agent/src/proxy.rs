@@ -8,6 +8,7 @@ pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod sniff;
 pub mod socket;
 
 use std::{

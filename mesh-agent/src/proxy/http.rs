@@ -671,7 +671,13 @@ impl Conn {
             client_labels: &self.pod.workload.labels,
         };
         let pick = cluster
-            .pick(&candidates, &policy, &input, self.dst.ip(), &mut admission)
+            .pick(
+                &candidates,
+                &policy,
+                &input,
+                self.dst.ip(),
+                Some(&mut admission),
+            )
             .ok_or_else(|| {
                 LocalReply::new(
                     StatusCode::SERVICE_UNAVAILABLE,

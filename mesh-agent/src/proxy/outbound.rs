@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, PodContext, ProxyContext, copy, pool::PoolKey, socket};
 use crate::{
     identity::{CertFor, SpiffeId},
-    registry::{Endpoint, Resolution, Service, ServicePort},
+    registry::{Endpoint, Protocol, Resolution, Service, ServicePort},
     snapshot::Snapshot,
+    snapshot::compile::{CompiledDestination, ConnView},
     telemetry::metrics::{ConnLabels, Reporter},
     tls::{self, SpiffeServerVerifier},
     workload::Workload,
@@ -35,8 +36,16 @@ struct Target<'a> {
     service: Option<&'a Arc<Service>>,
 }
 
-/// Resolves the application's destination `dst` in `snap`.
-async fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, Error> {
+/// Resolves the application's destination `dst` in `snap`: a service's
+/// `tcp`/`tls` VirtualService routes first, else the service's endpoints.
+async fn resolve<'s>(
+    snap: &'s Snapshot,
+    dst: SocketAddr,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+) -> Result<Target<'s>, Error> {
     let Some((svc, port)) = snap.registry.service_at(dst) else {
         return Ok(Target {
             addr: dst,
@@ -51,10 +60,126 @@ async fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, Error> 
             service: Some(svc),
         });
     }
+    if let Some(dest) = l4_route(snap, svc, port, dst, stream, peer, pod).await {
+        return route_to(snap, &dest, port, dst, peer, pod, ctx).await;
+    }
     let e = svc.pick(port, dst.ip()).ok_or_else(|| Error::NoEndpoint {
         service: svc.hostname.clone(),
         port: port.port,
     })?;
+    Ok(Target {
+        addr: endpoint_addr(e, port).await?,
+        workload: e.workload.as_ref().map(|w| w.0.clone()),
+        service: Some(svc),
+    })
+}
+
+/// The destination the service's VirtualService `tls` routes (by the
+/// ClientHello's server name) or `tcp` routes give this connection.
+async fn l4_route(
+    snap: &Snapshot,
+    svc: &Service,
+    port: &ServicePort,
+    dst: SocketAddr,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    pod: &PodContext,
+) -> Option<CompiledDestination> {
+    let vss: Vec<_> = snap
+        .routes
+        .virtual_services
+        .get(&svc.hostname)?
+        .iter()
+        .filter(|v| v.for_mesh && (!v.tcp.is_empty() || !v.tls.is_empty()))
+        .collect();
+    if vss.is_empty() {
+        return None;
+    }
+    let sni = if vss.iter().any(|v| !v.tls.is_empty()) {
+        super::sniff::sni(stream).await
+    } else {
+        None
+    };
+    let view = ConnView {
+        port: port.port,
+        destination: dst.ip(),
+        source: peer.ip(),
+        source_labels: &pod.workload.labels,
+        source_namespace: &pod.workload.namespace,
+        sni: sni.as_deref(),
+    };
+    let tls = vss
+        .iter()
+        .flat_map(|v| v.tls.iter())
+        .filter(|_| sni.is_some());
+    let tcp = vss.iter().flat_map(|v| v.tcp.iter());
+    tls.chain(tcp)
+        .find(|r| r.takes(&view))
+        .and_then(|r| r.pick())
+        .cloned()
+}
+
+/// The endpoint for a route's destination (service, subset, port), by
+/// the destination's load balancing policy.
+async fn route_to<'s>(
+    snap: &'s Snapshot,
+    dest: &CompiledDestination,
+    port: &ServicePort,
+    dst: SocketAddr,
+    peer: SocketAddr,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+) -> Result<Target<'s>, Error> {
+    let no_endpoint = || Error::NoEndpoint {
+        service: dest.host.clone(),
+        port: dest.port.unwrap_or(port.port),
+    };
+    let svc = snap
+        .registry
+        .services_for_host(&dest.host)
+        .first()
+        .ok_or_else(no_endpoint)?;
+    let number = dest.port.unwrap_or(port.port);
+    let port = svc
+        .port(number)
+        .or_else(|| (svc.ports.len() == 1).then(|| &svc.ports[0]))
+        .ok_or_else(no_endpoint)?;
+    let dr = snap
+        .routes
+        .destination_rules
+        .get(&dest.host)
+        .and_then(|r| match &r.spec {
+            crate::istio::Spec::DestinationRule(d) => Some(d),
+            _ => None,
+        });
+    let labels = if dest.subset.is_empty() {
+        None
+    } else {
+        Some(
+            snap.routes
+                .subsets
+                .get(&dest.host)
+                .and_then(|s| s.get(&dest.subset))
+                .ok_or_else(no_endpoint)?,
+        )
+    };
+    let candidates = svc.candidates(port, dst.ip(), |e| {
+        labels.is_none_or(|l| l.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+    });
+    let policy = super::http::cluster::Policy::of(dr, &dest.subset, port.port);
+    let cluster = ctx.clusters.get(&dest.host, &dest.subset, port.port);
+    let locality = crate::registry::build::pod_locality(&pod.workload.labels, None);
+    let input = super::http::cluster::HashInput {
+        headers: &http::HeaderMap::new(),
+        query: None,
+        client: peer.ip(),
+        locality: &locality,
+        client_labels: &pod.workload.labels,
+    };
+    let pick = cluster
+        .pick(&candidates, &policy, &input, dst.ip(), None)
+        .ok_or_else(no_endpoint)?;
+    let e = pick.endpoint;
     Ok(Target {
         addr: endpoint_addr(e, port).await?,
         workload: e.workload.as_ref().map(|w| w.0.clone()),
@@ -120,14 +245,15 @@ async fn handle(
     };
     stream.set_nodelay(true)?;
     if let Some((svc, port)) = snap.registry.service_at(dst)
-        && port.protocol.is_http()
         && svc.resolution != Resolution::Passthrough
+        && (port.protocol.is_http()
+            || (port.protocol == Protocol::Unknown && super::sniff::detect_http(&stream).await))
     {
         let (svc, port) = (svc.clone(), port.clone());
         super::http::serve(stream, peer, dst, pod.clone(), ctx.clone(), snap, svc, port).await;
         return Ok(());
     }
-    let target = match resolve(&snap, dst).await {
+    let target = match resolve(&snap, dst, &stream, peer, pod, ctx).await {
         Ok(t) => t,
         Err(e) => return refuse(&stream, e),
     };

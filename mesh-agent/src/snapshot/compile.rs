@@ -348,6 +348,116 @@ pub fn normalise(weights: impl IntoIterator<Item = Option<i32>>) -> Vec<u32> {
         .collect()
 }
 
+/// One `tcp` or `tls` match block (Istio ANDs its fields).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledL4Match {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destination_subnets: Vec<crate::config::Cidr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_subnet: Option<crate::config::Cidr>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source_namespace: String,
+    /// `tls` routes: server names (`*.example.com` wildcards), lowercase.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sni_hosts: Vec<String>,
+}
+
+/// What an L4 match looks at in a connection.
+pub struct ConnView<'a> {
+    pub port: u16,
+    pub destination: std::net::IpAddr,
+    pub source: std::net::IpAddr,
+    pub source_labels: &'a BTreeMap<String, String>,
+    pub source_namespace: &'a str,
+    /// The TLS ClientHello's server name, when there was one.
+    pub sni: Option<&'a str>,
+}
+
+impl CompiledL4Match {
+    pub fn matches(&self, c: &ConnView<'_>) -> bool {
+        self.port.is_none_or(|p| p == c.port)
+            && (self.destination_subnets.is_empty()
+                || self
+                    .destination_subnets
+                    .iter()
+                    .any(|s| s.contains(c.destination)))
+            && self.source_subnet.is_none_or(|s| s.contains(c.source))
+            && self
+                .source_labels
+                .iter()
+                .all(|(k, v)| c.source_labels.get(k) == Some(v))
+            && (self.source_namespace.is_empty() || self.source_namespace == c.source_namespace)
+            && (self.sni_hosts.is_empty()
+                || c.sni.is_some_and(|sni| {
+                    let sni = sni.to_ascii_lowercase();
+                    self.sni_hosts.iter().any(|h| match h.strip_prefix('*') {
+                        Some(suffix) => sni.ends_with(suffix),
+                        None => *h == sni,
+                    })
+                }))
+    }
+}
+
+/// A `tcp` or `tls` route: first match wins, then a weighted destination.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledL4Route {
+    pub matches: Vec<CompiledL4Match>,
+    pub destinations: Vec<CompiledDestination>,
+    pub cumulative_weights: Vec<u32>,
+}
+
+impl CompiledL4Route {
+    pub fn takes(&self, c: &ConnView<'_>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(c))
+    }
+
+    /// A destination drawn by weight.
+    pub fn pick(&self) -> Option<&CompiledDestination> {
+        let total = *self.cumulative_weights.last()?;
+        if total == 0 {
+            return None;
+        }
+        let x = fastrand::u32(0..total);
+        let i = self.cumulative_weights.partition_point(|w| *w <= x);
+        self.destinations.get(i)
+    }
+}
+
+fn l4_route(
+    route: &[crate::istio::networking::RouteDestination],
+    matches: Vec<CompiledL4Match>,
+    namespace: &str,
+    cluster_domain: &str,
+) -> CompiledL4Route {
+    CompiledL4Route {
+        matches,
+        destinations: route
+            .iter()
+            .map(|d| CompiledDestination {
+                host: fqdn(&d.destination.host, namespace, cluster_domain),
+                subset: d.destination.subset.clone(),
+                port: d
+                    .destination
+                    .port
+                    .as_ref()
+                    .and_then(|p| u16::try_from(p.number).ok())
+                    .filter(|p| *p != 0),
+            })
+            .collect(),
+        cumulative_weights: normalise(route.iter().map(|d| d.weight)),
+    }
+}
+
+fn cidrs(v: &[String]) -> Vec<crate::config::Cidr> {
+    v.iter().filter_map(|s| s.parse().ok()).collect()
+}
+
 /// A VirtualService, compiled.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -360,6 +470,10 @@ pub struct CompiledVirtualService {
     /// `mesh` among them), rather than only at gateways.
     pub for_mesh: bool,
     pub http: Vec<CompiledHttpRoute>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<CompiledL4Route>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<CompiledL4Route>,
     #[serde(skip)]
     pub resource: Arc<Resource>,
 }
@@ -457,6 +571,44 @@ fn compile_vs(
             .http
             .iter()
             .map(|h| CompiledHttpRoute::new(h, &r.metadata.namespace, cluster_domain))
+            .collect(),
+        tcp: vs
+            .tcp
+            .iter()
+            .map(|t| {
+                let matches = t
+                    .matches
+                    .iter()
+                    .map(|m| CompiledL4Match {
+                        port: m.port.and_then(|p| u16::try_from(p).ok()),
+                        destination_subnets: cidrs(&m.destination_subnets),
+                        source_subnet: m.source_subnet.parse().ok(),
+                        source_labels: m.source_labels.clone(),
+                        source_namespace: m.source_namespace.clone(),
+                        sni_hosts: Vec::new(),
+                    })
+                    .collect();
+                l4_route(&t.route, matches, &r.metadata.namespace, cluster_domain)
+            })
+            .collect(),
+        tls: vs
+            .tls
+            .iter()
+            .map(|t| {
+                let matches = t
+                    .matches
+                    .iter()
+                    .map(|m| CompiledL4Match {
+                        port: m.port.and_then(|p| u16::try_from(p).ok()),
+                        destination_subnets: cidrs(&m.destination_subnets),
+                        source_subnet: None,
+                        source_labels: m.source_labels.clone(),
+                        source_namespace: m.source_namespace.clone(),
+                        sni_hosts: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                    })
+                    .collect();
+                l4_route(&t.route, matches, &r.metadata.namespace, cluster_domain)
+            })
             .collect(),
         resource: r.clone(),
     }

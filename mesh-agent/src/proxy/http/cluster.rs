@@ -292,7 +292,7 @@ impl Cluster {
         policy: &Policy<'_>,
         input: &HashInput<'_>,
         dialled: IpAddr,
-        admission: &mut Admission,
+        admission: Option<&mut Admission>,
     ) -> Option<Pick<'e>> {
         let lb = policy.load_balancer;
         let eligible = super::locality::prefer(
@@ -321,13 +321,16 @@ impl Cluster {
         };
         let endpoint = eligible[index];
         let key = host_key(endpoint);
-        self.hosts
-            .lock()
-            .expect("hosts lock")
-            .entry(key.clone())
-            .or_default()
-            .active += 1;
-        admission.host = Some(key.clone());
+        // Counted while the admitted request lives (least request).
+        if let Some(a) = admission {
+            self.hosts
+                .lock()
+                .expect("hosts lock")
+                .entry(key.clone())
+                .or_default()
+                .active += 1;
+            a.host = Some(key.clone());
+        }
         Some(Pick {
             endpoint,
             key,

@@ -168,3 +168,29 @@ pub async fn serve(cert: &str, key: &str, addr: &str) -> Result<()> {
         });
     }
 }
+
+/// `tls-hello ADDR SNI`: sends a TLS ClientHello for SNI (the handshake
+/// goes no further) and prints how many bytes came back: enough to see
+/// where SNI-based routing sent it.
+pub fn tls_hello(addr: &str, sni: &str) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(sni.to_owned())?)?;
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello)?;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    s.write_all(&hello)?;
+    let mut back = vec![0u8; hello.len()];
+    s.read_exact(&mut back)?;
+    println!(
+        "{}",
+        serde_json::json!({"event": "tls-hello", "sent": hello.len(), "echoed": back == hello})
+    );
+    Ok(())
+}

@@ -15,6 +15,7 @@
 //! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
 //! mesh-testapp http-count URL N [NAME:VALUE | --method=M | --body=B]...   N keep-alive requests; count answers by server and status
 //! mesh-testapp h2 NAME ADDR | h2-count URL N [NAME:VALUE]... | grpc-call URL N   (see h2.rs)
+//! mesh-testapp tls-hello ADDR SNI      send a TLS ClientHello for SNI to an echo server, check it comes back
 //! mesh-testapp raw ADDR BYTES [UNTIL]   send BYTES as they are, print what comes back until the peer closes (or UNTIL arrived)
 //! mesh-testapp http-burst URL N [NAME:VALUE | --method=M]...   N requests at once, one connection each; count answers and flags
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
@@ -65,6 +66,7 @@ fn main() -> Result<()> {
         ["h2", name, addr] => tokio_main(h2::serve(name, addr)),
         ["h2-count", url, n, headers @ ..] => tokio_main(h2::count(url, n.parse()?, headers)),
         ["grpc-call", url, n] => tokio_main(h2::grpc_call(url, n.parse()?)),
+        ["tls-hello", addr, sni] => hbone::tls_hello(addr, sni),
         ["raw", addr, bytes] => raw(addr, bytes, None),
         ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
