@@ -817,18 +817,17 @@ fn tcp_and_tls_routes_and_protocol_detection() {
             .json()
     };
     let (n1, n2) = (e1.accepted().len(), e2.accepted().len());
+    // The servers log each accept before echoing; their logs reach the
+    // test through a reader thread, so wait for them.
+    let accepted = |want: (usize, usize)| {
+        wait_until(Duration::from_secs(5), || {
+            (e1.accepted().len(), e2.accepted().len()) == want
+        })
+    };
     assert_eq!(hello("v1.example.com")["echoed"], true);
-    assert_eq!(
-        (e1.accepted().len(), e2.accepted().len()),
-        (n1 + 1, n2),
-        "SNI v1.example.com → v1"
-    );
+    assert!(accepted((n1 + 1, n2)), "SNI v1.example.com → v1");
     assert_eq!(hello("api.example.org")["echoed"], true);
-    assert_eq!(
-        (e1.accepted().len(), e2.accepted().len()),
-        (n1 + 1, n2 + 1),
-        "SNI *.example.org → v2"
-    );
+    assert!(accepted((n1 + 1, n2 + 1)), "SNI *.example.org → v2");
 
     let r = count(&c, "http://10.96.0.53:80/", 20, &["x-canary: 1"]);
     assert_eq!(answers(&r, "hello from v2"), 20, "detected as HTTP: {r}");
