@@ -213,6 +213,10 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
                 {"name": "authority", "match": [{"authority": {"prefix": "web.example"}}], "route": to("v2")},
                 {"name": "without", "match": [{"uri": {"prefix": "/w"}, "withoutHeaders": {"x-skip": {}}}], "route": to("v2")},
                 {"name": "source", "match": [{"uri": {"prefix": "/src"}, "sourceLabels": {"app": "client"}, "sourceNamespace": "default"}], "route": to("v2")},
+                {"name": "cors", "match": prefix("/cors"), "route": to("v1"),
+                 "corsPolicy": {"allowOrigins": [{"exact": "https://app.example"}, {"regex": "https://.*[.]trusted[.]example"}],
+                                "allowMethods": ["GET", "POST"], "allowHeaders": ["x-token"],
+                                "exposeHeaders": ["x-served-by"], "maxAge": "1h", "allowCredentials": true}},
                 {"name": "other-source", "match": [{"uri": {"prefix": "/src"}, "sourceLabels": {"app": "somebody-else"}}], "route": to("v1")},
             ])),
         ],
@@ -350,6 +354,58 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
         v2(&one("/src", &[])),
         "sourceLabels and sourceNamespace of the client pod"
     );
+
+    // CORS: a preflight from an allowed origin is answered by the agent;
+    // an actual request gets the headers; another origin gets none.
+    let served_before = app1.lines().len();
+    let r = one(
+        "/cors",
+        &[
+            "--method=OPTIONS",
+            "Origin: https://app.example",
+            "Access-Control-Request-Method: POST",
+        ],
+    );
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(
+        last_header(&r, "access-control-allow-origin"),
+        "https://app.example",
+        "{r}"
+    );
+    assert_eq!(
+        last_header(&r, "access-control-allow-methods"),
+        "GET,POST",
+        "{r}"
+    );
+    assert_eq!(
+        last_header(&r, "access-control-allow-headers"),
+        "x-token",
+        "{r}"
+    );
+    assert_eq!(last_header(&r, "access-control-max-age"), "3600", "{r}");
+    assert_eq!(
+        last_header(&r, "access-control-allow-credentials"),
+        "true",
+        "{r}"
+    );
+    assert_eq!(
+        app1.lines().len(),
+        served_before,
+        "the preflight stayed in the agent"
+    );
+    let r = one("/cors", &["Origin: https://shop.trusted.example"]);
+    assert_eq!(answers(&r, "hello from v1"), 1, "{r}");
+    assert_eq!(
+        last_header(&r, "access-control-allow-origin"),
+        "https://shop.trusted.example"
+    );
+    assert_eq!(
+        last_header(&r, "access-control-expose-headers"),
+        "x-served-by"
+    );
+    let r = one("/cors", &["Origin: https://evil.example"]);
+    assert_eq!(answers(&r, "hello from v1"), 1, "{r}");
+    assert_eq!(last_header(&r, "access-control-allow-origin"), "", "{r}");
 
     // Nothing matched: 404 with NR, from the agent.
     let r = one("/w", &["x-skip: 1"]);

@@ -394,7 +394,18 @@ impl Conn {
         let decision = self.decide(&req)?;
         let route = decision.route;
         let mut delayed = false;
+        let mut cors_headers = None;
         if let Some(r) = route {
+            // Envoy's filter order: CORS, then faults, then the router.
+            match actions::cors(r, req.method(), req.headers()) {
+                Some(actions::Cors::Preflight(h)) => {
+                    let mut resp = Response::new(full(Bytes::new()));
+                    *resp.headers_mut() = h;
+                    return Ok(resp);
+                }
+                Some(actions::Cors::Actual(h)) => cors_headers = Some(h),
+                None => {}
+            }
             let fault = actions::Fault::draw(r);
             if let Some(d) = fault.delay {
                 tokio::time::sleep(d).await;
@@ -521,6 +532,9 @@ impl Conn {
             {
                 actions::apply_headers(&mut parts.headers, h.response.as_ref());
             }
+        }
+        if let Some(h) = cors_headers {
+            parts.headers.extend(h);
         }
         let flags: Vec<&str> = [(delayed, "DI"), (exhausted, "URX")]
             .iter()

@@ -29,7 +29,7 @@ pub enum Matcher {
 impl Matcher {
     /// `None` for an empty StringMatch (matches anything); validation
     /// guarantees regexes compile, so a failure here is also "anything".
-    fn new(m: &StringMatch, ignore_case: bool) -> Option<Self> {
+    pub fn new(m: &StringMatch, ignore_case: bool) -> Option<Self> {
         let fold = |s: &str| {
             if ignore_case {
                 s.to_ascii_lowercase()
@@ -245,6 +245,9 @@ pub struct CompiledHttpRoute {
     /// `rewrite.uriRegexRewrite`, compiled.
     #[serde(skip)]
     pub uri_regex_rewrite: Option<(Regex, String)>,
+    /// `corsPolicy.allowOrigins` (and the deprecated `allowOrigin`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cors_origins: Vec<Matcher>,
     /// Everything else the route does (redirect, direct response, rewrite,
     /// headers, timeout, retries, fault), read as written.
     #[serde(skip)]
@@ -289,6 +292,16 @@ impl CompiledHttpRoute {
             destinations: r.route.iter().map(|d| dest(&d.destination)).collect(),
             cumulative_weights: normalise(r.route.iter().map(|d| d.weight)),
             mirrors,
+            cors_origins: r
+                .cors_policy
+                .iter()
+                .flat_map(|c| {
+                    c.allow_origins
+                        .iter()
+                        .filter_map(|m| Matcher::new(m, false))
+                        .chain(c.allow_origin.iter().map(|o| Matcher::Exact(o.clone())))
+                })
+                .collect(),
             uri_regex_rewrite: r
                 .rewrite
                 .as_ref()
@@ -630,6 +643,7 @@ mod tests {
             destinations: vec![],
             cumulative_weights: normalise([Some(90), Some(10)]),
             mirrors: vec![],
+            cors_origins: vec![],
             uri_regex_rewrite: None,
             spec: HttpRoute::default(),
         };

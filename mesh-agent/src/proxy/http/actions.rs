@@ -190,6 +190,65 @@ pub fn apply_headers(h: &mut HeaderMap, ops: Option<&HeaderOperations>) {
     }
 }
 
+/// What the route's `corsPolicy` makes of a request from another origin.
+pub enum Cors {
+    /// A preflight from an allowed origin: answered here with these headers.
+    Preflight(HeaderMap),
+    /// An actual request from an allowed origin: these headers go on the
+    /// response.
+    Actual(HeaderMap),
+}
+
+/// Envoy's CORS filter: only requests with an `Origin` the policy allows
+/// get CORS headers; others pass untouched (the browser then refuses).
+pub fn cors(route: &CompiledHttpRoute, method: &http::Method, headers: &HeaderMap) -> Option<Cors> {
+    let policy = route.spec.cors_policy.as_ref()?;
+    let origin = headers.get(header::ORIGIN)?.to_str().ok()?;
+    if !route.cors_origins.iter().any(|m| m.matches(origin)) {
+        return None;
+    }
+    let mut h = HeaderMap::new();
+    let mut set = |name: HeaderName, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    set(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.to_owned());
+    if policy.allow_credentials == Some(true) {
+        set(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true".into());
+    }
+    let preflight = method == http::Method::OPTIONS
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if preflight {
+        if !policy.allow_methods.is_empty() {
+            set(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                policy.allow_methods.join(","),
+            );
+        }
+        if !policy.allow_headers.is_empty() {
+            set(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                policy.allow_headers.join(","),
+            );
+        }
+        if let Some(age) = &policy.max_age {
+            set(
+                header::ACCESS_CONTROL_MAX_AGE,
+                age.get().as_secs().to_string(),
+            );
+        }
+        return Some(Cors::Preflight(h));
+    }
+    if !policy.expose_headers.is_empty() {
+        set(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            policy.expose_headers.join(","),
+        );
+    }
+    Some(Cors::Actual(h))
+}
+
 /// The request's authority: `:authority` (HTTP/2, absolute URIs) or Host.
 pub fn authority(uri: &Uri, headers: &HeaderMap) -> String {
     uri.authority()
