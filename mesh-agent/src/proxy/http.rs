@@ -793,15 +793,7 @@ impl Conn {
     /// then a weighted draw among its destinations; without a
     /// VirtualService, the service itself.
     fn decide(&self, req: &Request<Incoming>) -> Result<Decision<'_>, LocalReply> {
-        let vss: Vec<_> = self
-            .snap
-            .routes
-            .virtual_services
-            .get(&self.svc.hostname)
-            .into_iter()
-            .flatten()
-            .filter(|vs| vs.for_mesh)
-            .collect();
+        let vss = self.snap.routes.virtual_services_for(&self.svc.hostname);
         if vss.iter().all(|vs| vs.http.is_empty()) {
             return Ok(Decision {
                 route: None,

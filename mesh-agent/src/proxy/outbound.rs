@@ -87,10 +87,9 @@ async fn l4_route(
 ) -> Option<CompiledDestination> {
     let vss: Vec<_> = snap
         .routes
-        .virtual_services
-        .get(&svc.hostname)?
-        .iter()
-        .filter(|v| v.for_mesh && (!v.tcp.is_empty() || !v.tls.is_empty()))
+        .virtual_services_for(&svc.hostname)
+        .into_iter()
+        .filter(|v| !v.tcp.is_empty() || !v.tls.is_empty())
         .collect();
     if vss.is_empty() {
         return None;

@@ -502,6 +502,30 @@ pub struct Routes {
     pub subsets: HashMap<String, HashMap<String, BTreeMap<String, String>>>,
 }
 
+impl Routes {
+    /// The VirtualServices for `host` that apply inside the mesh: those
+    /// naming it exactly, then wildcard hosts (`*.example.com`, `*`), most
+    /// specific first.
+    pub fn virtual_services_for(&self, host: &str) -> Vec<&Arc<CompiledVirtualService>> {
+        let mut wild: Vec<(&String, &Vec<Arc<CompiledVirtualService>>)> = self
+            .virtual_services
+            .iter()
+            .filter(|(k, _)| {
+                k.strip_prefix('*')
+                    .is_some_and(|suffix| host.ends_with(suffix) && host.len() > suffix.len())
+            })
+            .collect();
+        wild.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+        self.virtual_services
+            .get(host)
+            .into_iter()
+            .chain(wild.into_iter().map(|(_, v)| v))
+            .flatten()
+            .filter(|vs| vs.for_mesh)
+            .collect()
+    }
+}
+
 /// Istio's short-name rule: a host without a dot is a service in the
 /// resource's namespace; anything with a dot (or `*`) is taken as written.
 pub fn fqdn(host: &str, namespace: &str, cluster_domain: &str) -> String {
@@ -655,6 +679,47 @@ mod tests {
             ..r
         };
         assert!((0..100).all(|x| zero.pick(x) == Some(1)));
+    }
+
+    #[test]
+    fn wildcard_hosts_apply_most_specific_after_exact() {
+        let yaml: String = ["*", "*.example.com", "api.example.com", "*.other.com"]
+            .iter()
+            .map(|h| {
+                format!(
+                    "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+                     metadata: {{name: \"{h}\", namespace: default}}\nspec: {{hosts: [\"{h}\"]}}\n"
+                )
+            })
+            .collect();
+        let mut parsed = crate::istio::parse::Parsed::default();
+        crate::istio::parse::parse_file(
+            std::path::Path::new("vs.yaml"),
+            yaml.as_bytes(),
+            &mut parsed,
+        );
+        assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+        let resources: Vec<Arc<Resource>> = parsed
+            .documents
+            .into_iter()
+            .filter_map(|d| match d {
+                crate::istio::parse::Document::Istio(r) => Some(Arc::new(r)),
+                _ => None,
+            })
+            .collect();
+        let r = Routes::new(&resources, "cluster.local");
+        let names = |host| {
+            r.virtual_services_for(host)
+                .iter()
+                .map(|v| v.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names("api.example.com"),
+            ["api.example.com", "*.example.com", "*"]
+        );
+        assert_eq!(names("web.example.com"), ["*.example.com", "*"]);
+        assert_eq!(names("example.com"), ["*"]);
     }
 
     #[test]
