@@ -221,7 +221,7 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
             ])),
         ],
     );
-    let (_ca, agent_a, _agent_b) = c.mesh();
+    let (_ca, agent_a, _agent_b) = c.mesh_with(&["--access-log"]);
     let base = "http://10.96.0.10:80";
     let one = |path: &str, extra: &[&str]| count(&c, &format!("{base}{path}"), 1, extra);
     let logs = || format!("agent a:\n{}", agent_a.log());
@@ -406,6 +406,16 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
     let r = one("/cors", &["Origin: https://evil.example"]);
     assert_eq!(answers(&r, "hello from v1"), 1, "{r}");
     assert_eq!(last_header(&r, "access-control-allow-origin"), "", "{r}");
+
+    // The access log names each request with its status and flags.
+    let log = agent_a.log();
+    assert!(
+        log.lines().any(|l| l.contains("mesh::access")
+            && l.contains("GET /abort HTTP/1.1")
+            && l.contains("code=503")
+            && l.contains("flags=FI")),
+        "no access log line for an aborted request:\n{log}"
+    );
 
     // Nothing matched: 404 with NR, from the agent.
     let r = one("/w", &["x-skip: 1"]);

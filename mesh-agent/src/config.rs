@@ -286,6 +286,12 @@ pub struct Config {
     #[arg(long, env = "MESH_AGENT_MARK", default_value = "0x539", value_parser = parse_u32)]
     pub agent_mark: u32,
 
+    /// Log every HTTP request the agent routes (method, path, authority,
+    /// status, response flags, duration, bytes) at info under
+    /// `mesh::access`.
+    #[arg(long, env = "MESH_ACCESS_LOG")]
+    pub access_log: bool,
+
     /// This node's locality, `region/zone/subzone` (Kubernetes
     /// `topology.kubernetes.io/region` and `zone`): pods without an
     /// `istio-locality` label are taken to be here, for locality-aware

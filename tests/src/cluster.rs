@@ -54,12 +54,18 @@ pub fn cluster(test: &str, servers: &[(&str, &[(&str, &str)])]) -> Cluster {
 impl Cluster {
     /// A CA and an agent on each node, all reading the config directory.
     pub fn mesh(&self) -> (Ca, Agent, Agent) {
+        self.mesh_with(&[])
+    }
+
+    /// Like `mesh`, with more agent flags.
+    pub fn mesh_with(&self, extra: &[&str]) -> (Ca, Agent, Agent) {
         let mut registry = vec![&self.client];
         registry.extend(&self.servers);
         let ca = Ca::start(&self.env, &self.fabric, "ca", &registry);
         let opts = |node: &Node| {
             let mut args = ca.agent_args(node);
             args.extend(["--config".into(), self.config.display().to_string()]);
+            args.extend(extra.iter().map(|a| a.to_string()));
             AgentOptions {
                 args,
                 ..Default::default()

@@ -315,6 +315,15 @@ impl Conn {
             .is_some_and(|v| v.starts_with("application/grpc"));
         let served = ServedSlot::default();
         let request_bytes = Arc::new(AtomicU64::new(0));
+        let line = self.ctx.config.access_log.then(|| {
+            format!(
+                "{} {} {:?} authority={}",
+                req.method(),
+                req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                req.version(),
+                actions::authority(req.uri(), req.headers()),
+            )
+        });
         let resp = match self.forward(req, &served, &request_bytes).await {
             Ok(r) => r,
             Err(reply) => {
@@ -340,6 +349,20 @@ impl Conn {
             // gRPC puts its status in the trailers, or in the headers of a
             // trailers-only response.
             let grpc_status = trailer_status.unwrap_or(grpc_status);
+            if let Some(line) = line {
+                // Envoy's default access log fields, as one line.
+                tracing::info!(
+                    target: "mesh::access",
+                    pod = %conn.pod.workload.key(),
+                    code,
+                    flags = %flags,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    upstream = served.as_ref().map_or("-", |s| s.service.hostname.as_str()),
+                    bytes_received = request_bytes.load(Ordering::Relaxed),
+                    bytes_sent = response_bytes,
+                    "{line}"
+                );
+            }
             conn.record(
                 served,
                 &RequestOutcome {
