@@ -1482,6 +1482,95 @@ fn telemetry(c: &mut Check<'_>, s: &Telemetry) {
     }
 }
 
+const VIRTUAL_SERVICE: &[&str] = &[
+    "hosts",
+    "gateways",
+    "http.name",
+    "http.match.name",
+    "http.match.uri",
+    "http.match.method",
+    "http.match.authority",
+    "http.match.headers",
+    "http.match.withoutHeaders",
+    "http.match.queryParams",
+    "http.match.ignoreUriCase",
+    "http.match.port",
+    "http.match.sourceLabels",
+    "http.match.sourceNamespace",
+    "http.route",
+    "http.redirect",
+    "http.directResponse",
+    "http.rewrite",
+    "http.headers",
+    "http.timeout",
+    "http.retries.attempts",
+    "http.retries.perTryTimeout",
+    "http.retries.retryOn",
+    "http.retries.backoff",
+    "http.fault",
+    "http.mirror",
+    "http.mirrors",
+    "http.mirrorPercentage",
+    "http.mirrorPercent",
+    "http.corsPolicy.allowOrigins",
+    "http.corsPolicy.allowOrigin",
+    "http.corsPolicy.allowMethods",
+    "http.corsPolicy.allowHeaders",
+    "http.corsPolicy.exposeHeaders",
+    "http.corsPolicy.maxAge",
+    "http.corsPolicy.allowCredentials",
+    "tcp.match.port",
+    "tcp.match.destinationSubnets",
+    "tcp.match.sourceSubnet",
+    "tcp.match.sourceLabels",
+    "tcp.match.sourceNamespace",
+    "tcp.route",
+    "tls.match.sniHosts",
+    "tls.match.port",
+    "tls.match.destinationSubnets",
+    "tls.match.sourceLabels",
+    "tls.match.sourceNamespace",
+    "tls.route",
+];
+
+/// The traffic policy fields the L7 path acts on, under each place a
+/// policy may sit (rule, port, subset, subset port).
+const TRAFFIC_POLICY: [&str; 16] = [
+    "loadBalancer.simple",
+    "loadBalancer.consistentHash",
+    "loadBalancer.localityLbSetting",
+    "connectionPool.tcp.maxConnections",
+    "connectionPool.tcp.connectTimeout",
+    "connectionPool.http.http1MaxPendingRequests",
+    "connectionPool.http.http2MaxRequests",
+    "connectionPool.http.maxRequestsPerConnection",
+    "connectionPool.http.maxRetries",
+    "connectionPool.http.useClientProtocol",
+    "outlierDetection.consecutive5xxErrors",
+    "outlierDetection.consecutiveGatewayErrors",
+    "outlierDetection.consecutiveErrors",
+    "outlierDetection.baseEjectionTime",
+    "outlierDetection.maxEjectionPercent",
+    "outlierDetection.minHealthPercent",
+];
+
+static DESTINATION_RULE: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    let mut v = vec!["host", "subsets.name", "subsets.labels"];
+    for place in [
+        "trafficPolicy",
+        "trafficPolicy.portLevelSettings",
+        "subsets.trafficPolicy",
+        "subsets.trafficPolicy.portLevelSettings",
+    ] {
+        for f in TRAFFIC_POLICY {
+            v.push(Box::leak(format!("{place}.{f}").into_boxed_str()));
+        }
+    }
+    v.push("trafficPolicy.portLevelSettings.port");
+    v.push("subsets.trafficPolicy.portLevelSettings.port");
+    v
+});
+
 /// Fields of each kind the mesh acts on today; everything else is
 /// accepted and reported as not yet enforced.
 fn enforced(kind: Kind) -> &'static [&'static str] {
@@ -1503,25 +1592,8 @@ fn enforced(kind: Kind) -> &'static [&'static str] {
             "workloadSelector",
         ],
         // L7 routing in the source pod's agent.
-        Kind::VirtualService => &[
-            "hosts",
-            "gateways",
-            "http.name",
-            "http.match.name",
-            "http.match.uri",
-            "http.match.method",
-            "http.match.authority",
-            "http.match.headers",
-            "http.match.withoutHeaders",
-            "http.match.queryParams",
-            "http.match.ignoreUriCase",
-            "http.match.port",
-            "http.match.sourceLabels",
-            "http.match.sourceNamespace",
-            "http.route.destination",
-            "http.route.weight",
-        ],
-        Kind::DestinationRule => &["host", "subsets.name", "subsets.labels"],
+        Kind::VirtualService => VIRTUAL_SERVICE,
+        Kind::DestinationRule => &DESTINATION_RULE,
         Kind::WorkloadEntry => &[
             "address",
             "ports",
@@ -1591,7 +1663,9 @@ fn collect_fields(v: &serde_json::Value, path: String, depth: usize, out: &mut B
                 } else {
                     format!("{path}.{k}")
                 };
-                if depth >= 2
+                // Deep enough to tell `connectionPool.http.maxRetries`
+                // (enforced) from `connectionPool.http.idleTimeout`.
+                if depth >= 4
                     || MAP_FIELDS.contains(&k.as_str())
                     || !matches!(
                         child,
