@@ -199,6 +199,8 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
                  "fault": {"abort": {"httpStatus": 503, "percentage": {"value": 50}}}, "route": to("v1")},
                 {"name": "delay", "match": prefix("/delay"),
                  "fault": {"delay": {"fixedDelay": "300ms", "percentage": {"value": 100}}}, "route": to("v1")},
+                {"name": "delay-some", "match": prefix("/sometimes-late"),
+                 "fault": {"delay": {"fixedDelay": "50ms", "percentage": {"value": 30}}}, "route": to("v1")},
                 {"name": "timeout", "match": prefix("/slow"), "timeout": "500ms", "route": to("v1")},
                 {"name": "per-try", "match": prefix("/stuck"),
                  "retries": {"attempts": 2, "perTryTimeout": "200ms", "retryOn": "5xx"}, "route": to("v1")},
@@ -284,6 +286,13 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
     assert!(r["elapsed_ms"].as_u64().unwrap() >= 300, "{r}");
     assert_eq!(last_header(&r, "x-mesh-response-flags"), "DI", "{r}");
 
+    // Fault delay at 30 %: 600 requests, the delayed share within ±10
+    // points (5 standard deviations).
+    let r = count(&c, &format!("{base}/sometimes-late"), 600, &[]);
+    let delayed = r["flags"]["DI"].as_u64().unwrap_or(0);
+    assert!((120..=240).contains(&delayed), "{r}");
+    assert_eq!(answers(&r, "hello from v1"), 600, "{r}");
+
     // Route timeout: 504 with UT, the slow upstream abandoned.
     let r = one("/slow", &["x-delay-ms: 3000"]);
     assert_eq!(
@@ -302,6 +311,14 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
     // Retries recover from an upstream failing every other request.
     let r = count(&c, &format!("{base}/flaky"), 200, &["x-fail-every: 2"]);
     assert_eq!(answers(&r, "hello from v1"), 200, "{r} {}", logs());
+    // Configured retries apply to a POST as well.
+    let r = count(
+        &c,
+        &format!("{base}/flaky"),
+        50,
+        &["x-fail-every: 2", "--method=POST", "--body=x"],
+    );
+    assert_eq!(answers(&r, "hello from v1"), 50, "{r}");
     // Istio's default policy retries a GET on 503 too, but never a POST
     // the application has seen.
     let r = count(
@@ -743,7 +760,8 @@ fn destination_rules_hash_break_circuits_and_eject_outliers() {
     );
     assert_eq!(answers(&r, "hello from v1"), 20, "v2 ejected: {r}");
     assert_eq!(to_v2(), before, "an ejected endpoint got requests");
-    std::thread::sleep(Duration::from_millis(2500));
+    // Back at the first sweep (every `interval`, 1 s) after 2 s.
+    std::thread::sleep(Duration::from_millis(3500));
     let r = count(&c, "http://10.96.0.34:80/od", 20, &["--method=POST"]);
     assert!(
         answers(&r, "hello from v2") > 0,

@@ -46,7 +46,7 @@ fn documented_examples_validate_clean() {
     for expected in [
         "circuit-breaker.yaml:2: note: DestinationRule default/httpbin: spec: accepted, not yet enforced:",
         "trafficPolicy.connectionPool.http.idleTimeout",
-        "trafficPolicy.outlierDetection.interval",
+        "trafficPolicy.connectionPool.tcp.tcpKeepalive",
         "jwt.yaml:2: note: RequestAuthentication foo/jwt-example",
         "telemetry.yaml:13: note: Telemetry foo/errors-only: spec: accepted, not yet enforced: accessLogging.filter",
     ] {

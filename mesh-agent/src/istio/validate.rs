@@ -1535,7 +1535,7 @@ const VIRTUAL_SERVICE: &[&str] = &[
 
 /// The traffic policy fields the L7 path acts on, under each place a
 /// policy may sit (rule, port, subset, subset port).
-const TRAFFIC_POLICY: [&str; 16] = [
+const TRAFFIC_POLICY: [&str; 17] = [
     "loadBalancer.simple",
     "loadBalancer.consistentHash",
     "loadBalancer.localityLbSetting",
@@ -1552,6 +1552,7 @@ const TRAFFIC_POLICY: [&str; 16] = [
     "outlierDetection.baseEjectionTime",
     "outlierDetection.maxEjectionPercent",
     "outlierDetection.minHealthPercent",
+    "outlierDetection.interval",
 ];
 
 static DESTINATION_RULE: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {

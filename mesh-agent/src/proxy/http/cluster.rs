@@ -482,7 +482,13 @@ impl Cluster {
         h.ejections += 1;
         // Longer each time, as Envoy (capped at 300 s by default).
         let time = (base * h.ejections).min(Duration::from_secs(300).max(base));
-        h.ejected_until = Some(now + time);
+        // Envoy returns hosts at its ejection sweeps, every `interval`
+        // (10 s by default): the first sweep after the ejection time.
+        let interval = od
+            .interval
+            .as_ref()
+            .map_or(Duration::from_secs(10), |d| d.get());
+        h.ejected_until = Some(next_sweep(now + time, interval));
         h.consecutive_5xx = 0;
         h.consecutive_gateway = 0;
         tracing::info!(host, ?time, "outlier detection: endpoint ejected");
@@ -596,6 +602,20 @@ fn maglev_table(names: &[String], size: u64) -> Vec<usize> {
     table
 }
 
+/// Sweeps run on one clock for the whole agent.
+static SWEEP_ORIGIN: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+/// The first sweep at or after `t`.
+fn next_sweep(t: Instant, interval: Duration) -> Instant {
+    if interval.is_zero() {
+        return t;
+    }
+    let origin = *SWEEP_ORIGIN;
+    let since = t.saturating_duration_since(origin).as_nanos();
+    let ticks = since.div_ceil(interval.as_nanos());
+    origin + Duration::from_nanos(u64::try_from(ticks * interval.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Every destination's state, by (host, subset, port).
 #[derive(Default)]
 pub struct Clusters {
@@ -667,6 +687,9 @@ mod tests {
             max_ejection_percent: Some(50),
             ..Default::default()
         };
+        let t = Instant::now() + Duration::from_millis(1500);
+        let s = next_sweep(t, Duration::from_secs(1));
+        assert!(s >= t && s < t + Duration::from_secs(1), "the next sweep");
         for _ in 0..2 {
             c.record("a", Outcome::Status(503), Some(&od), 4);
         }
