@@ -564,6 +564,8 @@ fn http2_h2c_and_grpc_unary_and_streaming_follow_the_same_rules() {
         "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
         "metadata": {"name": "echo", "namespace": "default"},
         "spec": {"hosts": ["echo"], "http": [
+            {"match": [{"uri": {"prefix": "/api/"}}], "rewrite": {"uri": "/v2/"},
+             "route": [{"destination": {"host": "echo", "subset": "v1"}}]},
             {"match": [{"headers": {"end-user": {"exact": "jason"}}}],
              "route": [{"destination": {"host": "echo", "subset": "v2"}}]},
             {"route": [{"destination": {"host": "echo", "subset": "v1"}}]},
@@ -621,6 +623,18 @@ fn http2_h2c_and_grpc_unary_and_streaming_follow_the_same_rules() {
         wait_until(Duration::from_secs(5), || grpc_ok() == 2.0),
         "gRPC calls in istio_requests_total: {}",
         grpc_ok()
+    );
+
+    // A rewrite on an HTTP/2 request keeps its authority.
+    let r = h2("http://10.96.0.20:80/api/items", "1", &[]);
+    assert_eq!(answers(&r, "hello from v1"), 1, "{r}\n{}", agent_a.log());
+    assert!(
+        wait_until(Duration::from_secs(5), || g1
+            .lines()
+            .iter()
+            .any(|l| l["event"] == "h2" && l["path"] == "/v2/items")),
+        "rewritten path at the server: {:?}",
+        g1.lines()
     );
 
     // h2c from the client to an HTTP/1.1 port: translated, as Envoy does.

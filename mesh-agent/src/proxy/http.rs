@@ -470,6 +470,17 @@ impl Conn {
         let client_upgrade = (!client_h2 && req.headers().contains_key(header::UPGRADE))
             .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        // HTTP/2 carries the authority in the URI: keep it as Host too, so
+        // that a path rewrite (which leaves an origin-form URI) loses
+        // nothing.
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
         let dest_headers = route
             .and_then(|r| r.spec.route.get(dest_index))
             .and_then(|d| d.headers.as_ref());
