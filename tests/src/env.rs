@@ -96,7 +96,7 @@ impl Env {
     }
 
     /// Keeps a started process so that `Drop` ends it (by PID).
-    pub(crate) fn track(&self, child: Child) -> u32 {
+    pub fn track(&self, child: Child) -> u32 {
         let pid = child.id();
         self.children.lock().unwrap().push(child);
         pid

@@ -54,10 +54,12 @@ enum Task {
     },
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
-    /// Benchmarks on release builds (root): today, how long a
-    /// configuration change takes to reach the data plane.
+    /// Benchmarks on release builds (root): the data path (direct, same
+    /// node, HBONE, L7) side by side, and how long a configuration change
+    /// takes to reach the data plane. Markdown on stdout, JSON in
+    /// `target/bench/`.
     Bench {
-        /// Fewer rounds (about 10 s instead of 30 s).
+        /// Short loads, one repetition (under 2 minutes).
         #[arg(long)]
         quick: bool,
     },
@@ -99,14 +101,24 @@ fn main() -> Result<()> {
             let dir = build(&tools, true)?;
             let out = target_dir(&tools)?.join("bench");
             std::fs::create_dir_all(&out)?;
-            let json = out.join("config-apply.json");
-            let mut b = Command::new(dir.join("mesh-bench"));
-            b.args(["config-apply", "--rounds", if quick { "10" } else { "40" }])
-                .arg("--json")
-                .arg(&json)
-                .env("MESH_AGENT_BIN", dir.join("mesh-agent"))
-                .env("MESH_TESTAPP_BIN", dir.join("mesh-testapp"));
-            status(&mut b)
+            let bench = |args: &[&str], json: &str| {
+                let mut b = Command::new(dir.join("mesh-bench"));
+                b.args(args)
+                    .arg("--json")
+                    .arg(out.join(json))
+                    .env("MESH_AGENT_BIN", dir.join("mesh-agent"))
+                    .env("MESH_TESTAPP_BIN", dir.join("mesh-testapp"));
+                status(&mut b)
+            };
+            let mut data_path = vec!["data-path"];
+            if quick {
+                data_path.push("--quick");
+            }
+            bench(&data_path, "data-path.json")?;
+            bench(
+                &["config-apply", "--rounds", if quick { "10" } else { "40" }],
+                "config-apply.json",
+            )
         }
     }
 }

@@ -15,12 +15,15 @@ use anyhow::{Context as _, Result, bail};
 pub const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
-const PACKAGES: [(&str, &str); 5] = [
+const PACKAGES: [(&str, &str); 7] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("curl", "curl"),
     ("tcpdump", "tcpdump"),
+    // `cargo xtask bench`'s loads.
+    ("wrk", "wrk"),
+    ("iperf3", "iperf3"),
 ];
 
 /// Where the installed tools are.

@@ -18,6 +18,7 @@
 //! mesh-testapp tls-hello ADDR SNI      send a TLS ClientHello for SNI to an echo server, check it comes back
 //! mesh-testapp raw ADDR BYTES [UNTIL]   send BYTES as they are, print what comes back until the peer closes (or UNTIL arrived)
 //! mesh-testapp http-burst URL N [NAME:VALUE | --method=M]...   N requests at once, one connection each; count answers and flags
+//! mesh-testapp fixed-rate URL RATE SECS   GETs at RATE per second on one keep-alive connection; latency percentiles from the scheduled times
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
@@ -71,6 +72,7 @@ fn main() -> Result<()> {
         ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
         ["http-burst", url, n, headers @ ..] => http_burst(url, n.parse()?, headers),
+        ["fixed-rate", url, rate, secs] => fixed_rate(url, rate.parse()?, secs.parse()?),
         ["hbone-connect", cert, key, target, authority, payload] => {
             tokio_main(hbone::connect(cert, key, target, authority, payload))
         }
@@ -189,6 +191,10 @@ fn echo(mut s: TcpStream) -> Result<()> {
     Ok(())
 }
 
+/// `MESH_TESTAPP_QUIET=1`: the `http` server logs no request (benchmarks).
+static QUIET: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("MESH_TESTAPP_QUIET").is_some());
+
 /// Requests this `http` server answered (for `x-fail-every`).
 static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -278,6 +284,9 @@ fn http_reply(s: TcpStream, name: &str) -> Result<()> {
             if close { "Connection: close\r\n" } else { "" }
         );
         s.write_all(response.as_bytes())?;
+        if *QUIET {
+            continue;
+        }
         println!(
             "{}",
             json!({"event": "http", "request": request_line.trim(), "headers": headers,
@@ -536,6 +545,49 @@ fn http_burst(url: &str, n: usize, headers: &[&str]) -> Result<()> {
     println!(
         "{}",
         json!({"event": "burst", "statuses": statuses, "flags": flags})
+    );
+    Ok(())
+}
+
+/// Open-loop load: request `i` is due at `i / rate` s; its latency runs
+/// from then (not from when it was sent), so a stall counts for every
+/// request it delays. One keep-alive connection.
+fn fixed_rate(url: &str, rate: u64, secs: u64) -> Result<()> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (hostport, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let s = TcpStream::connect_timeout(&hostport.parse()?, TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n\r\n");
+    let total = rate * secs;
+    let start = std::time::Instant::now();
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut errors = 0u64;
+    for i in 0..total {
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        w.write_all(request.as_bytes())?;
+        match read_response(&mut r) {
+            Ok(resp) if resp.status == 200 => latencies.push(due.elapsed()),
+            _ => errors += 1,
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "{}",
+        json!({"event": "latency", "requests": latencies.len(), "errors": errors,
+               "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99)})
     );
     Ok(())
 }

@@ -1,10 +1,3 @@
-//! Measurements that need the namespaced harness (root): run through
-//! `cargo xtask bench`, which builds release binaries first.
-//!
-//! ```text
-//! mesh-bench config-apply [--rounds N] [--json PATH]
-//! ```
-//!
 //! `config-apply`: how long a change to the configuration directory takes
 //! to reach the data plane. A pod polls a Service's address every
 //! millisecond while the Service's selector is flipped between two
@@ -14,79 +7,22 @@
 
 use std::{
     path::Path,
-    process::ExitCode,
-    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use mesh_tests::{Agent, AgentOptions, Env};
 use serde_json::json;
 
-const USAGE: &str = "usage: mesh-bench config-apply [--rounds N] [--json PATH]";
+use super::machine;
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut rounds = 30usize;
-    let mut json_out = None;
-    let mut it = args.iter();
-    let Some(case) = it.next() else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(64);
-    };
-    while let Some(a) = it.next() {
-        match (a.as_str(), it.next()) {
-            ("--rounds", Some(n)) if n.parse::<usize>().is_ok_and(|n| n >= 2) => {
-                rounds = n.parse().unwrap_or(rounds);
-            }
-            ("--json", Some(p)) => json_out = Some(p.clone()),
-            _ => {
-                eprintln!("{USAGE} (rounds ≥ 2)");
-                return ExitCode::from(64);
-            }
-        }
-    }
-    if case != "config-apply" {
-        eprintln!("unknown case {case:?}; {USAGE}");
-        return ExitCode::from(64);
-    }
-
-    let env = Arc::new(Env::new("bench-apply"));
-    let on_signal = env.clone();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .expect("signal handlers");
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            eprintln!("\ninterrupted: cleaning up");
-            on_signal.cleanup();
-            std::process::exit(130);
-        }
-    });
-
-    let result = config_apply(&env, rounds);
-    env.cleanup();
-    print!("{}", result.markdown());
-    if let Some(p) = json_out {
-        let doc = serde_json::to_vec_pretty(&result.json()).expect("JSON");
-        if let Err(e) = std::fs::write(&p, doc) {
-            eprintln!("cannot write {p}: {e}");
-            return ExitCode::from(73);
-        }
-        println!("\n(JSON: {p})");
-    }
-    ExitCode::SUCCESS
-}
-
-struct ApplyResult {
+pub struct ApplyResult {
     /// Milliseconds from the rename to the first answer of the new target.
     samples: Vec<f64>,
     /// Answers that were neither deployment (failed requests): must be 0.
     other_answers: Vec<String>,
 }
 
-fn config_apply(env: &Env, rounds: usize) -> ApplyResult {
+pub fn run(env: &Env, rounds: usize) -> ApplyResult {
     let node = env.node("a");
     let client = env.pod(&node, "client");
     let v1 = env.pod(&node, "web-v1");
@@ -185,7 +121,7 @@ impl ApplyResult {
         sorted[i]
     }
 
-    fn markdown(&self) -> String {
+    pub fn markdown(&self) -> String {
         let s = self.sorted();
         let max = s[s.len() - 1];
         let mean = s.iter().sum::<f64>() / s.len() as f64;
@@ -205,7 +141,7 @@ impl ApplyResult {
         )
     }
 
-    fn json(&self) -> serde_json::Value {
+    pub fn json(&self) -> serde_json::Value {
         let s = self.sorted();
         json!({
             "case": "config-apply",
@@ -218,11 +154,4 @@ impl ApplyResult {
             "failed_requests": self.other_answers,
         })
     }
-}
-
-/// What the figures were measured on.
-fn machine() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores, Linux {}", kernel.trim())
 }

@@ -1,0 +1,100 @@
+//! Measurements that need the namespaced harness (root): run through
+//! `cargo xtask bench`, which builds release binaries first.
+//!
+//! ```text
+//! mesh-bench config-apply [--rounds N] [--json PATH]
+//! mesh-bench data-path [--quick] [--json PATH]
+//! ```
+//!
+//! Each case builds its own simulated nodes and removes them at the end
+//! (also on Ctrl-C).
+
+mod config_apply;
+mod data_path;
+
+use std::{process::ExitCode, sync::Arc};
+
+use mesh_tests::Env;
+
+const USAGE: &str =
+    "usage: mesh-bench config-apply [--rounds N] [--json PATH] | data-path [--quick] [--json PATH]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut rounds = 30usize;
+    let mut quick = false;
+    let mut json_out = None;
+    let mut it = args.iter();
+    let Some(case) = it.next().cloned() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(64);
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--rounds" => match it.next().and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if n >= 2 => rounds = n,
+                _ => {
+                    eprintln!("{USAGE} (rounds ≥ 2)");
+                    return ExitCode::from(64);
+                }
+            },
+            "--json" => match it.next() {
+                Some(p) => json_out = Some(p.clone()),
+                None => {
+                    eprintln!("{USAGE}");
+                    return ExitCode::from(64);
+                }
+            },
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(64);
+            }
+        }
+    }
+    if case != "config-apply" && case != "data-path" {
+        eprintln!("unknown case {case:?}; {USAGE}");
+        return ExitCode::from(64);
+    }
+
+    let env = Arc::new(Env::new(&format!("bench-{case}")));
+    let on_signal = env.clone();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .expect("signal handlers");
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            eprintln!("\ninterrupted: cleaning up");
+            on_signal.cleanup();
+            std::process::exit(130);
+        }
+    });
+
+    let (markdown, json) = if case == "config-apply" {
+        let r = config_apply::run(&env, rounds);
+        (r.markdown(), r.json())
+    } else {
+        let r = data_path::run(&env, quick);
+        (r.markdown(), r.json())
+    };
+    env.cleanup();
+    print!("{markdown}");
+    if let Some(p) = json_out {
+        let doc = serde_json::to_vec_pretty(&json).expect("JSON");
+        if let Err(e) = std::fs::write(&p, doc) {
+            eprintln!("cannot write {p}: {e}");
+            return ExitCode::from(73);
+        }
+        println!("\n(JSON: {p})");
+    }
+    ExitCode::SUCCESS
+}
+
+/// What the figures were measured on.
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, Linux {}", kernel.trim())
+}
