@@ -344,12 +344,8 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
     let r = count(&c, &format!("{base}/mirror"), 20, &[]);
     assert_eq!(answers(&r, "hello from v1"), 20, "{r}");
     let shadowed = app2.wait_for(
-        |l| {
-            l["event"] == "http"
-                && l["headers"]["host"]
-                    .as_str()
-                    .is_some_and(|h| h.ends_with("-shadow"))
-        },
+        // Envoy's shadow host: `-shadow` on the name, the port kept.
+        |l| l["event"] == "http" && l["headers"]["host"] == "10.96.0.10-shadow:80",
         Duration::from_secs(5),
     );
     assert!(
@@ -609,6 +605,13 @@ fn http2_h2c_and_grpc_unary_and_streaming_follow_the_same_rules() {
         assert_eq!(r["echoed"].as_u64(), n.parse().ok(), "{r}");
         assert_eq!(r["grpc_status"], "0", "{r}");
     }
+    assert!(
+        g1.lines()
+            .iter()
+            .any(|l| l["event"] == "h2" && l["grpc"] == true && l["te"] == "trailers"),
+        "gRPC servers need te: trailers: {:?}",
+        g1.lines()
+    );
     let grpc_ok = || {
         agent_a.metrics().value(
             "istio_requests_total",

@@ -467,6 +467,16 @@ impl Conn {
         let mut req = req;
         // An HTTP/1.1 upgrade (WebSocket): once the upstream agrees, the
         // two connections are joined byte for byte.
+        // `Upgrade: h2c` is not passed on (as Envoy): the connection would
+        // leave the agent's routing for good.
+        if req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+        {
+            req.headers_mut().remove(header::UPGRADE);
+            req.headers_mut().remove("http2-settings");
+        }
         let client_upgrade = (!client_h2 && req.headers().contains_key(header::UPGRADE))
             .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -655,9 +665,25 @@ impl Conn {
             headers: head.headers.clone(),
             client_h2: head.client_h2,
         };
+        // Envoy's shadow host: `-shadow` after the name, before the port.
         let host = actions::authority(&copy.uri, &copy.headers);
-        if let Ok(v) = HeaderValue::from_str(&format!("{host}-shadow")) {
+        let shadow = match host.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() && !name.ends_with(']') => {
+                format!("{name}-shadow:{port}")
+            }
+            _ => format!("{host}-shadow"),
+        };
+        if let Ok(v) = HeaderValue::from_str(&shadow) {
             copy.headers.insert(header::HOST, v);
+        }
+        // The Host header now names the target; an HTTP/2 URI must not.
+        if let Ok(u) = copy
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse()
+        {
+            copy.uri = u;
         }
         let conn = self.clone();
         tokio::spawn(async move {
@@ -1111,9 +1137,20 @@ fn prepare(req: Request<Body>, h2: bool) -> Request<Body> {
         .map_or("/", |p| p.as_str())
         .to_owned();
     let upgrade = parts.headers.contains_key(header::UPGRADE);
+    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC servers
+    // require it.
+    let te_trailers = parts
+        .headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(&mut parts.headers);
     if h2 {
         parts.version = Version::HTTP_2;
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         parts.headers.remove(header::HOST);
         parts.headers.remove(header::UPGRADE);
         if let Ok(u) = Uri::builder()

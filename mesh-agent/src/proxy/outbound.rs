@@ -167,7 +167,10 @@ async fn route_to<'s>(
     });
     let policy = super::http::cluster::Policy::of(dr, &dest.subset, port.port);
     let cluster = ctx.clusters.get(&dest.host, &dest.subset, port.port);
-    let locality = crate::registry::build::pod_locality(&pod.workload.labels, None);
+    let locality = match crate::registry::build::pod_locality(&pod.workload.labels, None) {
+        l if l.region.is_empty() => crate::registry::Locality::parse(&ctx.config.locality),
+        l => l,
+    };
     let input = super::http::cluster::HashInput {
         headers: &http::HeaderMap::new(),
         query: None,

@@ -206,6 +206,15 @@ impl Drop for Admission {
     }
 }
 
+/// Takes one off a counter when dropped.
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// FNV-1a: stable, fast, good enough to spread endpoints on a ring.
 fn hash64(s: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -256,9 +265,11 @@ impl Cluster {
                             self.pending.fetch_sub(1, Ordering::AcqRel);
                             return Err(Overflow::Pending);
                         }
-                        let p = sem.acquire_owned().await;
-                        self.pending.fetch_sub(1, Ordering::AcqRel);
-                        p.ok()
+                        // Counted as pending until this returns or the
+                        // request is dropped while it waits (a timeout, the
+                        // client gone).
+                        let _pending = Decrement(&self.pending);
+                        sem.acquire_owned().await.ok()
                     }
                 }
             }
@@ -566,7 +577,11 @@ fn ring(names: &[String], min: u64) -> Vec<(u64, usize)> {
 /// Maglev's lookup table: every host fills slots in its own permutation
 /// order, in turn, until the table is full.
 fn maglev_table(names: &[String], size: u64) -> Vec<usize> {
-    let m = size.max(names.len() as u64 * 2 + 1) as usize;
+    // Maglev needs a prime size for every permutation to reach every slot.
+    let mut m = size.max(names.len() as u64 * 2 + 1) as usize;
+    while !is_prime(m) {
+        m += 1;
+    }
     let perms: Vec<(usize, usize)> = names
         .iter()
         .map(|n| {
@@ -614,6 +629,13 @@ fn next_sweep(t: Instant, interval: Duration) -> Instant {
     let since = t.saturating_duration_since(origin).as_nanos();
     let ticks = since.div_ceil(interval.as_nanos());
     origin + Duration::from_nanos(u64::try_from(ticks * interval.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn is_prime(n: usize) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// Every destination's state, by (host, subset, port).

@@ -56,7 +56,8 @@ async fn answer(
     println!(
         "{}",
         json!({"event": "h2", "path": req.uri().path(), "version": format!("{:?}", req.version()),
-               "grpc": grpc, "peer": peer.to_string()})
+               "grpc": grpc, "peer": peer.to_string(),
+               "te": req.headers().get("te").and_then(|v| v.to_str().ok())})
     );
     if !grpc {
         let body = format!("hello from {name}: HTTP/2\n");
