@@ -502,27 +502,51 @@ pub struct Routes {
     pub subsets: HashMap<String, HashMap<String, BTreeMap<String, String>>>,
 }
 
-impl Routes {
-    /// The VirtualServices for `host` that apply inside the mesh: those
-    /// naming it exactly, then wildcard hosts (`*.example.com`, `*`), most
-    /// specific first.
-    pub fn virtual_services_for(&self, host: &str) -> Vec<&Arc<CompiledVirtualService>> {
-        let mut wild: Vec<(&String, &Vec<Arc<CompiledVirtualService>>)> = self
-            .virtual_services
-            .iter()
-            .filter(|(k, _)| {
-                k.strip_prefix('*')
+/// The entry of `map` for `host`: its own, else the most specific
+/// wildcard (`*.example.com` before `*.com` before `*`), as Istio picks
+/// one host's configuration, never a merge of several.
+fn most_specific<'a, V>(
+    map: &'a HashMap<String, V>,
+    host: &str,
+    usable: impl Fn(&V) -> bool,
+) -> Option<(&'a String, &'a V)> {
+    if let Some(e) = map.get_key_value(host).filter(|(_, v)| usable(v)) {
+        return Some(e);
+    }
+    map.iter()
+        .filter(|(k, v)| {
+            usable(v)
+                && k.strip_prefix('*')
                     .is_some_and(|suffix| host.ends_with(suffix) && host.len() > suffix.len())
-            })
-            .collect();
-        wild.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
-        self.virtual_services
-            .get(host)
-            .into_iter()
-            .chain(wild.into_iter().map(|(_, v)| v))
-            .flatten()
-            .filter(|vs| vs.for_mesh)
-            .collect()
+        })
+        .max_by_key(|(k, _)| k.len())
+}
+
+impl Routes {
+    /// The VirtualServices for `host` inside the mesh: those of the most
+    /// specific host that has any (exact, else the longest wildcard).
+    pub fn virtual_services_for(&self, host: &str) -> Vec<&Arc<CompiledVirtualService>> {
+        most_specific(&self.virtual_services, host, |vs| {
+            vs.iter().any(|v| v.for_mesh)
+        })
+        .map(|(_, v)| v.iter().filter(|vs| vs.for_mesh).collect())
+        .unwrap_or_default()
+    }
+
+    /// The DestinationRule for `host` (exact, else the longest wildcard).
+    pub fn destination_rule_for(
+        &self,
+        host: &str,
+    ) -> Option<&crate::istio::networking::DestinationRule> {
+        most_specific(&self.destination_rules, host, |_| true).and_then(|(_, r)| match &r.spec {
+            Spec::DestinationRule(dr) => Some(dr),
+            _ => None,
+        })
+    }
+
+    /// The labels of `subset` of `host`'s DestinationRule.
+    pub fn subset_labels(&self, host: &str, subset: &str) -> Option<&BTreeMap<String, String>> {
+        most_specific(&self.subsets, host, |_| true).and_then(|(_, s)| s.get(subset))
     }
 }
 
@@ -682,7 +706,7 @@ mod tests {
     }
 
     #[test]
-    fn wildcard_hosts_apply_most_specific_after_exact() {
+    fn the_most_specific_host_applies_alone() {
         let yaml: String = ["*", "*.example.com", "api.example.com", "*.other.com"]
             .iter()
             .map(|h| {
@@ -714,11 +738,8 @@ mod tests {
                 .map(|v| v.name.clone())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(
-            names("api.example.com"),
-            ["api.example.com", "*.example.com", "*"]
-        );
-        assert_eq!(names("web.example.com"), ["*.example.com", "*"]);
+        assert_eq!(names("api.example.com"), ["api.example.com"]);
+        assert_eq!(names("web.example.com"), ["*.example.com"]);
         assert_eq!(names("example.com"), ["*"]);
     }
 
