@@ -82,7 +82,7 @@ pub async fn serve(
         client: peer,
         dst,
         locality,
-        upstreams: Mutex::new(HashMap::new()),
+        upstreams: Arc::new(Mutex::new(HashMap::new())),
     });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -121,7 +121,7 @@ struct Conn {
     /// node's `--locality`).
     locality: crate::registry::Locality,
     /// Each with the requests it carried (`maxRequestsPerConnection`).
-    upstreams: Mutex<HashMap<SocketAddr, (Upstream, usize)>>,
+    upstreams: Arc<Mutex<HashMap<SocketAddr, (Upstream, usize)>>>,
 }
 
 /// A request sender on an upstream connection.
@@ -187,6 +187,10 @@ impl From<LocalReply> for AttemptError {
     }
 }
 
+/// How long an HTTP/1.1 chunked request body may be held back to be read
+/// (and checked) before anything goes upstream.
+const CHUNKED_HOLD: Duration = Duration::from_millis(50);
+
 /// Request bodies up to this size are kept so that a retry or a mirror
 /// can send them again; larger or unsized bodies stream once.
 const MAX_REPLAY: u64 = 64 * 1024;
@@ -209,9 +213,9 @@ type ServedSlot = Mutex<Option<Served>>;
 impl Replay {
     /// Reads a small body now; `bytes` gets the body's size either way.
     /// An HTTP/1.1 body of unknown length (chunked) is read up to
-    /// `MAX_REPLAY` before anything goes upstream, so that bad chunking
-    /// early in it is refused here; HTTP/2 bodies of unknown length (gRPC
-    /// streams) are never held back.
+    /// `MAX_REPLAY`, for at most `CHUNKED_HOLD`, before anything goes
+    /// upstream, so that bad chunking early in it is refused here; HTTP/2
+    /// bodies of unknown length (gRPC streams) are never held back.
     async fn new(body: Incoming, bytes: &Arc<AtomicU64>, h1: bool) -> Result<Self, LocalReply> {
         let bad_body = |e: hyper::Error| {
             LocalReply::new(
@@ -224,8 +228,27 @@ impl Replay {
         if h1 && hint.upper().is_none() {
             let mut body = body;
             let mut buf = bytes::BytesMut::new();
+            // A client that streams slowly (or waits for the response
+            // before finishing) is not held back for longer than this.
+            let deadline = tokio::time::Instant::now() + CHUNKED_HOLD;
             loop {
-                match body.frame().await {
+                let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                    Ok(f) => f,
+                    Err(_) => {
+                        let head = futures::stream::once(std::future::ready(
+                            Ok::<_, hyper::Error>(hyper::body::Frame::data(buf.freeze())),
+                        ));
+                        let rest = http_body_util::BodyStream::new(metered::Metered::counting(
+                            body.boxed(),
+                            bytes.clone(),
+                        ));
+                        return Ok(Self::Stream(Some(
+                            http_body_util::StreamBody::new(futures::StreamExt::chain(head, rest))
+                                .boxed(),
+                        )));
+                    }
+                };
+                match frame {
                     None => {
                         bytes.store(buf.len() as u64, Ordering::Relaxed);
                         return Ok(Self::Buffered(buf.freeze()));
@@ -565,7 +588,7 @@ impl Conn {
         {
             let upstream = hyper::upgrade::on(&mut resp);
             tokio::spawn(join_upgraded(client, upstream));
-            return Ok(resp.map(BodyExt::boxed));
+            return Ok(resp);
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -590,7 +613,7 @@ impl Conn {
         {
             parts.headers.insert(FLAGS_HEADER, v);
         }
-        Ok(Response::from_parts(parts, body.boxed()))
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Sends the request, retrying as `policy` allows. Returns the response
@@ -602,7 +625,7 @@ impl Conn {
         body: &mut Replay,
         policy: &retry::Policy,
         served: &ServedSlot,
-    ) -> Result<(Response<Incoming>, bool), LocalReply> {
+    ) -> Result<(Response<Body>, bool), LocalReply> {
         let mut tries = 0;
         let mut _permit = None;
         loop {
@@ -708,7 +731,7 @@ impl Conn {
         req: Request<Body>,
         client_h2: bool,
         served: Option<&ServedSlot>,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<Response<Body>, AttemptError> {
         let (svc, port) = self.destination_service(dest)?;
         let labels = self.subset_labels(dest)?;
         let dr = self.destination_rule(&dest.host);
@@ -802,22 +825,36 @@ impl Conn {
                 );
                 // `maxRequestsPerConnection`: a connection that carried
                 // its share is not reused.
-                if policy
+                let reuse = policy
                     .max_requests_per_connection()
-                    .is_none_or(|max| uses + 1 < max)
-                {
-                    self.upstreams
-                        .lock()
-                        .expect("upstreams lock")
-                        .entry(addr)
-                        .or_insert((sender, uses + 1));
-                }
+                    .is_none_or(|max| uses + 1 < max);
+                // An HTTP/2 connection serves other requests at once; an
+                // HTTP/1.1 one only once this response's body is done.
+                let give_back = match sender {
+                    Upstream::H2(s) => {
+                        if reuse {
+                            self.upstreams
+                                .lock()
+                                .expect("upstreams lock")
+                                .insert(addr, (Upstream::H2(s), uses + 1));
+                        }
+                        None
+                    }
+                    Upstream::H1(s) => reuse.then(|| GiveBack {
+                        upstreams: self.upstreams.clone(),
+                        addr,
+                        sender: Some((Upstream::H1(s), uses + 1)),
+                    }),
+                };
                 if let Some(c) = pick.set_cookie
                     && let Ok(v) = HeaderValue::from_str(&c)
                 {
                     resp.headers_mut().append(header::SET_COOKIE, v);
                 }
-                Ok(resp)
+                // The pool slot, the request count and the host's load last
+                // as long as the response body.
+                let guard = (admission, give_back);
+                Ok(resp.map(|b| metered::Metered::guarding(b.boxed(), guard).boxed()))
             }
             Err(e) => {
                 cluster.record(&pick.key, cluster::Outcome::LocalFailure, od, hosts);
@@ -973,7 +1010,14 @@ impl Conn {
         h2: bool,
         connect_timeout: Option<Duration>,
     ) -> Result<(Upstream, usize), LocalReply> {
-        let cached = self.upstreams.lock().expect("upstreams lock").remove(&addr);
+        let cached = {
+            let mut map = self.upstreams.lock().expect("upstreams lock");
+            match map.get(&addr) {
+                // HTTP/2 connections are shared; HTTP/1.1 ones are taken.
+                Some((Upstream::H2(s), uses)) => Some((Upstream::H2(s.clone()), *uses)),
+                _ => map.remove(&addr),
+            }
+        };
         if let Some((mut u, uses)) = cached {
             let ready = match &mut u {
                 Upstream::H1(s) => s.ready().await.is_ok(),
@@ -1178,6 +1222,22 @@ fn prepare(req: Request<Body>, h2: bool) -> Request<Body> {
         }
     }
     Request::from_parts(parts, body)
+}
+
+/// Puts an HTTP/1.1 connection back for the client's next request once
+/// the response it carried is done with.
+struct GiveBack {
+    upstreams: Arc<Mutex<HashMap<SocketAddr, (Upstream, usize)>>>,
+    addr: SocketAddr,
+    sender: Option<(Upstream, usize)>,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        if let (Some(s), Ok(mut map)) = (self.sender.take(), self.upstreams.lock()) {
+            map.entry(self.addr).or_insert(s);
+        }
+    }
 }
 
 /// What an upstream HTTP connection runs on.

@@ -25,6 +25,8 @@ pub struct Metered {
     count: Arc<AtomicU64>,
     grpc_status: Option<String>,
     on_drop: Option<OnDrop>,
+    /// Held while the body lives (pool slots, a connection to give back).
+    _guard: Option<Box<dyn Send + Sync>>,
 }
 
 impl Metered {
@@ -35,6 +37,18 @@ impl Metered {
             count,
             grpc_status: None,
             on_drop: None,
+            _guard: None,
+        }
+    }
+
+    /// Keeps `guard` alive as long as the body.
+    pub fn guarding(inner: Body, guard: impl Send + Sync + 'static) -> Self {
+        Self {
+            inner,
+            count: Arc::new(AtomicU64::new(0)),
+            grpc_status: None,
+            on_drop: None,
+            _guard: Some(Box::new(guard)),
         }
     }
 
@@ -48,6 +62,7 @@ impl Metered {
             count: Arc::new(AtomicU64::new(0)),
             grpc_status: None,
             on_drop: Some(Box::new(on_drop)),
+            _guard: None,
         }
     }
 }
