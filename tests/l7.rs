@@ -200,7 +200,7 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
                 {"name": "delay", "match": prefix("/delay"),
                  "fault": {"delay": {"fixedDelay": "300ms", "percentage": {"value": 100}}}, "route": to("v1")},
                 {"name": "delay-some", "match": prefix("/sometimes-late"),
-                 "fault": {"delay": {"fixedDelay": "50ms", "percentage": {"value": 30}}}, "route": to("v1")},
+                 "fault": {"delay": {"fixedDelay": "10ms", "percentage": {"value": 30}}}, "route": to("v1")},
                 {"name": "timeout", "match": prefix("/slow"), "timeout": "500ms", "route": to("v1")},
                 {"name": "per-try", "match": prefix("/stuck"),
                  "retries": {"attempts": 2, "perTryTimeout": "200ms", "retryOn": "5xx"}, "route": to("v1")},
@@ -251,6 +251,23 @@ fn matches_rewrites_redirects_headers_faults_retries_timeouts_mirrors() {
     assert_eq!(seen["headers"]["host"], "web.internal", "{seen}");
     one("/users/42/profile", &[]);
     assert_eq!(last_request(&app1)["request"], "GET /profile/42 HTTP/1.1");
+
+    // Upstream connections are reused across the pod's client
+    // connections: 20 clients one after the other, one upstream connection.
+    let before = app1.lines().len();
+    for _ in 0..20 {
+        assert_eq!(answers(&one("/headers", &[]), "hello from v1"), 1);
+    }
+    let peers: std::collections::BTreeSet<String> = app1.lines()[before..]
+        .iter()
+        .filter(|l| l["event"] == "http")
+        .filter_map(|l| l["peer"].as_str().map(String::from))
+        .collect();
+    assert!(
+        peers.len() <= 2,
+        "20 clients used {} upstream connections: {peers:?}",
+        peers.len()
+    );
 
     // Header operations, route and destination level, both directions.
     let r = one("/headers", &["x-secret: hunter2", "x-keep: yes"]);

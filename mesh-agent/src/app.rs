@@ -141,7 +141,20 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         connections: TaskTracker::new(),
         cut: CancellationToken::new(),
         clusters: Default::default(),
+        upstreams: Default::default(),
     });
+    {
+        // Idle upstream HTTP connections go after a while, with the HBONE
+        // streams they hold.
+        let upstreams = Arc::downgrade(&ctx.upstreams);
+        tokio::spawn(async move {
+            while let Some(u) = upstreams.upgrade() {
+                u.sweep();
+                drop(u);
+                tokio::time::sleep(crate::proxy::http::upstreams::IDLE_TIMEOUT / 4).await;
+            }
+        });
+    }
     let kube = kube_client.map(|c| {
         Arc::new(KubeSource::start(
             c,

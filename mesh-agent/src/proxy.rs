@@ -134,6 +134,8 @@ pub struct ProxyContext {
     pub cut: CancellationToken,
     /// Load balancing, circuit breaking and outlier state per destination.
     pub clusters: http::cluster::Clusters,
+    /// Upstream HTTP connections of each pod, for reuse.
+    pub upstreams: Arc<http::upstreams::Upstreams>,
 }
 
 impl ProxyContext {

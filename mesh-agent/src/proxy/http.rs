@@ -7,10 +7,10 @@
 //! meshed). There is no waypoint hop.
 //!
 //! Responses the agent makes itself carry a plain-text body and an Envoy
-//! response flag (`NR`, `NC`, `UH`, `UF`) in `x-mesh-response-flags`.
+//! response flag (`NR`, `NC`, `UH`, `UF`, `UO`, `UT`, `URX`, `FI`…) in
+//! `x-mesh-response-flags`.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{
@@ -34,6 +34,7 @@ pub mod cluster;
 mod locality;
 mod metered;
 mod retry;
+pub mod upstreams;
 
 use super::{Error, PodContext, ProxyContext, outbound, socket};
 use crate::{
@@ -44,6 +45,7 @@ use crate::{
     },
     telemetry::metrics::{ConnLabels, Reporter, RequestOutcome},
 };
+use upstreams::Sender as Upstream;
 
 /// Bodies in both directions: streamed from the peer, or made here.
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -82,7 +84,6 @@ pub async fn serve(
         client: peer,
         dst,
         locality,
-        upstreams: Arc::new(Mutex::new(HashMap::new())),
     });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -120,14 +121,6 @@ struct Conn {
     /// Where the client pod runs (its `istio-locality` label, else the
     /// node's `--locality`).
     locality: crate::registry::Locality,
-    /// Each with the requests it carried (`maxRequestsPerConnection`).
-    upstreams: Arc<Mutex<HashMap<SocketAddr, (Upstream, usize)>>>,
-}
-
-/// A request sender on an upstream connection.
-enum Upstream {
-    H1(hyper::client::conn::http1::SendRequest<Body>),
-    H2(hyper::client::conn::http2::SendRequest<Body>),
 }
 
 /// Why the agent answered a request itself.
@@ -830,18 +823,19 @@ impl Conn {
                     .is_none_or(|max| uses + 1 < max);
                 // An HTTP/2 connection serves other requests at once; an
                 // HTTP/1.1 one only once this response's body is done.
+                let pod = self.pod.workload.key().to_string();
                 let give_back = match sender {
                     Upstream::H2(s) => {
                         if reuse {
-                            self.upstreams
-                                .lock()
-                                .expect("upstreams lock")
-                                .insert(addr, (Upstream::H2(s), uses + 1));
+                            self.ctx
+                                .upstreams
+                                .put(&pod, addr, Upstream::H2(s), uses + 1);
                         }
                         None
                     }
-                    Upstream::H1(s) => reuse.then(|| GiveBack {
-                        upstreams: self.upstreams.clone(),
+                    Upstream::H1(s) => reuse.then(|| upstreams::GiveBack {
+                        pool: self.ctx.upstreams.clone(),
+                        pod,
                         addr,
                         sender: Some((Upstream::H1(s), uses + 1)),
                     }),
@@ -1010,21 +1004,17 @@ impl Conn {
         h2: bool,
         connect_timeout: Option<Duration>,
     ) -> Result<(Upstream, usize), LocalReply> {
-        let cached = {
-            let mut map = self.upstreams.lock().expect("upstreams lock");
-            match map.get(&addr) {
-                // HTTP/2 connections are shared; HTTP/1.1 ones are taken.
-                Some((Upstream::H2(s), uses)) => Some((Upstream::H2(s.clone()), *uses)),
-                _ => map.remove(&addr),
-            }
-        };
-        if let Some((mut u, uses)) = cached {
+        let pod = self.pod.workload.key().to_string();
+        while let Some((mut u, uses)) = self.ctx.upstreams.take(&pod, addr, h2) {
             let ready = match &mut u {
                 Upstream::H1(s) => s.ready().await.is_ok(),
                 Upstream::H2(s) => s.ready().await.is_ok(),
             };
             if ready {
                 return Ok((u, uses));
+            }
+            if h2 {
+                break;
             }
         }
         let connect = self.connect(ep, addr);
@@ -1222,22 +1212,6 @@ fn prepare(req: Request<Body>, h2: bool) -> Request<Body> {
         }
     }
     Request::from_parts(parts, body)
-}
-
-/// Puts an HTTP/1.1 connection back for the client's next request once
-/// the response it carried is done with.
-struct GiveBack {
-    upstreams: Arc<Mutex<HashMap<SocketAddr, (Upstream, usize)>>>,
-    addr: SocketAddr,
-    sender: Option<(Upstream, usize)>,
-}
-
-impl Drop for GiveBack {
-    fn drop(&mut self) {
-        if let (Some(s), Ok(mut map)) = (self.sender.take(), self.upstreams.lock()) {
-            map.entry(self.addr).or_insert(s);
-        }
-    }
 }
 
 /// What an upstream HTTP connection runs on.
