@@ -305,6 +305,7 @@ impl Cluster {
         dialled: IpAddr,
         admission: Option<&mut Admission>,
     ) -> Option<Pick<'e>> {
+        self.forget_departed(candidates);
         let lb = policy.load_balancer;
         let eligible = super::locality::prefer(
             self.healthy(candidates, policy.outlier_detection),
@@ -347,6 +348,18 @@ impl Cluster {
             key,
             set_cookie,
         })
+    }
+
+    /// Drops the state of endpoints that left the service (pod churn would
+    /// otherwise grow the map forever), once it holds many more than are
+    /// there; endpoints with requests in flight stay until they end.
+    fn forget_departed(&self, candidates: &[&Endpoint]) {
+        let mut hosts = self.hosts.lock().expect("hosts lock");
+        if hosts.len() > 2 * candidates.len() + 16 {
+            let present: std::collections::HashSet<String> =
+                candidates.iter().map(|e| host_key(e)).collect();
+            hosts.retain(|k, h| present.contains(k) || h.active > 0);
+        }
     }
 
     /// The candidates outlier detection has not ejected; all of them when
@@ -730,5 +743,13 @@ mod tests {
             }
         }
         assert_eq!(c.healthy(&refs, Some(&od)).len(), 2, "at most 50 % ejected");
+        for i in 0..100 {
+            c.record(&format!("gone-{i}"), Outcome::Status(200), Some(&od), 4);
+        }
+        c.forget_departed(&refs);
+        assert!(
+            c.hosts.lock().unwrap().len() <= 4,
+            "departed endpoints forgotten"
+        );
     }
 }
