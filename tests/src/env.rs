@@ -122,6 +122,26 @@ impl Env {
     }
 }
 
+impl Env {
+    /// For programs (the demo, the benchmarks): on SIGINT or SIGTERM,
+    /// remove everything and exit 130, so Ctrl-C leaves nothing behind.
+    pub fn cleanup_on_signal(env: &Arc<Env>) {
+        let env = env.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])
+        .expect("signal handlers");
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                eprintln!("\ninterrupted: cleaning up");
+                env.cleanup();
+                std::process::exit(130);
+            }
+        });
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         self.cleanup();

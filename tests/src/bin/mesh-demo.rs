@@ -74,19 +74,7 @@ spec:
 fn main() {
     let hold = std::env::args().any(|a| a == "--hold");
     let env = Arc::new(Env::named("mesh-demo", PIN_DIR.into()));
-    let on_signal = env.clone();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .expect("signal handlers");
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            eprintln!("\ninterrupted: cleaning up");
-            on_signal.cleanup();
-            std::process::exit(130);
-        }
-    });
+    Env::cleanup_on_signal(&env);
     {
         // Also cleans up if the demo panics part-way.
         let _guard = CleanupOnDrop(env.clone());

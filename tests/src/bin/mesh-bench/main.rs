@@ -58,19 +58,7 @@ fn main() -> ExitCode {
     }
 
     let env = Arc::new(Env::new(&format!("bench-{case}")));
-    let on_signal = env.clone();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .expect("signal handlers");
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            eprintln!("\ninterrupted: cleaning up");
-            on_signal.cleanup();
-            std::process::exit(130);
-        }
-    });
+    Env::cleanup_on_signal(&env);
 
     let (markdown, json) = if case == "config-apply" {
         let r = config_apply::run(&env, rounds);

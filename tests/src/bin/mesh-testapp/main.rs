@@ -106,6 +106,14 @@ impl Until {
     }
 }
 
+/// `http://HOST:PORT/PATH` → (`HOST:PORT`, `/PATH`).
+fn split_url(url: &str) -> Result<(&str, String)> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    Ok(rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}"))))
+}
+
 fn tokio_main<F: Future<Output = Result<()>>>(f: F) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -430,10 +438,7 @@ fn hold(addr: &str, secs: u64) -> Result<()> {
 /// (`hello from NAME`, or `HTTP <status>` for other statuses) and the
 /// response flags of replies the agent made itself.
 fn http_count(url: &str, n: usize, headers: &[&str]) -> Result<()> {
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (hostport, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let (hostport, path) = split_url(url)?;
     let addr: SocketAddr = hostport
         .parse()
         .with_context(|| format!("bad host:port in {url}"))?;
@@ -506,10 +511,7 @@ fn http_burst(url: &str, n: usize, headers: &[&str]) -> Result<()> {
                 (url.to_owned(), headers.iter().map(|h| h.to_string()).collect());
             std::thread::spawn(move || -> Result<(u16, Option<String>, String)> {
                 let h: Vec<&str> = headers.iter().map(String::as_str).collect();
-                let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-                let (hostport, path) = rest
-                    .split_once('/')
-                    .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+                let (hostport, path) = split_url(&url)?;
                 let mut method = "GET";
                 let mut extra = String::new();
                 for x in &h {
@@ -553,10 +555,7 @@ fn http_burst(url: &str, n: usize, headers: &[&str]) -> Result<()> {
 /// from then (not from when it was sent), so a stall counts for every
 /// request it delays. One keep-alive connection.
 fn fixed_rate(url: &str, rate: u64, secs: u64) -> Result<()> {
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (hostport, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let (hostport, path) = split_url(url)?;
     let s = TcpStream::connect_timeout(&hostport.parse()?, TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(TIMEOUT))?;
@@ -699,10 +698,7 @@ fn request(method: &str, url: &str) -> Result<()> {
 
 /// One HTTP/1.1 request on a new connection: the status and the body.
 fn fetch(method: &str, url: &str) -> Result<(u16, String)> {
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (hostport, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let (hostport, path) = split_url(url)?;
     // `SocketAddr` parses both `10.0.0.1:80` and `[fd00::1]:80`.
     let addr: SocketAddr = hostport
         .parse()
