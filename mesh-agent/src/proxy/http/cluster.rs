@@ -152,7 +152,8 @@ pub struct Cluster {
     /// HTTP/1.1 requests in flight are bounded by `maxConnections`.
     slots: Mutex<Option<(usize, Arc<tokio::sync::Semaphore>)>>,
     hosts: Mutex<HashMap<String, Host>>,
-    hash: Mutex<Option<(Vec<String>, HashTable)>>,
+    /// The table and the signature of the endpoints it was built for.
+    hash: Mutex<Option<(u64, HashTable)>>,
 }
 
 #[derive(Debug, Default)]
@@ -418,14 +419,28 @@ impl Cluster {
     /// The endpoint for hash key `key`: ring hash (Envoy's default for
     /// Istio's consistentHash) or Maglev.
     fn hashed(&self, eligible: &[&Endpoint], ch: &ConsistentHashLb, key: &str) -> usize {
-        let names: Vec<String> = eligible.iter().map(|e| host_key(e)).collect();
+        // The table is rebuilt only when the endpoints change; telling that
+        // must not cost an allocation per request.
+        let signature = eligible.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, e| {
+            let part = match (&e.address, &e.hostname) {
+                (Some(IpAddr::V4(a)), _) => u64::from(u32::from(*a)),
+                (Some(IpAddr::V6(a)), _) => {
+                    let v = u128::from(*a);
+                    (v as u64) ^ ((v >> 64) as u64)
+                }
+                (None, Some(name)) => hash64(name.as_bytes()),
+                (None, None) => 0,
+            };
+            (h ^ part).wrapping_mul(0x0100_0000_01b3).rotate_left(5)
+        });
         let mut cached = self.hash.lock().expect("hash lock");
         let maglev = ch.maglev.is_some();
         let stale = match &*cached {
-            Some((n, t)) => *n != names || maglev != matches!(t, HashTable::Maglev(_)),
+            Some((s, t)) => *s != signature || maglev != matches!(t, HashTable::Maglev(_)),
             None => true,
         };
         if stale {
+            let names: Vec<String> = eligible.iter().map(|e| host_key(e)).collect();
             let table = if let Some(m) = &ch.maglev {
                 HashTable::Maglev(maglev_table(&names, m.table_size.unwrap_or(65537)))
             } else {
@@ -437,7 +452,7 @@ impl Cluster {
                     .unwrap_or(1024);
                 HashTable::Ring(ring(&names, min))
             };
-            *cached = Some((names, table));
+            *cached = Some((signature, table));
         }
         let h = hash64(key.as_bytes());
         match &cached.as_ref().expect("just built").1 {

@@ -1,0 +1,186 @@
+//! Micro-benchmarks of what the L7 path decides per request:
+//! `cargo bench -p mesh-agent --bench decisions` (AYA_BUILD_SKIP=1 is
+//! fine: no eBPF involved).
+//!
+//! - route matching: a request that only the last of 1,000 VirtualService
+//!   routes takes (the worst case of first-match-wins);
+//! - endpoint selection among 100 endpoints, per load-balancing algorithm;
+//! - reading the server name from a TLS ClientHello (tls routes).
+
+use std::{collections::BTreeMap, hint::black_box, net::IpAddr, path::Path, sync::Arc};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use mesh_agent::{
+    istio::{
+        Resource,
+        networking::{
+            ConsistentHashLb, DestinationRule, LoadBalancerSettings, SimpleLb, TrafficPolicy,
+        },
+        parse::{self, Document},
+    },
+    proxy::http::cluster::{Cluster, HashInput, Policy},
+    registry::{Endpoint, Locality},
+    snapshot::compile::{RequestView, Routes},
+};
+
+fn routes(n: usize) -> Routes {
+    let http: String = (0..n)
+        .map(|i| {
+            format!(
+                "    - match: [{{uri: {{prefix: /svc-{i}/}}, headers: {{x-tenant: {{exact: t{i}}}}}}}]\n      \
+                 route: [{{destination: {{host: web, subset: v{}}}}}]\n",
+                i % 3
+            )
+        })
+        .collect();
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: default}}\n\
+         spec:\n  hosts: [web]\n  http:\n{http}"
+    );
+    let mut parsed = parse::Parsed::default();
+    parse::parse_file(Path::new("bench.yaml"), yaml.as_bytes(), &mut parsed);
+    assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+    let resources: Vec<Arc<Resource>> = parsed
+        .documents
+        .into_iter()
+        .filter_map(|d| match d {
+            Document::Istio(r) => Some(Arc::new(r)),
+            _ => None,
+        })
+        .collect();
+    Routes::new(&resources, "cluster.local")
+}
+
+fn route_matching(c: &mut Criterion) {
+    let routes = routes(1000);
+    let vs = routes.virtual_services_for("web.default.svc.cluster.local");
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-tenant", "t999".parse().unwrap());
+    let labels = BTreeMap::new();
+    let view = RequestView {
+        path: "/svc-999/items",
+        query: None,
+        method: "GET",
+        authority: "web",
+        headers: &headers,
+        port: 80,
+        source_labels: &labels,
+        source_namespace: "default",
+    };
+    c.bench_function("route: last of 1,000 http routes", |b| {
+        b.iter(|| {
+            vs.iter()
+                .flat_map(|v| v.http.iter())
+                .position(|r| r.takes(black_box(&view)))
+        })
+    });
+}
+
+fn endpoints(n: u8) -> Vec<Endpoint> {
+    (0..n)
+        .map(|i| Endpoint {
+            address: Some(IpAddr::from([10, 1, 0, i])),
+            hostname: None,
+            ports: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            locality: Locality::default(),
+            weight: 1,
+            ready: true,
+            node: None,
+            workload: None,
+            service_account: None,
+        })
+        .collect()
+}
+
+fn endpoint_selection(c: &mut Criterion) {
+    let eps = endpoints(100);
+    let candidates: Vec<&Endpoint> = eps.iter().collect();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-user", "user-42".parse().unwrap());
+    let labels = BTreeMap::new();
+    let locality = Locality::default();
+    let input = HashInput {
+        headers: &headers,
+        query: None,
+        client: IpAddr::from([10, 0, 0, 1]),
+        locality: &locality,
+        client_labels: &labels,
+    };
+    let lb = |simple, hash: Option<ConsistentHashLb>| DestinationRule {
+        host: "web".into(),
+        traffic_policy: Some(TrafficPolicy {
+            load_balancer: Some(LoadBalancerSettings {
+                simple,
+                consistent_hash: hash,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let header = |maglev: bool| ConsistentHashLb {
+        http_header_name: "x-user".into(),
+        maglev: maglev.then(Default::default),
+        ..Default::default()
+    };
+    let cases = [
+        ("round robin", lb(Some(SimpleLb::RoundRobin), None)),
+        ("random", lb(Some(SimpleLb::Random), None)),
+        ("least request", lb(Some(SimpleLb::LeastRequest), None)),
+        ("ring hash on a header", lb(None, Some(header(false)))),
+        ("maglev on a header", lb(None, Some(header(true)))),
+    ];
+    for (name, dr) in &cases {
+        let policy = Policy::of(Some(dr), "", 80);
+        let cluster = Cluster::default();
+        c.bench_function(&format!("endpoint of 100: {name}"), |b| {
+            b.iter(|| {
+                cluster
+                    .pick(
+                        &candidates,
+                        &policy,
+                        black_box(&input),
+                        IpAddr::from([0, 0, 0, 0]),
+                        None,
+                    )
+                    .map(|p| p.endpoint.address)
+            })
+        });
+    }
+}
+
+fn client_hello(c: &mut Criterion) {
+    // A ClientHello as rustls writes it is a few hundred bytes; this one
+    // carries only what the parser walks.
+    let name = b"api.example.com";
+    let mut sni = vec![0u8];
+    sni.extend((name.len() as u16).to_be_bytes());
+    sni.extend(name);
+    let mut ext = vec![0, 0];
+    ext.extend(((sni.len() + 2) as u16).to_be_bytes());
+    ext.extend((sni.len() as u16).to_be_bytes());
+    ext.extend(&sni);
+    let mut hello = vec![3, 3];
+    hello.extend([7u8; 32]);
+    hello.push(0);
+    hello.extend([0, 2, 0x13, 0x01, 1, 0]);
+    hello.extend((ext.len() as u16).to_be_bytes());
+    hello.extend(&ext);
+    let mut hs = vec![1];
+    hs.extend(&(hello.len() as u32).to_be_bytes()[1..]);
+    hs.extend(&hello);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend((hs.len() as u16).to_be_bytes());
+    rec.extend(&hs);
+    assert_eq!(
+        mesh_agent::proxy::sniff::parse_sni(&rec).as_deref(),
+        Some("api.example.com")
+    );
+    c.bench_function("SNI from a ClientHello", |b| {
+        b.iter(|| mesh_agent::proxy::sniff::parse_sni(black_box(&rec)))
+    });
+}
+
+criterion_group!(benches, route_matching, endpoint_selection, client_hello);
+criterion_main!(benches);
