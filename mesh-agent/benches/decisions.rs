@@ -78,18 +78,7 @@ fn route_matching(c: &mut Criterion) {
 
 fn endpoints(n: u8) -> Vec<Endpoint> {
     (0..n)
-        .map(|i| Endpoint {
-            address: Some(IpAddr::from([10, 1, 0, i])),
-            hostname: None,
-            ports: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            locality: Locality::default(),
-            weight: 1,
-            ready: true,
-            node: None,
-            workload: None,
-            service_account: None,
-        })
+        .map(|i| Endpoint::at(Some(IpAddr::from([10, 1, 0, i])), None))
         .collect()
 }
 
@@ -151,28 +140,17 @@ fn endpoint_selection(c: &mut Criterion) {
 }
 
 fn client_hello(c: &mut Criterion) {
-    // A ClientHello as rustls writes it is a few hundred bytes; this one
-    // carries only what the parser walks.
-    let name = b"api.example.com";
-    let mut sni = vec![0u8];
-    sni.extend((name.len() as u16).to_be_bytes());
-    sni.extend(name);
-    let mut ext = vec![0, 0];
-    ext.extend(((sni.len() + 2) as u16).to_be_bytes());
-    ext.extend((sni.len() as u16).to_be_bytes());
-    ext.extend(&sni);
-    let mut hello = vec![3, 3];
-    hello.extend([7u8; 32]);
-    hello.push(0);
-    hello.extend([0, 2, 0x13, 0x01, 1, 0]);
-    hello.extend((ext.len() as u16).to_be_bytes());
-    hello.extend(&ext);
-    let mut hs = vec![1];
-    hs.extend(&(hello.len() as u32).to_be_bytes()[1..]);
-    hs.extend(&hello);
-    let mut rec = vec![0x16, 3, 1];
-    rec.extend((hs.len() as u16).to_be_bytes());
-    rec.extend(&hs);
+    // A real ClientHello, as rustls writes it (TLS 1.3, its extensions).
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut rec = Vec::new();
+    conn.write_tls(&mut rec).unwrap();
     assert_eq!(
         mesh_agent::proxy::sniff::parse_sni(&rec).as_deref(),
         Some("api.example.com")

@@ -103,6 +103,23 @@ impl Serialize for WorkloadRef {
 }
 
 impl Endpoint {
+    /// A ready endpoint at an address (or a DNS name), with nothing else
+    /// known about it yet.
+    pub fn at(address: Option<IpAddr>, hostname: Option<String>) -> Self {
+        Self {
+            address,
+            hostname,
+            ports: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            locality: Locality::default(),
+            weight: 1,
+            ready: true,
+            node: None,
+            workload: None,
+            service_account: None,
+        }
+    }
+
     /// The endpoint's port for service port `p`.
     pub fn port_for(&self, p: &ServicePort) -> u16 {
         if !p.name.is_empty()

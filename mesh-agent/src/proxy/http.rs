@@ -75,6 +75,7 @@ pub async fn serve(
         l if l.region.is_empty() => crate::registry::Locality::parse(&ctx.config.locality),
         l => l,
     };
+    let pod_key = pod.workload.key().to_string();
     let conn = Arc::new(Conn {
         pod,
         ctx,
@@ -84,6 +85,7 @@ pub async fn serve(
         client: peer,
         dst,
         locality,
+        pod_key,
     });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -121,6 +123,8 @@ struct Conn {
     /// Where the client pod runs (its `istio-locality` label, else the
     /// node's `--locality`).
     locality: crate::registry::Locality,
+    /// The client pod's name, which keys its upstream connections.
+    pod_key: String,
 }
 
 /// Why the agent answered a request itself.
@@ -823,7 +827,7 @@ impl Conn {
                     .is_none_or(|max| uses + 1 < max);
                 // An HTTP/2 connection serves other requests at once; an
                 // HTTP/1.1 one only once this response's body is done.
-                let pod = self.pod.workload.key().to_string();
+                let pod = self.pod_key.clone();
                 let give_back = match sender {
                     Upstream::H2(s) => {
                         if reuse {
@@ -1004,8 +1008,8 @@ impl Conn {
         h2: bool,
         connect_timeout: Option<Duration>,
     ) -> Result<(Upstream, usize), LocalReply> {
-        let pod = self.pod.workload.key().to_string();
-        while let Some((mut u, uses)) = self.ctx.upstreams.take(&pod, addr, h2) {
+        let pod = &self.pod_key;
+        while let Some((mut u, uses)) = self.ctx.upstreams.take(pod, addr, h2) {
             let ready = match &mut u {
                 Upstream::H1(s) => s.ready().await.is_ok(),
                 Upstream::H2(s) => s.ready().await.is_ok(),

@@ -496,18 +496,7 @@ fn service_entry(
         }
     }
     if endpoints.is_empty() && matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
-        endpoints.push(Endpoint {
-            address: None,
-            hostname: Some(host.into()),
-            ports: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            locality: Locality::default(),
-            weight: 1,
-            ready: true,
-            node: None,
-            workload: None,
-            service_account: None,
-        });
+        endpoints.push(Endpoint::at(None, Some(host.into())));
     }
     Service {
         name: r.metadata.name.clone(),

@@ -392,6 +392,22 @@ pub struct ConnView<'a> {
 }
 
 impl CompiledL4Match {
+    /// The fields `tcp` and `tls` matches share.
+    fn common(
+        port: Option<u32>,
+        destination_subnets: &[String],
+        source_labels: &BTreeMap<String, String>,
+        source_namespace: &str,
+    ) -> Self {
+        Self {
+            port: port.and_then(|p| u16::try_from(p).ok()),
+            destination_subnets: cidrs(destination_subnets),
+            source_labels: source_labels.clone(),
+            source_namespace: source_namespace.to_owned(),
+            ..Self::default()
+        }
+    }
+
     pub fn matches(&self, c: &ConnView<'_>) -> bool {
         self.port.is_none_or(|p| p == c.port)
             && (self.destination_subnets.is_empty()
@@ -641,12 +657,13 @@ fn compile_vs(
                     .matches
                     .iter()
                     .map(|m| CompiledL4Match {
-                        port: m.port.and_then(|p| u16::try_from(p).ok()),
-                        destination_subnets: cidrs(&m.destination_subnets),
                         source_subnet: m.source_subnet.parse().ok(),
-                        source_labels: m.source_labels.clone(),
-                        source_namespace: m.source_namespace.clone(),
-                        sni_hosts: Vec::new(),
+                        ..CompiledL4Match::common(
+                            m.port,
+                            &m.destination_subnets,
+                            &m.source_labels,
+                            &m.source_namespace,
+                        )
                     })
                     .collect();
                 l4_route(&t.route, matches, &r.metadata.namespace, cluster_domain)
@@ -660,12 +677,13 @@ fn compile_vs(
                     .matches
                     .iter()
                     .map(|m| CompiledL4Match {
-                        port: m.port.and_then(|p| u16::try_from(p).ok()),
-                        destination_subnets: cidrs(&m.destination_subnets),
-                        source_subnet: None,
-                        source_labels: m.source_labels.clone(),
-                        source_namespace: m.source_namespace.clone(),
                         sni_hosts: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                        ..CompiledL4Match::common(
+                            m.port,
+                            &m.destination_subnets,
+                            &m.source_labels,
+                            &m.source_namespace,
+                        )
                     })
                     .collect();
                 l4_route(&t.route, matches, &r.metadata.namespace, cluster_domain)

@@ -689,18 +689,7 @@ mod tests {
 
     fn endpoints(n: u8) -> Vec<Endpoint> {
         (1..=n)
-            .map(|i| Endpoint {
-                address: Some(IpAddr::from([10, 0, 0, i])),
-                hostname: None,
-                ports: Default::default(),
-                labels: Default::default(),
-                locality: Default::default(),
-                weight: 1,
-                ready: true,
-                node: None,
-                workload: None,
-                service_account: None,
-            })
+            .map(|i| Endpoint::at(Some(IpAddr::from([10, 0, 0, i])), None))
             .collect()
     }
 

@@ -133,16 +133,8 @@ mod tests {
 
     fn ep(locality: &str) -> Endpoint {
         Endpoint {
-            address: None,
-            hostname: Some(locality.into()),
-            ports: Default::default(),
-            labels: Default::default(),
             locality: Locality::parse(locality),
-            weight: 1,
-            ready: true,
-            node: None,
-            workload: None,
-            service_account: None,
+            ..Endpoint::at(None, Some(locality.into()))
         }
     }
 

@@ -221,22 +221,12 @@ fn http_reply(s: TcpStream, name: &str) -> Result<()> {
         if r.read_line(&mut request_line)? == 0 {
             return Ok(());
         }
-        let (mut length, mut close) = (0usize, false);
-        let mut headers = serde_json::Map::new();
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h)? == 0 || h == "\r\n" {
-                break;
-            }
-            let (k, v) = h.split_once(':').unwrap_or((&h, ""));
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if k == "content-length" {
-                length = v.parse().context("bad Content-Length")?;
-            } else if k == "connection" && v.eq_ignore_ascii_case("close") {
-                close = true;
-            }
-            headers.insert(k, v.into());
-        }
+        let headers = read_headers(&mut r)?;
+        let text = |k: &str| headers.get(k).and_then(|v| v.as_str());
+        let length: usize = text("content-length")
+            .map_or(Ok(0), str::parse)
+            .context("bad Content-Length")?;
+        let close = text("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let mut body_in = Vec::new();
         (&mut r).take(length as u64).read_to_end(&mut body_in)?;
         if let Some(proto) = headers.get("upgrade").and_then(|v| v.as_str()) {
@@ -591,6 +581,20 @@ fn fixed_rate(url: &str, rate: u64, secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// Header lines up to the blank one, names lowercased (the last of a
+/// repeated header wins).
+fn read_headers(r: &mut impl BufRead) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut headers = serde_json::Map::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h == "\r\n" {
+            return Ok(headers);
+        }
+        let (k, v) = h.split_once(':').unwrap_or((&h, ""));
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().into());
+    }
+}
+
 struct ParsedResponse {
     status: u16,
     body: String,
@@ -610,24 +614,15 @@ fn read_response(r: &mut impl BufRead) -> Result<ParsedResponse> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("bad status line {line:?}"))?;
-    let (mut length, mut chunked, mut close, mut flags) = (None, false, false, None);
-    let mut headers = serde_json::Map::new();
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
-        }
-        let (k, v) = h.split_once(':').unwrap_or((&h, ""));
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-        headers.insert(k.clone(), v.clone().into());
-        match k.as_str() {
-            "content-length" => length = Some(v.parse::<usize>().context("bad Content-Length")?),
-            "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
-            "connection" => close = v.eq_ignore_ascii_case("close"),
-            "x-mesh-response-flags" => flags = Some(v),
-            _ => {}
-        }
-    }
+    let headers = read_headers(r)?;
+    let text = |k: &str| headers.get(k).and_then(|v| v.as_str());
+    let length = text("content-length")
+        .map(str::parse::<usize>)
+        .transpose()
+        .context("bad Content-Length")?;
+    let chunked = text("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let mut close = text("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    let flags = text("x-mesh-response-flags").map(String::from);
     let mut body = Vec::new();
     if chunked {
         loop {
