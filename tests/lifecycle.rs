@@ -90,7 +90,7 @@ fn shutdown_leaves_no_program_attached_and_no_pin_behind() {
         .iter()
         .map(|p| p["id"].as_u64().unwrap())
         .collect();
-    assert_eq!(ids.len(), 6);
+    assert_eq!(ids.len(), 7);
     assert!(ids.iter().all(|id| kernel::program_loaded(*id)));
 
     let status = agent.stop();
@@ -100,6 +100,8 @@ fn shutdown_leaves_no_program_attached_and_no_pin_behind() {
         assert!(kernel::cgroup_programs(&pod.cgroup).is_empty());
         assert!(kernel::links_on(&pod.cgroup, &pod.netns_path()).is_empty());
     }
+    // The fast path's sock_ops on the agent's own cgroup went with it.
+    assert!(kernel::cgroup_programs(&env.cgroup.join("agent-node")).is_empty());
     assert!(
         !agent.pin_dir.exists(),
         "pin directory {} left behind",

@@ -50,6 +50,8 @@ pub struct AdminState {
     pub store: Arc<crate::snapshot::Store>,
     /// The Kubernetes watches, when configured.
     pub kube: Option<Arc<crate::sources::kube::KubeSource>>,
+    /// The shared maps, for the fast-path switch.
+    pub maps: Arc<crate::ebpf::Maps>,
 }
 
 /// Which endpoint a listener serves.
@@ -175,9 +177,11 @@ fn route(state: &AdminState, ep: Endpoint, req: Request<Incoming>) -> Response<F
             json(&dump)
         }
         (Endpoint::Admin, "/logging") => logging(state, &req),
+        (Endpoint::Admin, "/fast_path") => fast_path(state, &req),
         (Endpoint::Admin, "/") if get => text(
             StatusCode::OK,
-            "endpoints: /config_dump, /logging[?level=FILTER] (POST to change), /stats/prometheus, /healthz/ready",
+            "endpoints: /config_dump, /logging[?level=FILTER] (POST to change), \
+             /fast_path[?enabled=true|false] (POST to change), /stats/prometheus, /healthz/ready",
         ),
         (_, "/metrics" | "/stats/prometheus" | "/healthz/ready" | "/config_dump" | "/") => text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -185,6 +189,36 @@ fn route(state: &AdminState, ep: Endpoint, req: Request<Incoming>) -> Response<F
         ),
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
+}
+
+/// `GET /fast_path` shows whether the same-node fast path is on;
+/// `POST /fast_path?enabled=true|false` switches it for new messages.
+fn fast_path(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let enabled = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("enabled=")));
+    let on = match (req.method(), enabled) {
+        (&Method::GET, None) => state.maps.fast_path(),
+        (&Method::POST | &Method::PUT, Some(v @ ("true" | "false"))) => {
+            let on = v == "true";
+            if let Err(e) = state.maps.set_fast_path(on) {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            }
+            tracing::info!(on, "fast path switched");
+            on
+        }
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "usage: GET /fast_path, POST /fast_path?enabled=true|false",
+            );
+        }
+    };
+    text(
+        StatusCode::OK,
+        format!("fast path: {}", if on { "on" } else { "off" }),
+    )
 }
 
 /// `GET /logging` shows the filter; `POST /logging?level=<filter>` sets it.

@@ -278,6 +278,29 @@ pub struct Config {
     #[serde(with = "humantime_serde_compat")]
     pub config_poll_interval: Duration,
 
+    /// The same-node fast path: `sock_ops` + `sk_msg` splice bytes between an
+    /// application's socket and the agent's peer socket inside a pod,
+    /// skipping the loopback TCP/IP stack (also switchable at run time:
+    /// `POST /fast_path?enabled=true|false` on the admin port). Off by
+    /// default: Linux answers a *blocking* read on a socket in a sockmap
+    /// with EAGAIN when a wakeup finds nothing to read (e.g. the ACK of the
+    /// application's own FIN), which applications with blocking sockets
+    /// take as an error. Safe for non-blocking I/O (Go, tokio, Node, Java
+    /// NIO, Envoy, nginx).
+    #[arg(long, env = "MESH_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
+
+    /// The agent's own cgroup, where the fast path attaches `sock_ops` to see
+    /// the agent's ends of application connections. Default: the cgroup of
+    /// the pod whose UID is MESH_POD_UID (the DaemonSet sets it), else this
+    /// process's cgroup under --cgroup-root. Never the root cgroup.
+    #[arg(long, env = "MESH_AGENT_CGROUP")]
+    pub agent_cgroup: Option<PathBuf>,
+
+    /// The agent's own pod UID (downward API), to find its cgroup.
+    #[arg(long, env = "MESH_POD_UID")]
+    pub pod_uid: Option<String>,
+
     /// Copy buffer per direction of a proxied connection, in bytes.
     #[arg(long, env = "MESH_BUFFER_SIZE", default_value_t = 16 * 1024)]
     pub buffer_size: usize,

@@ -43,6 +43,21 @@ pub fn pod(cgroup_root: &Path, uid: &str) -> Result<(PathBuf, PathBuf), Error> {
     Ok((cgroup, PathBuf::from(format!("/proc/{pid}/ns/net"))))
 }
 
+/// The agent's own cgroup: its pod's (by `pod_uid`), else this process's
+/// from `/proc/self/cgroup` under `cgroup_root`. `None` for the root
+/// cgroup (inside a cgroup namespace every process looks like it is there),
+/// where nothing of the mesh may attach.
+pub fn own_cgroup(cgroup_root: &Path, pod_uid: Option<&str>) -> Option<PathBuf> {
+    if let Some(uid) = pod_uid {
+        let names = [format!("pod{uid}"), format!("pod{}", uid.replace('-', "_"))];
+        return find_dir(cgroup_root, &names, 0);
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let rel = rel.trim().trim_start_matches('/');
+    (!rel.is_empty()).then(|| cgroup_root.join(rel))
+}
+
 /// The first directory under `dir` whose name ends with one of `names`
 /// (systemd adds `.slice`, so that is stripped first).
 fn find_dir(dir: &Path, names: &[String], depth: usize) -> Option<PathBuf> {

@@ -37,16 +37,16 @@ pub enum Error {
         source: io::Error,
     },
     #[error(
-        "pinned map {path} has a different layout (key {found_key} B, value {found_value} B; this \
-         agent needs {want_key} B, {want_value} B): it belongs to an incompatible agent version; \
-         remove it (or stop that agent) and start again"
+        "pinned map {path} has a different layout (key {} B, value {} B, {} entries; this \
+         agent needs {} B, {} B, {} entries): it belongs to an incompatible agent version; \
+         remove it (or stop that agent) and start again",
+        .found.0, .found.1, .found.2, .want.0, .want.1, .want.2
     )]
     IncompatiblePin {
         path: PathBuf,
-        found_key: u32,
-        found_value: u32,
-        want_key: u32,
-        want_value: u32,
+        /// (key size, value size, max entries)
+        found: (u32, u32, u32),
+        want: (u32, u32, u32),
     },
     #[error(
         "the kernel refused to load the eBPF object: {} (needs BPF with BTF, cgroup sock_addr, \

@@ -11,7 +11,8 @@ pub struct MeshConfig {
     pub inbound_port: u16,
     /// Inbound HBONE listener port inside each pod (15008).
     pub hbone_port: u16,
-    pub _pad: u16,
+    /// `FLAG_*` bits.
+    pub flags: u16,
     /// `SO_MARK` the agent sets on its own sockets; `connect4/6` leave sockets
     /// carrying it alone, so the agent's upstream connections are not captured
     /// even if the agent runs inside a captured cgroup.
@@ -25,6 +26,10 @@ pub struct MeshConfig {
 const _: () = assert!(core::mem::size_of::<MeshConfig>() == 20);
 
 crate::user_pod!(MeshConfig);
+
+/// [`MeshConfig::flags`]: splice same-node socket pairs in the kernel
+/// (`sock_ops` files them in `mesh_fast_socks`, `sk_msg` redirects).
+pub const FLAG_FAST_PATH: u16 = 1;
 
 /// Source address the agent uses for its IPv4 connections to the
 /// application (Istio's `127.0.0.6`). Packets from a loopback address cannot

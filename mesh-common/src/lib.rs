@@ -18,7 +18,7 @@ pub mod stats;
 
 /// Version of the shared map layouts. A new agent refuses to adopt pinned maps
 /// whose key or value sizes differ from its own (see `mesh-agent::ebpf::maps`).
-pub const MAP_ABI_VERSION: u32 = 1;
+pub const MAP_ABI_VERSION: u32 = 2;
 
 /// Implements `aya::Pod` for map types when built for user space.
 macro_rules! user_pod {

@@ -13,6 +13,9 @@
 /// * `sk_lookup`: `redirected` = assigned to the agent's inbound listener;
 ///   `passed` = left to the normal socket lookup; `errors` also counts
 ///   connections refused because the pod's listener was missing (fail closed).
+/// * `sk_msg`: `redirected` = messages spliced into the peer socket;
+///   `passed` = messages left to TCP (peer not filed, or the socket settled
+///   on TCP); `errors` = no per-socket state could be allocated.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ProgStats {
@@ -30,8 +33,9 @@ pub const PROG_GETPEERNAME4: u32 = 2;
 pub const PROG_GETPEERNAME6: u32 = 3;
 pub const PROG_SOCK_OPS: u32 = 4;
 pub const PROG_SK_LOOKUP: u32 = 5;
+pub const PROG_SK_MSG: u32 = 6;
 /// Number of slots in `mesh_stats`.
-pub const PROG_COUNT: u32 = 6;
+pub const PROG_COUNT: u32 = 7;
 
 /// Program names by stats index, as exported in metric labels.
 pub const PROG_NAMES: [&str; PROG_COUNT as usize] = [
@@ -41,4 +45,5 @@ pub const PROG_NAMES: [&str; PROG_COUNT as usize] = [
     "getpeername6",
     "sock_ops",
     "sk_lookup",
+    "sk_msg",
 ];

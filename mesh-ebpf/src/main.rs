@@ -10,6 +10,7 @@
 
 mod connect;
 mod ctx;
+mod fast_path;
 mod getpeername;
 mod maps;
 mod sk_lookup;

@@ -2,7 +2,7 @@
 //! list` shows and what the agent pins under its bpffs directory.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, SockHash},
     macros::btf_map,
 };
 use mesh_common::{
@@ -41,6 +41,17 @@ pub static INBOUND: SockHash<Addr, 4096> = SockHash::new();
 /// reach the application unchecked.
 #[btf_map(name = "mesh_pod_ips")]
 pub static POD_IPS: HashMap<Addr, u32, 4096> = HashMap::new();
+
+/// Same-node socket pairs for the fast path: each socket filed under its own
+/// connection (netns cookie, local, remote), so `sk_msg` finds a socket's
+/// peer under the reversed key. Entries leave with their sockets.
+#[btf_map(name = "mesh_fast_socks")]
+pub static FAST_SOCKS: SockHash<ConnKey, 65536> = SockHash::new();
+
+/// Per-socket fast-path decision (`fast_path::UNDECIDED` …), freed with the
+/// socket. Pinned, so a restarted agent's programs keep earlier decisions.
+#[btf_map(name = "mesh_fast_state")]
+pub static FAST_STATE: SkStorage<u32> = SkStorage::new();
 
 /// Per-program counters, indexed by `mesh_common::stats::PROG_*`.
 #[btf_map(name = "mesh_stats")]

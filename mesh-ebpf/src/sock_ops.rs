@@ -1,24 +1,42 @@
 //! `sock_ops`: when a captured connection is established, file its original
 //! destination under the connection's 4-tuple (what the agent sees on
 //! `accept()`); when it closes, remove both records so the maps do not grow.
+//!
+//! With the fast path on, it also files both ends of every application ⇄
+//! agent connection inside a pod in `mesh_fast_socks`, for `sk_msg`: the
+//! application's captured connect and the agent's socket accepted on the
+//! outbound listener; the agent's connection from its loopback source
+//! (`127.0.0.6`, `::6`) and the application's socket that accepted it. The
+//! agent's ends are seen because the agent attaches this program to its own
+//! cgroup too.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock_ops,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::error;
-use mesh_common::{addr::AF_INET, capture::ConnKey, stats::PROG_SOCK_OPS};
+use mesh_common::{
+    addr::{AF_INET, Addr, from_v4_octets},
+    capture::ConnKey,
+    config::{AGENT_INBOUND_SRC_V4, AGENT_INBOUND_SRC_V6, FLAG_FAST_PATH},
+    stats::PROG_SOCK_OPS,
+};
 
 use crate::{
     ctx::{load, load_ip6, v4_word_to_addr},
-    maps::{CONN_DST, ORIG_DST, Outcome, count},
+    maps::{CONN_DST, FAST_SOCKS, ORIG_DST, Outcome, config, count},
 };
+
+const AGENT_SRC_V4: Addr = from_v4_octets(AGENT_INBOUND_SRC_V4);
+const LOOPBACK_V4: Addr = from_v4_octets([127, 0, 0, 1]);
+const LOOPBACK_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
@@ -42,10 +60,22 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let key = conn_key(ctx);
             // SAFETY: the record is copied out at once.
             if let Some(orig) = unsafe { ORIG_DST.get(cookie).copied() } {
-                CONN_DST.insert(conn_key(ctx), orig, 0)?;
+                CONN_DST.insert(key, orig, 0)?;
                 count(PROG_SOCK_OPS, Outcome::Redirected);
+                file_fast(ctx, key)?;
+            } else if is_agent_src(&key.src_addr) {
+                file_fast(ctx, key)?;
+            }
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let key = conn_key(ctx);
+            let outbound_listener = config().is_some_and(|c| key.src_port == c.outbound_port)
+                && (key.src_addr == LOOPBACK_V4 || key.src_addr == LOOPBACK_V6);
+            if outbound_listener || is_agent_src(&key.dst_addr) {
+                file_fast(ctx, key)?;
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
@@ -58,6 +88,22 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
         _ => {}
     }
     Ok(())
+}
+
+/// Files this socket for `sk_msg` when the fast path is on.
+#[inline(always)]
+fn file_fast(ctx: &SockOpsContext, mut key: ConnKey) -> Result<(), i32> {
+    if !config().is_some_and(|c| c.flags & FLAG_FAST_PATH != 0) {
+        return Ok(());
+    }
+    // SAFETY: `ctx.ops` is the program's context, which the helper takes.
+    FAST_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY.into())
+}
+
+/// Whether `a` is the agent's loopback source for connections to applications.
+#[inline(always)]
+fn is_agent_src(a: &Addr) -> bool {
+    *a == AGENT_SRC_V4 || *a == AGENT_INBOUND_SRC_V6
 }
 
 /// The connection from the application's side: its own address is `src`.

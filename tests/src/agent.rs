@@ -63,9 +63,19 @@ pub fn write_workloads(path: &std::path::Path, pods: &[&Pod]) {
     fs::rename(&tmp, path).unwrap();
 }
 
+/// The agent runs in a cgroup of its own under the test's, as in its
+/// DaemonSet pod, so the fast path can attach `sock_ops` there.
 fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOptions) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{}", node.netns))
+    let cgroup = env.cgroup.join(format!("agent-{}", node.name));
+    fs::create_dir_all(&cgroup)
+        .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(r#"cg=$1; shift; echo $$ > "$cg/cgroup.procs" && exec "$@""#)
+        .arg("sh")
+        .arg(&cgroup)
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
         .arg("--")
         .arg(sys::agent_bin())
         .arg("run")
@@ -82,6 +92,8 @@ fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOpti
             &node.name,
         ])
         .args(["--log-level", opts.log.as_deref().unwrap_or("info")])
+        .arg("--agent-cgroup")
+        .arg(&cgroup)
         .args(&opts.args)
         .envs(opts.env.iter().map(|(k, v)| (k, v)));
     c

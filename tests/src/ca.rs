@@ -211,6 +211,16 @@ pub struct Capture {
 impl Capture {
     /// Captures on `iface` of `netns` what matches `filter` (a pcap filter).
     pub fn start(env: &Env, netns: &str, iface: &str, filter: &str) -> Self {
+        Self::start_with(env, netns, iface, filter, 0)
+    }
+
+    /// Like `start`, keeping only each frame's first 128 bytes (headers):
+    /// for counting what crossed (`pcap::payload_bytes`) in bulk transfers.
+    pub fn headers(env: &Env, netns: &str, iface: &str, filter: &str) -> Self {
+        Self::start_with(env, netns, iface, filter, 128)
+    }
+
+    fn start_with(env: &Env, netns: &str, iface: &str, filter: &str, snaplen: u32) -> Self {
         assert!(
             sys::which("tcpdump").is_some(),
             "tcpdump is missing: run `cargo xtask setup`"
@@ -230,7 +240,7 @@ impl Capture {
                 "--immediate-mode",
                 "-U",
                 "-s",
-                "0",
+                &snaplen.to_string(),
                 "-w",
             ])
             .arg(&file)

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
 /// One direction of a TCP connection.
@@ -20,27 +20,8 @@ type Segments = (Option<u32>, BTreeMap<u32, Vec<u8>>);
 
 /// The TCP byte streams in a pcap file (Ethernet link type).
 pub fn tcp_flows(pcap: &[u8]) -> Vec<Flow> {
-    assert!(pcap.len() >= 24, "not a pcap file");
-    let le = match &pcap[..4] {
-        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
-        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
-        m => panic!("not a pcap file (magic {m:02x?})"),
-    };
-    let u32_at = |b: &[u8], i: usize| {
-        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
-        if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
-    };
-    assert_eq!(u32_at(pcap, 20), 1, "only Ethernet captures are understood");
     let mut flows: HashMap<(SocketAddr, SocketAddr), Segments> = HashMap::new();
-    let mut at = 24;
-    while at + 16 <= pcap.len() {
-        let incl = u32_at(pcap, at + 8) as usize;
-        let frame = &pcap[at + 16..(at + 16 + incl).min(pcap.len())];
-        at += 16 + incl;
+    for frame in frames(pcap) {
         let Some((src, dst, seq, syn, payload)) = tcp_segment(frame) else {
             continue;
         };
@@ -77,45 +58,95 @@ pub fn tcp_flows(pcap: &[u8]) -> Vec<Flow> {
         .collect()
 }
 
-/// (source, destination, sequence number, SYN, payload) of a TCP frame.
-fn tcp_segment(f: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, bool, &[u8])> {
+/// Payload bytes per TCP direction, from the IP and TCP headers' lengths, so
+/// a capture cut short with a small snap length (`Capture::headers`) still
+/// counts every byte that crossed.
+pub fn payload_bytes(pcap: &[u8]) -> HashMap<(SocketAddr, SocketAddr), u64> {
+    let mut out = HashMap::new();
+    for frame in frames(pcap) {
+        if let Some(h) = tcp_header(frame) {
+            *out.entry((h.src, h.dst)).or_default() += h.payload_len as u64;
+        }
+    }
+    out
+}
+
+/// The captured bytes of each frame in a pcap file (Ethernet link type).
+fn frames(pcap: &[u8]) -> Vec<&[u8]> {
+    assert!(pcap.len() >= 24, "not a pcap file");
+    let le = match &pcap[..4] {
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
+        m => panic!("not a pcap file (magic {m:02x?})"),
+    };
+    let u32_at = |b: &[u8], i: usize| {
+        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    assert_eq!(u32_at(pcap, 20), 1, "only Ethernet captures are understood");
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let incl = u32_at(pcap, at + 8) as usize;
+        out.push(&pcap[at + 16..(at + 16 + incl).min(pcap.len())]);
+        at += 16 + incl;
+    }
+    out
+}
+
+/// A TCP frame's header fields; lengths come from the headers, not from
+/// how much was captured.
+struct TcpHeader {
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    syn: bool,
+    /// Offset of the payload in the frame.
+    payload_at: usize,
+    payload_len: usize,
+}
+
+fn tcp_header(f: &[u8]) -> Option<TcpHeader> {
     let (ethertype, ip) = (u16::from_be_bytes([*f.get(12)?, *f.get(13)?]), f.get(14..)?);
-    let (src_ip, dst_ip, tcp): (IpAddr, IpAddr, &[u8]) = match ethertype {
+    // (source, destination, offset of TCP in `ip`, TCP length)
+    let (src_ip, dst_ip, tcp_at, tcp_len): (IpAddr, IpAddr, usize, usize) = match ethertype {
         0x0800 if *ip.get(9)? == 6 => {
             let ihl = usize::from(ip[0] & 0x0f) * 4;
             let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
             let a: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
             let b: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
-            (
-                Ipv4Addr::from(a).into(),
-                Ipv4Addr::from(b).into(),
-                ip.get(ihl..total)?,
-            )
+            (a.into(), b.into(), ihl, total.checked_sub(ihl)?)
         }
         0x86dd if *ip.get(6)? == 6 => {
             let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
             let a: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
             let b: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
-            (
-                Ipv6Addr::from(a).into(),
-                Ipv6Addr::from(b).into(),
-                ip.get(40..40 + len)?,
-            )
+            (Ipv6Addr::from(a).into(), Ipv6Addr::from(b).into(), 40, len)
         }
         _ => return None,
     };
-    let sport = u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]);
-    let dport = u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]);
-    let seq = u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?);
+    let tcp = ip.get(tcp_at..)?;
     let data_off = usize::from(*tcp.get(12)? >> 4) * 4;
-    let syn = tcp.get(13)? & 0x02 != 0;
-    Some((
-        SocketAddr::new(src_ip, sport),
-        SocketAddr::new(dst_ip, dport),
-        seq,
-        syn,
-        tcp.get(data_off..)?,
-    ))
+    Some(TcpHeader {
+        src: SocketAddr::new(src_ip, u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?])),
+        dst: SocketAddr::new(dst_ip, u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?])),
+        seq: u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?),
+        syn: tcp.get(13)? & 0x02 != 0,
+        payload_at: 14 + tcp_at + data_off,
+        payload_len: tcp_len.checked_sub(data_off)?,
+    })
+}
+
+/// (source, destination, sequence number, SYN, payload) of a fully captured
+/// TCP frame.
+fn tcp_segment(f: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, bool, &[u8])> {
+    let h = tcp_header(f)?;
+    let payload = f.get(h.payload_at..h.payload_at + h.payload_len)?;
+    Some((h.src, h.dst, h.seq, h.syn, payload))
 }
 
 /// Splits a byte stream into TLS records: (content type, length). Fails on

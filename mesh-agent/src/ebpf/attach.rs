@@ -53,6 +53,7 @@ impl Loaded {
             let target = match hook {
                 Hook::Cgroup => cgroup.0,
                 Hook::Netns => netns.0,
+                Hook::SockMap => continue,
             };
             let attach_err = |source| Error::Attach {
                 program,

@@ -10,7 +10,7 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::MapInfo,
-    programs::{CgroupSockAddr, SkLookup, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps},
 };
 use serde::Serialize;
 
@@ -27,16 +27,19 @@ pub(super) enum Hook {
     Cgroup,
     /// To the pod's network namespace.
     Netns,
+    /// To the fast path's socket map, once per agent.
+    SockMap,
 }
 
 /// Every program in the object, by the name `bpftool prog list` shows.
-pub(super) const PROGRAMS: [(&str, Hook); 6] = [
+pub(super) const PROGRAMS: [(&str, Hook); 7] = [
     ("mesh_connect4", Hook::Cgroup),
     ("mesh_connect6", Hook::Cgroup),
     ("mesh_getpeer4", Hook::Cgroup),
     ("mesh_getpeer6", Hook::Cgroup),
     ("mesh_sockops", Hook::Cgroup),
     ("mesh_sk_lookup", Hook::Netns),
+    ("mesh_sk_msg", Hook::SockMap),
 ];
 
 /// A program as loaded, for `/config_dump`.
@@ -115,11 +118,30 @@ impl Loaded {
                 aya::programs::Program::CgroupSockAddr(p) => load_one::<CgroupSockAddr>(p, perr)?,
                 aya::programs::Program::SockOps(p) => load_one::<SockOps>(p, perr)?,
                 aya::programs::Program::SkLookup(p) => load_one::<SkLookup>(p, perr)?,
+                aya::programs::Program::SkMsg(p) => load_one::<SkMsg>(p, perr)?,
                 other => unreachable!("unexpected program type {:?} for {name}", other.prog_type()),
             };
             programs.push(ProgramInfo { name, id: info });
         }
         let maps = Maps::take(&mut bpf)?;
+        // The attachment lives with this process: a restarted agent attaches
+        // its own program to the adopted map, replacing this one.
+        let sk_msg: &mut SkMsg = bpf
+            .program_mut("mesh_sk_msg")
+            .ok_or(Error::MissingProgram("mesh_sk_msg"))?
+            .try_into()
+            .map_err(|source| Error::Attach {
+                program: "mesh_sk_msg",
+                target: pin_dir.join("mesh_fast_socks"),
+                source,
+            })?;
+        sk_msg
+            .attach(maps.fast_socks_fd())
+            .map_err(|source| Error::Attach {
+                program: "mesh_sk_msg",
+                target: pin_dir.join("mesh_fast_socks"),
+                source,
+            })?;
         maps.configure(cfg)?;
         Ok(Self {
             bpf,
@@ -128,6 +150,39 @@ impl Loaded {
             created,
             programs,
         })
+    }
+
+    /// Attaches `sock_ops` to the agent's own cgroup, so the agent's ends of
+    /// application connections (accepted on the outbound listener, connected
+    /// from its loopback source) are filed for the fast path as they are
+    /// established. Held by this process, never pinned: the sockets it
+    /// files are this process's own.
+    pub fn attach_agent_cgroup(&mut self, cgroup: &Path) -> Result<(), Error> {
+        let attach_err = |source| Error::Attach {
+            program: "mesh_sockops",
+            target: cgroup.into(),
+            source,
+        };
+        let file = fs::File::open(cgroup).map_err(|io_error| {
+            attach_err(
+                aya::sys::SyscallError {
+                    call: "open",
+                    io_error,
+                }
+                .into(),
+            )
+        })?;
+        let prog: &mut SockOps = self
+            .bpf
+            .program_mut("mesh_sockops")
+            .ok_or(Error::MissingProgram("mesh_sockops"))?
+            .try_into()
+            .map_err(attach_err)?;
+        // A BPF link, which is always multi-attach: another agent (an
+        // overlapping restart) may be attached there too.
+        prog.attach(&file, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        Ok(())
     }
 
     /// Map pins this agent created rather than adopted.
@@ -187,7 +242,7 @@ macro_rules! loadable {
         }
     )+};
 }
-loadable!(CgroupSockAddr, SockOps, SkLookup);
+loadable!(CgroupSockAddr, SockOps, SkLookup, SkMsg);
 
 fn load_one<P: Loadable>(
     p: &mut P,
@@ -213,7 +268,7 @@ fn check_bpffs(dir: &Path) -> Result<(), Error> {
 
 /// Refuses to adopt a pinned map whose layout is not this agent's.
 fn check_compatible(dir: &Path) -> Result<(), Error> {
-    for (name, key, value) in PINNED {
+    for (name, key, value, entries) in PINNED {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -221,13 +276,14 @@ fn check_compatible(dir: &Path) -> Result<(), Error> {
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
         };
-        if info.key_size() as usize != key || info.value_size() as usize != value {
+        if info.key_size() as usize != key
+            || info.value_size() as usize != value
+            || info.max_entries() != entries
+        {
             return Err(Error::IncompatiblePin {
                 path,
-                found_key: info.key_size(),
-                found_value: info.value_size(),
-                want_key: key as u32,
-                want_value: value as u32,
+                found: (info.key_size(), info.value_size(), info.max_entries()),
+                want: (key as u32, value as u32, entries),
             });
         }
     }

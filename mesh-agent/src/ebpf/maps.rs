@@ -13,7 +13,7 @@ use aya::maps::{
 use mesh_common::{
     addr::{Addr, from_v4_octets, is_v4_mapped},
     capture::{ConnKey, OrigDst},
-    config::MeshConfig,
+    config::{FLAG_FAST_PATH, MeshConfig},
     exclusion::{EXCLUDE_INBOUND, EXCLUDE_OUTBOUND},
     stats::{PROG_COUNT, PROG_NAMES, ProgStats},
 };
@@ -22,18 +22,27 @@ use serde::Serialize;
 use super::Error;
 use crate::config::{Cidr, Config};
 
-/// Name, key size and value size of every map the agent pins. A pinned map
-/// whose sizes differ belongs to an incompatible agent and is not adopted.
-pub(super) const PINNED: [(&str, usize, usize); 8] = [
-    ("mesh_config", 4, size_of::<MeshConfig>()),
-    ("mesh_orig_dst", 8, size_of::<OrigDst>()),
-    ("mesh_conn_dst", size_of::<ConnKey>(), size_of::<OrigDst>()),
-    ("mesh_excl_ports", 2, 4),
+/// Name, key size, value size and capacity of every map the agent pins. A
+/// pinned map that differs belongs to an incompatible agent and is not
+/// adopted.
+pub(super) const PINNED: [(&str, usize, usize, u32); 10] = [
+    ("mesh_config", 4, size_of::<MeshConfig>(), 1),
+    ("mesh_orig_dst", 8, size_of::<OrigDst>(), 65536),
+    (
+        "mesh_conn_dst",
+        size_of::<ConnKey>(),
+        size_of::<OrigDst>(),
+        65536,
+    ),
+    ("mesh_excl_ports", 2, 4, 1024),
     // LPM keys carry a 4-byte prefix length before the address.
-    ("mesh_excl_cidrs", 4 + 16, 4),
-    ("mesh_inbound", 16, 4),
-    ("mesh_pod_ips", 16, 4),
-    ("mesh_stats", 4, size_of::<ProgStats>()),
+    ("mesh_excl_cidrs", 4 + 16, 4, 1024),
+    ("mesh_inbound", 16, 4, 4096),
+    ("mesh_pod_ips", 16, 4, 4096),
+    ("mesh_stats", 4, size_of::<ProgStats>(), PROG_COUNT),
+    ("mesh_fast_socks", size_of::<ConnKey>(), 4, 65536),
+    // Socket storage has no capacity of its own.
+    ("mesh_fast_state", 4, 4, 0),
 ];
 
 /// The map form of an IP address.
@@ -65,6 +74,7 @@ pub struct Maps {
     inbound: Mutex<SockHash<MapData, Addr>>,
     pod_ips: Mutex<HashMap<MapData, Addr, u32>>,
     stats: PerCpuArray<MapData, ProgStats>,
+    fast_socks: SockHash<MapData, ConnKey>,
 }
 
 /// How many entries the connection-tracking maps hold (for `/metrics`).
@@ -72,6 +82,8 @@ pub struct Maps {
 pub struct MapEntries {
     pub orig_dst: usize,
     pub conn_dst: usize,
+    /// Sockets filed for the fast path.
+    pub fast_socks: usize,
 }
 
 fn take(bpf: &mut aya::Ebpf, name: &'static str) -> Result<Map, Error> {
@@ -98,6 +110,7 @@ impl Maps {
             inbound: Mutex::new(typed!("mesh_inbound")),
             pod_ips: Mutex::new(typed!("mesh_pod_ips")),
             stats: typed!("mesh_stats"),
+            fast_socks: typed!("mesh_fast_socks"),
         })
     }
 
@@ -140,7 +153,7 @@ impl Maps {
             outbound_port: cfg.outbound_port,
             inbound_port: cfg.inbound_port,
             hbone_port: cfg.hbone_port,
-            _pad: 0,
+            flags: if cfg.fast_path { FLAG_FAST_PATH } else { 0 },
             agent_mark: cfg.agent_mark,
             agent_mark_mask: u32::MAX,
             abi_version: mesh_common::MAP_ABI_VERSION,
@@ -150,6 +163,31 @@ impl Maps {
             .expect("map lock")
             .set(0, mc, 0)
             .map_err(map_err("mesh_config"))
+    }
+
+    /// Turns the fast path on or off for new messages (`sk_msg` reads the
+    /// flag on every message; a socket that was redirecting falls back to
+    /// TCP, which keeps byte order).
+    pub fn set_fast_path(&self, on: bool) -> Result<(), Error> {
+        let mut m = self.config.lock().expect("map lock");
+        let mut mc = m.get(&0, 0).map_err(map_err("mesh_config"))?;
+        mc.flags = if on {
+            mc.flags | FLAG_FAST_PATH
+        } else {
+            mc.flags & !FLAG_FAST_PATH
+        };
+        m.set(0, mc, 0).map_err(map_err("mesh_config"))
+    }
+
+    /// Whether the fast path is on.
+    pub fn fast_path(&self) -> bool {
+        let m = self.config.lock().expect("map lock");
+        m.get(&0, 0).is_ok_and(|mc| mc.flags & FLAG_FAST_PATH != 0)
+    }
+
+    /// The fast path's socket map, for attaching `sk_msg`.
+    pub(super) fn fast_socks_fd(&self) -> &aya::maps::sock::SockMapFd {
+        self.fast_socks.fd()
     }
 
     /// Where a captured connection was going, by the connection as the
@@ -221,6 +259,7 @@ impl Maps {
         MapEntries {
             orig_dst: self.orig_dst.keys().filter(Result::is_ok).count(),
             conn_dst: self.conn_dst.keys().filter(Result::is_ok).count(),
+            fast_socks: self.fast_socks.keys().filter(Result::is_ok).count(),
         }
     }
 }

@@ -16,6 +16,7 @@
 //! mesh-testapp http-count URL N [NAME:VALUE | --method=M | --body=B]...   N keep-alive requests; count answers by server and status
 //! mesh-testapp h2 NAME ADDR | h2-count URL N [NAME:VALUE]... | grpc-call URL N   (see h2.rs)
 //! mesh-testapp tls-hello ADDR SNI      send a TLS ClientHello for SNI to an echo server, check it comes back
+//! mesh-testapp stream ADDR BYTES      send BYTES of a position-keyed pattern to an echo server in writes of 1 B to 1 MiB, read the echo with pauses, check every byte
 //! mesh-testapp raw ADDR BYTES [UNTIL]   send BYTES as they are, print what comes back until the peer closes (or UNTIL arrived)
 //! mesh-testapp http-burst URL N [NAME:VALUE | --method=M]...   N requests at once, one connection each; count answers and flags
 //! mesh-testapp fixed-rate URL RATE SECS   GETs at RATE per second on one keep-alive connection; latency percentiles from the scheduled times
@@ -68,6 +69,7 @@ fn main() -> Result<()> {
         ["h2-count", url, n, headers @ ..] => tokio_main(h2::count(url, n.parse()?, headers)),
         ["grpc-call", url, n] => tokio_main(h2::grpc_call(url, n.parse()?)),
         ["tls-hello", addr, sni] => hbone::tls_hello(addr, sni),
+        ["stream", addr, bytes] => stream(addr, bytes.parse()?),
         ["raw", addr, bytes] => raw(addr, bytes, None),
         ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
@@ -350,6 +352,87 @@ fn raw(addr: &str, bytes: &str, until: Option<&str>) -> Result<()> {
     let text = String::from_utf8_lossy(&got);
     let status = text.split(' ').nth(1).and_then(|c| c.parse::<u16>().ok());
     println!("{}", json!({"status": status, "received": text}));
+    Ok(())
+}
+
+/// The pattern byte at stream offset `p`: a function of the position, so a
+/// lost, repeated or reordered chunk shows at once.
+fn pattern(p: u64) -> u8 {
+    (p.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8 ^ (p >> 20) as u8
+}
+
+fn fill(buf: &mut [u8], offset: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern(offset + i as u64);
+    }
+}
+
+/// Streams `total` bytes to an echo server and checks the echo byte for byte.
+/// Writes cycle through sizes from 1 B to 1 MiB (partial writes, large
+/// messages); the reader pauses every 64 MiB so the whole path backs up
+/// (backpressure); the writer half-closes and the echo must end with EOF.
+fn stream(addr: &str, total: u64) -> Result<()> {
+    const SIZES: [usize; 6] = [1, 7, 1000, 16 << 10, 64 << 10, 1 << 20];
+    const PAUSE_EVERY: u64 = 64 << 20;
+    let s = dial(addr)?;
+    let mut w = s.try_clone()?;
+    let started = std::time::Instant::now();
+    let writer = std::thread::spawn(move || -> Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut sent, mut i) = (0u64, 0);
+        while sent < total {
+            let n = SIZES[i % SIZES.len()].min((total - sent) as usize);
+            fill(&mut buf[..n], sent);
+            w.write_all(&buf[..n])?;
+            sent += n as u64;
+            i += 1;
+        }
+        w.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    let mut r = s;
+    let (mut got, mut pauses) = (0u64, 0u32);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut want = vec![0u8; 256 << 10];
+    // A blocking read on a socket in a sockmap can return EAGAIN when it is
+    // woken with nothing to read (Linux's tcp_bpf_recvmsg does not wait
+    // again). Count those and read again; a real timeout still ends the run.
+    let mut spurious = 0u64;
+    let mut last_data = std::time::Instant::now();
+    loop {
+        let n = match r.read(&mut buf) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock && last_data.elapsed() < TIMEOUT =>
+            {
+                spurious += 1;
+                continue;
+            }
+            r => r?,
+        };
+        last_data = std::time::Instant::now();
+        if n == 0 {
+            break;
+        }
+        fill(&mut want[..n], got);
+        if buf[..n] != want[..n] {
+            let at = buf[..n].iter().zip(&want[..n]).position(|(a, b)| a != b);
+            bail!("echo differs at byte {}", got + at.unwrap_or(0) as u64);
+        }
+        if (got + n as u64) / PAUSE_EVERY > got / PAUSE_EVERY {
+            std::thread::sleep(Duration::from_millis(20));
+            pauses += 1;
+        }
+        got += n as u64;
+    }
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"sent": total, "received": got, "intact": got == total, "pauses": pauses, "spurious": spurious,
+               "secs": secs, "mbytes_per_sec": got as f64 / secs / 1e6})
+    );
     Ok(())
 }
 
