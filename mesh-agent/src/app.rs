@@ -448,6 +448,7 @@ impl Agent {
             .ready
             .store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(pods = self.pods.len(), pin_dir = %self.loaded.pin_dir().display(), "ready");
+        crate::sys::release_free_memory();
         Ok(())
     }
 

@@ -18,6 +18,16 @@ pub const NSFS_MAGIC: i64 = 0x6e73_6673;
 /// `SO_NETNS_COOKIE` (Linux 5.14); not in the libc crate yet.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
+/// Hands freed heap pages back to the kernel. Loading the eBPF object parses
+/// the kernel's BTF (megabytes) and frees it; without this the allocator
+/// keeps those pages and the agent looks that much bigger at rest.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Whether the process runs with effective UID 0.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
