@@ -55,11 +55,13 @@ enum Task {
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
     /// Benchmarks on release builds (root): the data path (direct, same
-    /// node, HBONE, L7) side by side, and how long a configuration change
-    /// takes to reach the data plane. Markdown on stdout, JSON in
-    /// `target/bench/`.
+    /// node, HBONE, L7, each with the fast path off and on) side by side,
+    /// how long a configuration change takes to reach the data plane, and
+    /// what idle connections cost (10,000 held, then closed). Markdown on
+    /// stdout, JSON in `target/bench/`.
     Bench {
-        /// Short loads, one repetition (under 2 minutes).
+        /// Short loads, one repetition, 2,000 idle connections (about 2
+        /// minutes after the build).
         #[arg(long)]
         quick: bool,
     },
@@ -118,6 +120,14 @@ fn main() -> Result<()> {
             bench(
                 &["config-apply", "--rounds", if quick { "10" } else { "40" }],
                 "config-apply.json",
+            )?;
+            bench(
+                &[
+                    "idle-soak",
+                    "--connections",
+                    if quick { "2000" } else { "10000" },
+                ],
+                "idle-soak.json",
             )
         }
     }

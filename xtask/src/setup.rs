@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 pub const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
-const PACKAGES: [(&str, &str); 7] = [
+const PACKAGES: [(&str, &str); 8] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
@@ -24,6 +24,7 @@ const PACKAGES: [(&str, &str); 7] = [
     // `cargo xtask bench`'s loads.
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
+    ("h2load", "nghttp2-client"),
 ];
 
 /// Where the installed tools are.

@@ -10,10 +10,14 @@
 //! - **L7**: captured, to a Service address with an HTTP port and a
 //!   VirtualService, so every request is routed by the agent, then HBONE.
 //!
-//! Loads: wrk with 32 keep-alive connections; wrk with a new connection per
-//! request; a fixed rate of 2,000 requests/s for latency percentiles;
-//! iperf3 for one TCP stream (not for L7: it is not HTTP). The agents' CPU
-//! time and resident memory come from /proc.
+//! Every captured path runs twice, with the same-node fast path (sock_ops +
+//! sk_msg) off and on, switched on both agents between cases.
+//!
+//! Loads: wrk with 32 keep-alive connections; h2load (HTTP/2, 32 clients,
+//! 10 streams each); wrk with a new connection per request; a fixed rate of
+//! 2,000 requests/s for latency percentiles; iperf3 for one TCP stream (not
+//! for L7: it is not HTTP). The agents' CPU time and resident memory come
+//! from /proc.
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -30,20 +34,51 @@ enum Path {
     L7,
 }
 
-const PATHS: [Path; 4] = [Path::Direct, Path::SameNode, Path::Hbone, Path::L7];
+/// A path with the fast path off or on.
+#[derive(Clone, Copy, PartialEq)]
+struct Case {
+    path: Path,
+    fast: bool,
+}
 
-impl Path {
+const fn case(path: Path, fast: bool) -> Case {
+    Case { path, fast }
+}
+
+const CASES: [Case; 7] = [
+    case(Path::Direct, false),
+    case(Path::SameNode, false),
+    case(Path::SameNode, true),
+    case(Path::Hbone, false),
+    case(Path::Hbone, true),
+    case(Path::L7, false),
+    case(Path::L7, true),
+];
+
+impl Case {
     fn name(self) -> &'static str {
-        match self {
-            Path::Direct => "direct",
-            Path::SameNode => "same-node L4",
-            Path::Hbone => "cross-node HBONE (mTLS)",
-            Path::L7 => "cross-node L7 + HBONE",
+        match (self.path, self.fast) {
+            (Path::Direct, _) => "direct",
+            (Path::SameNode, false) => "same-node L4",
+            (Path::SameNode, true) => "same-node L4, fast path",
+            (Path::Hbone, false) => "cross-node HBONE (mTLS)",
+            (Path::Hbone, true) => "cross-node HBONE (mTLS), fast path",
+            (Path::L7, false) => "cross-node L7 + HBONE",
+            (Path::L7, true) => "cross-node L7 + HBONE, fast path",
+        }
+    }
+
+    /// Agents the traffic crosses (for CPU per agent).
+    fn agents(self) -> f64 {
+        match self.path {
+            Path::Direct => 0.0,
+            Path::SameNode => 1.0,
+            Path::Hbone | Path::L7 => 2.0,
         }
     }
 }
 
-/// One load's figure per path (the median of the repetitions).
+/// One load's figure per case (the median of the repetitions).
 #[derive(Default)]
 struct Row {
     values: Vec<Option<f64>>,
@@ -53,6 +88,7 @@ pub struct DataPathResult {
     quick: bool,
     secs: u64,
     keepalive: Row,
+    h2: Row,
     new_conns: Row,
     stream_gbps: Row,
     p50: Row,
@@ -67,8 +103,9 @@ pub struct DataPathResult {
 struct Bench<'a> {
     client: &'a Pod,
     wrk: PathBuf,
+    h2load: PathBuf,
     iperf: PathBuf,
-    agents: [u32; 2],
+    agents: [&'a Agent; 2],
     local: &'a Pod,
     remote: &'a Pod,
 }
@@ -81,6 +118,23 @@ impl Bench<'_> {
             Path::Direct | Path::Hbone => format!("http://{}/", self.remote.v4(8080)),
             Path::SameNode => format!("http://{}/", self.local.v4(8080)),
             Path::L7 => format!("http://{VIP}:80/"),
+        }
+    }
+
+    /// The HTTP/2 (prior knowledge) server's URL.
+    fn h2_url(&self, p: Path) -> String {
+        match p {
+            Path::Direct | Path::Hbone => format!("http://{}/", self.remote.v4(8081)),
+            Path::SameNode => format!("http://{}/", self.local.v4(8081)),
+            Path::L7 => format!("http://{VIP}:81/"),
+        }
+    }
+
+    /// Switches the fast path on both agents.
+    fn fast_path(&self, on: bool) {
+        for a in self.agents {
+            a.try_post(&format!("http://127.0.0.1:15000/fast_path?enabled={on}"))
+                .expect("switch the fast path");
         }
     }
 
@@ -102,7 +156,27 @@ impl Bench<'_> {
 
     /// The agents' CPU seconds so far (user + system).
     fn agent_cpu(&self) -> f64 {
-        self.agents.iter().map(|pid| cpu_secs(*pid)).sum()
+        self.agents.iter().map(|a| cpu_secs(a.pid())).sum()
+    }
+
+    /// Requests per second from h2load (all must succeed).
+    fn h2load(&self, p: Path, secs: u64) -> f64 {
+        let url = self.h2_url(p);
+        let d = secs.to_string();
+        let out = output(self.command(
+            p,
+            &self.h2load,
+            &["-D", &d, "-c", "32", "-m", "10", "-t", "2", &url],
+        ));
+        let field = |line: &str, key: &str| {
+            out.lines()
+                .find(|l| l.trim_start().starts_with(line))
+                .and_then(|l| l.split(',').find_map(|f| f.trim().strip_suffix(key)))
+                .and_then(|v| v.split_whitespace().last()?.parse::<f64>().ok())
+        };
+        let (done, ok) = (field("requests:", "done"), field("requests:", "succeeded"));
+        assert_eq!(done, ok, "h2load saw failed requests:\n{out}");
+        field("finished in", "req/s").unwrap_or_else(|| panic!("no req/s from h2load:\n{out}"))
     }
 
     /// Requests per second from wrk, and the agents' CPU seconds meanwhile.
@@ -177,7 +251,7 @@ fn cpu_secs(pid: u32) -> f64 {
 }
 
 /// (VmRSS, VmHWM) in MB.
-fn rss_mb(pid: u32) -> (f64, f64) {
+pub fn rss_mb(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kb = |key: &str| {
         status
@@ -204,6 +278,10 @@ fn server(env: &Env, node: &Node, name: &str) -> Pod {
     http.env("MESH_TESTAPP_QUIET", "1")
         .stdout(std::process::Stdio::null());
     env.track(http.spawn().expect("spawn server"));
+    let mut h2 = p.command(&sys::testapp_bin(), &["h2", name, &p.v4(8081)]);
+    h2.env("MESH_TESTAPP_QUIET", "1")
+        .stdout(std::process::Stdio::null());
+    env.track(h2.spawn().expect("spawn HTTP/2 server"));
     let iperf = sys::which("iperf3").expect("iperf3 (cargo xtask setup installs it)");
     let mut s = p.command(&iperf, &["-s", "-p", "5201"]);
     s.stdout(std::process::Stdio::null());
@@ -212,7 +290,7 @@ fn server(env: &Env, node: &Node, name: &str) -> Pod {
 }
 
 pub fn run(env: &Env, quick: bool) -> DataPathResult {
-    let (secs, reps) = if quick { (2, 1) } else { (8, 3) };
+    let (secs, reps) = if quick { (1, 1) } else { (3, 3) };
     let a = env.node("a");
     let b = env.node("b");
     let client = env.pod(&a, "client");
@@ -227,7 +305,8 @@ pub fn run(env: &Env, quick: bool) -> DataPathResult {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web", "namespace": "default"},
         "spec": {"clusterIP": VIP, "selector": {"app": "remote"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                           {"name": "http2", "port": 81, "targetPort": 8081}]},
     });
     let vs = json!({
         "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
@@ -251,43 +330,45 @@ pub fn run(env: &Env, quick: bool) -> DataPathResult {
     let agent_b = Agent::start(env, &b, &registry, opts(&b));
     std::thread::sleep(Duration::from_millis(500));
     let rss_idle_mb = rss_mb(agent_a.pid()).0;
+    let tool = |name: &str| {
+        sys::which(name).unwrap_or_else(|| panic!("{name} is missing: run `cargo xtask setup`"))
+    };
     let bench = Bench {
         client: &client,
-        wrk: sys::which("wrk").expect("wrk (cargo xtask setup installs it)"),
-        iperf: sys::which("iperf3").expect("iperf3 (cargo xtask setup installs it)"),
-        agents: [agent_a.pid(), agent_b.pid()],
+        wrk: tool("wrk"),
+        h2load: tool("h2load"),
+        iperf: tool("iperf3"),
+        agents: [&agent_a, &agent_b],
         local: &local,
         remote: &remote,
     };
 
-    // Per path: keep-alive, new connections, stream, p50, p90, p99, CPU.
-    let mut samples: Vec<[Vec<f64>; 7]> = PATHS.iter().map(|_| Default::default()).collect();
+    let mut samples: Vec<[Vec<f64>; METRICS]> = CASES.iter().map(|_| Default::default()).collect();
     for rep in 0..reps {
-        // Alternate: each repetition visits every path, so drift in the
+        // Alternate: each repetition visits every case, so drift in the
         // machine's speed affects all of them alike.
-        for (i, p) in PATHS.iter().enumerate() {
-            eprintln!("rep {}/{reps}: {}", rep + 1, p.name());
-            let (rps, cpu) = bench.wrk(*p, secs, false);
-            samples[i][0].push(rps);
-            // vCPU per 1,000 req/s, per agent in the path.
-            let agents_in_path = match p {
-                Path::Direct => 0.0,
-                Path::SameNode => 1.0,
-                Path::Hbone | Path::L7 => 2.0,
-            };
-            if agents_in_path > 0.0 {
-                samples[i][6].push(cpu / secs as f64 / (rps / 1000.0) / agents_in_path);
+        for (i, c) in CASES.iter().enumerate() {
+            eprintln!("rep {}/{reps}: {}", rep + 1, c.name());
+            bench.fast_path(c.fast);
+            let p = c.path;
+            let (rps, cpu) = bench.wrk(p, secs, false);
+            samples[i][KEEPALIVE].push(rps);
+            if c.agents() > 0.0 {
+                // vCPU per 1,000 req/s, per agent in the path.
+                samples[i][CPU].push(cpu / secs as f64 / (rps / 1000.0) / c.agents());
             }
-            samples[i][1].push(bench.wrk(*p, secs, true).0);
-            if let Some(g) = bench.iperf(*p, secs) {
-                samples[i][2].push(g);
+            samples[i][H2].push(bench.h2load(p, secs));
+            samples[i][NEW_CONNS].push(bench.wrk(p, secs, true).0);
+            if let Some(g) = bench.iperf(p, secs) {
+                samples[i][STREAM].push(g);
             }
-            let (p50, p90, p99) = bench.latency(*p, secs);
-            samples[i][3].push(p50);
-            samples[i][4].push(p90);
-            samples[i][5].push(p99);
+            let (p50, p90, p99) = bench.latency(p, secs.max(2));
+            samples[i][P50].push(p50);
+            samples[i][P90].push(p90);
+            samples[i][P99].push(p99);
         }
     }
+    bench.fast_path(false);
     let row = |k: usize| Row {
         values: samples.iter().map(|s| median(s[k].clone())).collect(),
     };
@@ -295,62 +376,68 @@ pub fn run(env: &Env, quick: bool) -> DataPathResult {
     DataPathResult {
         quick,
         secs,
-        keepalive: row(0),
-        new_conns: row(1),
-        stream_gbps: row(2),
-        p50: row(3),
-        p90: row(4),
-        p99: row(5),
-        cpu_per_krps: row(6),
+        keepalive: row(KEEPALIVE),
+        h2: row(H2),
+        new_conns: row(NEW_CONNS),
+        stream_gbps: row(STREAM),
+        p50: row(P50),
+        p90: row(P90),
+        p99: row(P99),
+        cpu_per_krps: row(CPU),
         rss_idle_mb,
         rss_peak_mb,
     }
 }
 
+/// Indexes of each case's samples.
+const KEEPALIVE: usize = 0;
+const H2: usize = 1;
+const NEW_CONNS: usize = 2;
+const STREAM: usize = 3;
+const P50: usize = 4;
+const P90: usize = 5;
+const P99: usize = 6;
+const CPU: usize = 7;
+const METRICS: usize = 8;
+
 impl DataPathResult {
     pub fn markdown(&self) -> String {
-        let ratio = |r: &Row, unit: &str, target: &str| {
+        let cells = |r: &Row, f: &dyn Fn(f64, f64) -> String| {
             let direct = r.values[0];
-            let mut line = match direct {
-                Some(d) => format!("{d:.1} {unit}"),
-                None => "n/a".into(),
-            };
-            for v in &r.values[1..] {
-                line.push_str(" | ");
-                line.push_str(&match (v, direct) {
-                    (Some(v), Some(d)) if d > 0.0 => format!("{:.2}×", v / d),
+            r.values[1..]
+                .iter()
+                .map(|v| match (v, direct) {
+                    (Some(v), Some(d)) => f(*v, d),
                     _ => "n/a".into(),
-                });
-            }
-            format!("{line} | {target} |")
+                })
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
+        let ratio = |r: &Row, unit: &str, target: &str| {
+            let direct = r.values[0].map_or("n/a".into(), |d| format!("{d:.1} {unit}"));
+            let rest = cells(r, &|v, d| format!("{:.2}×", v / d));
+            format!("{direct} | {rest} | {target} |")
         };
         let added = |r: &Row, target: &str| {
-            let direct = r.values[0].unwrap_or(f64::NAN);
-            let mut line = format!("{direct:.3} ms");
-            for v in &r.values[1..] {
-                line.push_str(&match v {
-                    Some(v) => format!(" | +{:.3} ms", v - direct),
-                    None => " | n/a".into(),
-                });
-            }
-            format!("{line} | {target} |")
+            let direct = r.values[0].map_or("n/a".into(), |d| format!("{d:.3} ms"));
+            let rest = cells(r, &|v, d| format!("+{:.3} ms", v - d));
+            format!("{direct} | {rest} | {target} |")
         };
         let cpu = {
-            let mut line = "–".to_string();
-            for v in &self.cpu_per_krps.values[1..] {
-                line.push_str(&match v {
-                    Some(v) => format!(" | {v:.3}"),
-                    None => " | n/a".into(),
-                });
-            }
-            format!("{line} | ≤ 0.045 |")
+            let rest: Vec<String> = self.cpu_per_krps.values[1..]
+                .iter()
+                .map(|v| v.map_or("n/a".into(), |v| format!("{v:.3}")))
+                .collect();
+            format!("– | {} | ≤ 0.045 |", rest.join(" | "))
         };
+        let header: Vec<&str> = CASES.iter().map(|c| c.name()).collect();
         format!(
             "\n## Data path ({}, {} s per load{}; {})\n\n\
-             | load | direct | same-node L4 | cross-node HBONE (mTLS) | cross-node L7 + HBONE | target (two agents, mTLS) |\n\
-             |---|---|---|---|---|---|\n\
-             | HTTP/1.1 keep-alive, 32 connections | {} \n\
-             | new connection per request (32 clients) | {} \n\
+             | load | {} | target (two agents, mTLS) |\n\
+             |---|{}---|\n\
+             | HTTP/1.1 keep-alive, 32 connections (wrk) | {} \n\
+             | HTTP/2, 32 clients × 10 streams (h2load) | {} \n\
+             | new connection per request (wrk, 32 clients) | {} \n\
              | single TCP stream (iperf3) | {} \n\
              | latency at 2,000 req/s, p50 | {} \n\
              | latency at 2,000 req/s, p90 | {} \n\
@@ -361,7 +448,10 @@ impl DataPathResult {
             self.secs,
             if self.quick { "" } else { ", median of 3" },
             machine(),
+            header.join(" | "),
+            "---|".repeat(CASES.len()),
             ratio(&self.keepalive, "req/s", "≥ 0.5×"),
+            ratio(&self.h2, "req/s", ""),
             ratio(&self.new_conns, "conn/s", "≥ 0.5×"),
             ratio(&self.stream_gbps, "Gbit/s", "≥ 0.4×"),
             added(&self.p50, "≤ +0.15 ms"),
@@ -375,10 +465,10 @@ impl DataPathResult {
 
     pub fn json(&self) -> Value {
         let row = |r: &Row| {
-            PATHS
+            CASES
                 .iter()
                 .zip(&r.values)
-                .map(|(p, v)| (p.name().to_string(), json!(v)))
+                .map(|(c, v)| (c.name().to_string(), json!(v)))
                 .collect::<serde_json::Map<_, _>>()
         };
         json!({
@@ -387,6 +477,7 @@ impl DataPathResult {
             "quick": self.quick,
             "seconds_per_load": self.secs,
             "keepalive_rps": row(&self.keepalive),
+            "h2_rps": row(&self.h2),
             "new_connections_per_s": row(&self.new_conns),
             "stream_gbit_s": row(&self.stream_gbps),
             "latency_p50_ms": row(&self.p50),

@@ -4,6 +4,7 @@
 //! ```text
 //! mesh-bench config-apply [--rounds N] [--json PATH]
 //! mesh-bench data-path [--quick] [--json PATH]
+//! mesh-bench idle-soak [--connections N] [--json PATH]
 //! ```
 //!
 //! Each case builds its own simulated nodes and removes them at the end
@@ -11,17 +12,19 @@
 
 mod config_apply;
 mod data_path;
+mod soak;
 
 use std::{process::ExitCode, sync::Arc};
 
 use mesh_tests::Env;
 
-const USAGE: &str =
-    "usage: mesh-bench config-apply [--rounds N] [--json PATH] | data-path [--quick] [--json PATH]";
+const USAGE: &str = "usage: mesh-bench config-apply [--rounds N] [--json PATH] | data-path [--quick] \
+                     [--json PATH] | idle-soak [--connections N] [--json PATH]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut rounds = 30usize;
+    let mut connections = 10_000usize;
     let mut quick = false;
     let mut json_out = None;
     let mut it = args.iter();
@@ -39,6 +42,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             },
+            "--connections" => match it.next().and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if n >= 1 => connections = n,
+                _ => {
+                    eprintln!("{USAGE} (connections ≥ 1)");
+                    return ExitCode::from(64);
+                }
+            },
             "--json" => match it.next() {
                 Some(p) => json_out = Some(p.clone()),
                 None => {
@@ -52,7 +62,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    if case != "config-apply" && case != "data-path" {
+    if !["config-apply", "data-path", "idle-soak"].contains(&case.as_str()) {
         eprintln!("unknown case {case:?}; {USAGE}");
         return ExitCode::from(64);
     }
@@ -60,12 +70,19 @@ fn main() -> ExitCode {
     let env = Arc::new(Env::new(&format!("bench-{case}")));
     Env::cleanup_on_signal(&env);
 
-    let (markdown, json) = if case == "config-apply" {
-        let r = config_apply::run(&env, rounds);
-        (r.markdown(), r.json())
-    } else {
-        let r = data_path::run(&env, quick);
-        (r.markdown(), r.json())
+    let (markdown, json) = match case.as_str() {
+        "config-apply" => {
+            let r = config_apply::run(&env, rounds);
+            (r.markdown(), r.json())
+        }
+        "idle-soak" => {
+            let r = soak::run(&env, connections);
+            (r.markdown(), r.json())
+        }
+        _ => {
+            let r = data_path::run(&env, quick);
+            (r.markdown(), r.json())
+        }
     };
     env.cleanup();
     print!("{markdown}");

@@ -53,12 +53,14 @@ async fn answer(
         .headers()
         .get("content-type")
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    println!(
-        "{}",
-        json!({"event": "h2", "path": req.uri().path(), "version": format!("{:?}", req.version()),
+    if !*crate::QUIET {
+        println!(
+            "{}",
+            json!({"event": "h2", "path": req.uri().path(), "version": format!("{:?}", req.version()),
                "grpc": grpc, "peer": peer.to_string(),
                "te": req.headers().get("te").and_then(|v| v.to_str().ok())})
-    );
+        );
+    }
     if !grpc {
         let body = format!("hello from {name}: HTTP/2\n");
         return Response::new(Full::new(Bytes::from(body)).boxed());

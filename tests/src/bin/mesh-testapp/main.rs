@@ -10,6 +10,8 @@
 //! mesh-testapp load ADDR UNTIL         new connections back to back (echo round trips) until UNTIL
 //! mesh-testapp hold ADDR SECS          connect and keep the connection open
 //! mesh-testapp listen ADDR             bind and listen, then wait (holds a port)
+//! mesh-testapp sink ADDR               accept connections, greet each with one byte, keep them open, never read
+//! mesh-testapp hold-many ADDR N UNTIL  open N connections to a sink (each greeted end to end), hold them until UNTIL, close them
 //! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
 //! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
@@ -54,6 +56,8 @@ fn main() -> Result<()> {
         ["churn", addr, count] => churn(addr, count.parse()?),
         ["load", addr, until] => load(addr, &Until::parse(until)),
         ["hold", addr, secs] => hold(addr, secs.parse()?),
+        ["sink", addr] => sink(addr),
+        ["hold-many", addr, n, until] => hold_many(addr, n.parse()?, &Until::parse(until)),
         ["listen", addr] => {
             let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
             println!(
@@ -201,7 +205,8 @@ fn echo(mut s: TcpStream) -> Result<()> {
     Ok(())
 }
 
-/// `MESH_TESTAPP_QUIET=1`: the `http` server logs no request (benchmarks).
+/// `MESH_TESTAPP_QUIET=1`: the `http` and `h2` servers log no request
+/// (benchmarks).
 static QUIET: std::sync::LazyLock<bool> =
     std::sync::LazyLock::new(|| std::env::var_os("MESH_TESTAPP_QUIET").is_some());
 
@@ -390,26 +395,12 @@ fn stream(addr: &str, total: u64) -> Result<()> {
         w.shutdown(Shutdown::Write)?;
         Ok(())
     });
-    let mut r = s;
+    let mut r = Patient::new(s);
     let (mut got, mut pauses) = (0u64, 0u32);
     let mut buf = vec![0u8; 256 << 10];
     let mut want = vec![0u8; 256 << 10];
-    // A blocking read on a socket in a sockmap can return EAGAIN when it is
-    // woken with nothing to read (Linux's tcp_bpf_recvmsg does not wait
-    // again). Count those and read again; a real timeout still ends the run.
-    let mut spurious = 0u64;
-    let mut last_data = std::time::Instant::now();
     loop {
-        let n = match r.read(&mut buf) {
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock && last_data.elapsed() < TIMEOUT =>
-            {
-                spurious += 1;
-                continue;
-            }
-            r => r?,
-        };
-        last_data = std::time::Instant::now();
+        let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }
@@ -430,7 +421,7 @@ fn stream(addr: &str, total: u64) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{}",
-        json!({"sent": total, "received": got, "intact": got == total, "pauses": pauses, "spurious": spurious,
+        json!({"sent": total, "received": got, "intact": got == total, "pauses": pauses, "spurious_eagain": r.spurious,
                "secs": secs, "mbytes_per_sec": got as f64 / secs / 1e6})
     );
     Ok(())
@@ -503,6 +494,53 @@ fn hold(addr: &str, secs: u64) -> Result<()> {
     );
     std::io::stdout().flush()?;
     std::thread::sleep(Duration::from_secs(secs));
+    Ok(())
+}
+
+/// Accepts and keeps every connection (greeting each with one byte so the
+/// client knows the whole path is up); reports every 1,000.
+fn sink(addr: &str) -> Result<()> {
+    let l = TcpListener::bind(addr)?;
+    println!(
+        "{}",
+        json!({"event": "listening", "local": l.local_addr()?.to_string()})
+    );
+    std::io::stdout().flush()?;
+    let mut held = Vec::new();
+    loop {
+        let (mut s, _) = l.accept()?;
+        s.write_all(b"k")?;
+        held.push(s);
+        if held.len() % 1000 == 0 {
+            println!("{}", json!({"event": "accepted", "count": held.len()}));
+            std::io::stdout().flush()?;
+        }
+    }
+}
+
+/// Opens `n` connections to a sink one after another, each confirmed by the
+/// sink's greeting, holds them until `until`, then closes them all.
+fn hold_many(addr: &str, n: usize, until: &Until) -> Result<()> {
+    println!("{}", json!({"event": "opening", "count": n}));
+    std::io::stdout().flush()?;
+    let started = std::time::Instant::now();
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = dial(addr)?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        held.push(s);
+    }
+    println!(
+        "{}",
+        json!({"event": "open", "count": held.len(), "secs": started.elapsed().as_secs_f64()})
+    );
+    std::io::stdout().flush()?;
+    while !until.reached() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(held);
+    println!("{}", json!({"event": "closed"}));
     Ok(())
 }
 
@@ -633,7 +671,7 @@ fn fixed_rate(url: &str, rate: u64, secs: u64) -> Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s);
+    let mut r = BufReader::new(Patient::new(s));
     let request = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n\r\n");
     let total = rate * secs;
     let start = std::time::Instant::now();
@@ -662,6 +700,38 @@ fn fixed_rate(url: &str, rate: u64, secs: u64) -> Result<()> {
                "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99)})
     );
     Ok(())
+}
+
+/// A blocking socket that reads again when a read returns EAGAIN early:
+/// Linux does that on sockets in a sockmap (the mesh's fast path) when a
+/// wakeup finds nothing to read. A real read timeout still fails.
+struct Patient {
+    s: TcpStream,
+    /// Reads that returned EAGAIN early.
+    spurious: u64,
+}
+
+impl Patient {
+    fn new(s: TcpStream) -> Self {
+        Self { s, spurious: 0 }
+    }
+}
+
+impl Read for Patient {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let started = std::time::Instant::now();
+        loop {
+            match self.s.read(buf) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && started.elapsed() < TIMEOUT =>
+                {
+                    self.spurious += 1
+                }
+                r => return r,
+            }
+        }
+    }
 }
 
 /// Header lines up to the blank one, names lowercased (the last of a
