@@ -250,6 +250,33 @@ fn streams_share_one_pooled_connection_which_closes_when_idle() {
     );
 }
 
+/// More concurrent connections than one HBONE connection carries (100
+/// streams) spread over more pooled connections instead of queueing behind
+/// the stream limit.
+#[test]
+fn more_concurrent_streams_than_one_connection_carries_open_more_connections() {
+    let c = cluster("mtls-many");
+    let env = &c.env;
+    let (_ca, agent_a, _agent_b) = c.mesh(&[]);
+    let sink = c.server.v4(9001);
+    c.server.spawn_app(env, &["sink", &sink]);
+    let done = env.dir.join("many-done");
+    let held = c
+        .client
+        .spawn_app(env, &["hold-many", &sink, "300", done.to_str().unwrap()]);
+    let open = held.wait_for(|v| v["event"] == "open", Duration::from_secs(60));
+    assert_eq!(open["count"], 300, "{open}");
+    assert_eq!(
+        agent_a
+            .metrics()
+            .value("mesh_hbone_pooled_connections", &[]),
+        3.0,
+        "300 streams at 100 per connection"
+    );
+    std::fs::write(&done, "").unwrap();
+    held.wait_for(|v| v["event"] == "closed", Duration::from_secs(30));
+}
+
 #[test]
 fn the_destination_refuses_clients_with_bad_certificates_and_says_why() {
     let c = cluster("mtls-refuse-in");

@@ -7,7 +7,10 @@
 //! ztunnel); the identity, because the TLS handshake proved exactly one
 //! server identity, so only destinations with that identity may share it.
 //! With one pod per identity per node this is one connection per
-//! (source identity, destination node).
+//! (source identity, destination node) — or more: a connection carries at
+//! most `h2::STREAMS_PER_CONNECTION` streams, and the pool dials another
+//! when all of a key's connections are full, rather than letting new
+//! streams queue behind a peer's stream limit.
 
 use std::{
     collections::HashMap,
@@ -35,7 +38,12 @@ use crate::{identity::SpiffeId, telemetry::metrics::Metrics, workload::WorkloadK
 pub mod h2 {
     pub const STREAM_WINDOW: u32 = 1 << 20;
     pub const CONNECTION_WINDOW: u32 = 4 << 20;
+    /// What our HBONE server accepts on one connection.
     pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+    /// What our HBONE client puts on one connection before dialling another:
+    /// at most what ztunnel accepts by default, so a mixed mesh never
+    /// waits on a peer's limit.
+    pub const STREAMS_PER_CONNECTION: usize = 100;
     pub const MAX_SEND_BUFFER: usize = 1 << 20;
 }
 
@@ -52,7 +60,8 @@ struct Conn {
     last_used: Arc<Mutex<Instant>>,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
+/// A key's connections; a new one is dialled when all are full.
+type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
 
 pub struct Pool {
     slots: Mutex<HashMap<PoolKey, Slot>>,
@@ -140,21 +149,38 @@ impl Pool {
     /// Drops connections that are closed, or idle for longer than `idle`.
     fn reap(&self, idle: Duration) {
         let mut slots = self.slots.lock().expect("pool lock");
+        let mut open = 0;
         slots.retain(|key, slot| {
-            let Ok(mut guard) = slot.try_lock() else {
+            let Ok(mut conns) = slot.try_lock() else {
+                open += 1;
                 return true;
             };
-            let keep = guard.as_ref().is_some_and(|c| {
+            let before = conns.len();
+            conns.retain(|c| {
                 !c.sender.is_closed()
                     && (c.streams.load(Ordering::Acquire) > 0
                         || c.last_used.lock().expect("pool lock").elapsed() < idle)
             });
-            if !keep && guard.take().is_some() {
-                tracing::debug!(?key, "hbone: closing idle connection");
+            if conns.len() < before {
+                tracing::debug!(
+                    ?key,
+                    closed = before - conns.len(),
+                    "hbone: closing idle connections"
+                );
             }
-            keep
+            open += conns.len();
+            !conns.is_empty()
         });
-        self.metrics.set_hbone_connections(slots.len());
+        self.metrics.set_hbone_connections(open);
+    }
+
+    /// Connections open now, over every key.
+    fn open_connections(&self) -> usize {
+        let slots = self.slots.lock().expect("pool lock");
+        slots
+            .values()
+            .map(|s| s.try_lock().map_or(1, |c| c.len()))
+            .sum()
     }
 
     /// Opens a CONNECT stream to `authority` over the pooled connection for
@@ -179,17 +205,28 @@ impl Pool {
             .clone();
         // A connection that died between uses is replaced once.
         for attempt in 0..2 {
-            let (sender, streams, last_used) = {
-                let mut guard = slot.lock().await;
-                if guard.as_ref().is_none_or(|c| c.sender.is_closed()) {
-                    *guard = Some(handshake(dial().await?).await?);
-                    self.metrics
-                        .set_hbone_connections(self.slots.lock().expect("pool lock").len());
-                }
-                let c = guard.as_ref().expect("just set");
-                (c.sender.clone(), c.streams.clone(), c.last_used.clone())
+            let (sender, guard) = {
+                let mut conns = slot.lock().await;
+                conns.retain(|c| !c.sender.is_closed());
+                let free = conns
+                    .iter()
+                    .position(|c| c.streams.load(Ordering::Acquire) < h2::STREAMS_PER_CONNECTION);
+                let i = match free {
+                    Some(i) => i,
+                    None => {
+                        conns.push(handshake(dial().await?).await?);
+                        conns.len() - 1
+                    }
+                };
+                let c = &conns[i];
+                // Counted before the lock is released, so concurrent
+                // openers see this stream and do not overfill the connection.
+                (
+                    c.sender.clone(),
+                    StreamGuard::new(c.streams.clone(), c.last_used.clone()),
+                )
             };
-            let guard = StreamGuard::new(streams, last_used);
+            self.metrics.set_hbone_connections(self.open_connections());
             match connect(sender, authority).await {
                 Ok(io) => {
                     return Ok(Tunnel {
@@ -199,7 +236,11 @@ impl Pool {
                 }
                 Err(ConnectError::Closed(e)) if attempt == 0 => {
                     tracing::debug!(?key, "hbone: pooled connection closed ({e}); redialling");
-                    slot.lock().await.take();
+                    let dead = guard.streams.clone();
+                    drop(guard);
+                    slot.lock()
+                        .await
+                        .retain(|c| !Arc::ptr_eq(&c.streams, &dead));
                 }
                 Err(ConnectError::Closed(e)) => {
                     return Err(Error::Hbone {

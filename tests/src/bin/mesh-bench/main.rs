@@ -70,7 +70,9 @@ fn main() -> ExitCode {
     let env = Arc::new(Env::new(&format!("bench-{case}")));
     Env::cleanup_on_signal(&env);
 
-    let (markdown, json) = match case.as_str() {
+    // The signal handler holds the environment too, so a panic would not
+    // drop it: clean up explicitly either way.
+    let run = std::panic::catch_unwind(|| match case.as_str() {
         "config-apply" => {
             let r = config_apply::run(&env, rounds);
             (r.markdown(), r.json())
@@ -83,8 +85,12 @@ fn main() -> ExitCode {
             let r = data_path::run(&env, quick);
             (r.markdown(), r.json())
         }
-    };
+    });
     env.cleanup();
+    let Ok((markdown, json)) = run else {
+        eprintln!("mesh-bench {case} failed (see the panic above); everything it set up is removed");
+        return ExitCode::from(70);
+    };
     print!("{markdown}");
     if let Some(p) = json_out {
         let doc = serde_json::to_vec_pretty(&json).expect("JSON");
