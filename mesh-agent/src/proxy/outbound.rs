@@ -252,7 +252,18 @@ async fn handle(
             || (port.protocol == Protocol::Unknown && super::sniff::detect_http(&stream).await))
     {
         let (svc, port) = (svc.clone(), port.clone());
-        super::http::serve(stream, peer, dst, pod.clone(), ctx.clone(), snap, svc, port).await;
+        // Boxed so that plain TCP connections do not carry its size.
+        Box::pin(super::http::serve(
+            stream,
+            peer,
+            dst,
+            pod.clone(),
+            ctx.clone(),
+            snap,
+            svc,
+            port,
+        ))
+        .await;
         return Ok(());
     }
     let target = match resolve(&snap, dst, &stream, peer, pod, ctx).await {
@@ -266,7 +277,10 @@ async fn handle(
     match (&ctx.identities, &pod.identity, target.workload) {
         (Some(_), Some(src_id), Some(w)) => {
             let dst_id = w.identity(src_id.trust_domain());
-            let tunnel = match open_tunnel(pod, ctx, dst, &w, &dst_id, src_id).await {
+            // Boxed: opening (a TLS handshake, perhaps) is a large future
+            // that would otherwise stay part of every connection's task
+            // for its whole life (8 KB of an idle connection's ~20).
+            let tunnel = match Box::pin(open_tunnel(pod, ctx, dst, &w, &dst_id, src_id)).await {
                 Ok(t) => t,
                 Err(e) => return refuse(&stream, e),
             };
