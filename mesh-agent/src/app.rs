@@ -156,6 +156,16 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
             }
         });
     }
+    // Memory comes back after a burst of connections: glibc keeps freed
+    // pages in its arenas until asked to return them.
+    tokio::spawn(async {
+        loop {
+            tokio::time::sleep(HEAP_TRIM_INTERVAL).await;
+            if crate::sys::free_heap_bytes() > HEAP_TRIM_ABOVE {
+                crate::sys::release_free_memory();
+            }
+        }
+    });
     let kube = kube_client.map(|c| {
         Arc::new(KubeSource::start(
             c,
@@ -273,6 +283,11 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
 }
 
 /// The certificate manager, when a CA is configured.
+/// How often the agent looks for freed heap to give back, and how much
+/// must be free before it does (`malloc_trim` walks every arena).
+const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+const HEAP_TRIM_ABOVE: usize = 4 << 20;
+
 /// Lets `sock_ops` see the agent's own sockets, whether or not the fast path
 /// starts on (it can be switched at run time). The fast path is an
 /// optimisation: where it cannot work, say why and carry on without it.

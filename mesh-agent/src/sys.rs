@@ -19,13 +19,21 @@ pub const NSFS_MAGIC: i64 = 0x6e73_6673;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// Hands freed heap pages back to the kernel. Loading the eBPF object parses
-/// the kernel's BTF (megabytes) and frees it; without this the allocator
-/// keeps those pages and the agent looks that much bigger at rest.
+/// the kernel's BTF (megabytes) and frees it, and a burst of connections
+/// leaves freed buffers behind; without this the allocator keeps those
+/// pages and the agent stays that much bigger at rest.
 pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Heap bytes the allocator holds free (in its arenas, not yet returned).
+pub fn free_heap_bytes() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let m = unsafe { libc::mallinfo2() };
+    m.fordblks
 }
 
 /// Whether the process runs with effective UID 0.

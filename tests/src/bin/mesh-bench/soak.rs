@@ -63,7 +63,8 @@ pub fn run(env: &Env, connections: usize) -> SoakResult {
     let during = pids.map(|p| rss_mb(p).0);
     std::fs::write(&done, "").expect("soak marker");
     held.wait_for(|v| v["event"] == "closed", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(3));
+    // The agents give freed heap back every 2 s.
+    std::thread::sleep(Duration::from_secs(5));
     let after = pids.map(|p| rss_mb(p).0);
     drop(server);
     SoakResult {
