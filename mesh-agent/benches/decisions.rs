@@ -160,5 +160,30 @@ fn client_hello(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, route_matching, endpoint_selection, client_hello);
+/// What every HTTP/1.1 request costs before routing: parsing its head (what
+/// hyper does, with httparse) and the agent's own first-bytes check.
+fn request_head(c: &mut Criterion) {
+    let head = b"GET /api/v1/reviews/42?page=2 HTTP/1.1\r\nHost: reviews.default.svc.cluster.local\r\n\
+User-Agent: wrk/4.2\r\nAccept: */*\r\nAccept-Encoding: gzip\r\nx-request-id: 0b7c3b9e-5e7a-4b8e-9d51-8f1c2a6b7d3e\r\n\
+traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nend-user: jason\r\n\
+x-canary: 1\r\nCookie: session=abc123; theme=dark\r\n\r\n";
+    c.bench_function("HTTP/1.1 request head, 10 headers (httparse)", |b| {
+        b.iter(|| {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            req.parse(black_box(head)).unwrap().is_complete()
+        })
+    });
+    c.bench_function("is it HTTP? (first bytes of a connection)", |b| {
+        b.iter(|| mesh_agent::proxy::sniff::is_http(black_box(head)))
+    });
+}
+
+criterion_group!(
+    benches,
+    route_matching,
+    endpoint_selection,
+    client_hello,
+    request_head
+);
 criterion_main!(benches);

@@ -43,11 +43,15 @@ enum Task {
         #[arg(long)]
         hold: bool,
     },
-    /// Lints, then every test tier (unit, in-process, namespaced root tests).
+    /// Lints, then every test tier (unit, in-process, namespaced root tests),
+    /// then `bench --quick` (figures reported, not asserted).
     Test {
         /// Skip `cargo fmt --check` and `cargo clippy`.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the quick benchmark at the end (and its release build).
+        #[arg(long)]
+        no_bench: bool,
         /// Passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -87,7 +91,11 @@ fn main() -> Result<()> {
             // Replace this process so Ctrl-C reaches the demo, which cleans up.
             Err(demo.exec()).context("exec mesh-demo")
         }
-        Task::Test { no_lint, args } => {
+        Task::Test {
+            no_lint,
+            no_bench,
+            args,
+        } => {
             if !no_lint {
                 lint(&tools)?;
             }
@@ -96,41 +104,41 @@ fn main() -> Result<()> {
             t.args(["test", "--workspace", "--exclude", "mesh-ebpf"])
                 .args(&args);
             t.env("MESH_AGENT_BIN", dir.join("mesh-agent"));
-            status(&mut t)
+            status(&mut t)?;
+            // A filtered run is a developer's loop, not the suite.
+            if no_bench || !args.is_empty() {
+                return Ok(());
+            }
+            bench(&tools, true)
         }
         Task::Lint => lint(&tools),
-        Task::Bench { quick } => {
-            let dir = build(&tools, true)?;
-            let out = target_dir(&tools)?.join("bench");
-            std::fs::create_dir_all(&out)?;
-            let bench = |args: &[&str], json: &str| {
-                let mut b = Command::new(dir.join("mesh-bench"));
-                b.args(args)
-                    .arg("--json")
-                    .arg(out.join(json))
-                    .env("MESH_AGENT_BIN", dir.join("mesh-agent"))
-                    .env("MESH_TESTAPP_BIN", dir.join("mesh-testapp"));
-                status(&mut b)
-            };
-            let mut data_path = vec!["data-path"];
-            if quick {
-                data_path.push("--quick");
-            }
-            bench(&data_path, "data-path.json")?;
-            bench(
-                &["config-apply", "--rounds", if quick { "10" } else { "40" }],
-                "config-apply.json",
-            )?;
-            bench(
-                &[
-                    "idle-soak",
-                    "--connections",
-                    if quick { "2000" } else { "10000" },
-                ],
-                "idle-soak.json",
-            )
-        }
+        Task::Bench { quick } => bench(&tools, quick),
     }
+}
+
+/// `cargo xtask bench`: release build, then each case.
+fn bench(tools: &setup::Tools, quick: bool) -> Result<()> {
+    let dir = build(tools, true)?;
+    let out = target_dir(tools)?.join("bench");
+    std::fs::create_dir_all(&out)?;
+    let run = |args: &[&str], json: &str| {
+        let mut b = Command::new(dir.join("mesh-bench"));
+        b.args(args)
+            .arg("--json")
+            .arg(out.join(json))
+            .env("MESH_AGENT_BIN", dir.join("mesh-agent"))
+            .env("MESH_TESTAPP_BIN", dir.join("mesh-testapp"));
+        status(&mut b)
+    };
+    let mut data_path = vec!["data-path"];
+    if quick {
+        data_path.push("--quick");
+    }
+    run(&data_path, "data-path.json")?;
+    let rounds = if quick { "10" } else { "40" };
+    run(&["config-apply", "--rounds", rounds], "config-apply.json")?;
+    let conns = if quick { "2000" } else { "10000" };
+    run(&["idle-soak", "--connections", conns], "idle-soak.json")
 }
 
 /// Builds the agent and the test binaries; returns the output directory.

@@ -59,7 +59,8 @@ fn could_be_http(b: &[u8]) -> bool {
         .any(|m| m.starts_with(&b[..b.len().min(m.len())]))
 }
 
-fn is_http(b: &[u8]) -> bool {
+/// Whether `b` starts like an HTTP/1.x request or the HTTP/2 preface.
+pub fn is_http(b: &[u8]) -> bool {
     METHODS
         .iter()
         .chain([&H2_PREFACE])

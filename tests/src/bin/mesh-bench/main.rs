@@ -88,7 +88,9 @@ fn main() -> ExitCode {
     });
     env.cleanup();
     let Ok((markdown, json)) = run else {
-        eprintln!("mesh-bench {case} failed (see the panic above); everything it set up is removed");
+        eprintln!(
+            "mesh-bench {case} failed (see the panic above); everything it set up is removed"
+        );
         return ExitCode::from(70);
     };
     print!("{markdown}");
