@@ -387,12 +387,18 @@ impl App {
                 self.pid,
                 self.lines()
             );
-            assert!(
-                sys::pid_alive(self.pid),
-                "mesh-testapp (pid {}) exited; printed {:?}",
-                self.pid,
-                self.lines()
-            );
+            if !sys::pid_alive(self.pid) {
+                // Its last lines may still be on their way through the pipe.
+                std::thread::sleep(Duration::from_millis(200));
+                if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
+                    return v.clone();
+                }
+                panic!(
+                    "mesh-testapp (pid {}) exited; printed {:?}",
+                    self.pid,
+                    self.lines()
+                );
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -2,7 +2,8 @@
 //! whether their memory comes back when the connections go. A client pod on
 //! node a holds N connections (each confirmed end to end) to a sink on node
 //! b, over HBONE with mutual TLS; the agents' resident memory is read from
-//! /proc before, while held, and after closing.
+//! /proc before, while held, and after closing (once the pooled HBONE
+//! connections have gone idle and closed: `--hbone-idle-timeout 3s`).
 
 use std::time::Duration;
 
@@ -26,24 +27,36 @@ pub fn run(env: &Env, connections: usize) -> SoakResult {
     let fabric = env.connect_nodes(&[&a, &b]);
     let registry = [&client, &sink];
     let ca = Ca::start(env, &fabric, "ca", &registry);
+    // Pooled HBONE connections (100 streams each) close 3 s after their
+    // last stream, so "after" is the agent with nothing open.
     let opts = |node| AgentOptions {
-        args: ca.agent_args(node),
+        args: [
+            ca.agent_args(node),
+            vec!["--hbone-idle-timeout".into(), "3s".into()],
+        ]
+        .concat(),
         log: Some("warn".into()),
         ..Default::default()
     };
     let agent_a = Agent::start(env, &a, &registry, opts(&a));
     let agent_b = Agent::start(env, &b, &registry, opts(&b));
-    let dst = sink.v4(9000);
-    let server = sink.spawn_app(env, &["sink", &dst]);
-
     // Warm up (allocator arenas, the HBONE connection, certificates), so
     // the baseline is the agent at rest, not the agent before first use.
+    let warm_dst = sink.v4(9001);
+    let warm_sink = sink.spawn_app(env, &["sink", &warm_dst]);
     let warm = env.dir.join("warm-done");
-    let w = client.spawn_app(env, &["hold-many", &dst, "200", warm.to_str().unwrap()]);
+    let w = client.spawn_app(
+        env,
+        &["hold-many", &warm_dst, "200", warm.to_str().unwrap()],
+    );
     w.wait_for(|v| v["event"] == "open", Duration::from_secs(60));
     std::fs::write(&warm, "").expect("warm-up marker");
     w.wait_for(|v| v["event"] == "closed", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(2));
+    env.kill(warm_sink.pid);
+    std::thread::sleep(Duration::from_secs(8));
+
+    let dst = sink.v4(9000);
+    let server = sink.spawn_app(env, &["sink", &dst]);
     let pids = [agent_a.pid(), agent_b.pid()];
     let before = pids.map(|p| rss_mb(p).0);
 
@@ -63,10 +76,13 @@ pub fn run(env: &Env, connections: usize) -> SoakResult {
     let during = pids.map(|p| rss_mb(p).0);
     std::fs::write(&done, "").expect("soak marker");
     held.wait_for(|v| v["event"] == "closed", Duration::from_secs(60));
-    // The agents give freed heap back every 2 s.
-    std::thread::sleep(Duration::from_secs(5));
+    // The sink never reads, so it never sees the clients' FINs: its side of
+    // each connection (half-closed, as TCP allows) stays open until it goes.
+    env.kill(server.pid);
+    // Pooled connections close after 3 s idle; the agents give freed heap
+    // back every 2 s.
+    std::thread::sleep(Duration::from_secs(8));
     let after = pids.map(|p| rss_mb(p).0);
-    drop(server);
     SoakResult {
         connections,
         open_secs: open["secs"].as_f64().unwrap_or(f64::NAN),
