@@ -135,13 +135,10 @@ impl Env {
                 "-n {ns} -6 addr add fd10:ff::{k:x}/64 dev up0 nodad"
             ));
             sys::ip(&format!("-n {ns} link set up0 up"));
-            for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-                sys::run(
-                    Command::new("nsenter")
-                        .arg(format!("--net=/run/netns/{ns}"))
-                        .args(["sysctl", "-qw", key]),
-                );
-            }
+            sys::sysctl(
+                ns,
+                &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+            );
         }
         for n in nodes {
             for other in nodes.iter().filter(|o| o.index != n.index) {

@@ -85,6 +85,14 @@ pub fn ip(args: &str) {
     run(Command::new("ip").args(args.split_whitespace()));
 }
 
+/// Sets `key=value` sysctls inside network namespace `netns`.
+pub fn sysctl(netns: &str, settings: &[&str]) {
+    run(Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args(["sysctl", "-qw"])
+        .args(settings));
+}
+
 /// Polls `done()` every 50 ms until it holds (true) or `timeout` passes
 /// (false). For state that has no event to await: a metric, a map's size,
 /// a log line. Callers assert on the result with their own message.
