@@ -39,42 +39,68 @@ fn stream_captured(
 
 type Flows = HashMap<(SocketAddr, SocketAddr), u64>;
 
-/// Payload bytes on the flows touching `port` (either end), and how many
-/// such directions the capture saw at all.
+/// Payload bytes on the flows with an end matching `end`, and how many such
+/// directions the capture saw at all.
+fn payload_where(flows: &Flows, end: impl Fn(&SocketAddr) -> bool) -> (u64, usize) {
+    let hits: Vec<u64> = flows
+        .iter()
+        .filter(|((s, d), _)| end(s) || end(d))
+        .map(|(_, b)| *b)
+        .collect();
+    (hits.iter().sum(), hits.len())
+}
+
+/// Flows of the client's connection to the agent's outbound listener.
 fn on_port(flows: &Flows, port: u16) -> (u64, usize) {
-    let hits: Vec<u64> = flows
-        .iter()
-        .filter(|((s, d), _)| s.port() == port || d.port() == port)
-        .map(|(_, b)| *b)
-        .collect();
-    (hits.iter().sum(), hits.len())
+    payload_where(flows, |a| a.port() == port)
 }
 
-/// Payload bytes on the flows from or to the agent's loopback source.
+/// Flows of the agent's connection (from its loopback source) to the app.
 fn from_agent(flows: &Flows) -> (u64, usize) {
-    let agent: std::net::IpAddr = "127.0.0.6".parse().unwrap();
-    let hits: Vec<u64> = flows
-        .iter()
-        .filter(|((s, d), _)| s.ip() == agent || d.ip() == agent)
-        .map(|(_, b)| *b)
-        .collect();
-    (hits.iter().sum(), hits.len())
+    payload_where(flows, |a| a.ip() == std::net::Ipv4Addr::new(127, 0, 0, 6))
 }
 
-#[test]
-fn same_node_bytes_skip_the_loopback_stack_and_arrive_intact() {
-    let env = Env::new("fast-path");
+/// A node with a client pod and an echo server pod, both enrolled by an
+/// agent with the fast path on.
+struct SameNode {
+    env: Env,
+    client: Pod,
+    server: Pod,
+    dst: String,
+    agent: Agent,
+}
+
+fn same_node(test: &str) -> SameNode {
+    let env = Env::new(test);
     let node = env.node("node");
     let client = env.pod(&node, "client");
     let server = env.pod(&node, "server");
     let dst = server.v4(9000);
-    let _echo = server.spawn_app(&env, &["echo", &dst]);
+    server.spawn_app(&env, &["echo", &dst]);
     let agent = Agent::start(
         &env,
         &node,
         &[&client, &server],
         AgentOptions::args(&["--fast-path", "true"]),
     );
+    SameNode {
+        env,
+        client,
+        server,
+        dst,
+        agent,
+    }
+}
+
+#[test]
+fn same_node_bytes_skip_the_loopback_stack_and_arrive_intact() {
+    let SameNode {
+        env,
+        client,
+        server,
+        dst,
+        agent,
+    } = same_node("fast-path");
 
     // 1 GB each way: application → agent in the client pod, agent → echo
     // server in the server pod, and the echo all the way back.
@@ -145,18 +171,15 @@ fn same_node_bytes_skip_the_loopback_stack_and_arrive_intact() {
 /// sockets to TCP mid-stream; byte order must survive the switch.
 #[test]
 fn switching_off_mid_stream_keeps_the_bytes_in_order() {
-    let env = Env::new("fast-path-switch");
-    let node = env.node("node");
-    let client = env.pod(&node, "client");
-    let server = env.pod(&node, "server");
-    let dst = server.v4(9000);
-    let _echo = server.spawn_app(&env, &["echo", &dst]);
-    let agent = Agent::start(
-        &env,
-        &node,
-        &[&client, &server],
-        AgentOptions::args(&["--fast-path", "true"]),
-    );
+    // Bound, not `..`: the rest of a destructured temporary would be dropped
+    // at once, and with it the environment.
+    let SameNode {
+        env: _env,
+        client,
+        server: _server,
+        dst,
+        agent,
+    } = same_node("fast-path-switch");
 
     let bytes = (4 * GIB / 10).to_string();
     let r = std::thread::scope(|s| {
