@@ -444,7 +444,7 @@ impl DataPathResult {
         };
         let added = |r: &Row, target: &str| {
             let direct = r.values[0].map_or("n/a".into(), |d| format!("{d:.3} ms"));
-            let rest = cells(r, &|v, d| format!("+{:.3} ms", v - d));
+            let rest = cells(r, &|v, d| format!("{:+.3} ms", v - d));
             format!("{direct} | {rest} | {target} |")
         };
         let cpu = {
