@@ -205,6 +205,7 @@ impl Pool {
             .clone();
         // A connection that died between uses is replaced once.
         for attempt in 0..2 {
+            let mut dialled = false;
             let (sender, guard) = {
                 let mut conns = slot.lock().await;
                 conns.retain(|c| !c.sender.is_closed());
@@ -215,6 +216,7 @@ impl Pool {
                     Some(i) => i,
                     None => {
                         conns.push(handshake(dial().await?).await?);
+                        dialled = true;
                         conns.len() - 1
                     }
                 };
@@ -226,7 +228,10 @@ impl Pool {
                     StreamGuard::new(c.streams.clone(), c.last_used.clone()),
                 )
             };
-            self.metrics.set_hbone_connections(self.open_connections());
+            if dialled {
+                // Not per stream: counting walks every key.
+                self.metrics.set_hbone_connections(self.open_connections());
+            }
             match connect(sender, authority).await {
                 Ok(io) => {
                     return Ok(Tunnel {
