@@ -529,16 +529,7 @@ impl Conn {
                 .filter(|a| !a.is_empty())
                 && let Ok(v) = HeaderValue::from_str(a)
             {
-                parts.headers.insert(header::HOST, v);
-                // The URI's authority (HTTP/2) follows the Host header.
-                if let Ok(u) = parts
-                    .uri
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .parse()
-                {
-                    parts.uri = u;
-                }
+                actions::set_authority(&mut parts.uri, &mut parts.headers, v);
             }
             for h in [r.spec.headers.as_ref(), dest_headers]
                 .into_iter()
@@ -694,16 +685,7 @@ impl Conn {
             _ => format!("{host}-shadow"),
         };
         if let Ok(v) = HeaderValue::from_str(&shadow) {
-            copy.headers.insert(header::HOST, v);
-        }
-        // The Host header now names the target; an HTTP/2 URI must not.
-        if let Ok(u) = copy
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()
-        {
-            copy.uri = u;
+            actions::set_authority(&mut copy.uri, &mut copy.headers, v);
         }
         let conn = self.clone();
         tokio::spawn(async move {

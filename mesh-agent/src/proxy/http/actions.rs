@@ -262,6 +262,15 @@ pub fn authority(uri: &Uri, headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
+/// Points the request at `host`: the Host header says it, and the URI drops
+/// its own authority (an HTTP/2 `:authority` would otherwise win).
+pub fn set_authority(uri: &mut Uri, headers: &mut HeaderMap, host: HeaderValue) {
+    headers.insert(header::HOST, host);
+    if let Ok(u) = uri.path_and_query().map_or("/", |p| p.as_str()).parse() {
+        *uri = u;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
