@@ -11,12 +11,12 @@ use std::{collections::BTreeMap, hint::black_box, net::IpAddr, path::Path, sync:
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_agent::{
+    documents::{self as parse, Document},
     istio::{
         Resource,
         networking::{
             ConsistentHashLb, DestinationRule, LoadBalancerSettings, SimpleLb, TrafficPolicy,
         },
-        parse::{self, Document},
     },
     proxy::http::cluster::{Cluster, HashInput, Policy},
     registry::{Endpoint, Locality},

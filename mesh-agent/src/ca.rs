@@ -3,10 +3,9 @@
 //! only for identities of pods scheduled on the asking node.
 
 pub mod kube;
+pub mod protocol;
 pub mod server;
 pub mod signer;
-
-use serde::{Deserialize, Serialize};
 
 /// Istio's default CA port.
 pub const DEFAULT_PORT: u16 = 15012;
@@ -34,7 +33,7 @@ pub enum Error {
     #[error("the signing certificate {path} is not a CA certificate")]
     NotCa { path: std::path::PathBuf },
     #[error("{0}")]
-    Identity(#[from] crate::identity::Error),
+    Identity(#[from] crate::spiffe::Error),
     #[error("{0}")]
     Placement(crate::sources::Rejection),
     #[error("cannot listen on {addr}: {source}")]
@@ -49,35 +48,4 @@ pub enum Error {
     Signal(#[source] std::io::Error),
     #[error("Kubernetes API: {0}")]
     Kube(String),
-}
-
-/// `POST /v1/certificates`: sign this CSR for this identity.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CertificateRequest {
-    pub identity: String,
-    /// PKCS#10 request, PEM.
-    pub csr: String,
-    pub ttl_seconds: u64,
-}
-
-/// The signed chain (leaf first) and the roots to trust.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CertificateResponse {
-    pub cert_chain: Vec<String>,
-    pub trust_bundle: Vec<String>,
-}
-
-/// `GET /v1/trust-bundle`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BundleResponse {
-    pub trust_bundle: Vec<String>,
-}
-
-/// Any refusal.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorResponse {
-    pub error: String,
 }

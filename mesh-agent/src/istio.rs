@@ -7,10 +7,8 @@
 //! [`parse`] reads YAML/JSON documents (with the line of every field),
 //! [`validate`] checks them the way `istioctl validate` does.
 
-pub mod check;
 pub mod common;
 pub mod networking;
-pub mod parse;
 pub mod security;
 pub mod telemetry;
 pub mod validate;
@@ -116,7 +114,7 @@ pub struct Meta {
 }
 
 /// One Istio resource: its envelope and typed spec.
-// Parsed once per configuration change; see `parse::Document`.
+// Parsed once per configuration change; see `documents::Document`.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", content = "spec")]
@@ -167,6 +165,69 @@ impl Spec {
     }
 }
 
+/// Where a document came from, and the line of each of its field paths.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub file: std::path::PathBuf,
+    /// Line of the document (or List item).
+    pub line: usize,
+    lines: std::sync::Arc<BTreeMap<String, usize>>,
+    /// `items[3].` when the document is an item of a List.
+    prefix: String,
+}
+
+impl Origin {
+    /// A document at `line` of `file`, with the line of each field path.
+    pub fn new(file: &std::path::Path, line: usize, lines: BTreeMap<String, usize>) -> Self {
+        Self {
+            file: file.into(),
+            line,
+            lines: std::sync::Arc::new(lines),
+            prefix: String::new(),
+        }
+    }
+
+    /// The line of `path` (relative to the document), or of its nearest
+    /// ancestor that has one.
+    pub fn line_of(&self, path: &str) -> usize {
+        let mut p = format!("{}{path}", self.prefix);
+        loop {
+            if let Some(l) = self.lines.get(&p) {
+                return *l;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p.truncate(i),
+                None => return self.line,
+            }
+        }
+    }
+
+    /// The origin of an object read from an API rather than a file: `name`
+    /// says where (e.g. `kubernetes:VirtualService/ns/name`); no lines.
+    pub fn object(name: &str) -> Self {
+        Self {
+            file: name.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The origin of item `index` of a `List` read from this one.
+    pub fn item(&self, index: usize) -> Self {
+        let prefix = format!("{}items[{index}].", self.prefix);
+        let line = self
+            .lines
+            .get(prefix.trim_end_matches('.'))
+            .copied()
+            .unwrap_or(self.line);
+        Self {
+            file: self.file.clone(),
+            line,
+            lines: self.lines.clone(),
+            prefix,
+        }
+    }
+}
+
 /// An Istio resource as read: envelope, spec, and where it came from.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -176,7 +237,7 @@ pub struct Resource {
     #[serde(flatten)]
     pub spec: Spec,
     #[serde(skip)]
-    pub origin: parse::Origin,
+    pub origin: Origin,
 }
 
 impl Resource {

@@ -4,8 +4,8 @@ use clap::Parser as _;
 use mesh_agent::{
     app, ca,
     config::{CaCommand, Cli, Command, Config},
-    identity::SpiffeId,
     istio::Severity,
+    spiffe::SpiffeId,
     telemetry,
 };
 
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
 }
 
 fn validate(paths: &[std::path::PathBuf], errors_only: bool, json: bool) -> ExitCode {
-    let report = mesh_agent::istio::check::paths(paths);
+    let report = mesh_agent::documents::check::paths(paths);
     let shown: Vec<_> = report
         .problems
         .iter()

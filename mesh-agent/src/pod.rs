@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ebpf::{self, Loaded, Maps, PodLinks},
-    identity::SpiffeId,
     netns::{self, Netns},
     proxy::{self, PodContext, ProxyContext, hbone, inbound, outbound, socket},
+    spiffe::SpiffeId,
     sys,
     workload::{Workload, WorkloadKey},
 };

@@ -23,12 +23,8 @@ use crate::snapshot::{Snapshot, Store};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::Config,
-    ebpf::Maps,
-    identity::{IdentityManager, SpiffeId},
-    netns::Netns,
-    telemetry::metrics::Metrics,
-    workload::Workload,
+    config::Config, ebpf::Maps, identity::IdentityManager, netns::Netns, spiffe::SpiffeId,
+    telemetry::metrics::Metrics, workload::Workload,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,8 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::{
-    istio::{Kind, Problem, Resource, Severity, Spec, parse::Document},
+    documents::Document,
+    istio::{Kind, Problem, Resource, Severity, Spec},
     policy::{PeerAuthentications, peer_auth::Effective},
     registry::{self, Registry},
     workload::{Workload, WorkloadKey},
@@ -251,7 +252,7 @@ fn conflicts(docs: &[&Document]) -> Result<(), Vec<Problem>> {
     let mut ips: HashMap<IpAddr, String> = HashMap::new();
     let mut keys: HashSet<WorkloadKey> = HashSet::new();
     let mut conflict =
-        |origin: &crate::istio::parse::Origin, resource: String, field: &str, message: String| {
+        |origin: &crate::istio::Origin, resource: String, field: &str, message: String| {
             problems.push(Problem {
                 severity: Severity::Error,
                 file: origin.file.clone(),
@@ -338,7 +339,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::istio::parse;
+    use crate::documents as parse;
 
     fn source(name: &'static str, file: &str, yaml: &str) -> SourceDocs {
         let mut out = parse::Parsed::default();

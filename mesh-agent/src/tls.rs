@@ -17,7 +17,7 @@ use rustls::{
 };
 use serde::Serialize;
 
-use crate::identity::SpiffeId;
+use crate::spiffe::SpiffeId;
 
 pub use verify::{
     Rejection, SpiffeClientVerifier, SpiffeServerVerifier, failure_detail, failure_reason,

@@ -226,8 +226,8 @@ impl Workload {
     }
 
     /// The pod's SPIFFE identity in `trust_domain`.
-    pub fn identity(&self, trust_domain: &str) -> crate::identity::SpiffeId {
-        crate::identity::SpiffeId::workload(trust_domain, &self.namespace, &self.service_account)
+    pub fn identity(&self, trust_domain: &str) -> crate::spiffe::SpiffeId {
+        crate::spiffe::SpiffeId::workload(trust_domain, &self.namespace, &self.service_account)
     }
 }
 
@@ -254,8 +254,8 @@ workloads:
 
     /// The registry in `s`, or its first problem as `validate` prints it.
     fn p(s: &str) -> Result<Vec<Workload>, String> {
-        let mut out = crate::istio::parse::Parsed::default();
-        crate::istio::parse::parse_file(std::path::Path::new("w.yaml"), s.as_bytes(), &mut out);
+        let mut out = crate::documents::Parsed::default();
+        crate::documents::parse_file(std::path::Path::new("w.yaml"), s.as_bytes(), &mut out);
         if let Some(e) = out.problems.first() {
             return Err(e.to_string());
         }
@@ -263,7 +263,7 @@ workloads:
             .documents
             .into_iter()
             .flat_map(|d| match d {
-                crate::istio::parse::Document::Workloads(ws, _) => ws,
+                crate::documents::Document::Workloads(ws, _) => ws,
                 _ => vec![],
             })
             .collect())

@@ -4,7 +4,10 @@
 
 use std::path::Path;
 
-use mesh_agent::istio::{Resource, check, parse};
+use mesh_agent::{
+    documents::{self as parse, check},
+    istio::Resource,
+};
 use proptest::prelude::*;
 use serde_json::Value;
 

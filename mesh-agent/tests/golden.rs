@@ -7,7 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
-use mesh_agent::istio::{Severity, check, parse};
+use mesh_agent::{
+    documents::{self as parse, check},
+    istio::Severity,
+};
 
 fn corpus(dir: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

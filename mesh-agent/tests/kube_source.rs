@@ -7,7 +7,8 @@
 use std::{sync::Arc, time::Duration};
 
 use mesh_agent::{
-    istio::{Spec, parse::Document},
+    documents::Document,
+    istio::Spec,
     snapshot::{self, SourceDocs},
     sources::kube::{KubeSource, Settings},
     telemetry::metrics::Metrics,
@@ -123,7 +124,7 @@ fn weights(d: &SourceDocs) -> Vec<Option<i32>> {
 
 fn cluster_ip(d: &SourceDocs) -> Option<String> {
     d.documents.iter().find_map(|d| match d {
-        Document::Kube(mesh_agent::istio::parse::KubeObject::Service(s), _) => {
+        Document::Kube(mesh_agent::documents::KubeObject::Service(s), _) => {
             s.spec.as_ref()?.cluster_ip.clone()
         }
         _ => None,

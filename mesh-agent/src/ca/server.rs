@@ -22,19 +22,20 @@ use hyper_util::rt::TokioIo;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{
-    BundleResponse, CertificateRequest, CertificateResponse, Error, ErrorResponse,
+    Error,
     kube::TokenReviewer,
+    protocol::{self, BundleResponse, CertificateRequest, CertificateResponse, ErrorResponse},
     signer::{Signer, Usage},
 };
 use crate::{
     config::CaRunConfig,
-    identity::SpiffeId,
     registry,
     snapshot::SourceDocs,
     sources::{
         files::FileSource,
         kube::{self as kube_source, KubeSource},
     },
+    spiffe::SpiffeId,
     tls::{self, FixedCert, SharedBundle, SpiffeClientVerifier},
     workload::Workload,
 };
@@ -308,13 +309,13 @@ async fn handle(
         }
     };
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/v1/trust-bundle") => json(
+        (&Method::GET, protocol::TRUST_BUNDLE_PATH) => json(
             StatusCode::OK,
             &BundleResponse {
                 trust_bundle: state.signer.bundle().to_vec(),
             },
         ),
-        (&Method::POST, "/v1/certificates") => {
+        (&Method::POST, protocol::CERTIFICATES_PATH) => {
             let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),

@@ -23,7 +23,7 @@ use ring::rand::SecureRandom as _;
 use time::OffsetDateTime;
 
 use super::Error;
-use crate::{identity::SpiffeId, tls};
+use crate::{spiffe::SpiffeId, tls};
 
 /// Holds the signing key.
 pub struct Signer {

@@ -9,9 +9,12 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::SpiffeId;
+use crate::spiffe::SpiffeId;
 use crate::{
-    ca::{BundleResponse, CertificateRequest, CertificateResponse, ErrorResponse},
+    ca::protocol::{
+        BundleResponse, CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorResponse,
+        TRUST_BUNDLE_PATH,
+    },
     tls::{self, SharedBundle, SpiffeServerVerifier},
 };
 
@@ -103,14 +106,14 @@ impl CaClient {
             csr: csr_pem,
             ttl_seconds: ttl.as_secs(),
         };
-        self.call(hyper::Method::POST, "/v1/certificates", Some(&body))
+        self.call(hyper::Method::POST, CERTIFICATES_PATH, Some(&body))
             .await
     }
 
     /// The roots the CA says to trust now.
     pub async fn trust_bundle(&self) -> Result<Vec<String>, Error> {
         let r: BundleResponse = self
-            .call::<(), _>(hyper::Method::GET, "/v1/trust-bundle", None)
+            .call::<(), _>(hyper::Method::GET, TRUST_BUNDLE_PATH, None)
             .await?;
         Ok(r.trust_bundle)
     }

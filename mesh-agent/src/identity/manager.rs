@@ -14,7 +14,8 @@ use rustls::{pki_types::PrivateKeyDer, sign::CertifiedKey};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{Error, SpiffeId, ca_client::CaClient};
+use super::{Error, ca_client::CaClient};
+use crate::spiffe::SpiffeId;
 use crate::{
     telemetry::metrics::Metrics,
     tls::{self, CertInfo, SharedBundle},

@@ -195,9 +195,9 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<PeerAuthentications, String> {
-        let mut out = crate::istio::parse::Parsed::default();
-        crate::istio::parse::parse_file(std::path::Path::new("pa.yaml"), yaml.as_bytes(), &mut out);
-        let problems = crate::istio::check::documents(&out);
+        let mut out = crate::documents::Parsed::default();
+        crate::documents::parse_file(std::path::Path::new("pa.yaml"), yaml.as_bytes(), &mut out);
+        let problems = crate::documents::check::documents(&out);
         if let Some(p) = problems
             .iter()
             .find(|p| p.severity == crate::istio::Severity::Error)
@@ -206,7 +206,7 @@ mod tests {
         }
         Ok(PeerAuthentications::from_resources(
             out.documents.iter().filter_map(|d| match d {
-                crate::istio::parse::Document::Istio(r) => Some(r),
+                crate::documents::Document::Istio(r) => Some(r),
                 _ => None,
             }),
             "istio-system",

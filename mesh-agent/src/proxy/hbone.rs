@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{PodContext, ProxyContext, copy, pool::h2, socket};
 use crate::{
-    identity::{CertFor, SpiffeId},
+    identity::CertFor,
+    spiffe::SpiffeId,
     telemetry::metrics::{ConnLabels, Reporter},
     tls::{self, SpiffeClientVerifier},
 };

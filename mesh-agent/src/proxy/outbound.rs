@@ -17,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Error, PodContext, ProxyContext, copy, pool::PoolKey, socket};
 use crate::{
-    identity::{CertFor, SpiffeId},
+    identity::CertFor,
     registry::{Endpoint, Protocol, Resolution, Service, ServicePort},
     snapshot::Snapshot,
     snapshot::compile::{CompiledDestination, ConnView},
+    spiffe::SpiffeId,
     telemetry::metrics::{ConnLabels, Reporter},
     tls::{self, SpiffeServerVerifier},
     workload::Workload,

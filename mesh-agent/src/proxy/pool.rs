@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Error;
-use crate::{identity::SpiffeId, telemetry::metrics::Metrics, workload::WorkloadKey};
+use crate::{spiffe::SpiffeId, telemetry::metrics::Metrics, workload::WorkloadKey};
 
 /// HTTP/2 settings of HBONE, both sides. Windows bound what a peer may
 /// send before we read it: per stream and per connection.

@@ -32,10 +32,10 @@ use super::{
 };
 use crate::{
     config::Cidr,
+    documents::{Document, KubeObject},
     istio::{
         Resource, Spec,
         networking::{self, ServiceEntry, WorkloadEntry},
-        parse::{Document, KubeObject},
     },
     workload::Workload,
 };
@@ -521,7 +521,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::istio::parse;
+    use crate::documents as parse;
 
     fn registry(yaml: &str) -> Registry {
         let mut out = parse::Parsed::default();

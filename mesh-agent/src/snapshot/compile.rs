@@ -734,8 +734,8 @@ mod tests {
                 )
             })
             .collect();
-        let mut parsed = crate::istio::parse::Parsed::default();
-        crate::istio::parse::parse_file(
+        let mut parsed = crate::documents::Parsed::default();
+        crate::documents::parse_file(
             std::path::Path::new("vs.yaml"),
             yaml.as_bytes(),
             &mut parsed,
@@ -745,7 +745,7 @@ mod tests {
             .documents
             .into_iter()
             .filter_map(|d| match d {
-                crate::istio::parse::Document::Istio(r) => Some(Arc::new(r)),
+                crate::documents::Document::Istio(r) => Some(Arc::new(r)),
                 _ => None,
             })
             .collect();

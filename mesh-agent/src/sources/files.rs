@@ -10,10 +10,8 @@ use std::{
 
 use super::Rejection;
 use crate::{
-    istio::{
-        Problem, Severity, check,
-        parse::{self, Parsed},
-    },
+    documents::{self as parse, Parsed, check},
+    istio::{Problem, Severity},
     snapshot::SourceDocs,
     watch::{self, Watch},
 };

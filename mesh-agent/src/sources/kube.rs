@@ -34,10 +34,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::Notify;
 
 use crate::{
-    istio::{
-        Kind, Problem, Severity, check,
-        parse::{self, Document, KubeObject, Origin, Parsed},
-    },
+    documents::{self as parse, Document, KubeObject, Parsed, check},
+    istio::{Kind, Origin, Problem, Severity},
     snapshot::SourceDocs,
     telemetry::metrics::Metrics,
 };

@@ -22,7 +22,7 @@ use rustls::{
 };
 
 use super::{SharedBundle, cert_identity};
-use crate::identity::SpiffeId;
+use crate::spiffe::SpiffeId;
 
 /// Why a peer's certificate was refused after its chain checked out.
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,10 @@
 //! Reading configuration documents: multi-document YAML, JSON, Kubernetes
 //! `List`s; each document located (file, line of every field path) and
 //! sorted into Istio resources, Kubernetes objects the registry uses, and
-//! workload registries.
+//! workload registries. The Istio model (`crate::istio`) knows nothing of
+//! files or of the other kinds; this module brings them together.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::{collections::BTreeMap, path::Path};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -14,60 +15,12 @@ use yaml_rust2::{
     scanner::{Marker, TScalarStyle},
 };
 
-use super::{Kind, Meta, Problem, Resource, Severity, Spec};
-use crate::workload::Workload;
+pub mod check;
 
-/// Where a document came from, and the line of each of its field paths.
-#[derive(Debug, Clone, Default)]
-pub struct Origin {
-    pub file: std::path::PathBuf,
-    /// Line of the document (or List item).
-    pub line: usize,
-    lines: Arc<BTreeMap<String, usize>>,
-    /// `items[3].` when the document is an item of a List.
-    prefix: String,
-}
-
-impl Origin {
-    /// The line of `path` (relative to the document), or of its nearest
-    /// ancestor that has one.
-    pub fn line_of(&self, path: &str) -> usize {
-        let mut p = format!("{}{path}", self.prefix);
-        loop {
-            if let Some(l) = self.lines.get(&p) {
-                return *l;
-            }
-            match p.rfind(['.', '[']) {
-                Some(i) => p.truncate(i),
-                None => return self.line,
-            }
-        }
-    }
-
-    /// The origin of an object read from an API rather than a file: `name`
-    /// says where (e.g. `kubernetes:VirtualService/ns/name`); no lines.
-    pub fn object(name: &str) -> Self {
-        Self {
-            file: name.into(),
-            ..Self::default()
-        }
-    }
-
-    fn item(&self, index: usize) -> Self {
-        let prefix = format!("{}items[{index}].", self.prefix);
-        let line = self
-            .lines
-            .get(prefix.trim_end_matches('.'))
-            .copied()
-            .unwrap_or(self.line);
-        Self {
-            file: self.file.clone(),
-            line,
-            lines: self.lines.clone(),
-            prefix,
-        }
-    }
-}
+use crate::{
+    istio::{Kind, Meta, Origin, Problem, Resource, Severity, Spec},
+    workload::Workload,
+};
 
 /// The Kubernetes objects the service registry reads.
 #[derive(Debug, Clone)]
@@ -168,12 +121,7 @@ pub fn parse_file(file: &Path, bytes: &[u8], out: &mut Parsed) {
             ));
             continue;
         }
-        let origin = Origin {
-            file: file.into(),
-            line: doc.line,
-            lines: Arc::new(lines),
-            prefix: String::new(),
-        };
+        let origin = Origin::new(file, doc.line, lines);
         classify(value, origin, out);
     }
 }
@@ -387,7 +335,7 @@ fn istio_resource(
     // reported too, so one run shows every problem. Fields that did not
     // parse were left out, so what the checks say about them is noise.
     problems.extend(
-        super::validate::check(&resource)
+        crate::istio::validate::check(&resource)
             .into_iter()
             .filter(|p| !bad.iter().any(|b| within(&p.field, b))),
     );

@@ -5,11 +5,8 @@
 
 use std::{collections::BTreeMap, path::PathBuf};
 
-use super::{
-    Problem, Severity,
-    parse::{self, Document, Parsed},
-    validate,
-};
+use super::{Document, Parsed};
+use crate::istio::{Problem, Severity, validate};
 
 /// What validating a set of files found.
 #[derive(Debug, Default)]
@@ -40,7 +37,7 @@ pub fn paths(paths: &[PathBuf]) -> Report {
             Ok(snapshot) => {
                 report.files += snapshot.len();
                 for (file, bytes) in &snapshot {
-                    parse::parse_file(file, bytes, &mut parsed);
+                    super::parse_file(file, bytes, &mut parsed);
                 }
             }
             Err(e) => parsed.problems.push(Problem {
