@@ -18,7 +18,7 @@ use mesh_agent::{
             ConsistentHashLb, DestinationRule, LoadBalancerSettings, SimpleLb, TrafficPolicy,
         },
     },
-    proxy::http::cluster::{Cluster, HashInput, Policy},
+    proxy::cluster::{Cluster, HashInput, Policy},
     registry::{Endpoint, Locality},
     snapshot::compile::{RequestView, Routes},
 };

@@ -190,7 +190,7 @@ pub fn enrol(
             ));
         }
         for (_, l) in listeners.inbound {
-            tokio::spawn(inbound::serve(
+            tokio::spawn(inbound::serve_plaintext(
                 tokio_listener(l)?,
                 pod.clone(),
                 ctx.clone(),

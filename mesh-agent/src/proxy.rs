@@ -2,7 +2,9 @@
 //! destination) and inbound plaintext (client → agent in the destination pod
 //! → app).
 
+pub mod cluster;
 pub mod copy;
+pub mod destination;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
@@ -10,6 +12,7 @@ pub mod outbound;
 pub mod pool;
 pub mod sniff;
 pub mod socket;
+pub mod upstream;
 
 use std::{
     collections::HashMap,
@@ -78,6 +81,10 @@ pub enum Error {
     },
     #[error("{service} port {port}: no ready endpoint")]
     NoEndpoint { service: String, port: u16 },
+    #[error(
+        "{service}: connection refused by its DestinationRule's connectionPool.tcp.maxConnections"
+    )]
+    Overflow { service: String },
     #[error("cannot resolve {host}: {reason}")]
     Resolve { host: String, reason: String },
     #[error("plaintext to port {port} refused: PeerAuthentication is STRICT for {pod}")]
@@ -104,6 +111,7 @@ impl Error {
             Error::HboneRefused { .. } => "hbone_refused",
             Error::PlaintextRefused { .. } => "plaintext_refused",
             Error::NoEndpoint { .. } => "no_healthy_upstream",
+            Error::Overflow { .. } => "upstream_overflow",
             Error::Resolve { .. } => "dns",
             Error::Identity(_) => "no_certificate",
             Error::Io(_) => "io",
@@ -129,7 +137,7 @@ pub struct ProxyContext {
     /// Cancelled when the drain period is over: open connections are cut.
     pub cut: CancellationToken,
     /// Load balancing, circuit breaking and outlier state per destination.
-    pub clusters: http::cluster::Clusters,
+    pub clusters: cluster::Clusters,
     /// Upstream HTTP connections of each pod, for reuse.
     pub upstreams: Arc<http::upstreams::Upstreams>,
 }
@@ -153,6 +161,15 @@ pub struct PodContext {
     pub netns_cookie: u64,
     /// Its SPIFFE ID, when mTLS is on.
     pub identity: Option<SpiffeId>,
+}
+
+/// Where a client pod runs, for locality-aware load balancing: its
+/// `istio-locality` label, else the node's `--locality`.
+pub fn client_locality(pod: &PodContext, ctx: &ProxyContext) -> crate::registry::Locality {
+    match crate::registry::build::pod_locality(&pod.workload.labels, None) {
+        l if l.region.is_empty() => crate::registry::Locality::parse(&ctx.config.locality),
+        l => l,
+    }
 }
 
 /// The pods enrolled on this node, by address (enrolment state, not

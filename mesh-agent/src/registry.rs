@@ -10,10 +10,7 @@ pub mod protocol;
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -182,9 +179,6 @@ pub struct Service {
     pub location: Location,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
-    /// Round-robin position over `endpoints`.
-    #[serde(skip)]
-    next: AtomicUsize,
 }
 
 impl Service {
@@ -192,32 +186,10 @@ impl Service {
         self.ports.iter().find(|p| p.port == port)
     }
 
-    /// The next ready endpoint that serves `port` to a client that used
-    /// an address of `family`'s kind (round robin; DestinationRule load
-    /// balancing comes with L7 routing). Like Kubernetes, an IPv4 service
-    /// address leads to IPv4 endpoints and an IPv6 one to IPv6.
-    pub fn pick(&self, port: &ServicePort, family: IpAddr) -> Option<&Endpoint> {
-        self.pick_where(port, family, |_| true)
-    }
-
-    /// Like [`Service::pick`], among the endpoints `keep` accepts (a
-    /// DestinationRule subset).
-    pub fn pick_where(
-        &self,
-        port: &ServicePort,
-        family: IpAddr,
-        keep: impl Fn(&Endpoint) -> bool,
-    ) -> Option<&Endpoint> {
-        let ready = self.candidates(port, family, keep);
-        if ready.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(ready[i % ready.len()])
-    }
-
     /// The ready endpoints that serve `port` to a client of `family`'s
     /// kind and that `keep` accepts: what load balancing chooses among.
+    /// Like Kubernetes, an IPv4 service address leads to IPv4 endpoints
+    /// and an IPv6 one to IPv6.
     pub fn candidates(
         &self,
         port: &ServicePort,

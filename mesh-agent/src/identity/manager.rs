@@ -25,7 +25,12 @@ use crate::{
 pub struct Issued {
     pub key: Arc<CertifiedKey>,
     pub info: CertInfo,
+    /// Higher for every certificate this agent receives.
+    pub generation: u64,
 }
+
+/// The generation of the next certificate.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 struct Entry {
     /// Pods on this node with this identity.
@@ -136,6 +141,17 @@ impl IdentityManager {
         Some(issued.key.clone())
     }
 
+    /// The generation of `id`'s current certificate (0: none yet). A
+    /// connection dialled with an older one presented a certificate that
+    /// has since been replaced.
+    pub fn generation(&self, id: &SpiffeId) -> u64 {
+        let entries = self.entries.lock().expect("identity lock");
+        entries
+            .get(id)
+            .and_then(|e| e.current.borrow().as_ref().map(|i| i.generation))
+            .unwrap_or(0)
+    }
+
     /// Waits (at most `timeout`) for the first certificate of `id`.
     pub async fn wait(&self, id: &SpiffeId, timeout: Duration) -> Result<Arc<CertifiedKey>, Error> {
         let not_ready = || Error::NotReady {
@@ -238,7 +254,11 @@ impl IdentityManager {
         let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
         let key = tls::certified_key(&id.to_string(), chain, key_der)
             .map_err(|e| Error::BadCertificate(e.to_string()))?;
-        Ok(Issued { key, info })
+        Ok(Issued {
+            key,
+            info,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
     }
 }
 

@@ -12,11 +12,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{PodContext, ProxyContext, copy, pool::h2, socket};
+use super::{Error, PodContext, ProxyContext, inbound, pool::h2};
 use crate::{
     identity::CertFor,
     spiffe::SpiffeId,
-    telemetry::metrics::{ConnLabels, Reporter},
+    telemetry::metrics::Reporter,
     tls::{self, SpiffeClientVerifier},
 };
 
@@ -137,8 +137,9 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     r
 }
 
-/// One CONNECT stream: checks where it goes, connects to the application,
-/// answers 200 and relays.
+/// One CONNECT stream: checks where it goes, lets the destination decide
+/// ([`inbound::Arrival::admit`]), connects to the application, answers 200
+/// and relays.
 async fn stream(
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -168,57 +169,39 @@ async fn stream(
             return status(StatusCode::MISDIRECTED_REQUEST);
         }
     };
-    let snap = ctx.store.load();
-    if ctx.is_own_listener(&snap, dst) {
-        return status(StatusCode::BAD_REQUEST);
-    }
-    let name = target.workload.key().to_string();
-    let app = match socket::connect(
-        &target.netns,
-        &name,
+    let arrival = inbound::Arrival {
+        pod: target,
         dst,
-        socket::Source::AgentLoopback,
-        &ctx.config,
-    )
-    .await
-    {
+        peer,
+        identity: Some(peer_id.clone()),
+        snap: ctx.store.load(),
+    };
+    let app = match arrival.admit() {
+        Ok(()) => inbound::connect_app(&arrival, ctx).await,
+        Err(e) => Err(e),
+    };
+    let app = match app {
         Ok(a) => a,
         Err(e) => {
             ctx.metrics.proxy_error(Reporter::Destination, e.reason());
-            tracing::warn!(pod = %name, %peer, "hbone: {e}");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            tracing::warn!(pod = %arrival.pod.workload.key(), %peer, "hbone: {e}");
+            return status(match e {
+                Error::Loop { .. } => StatusCode::BAD_REQUEST,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            });
         }
     };
     let upgrade = hyper::upgrade::on(&mut req);
-    let (ctx, peer_id, identity) = (ctx.clone(), peer_id.clone(), identity.clone());
-    let target_workload = target.workload.clone();
+    let ctx = ctx.clone();
     ctx.connections.clone().spawn(async move {
         let tunnel = match upgrade.await {
             Ok(u) => TokioIo::new(u),
             Err(e) => return tracing::debug!(%peer, "hbone: upgrade failed: {e}"),
         };
-        let source = snap.registry.workload_at(peer.ip()).cloned();
-        let (src_p, dst_p) = (peer_id.to_string(), identity.to_string());
-        let m = ctx.metrics.connection_opened(&ConnLabels {
-            reporter: Reporter::Destination,
-            source: source.as_deref(),
-            destination: Some(&target_workload),
-            service: None,
-            destination_addr: dst,
-            cluster: &ctx.config.cluster_id,
-            security_policy: "mutual_tls",
-            source_principal: Some(&src_p),
-            destination_principal: Some(&dst_p),
-        });
-        tracing::debug!(%peer, %dst, source = %src_p, "hbone: proxying");
         let cut = ctx.cut.clone();
         tokio::select! {
             _ = cut.cancelled() => {}
-            r = copy::relay(tunnel, app, m.received.clone(), m.sent.clone(), ctx.config.buffer_size) => {
-                if let Err(e) = r {
-                    tracing::debug!(%dst, "hbone: stream closed with {e}");
-                }
-            }
+            _ = inbound::serve(&arrival, tunnel, app, &ctx) => {}
         }
     });
     status(StatusCode::OK)

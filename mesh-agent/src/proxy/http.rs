@@ -21,31 +21,28 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
-};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 mod actions;
-pub mod cluster;
-mod locality;
+mod decide;
 mod metered;
+mod replay;
 mod retry;
+mod send;
 pub mod upstreams;
 
-use super::{Error, PodContext, ProxyContext, outbound, socket};
+use super::{PodContext, ProxyContext, cluster, upstream::Via};
 use crate::{
-    registry::{Endpoint, Service, ServicePort},
-    snapshot::{
-        Snapshot,
-        compile::{CompiledDestination, CompiledHttpRoute, RequestView},
-    },
+    registry::{Service, ServicePort},
+    snapshot::{Snapshot, compile::CompiledDestination},
     telemetry::metrics::{ConnLabels, Reporter, RequestOutcome},
 };
-use upstreams::Sender as Upstream;
+use replay::Replay;
+use send::{AttemptError, strip_hop_by_hop};
 
 /// Bodies in both directions: streamed from the peer, or made here.
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -157,148 +154,14 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-/// Where `decide` sends a request.
-struct Decision<'a> {
-    /// The VirtualService route that took it (`None`: no VirtualService,
-    /// the service's default route).
-    route: Option<&'a CompiledHttpRoute>,
-    /// Which of the route's match blocks matched.
-    matched: Option<usize>,
-    /// The destination drawn by weight, and its index in the route.
-    dest: Option<(usize, CompiledDestination)>,
-}
-
-/// Why one attempt got no response.
-struct AttemptError {
-    reply: LocalReply,
-    /// Set when the failure may be retried (depending on the policy).
-    failure: Option<retry::Failure>,
-}
-
-impl From<LocalReply> for AttemptError {
-    fn from(reply: LocalReply) -> Self {
-        Self {
-            reply,
-            failure: None,
-        }
-    }
-}
-
-/// How long an HTTP/1.1 chunked request body may be held back to be read
-/// (and checked) before anything goes upstream.
-const CHUNKED_HOLD: Duration = Duration::from_millis(50);
-
-/// Request bodies up to this size are kept so that a retry or a mirror
-/// can send them again; larger or unsized bodies stream once.
-const MAX_REPLAY: u64 = 64 * 1024;
-
-/// A request body that can be sent more than once when it was small.
-enum Replay {
-    Buffered(Bytes),
-    Stream(Option<Body>),
-}
-
 /// Who served a request (the last attempt), for its metrics.
 struct Served {
     service: Arc<Service>,
     workload: Option<Arc<crate::workload::Workload>>,
-    mtls: bool,
+    via: Via,
 }
 
 type ServedSlot = Mutex<Option<Served>>;
-
-impl Replay {
-    /// Reads a small body now; `bytes` gets the body's size either way.
-    /// An HTTP/1.1 body of unknown length (chunked) is read up to
-    /// `MAX_REPLAY`, for at most `CHUNKED_HOLD`, before anything goes
-    /// upstream, so that bad chunking early in it is refused here; HTTP/2
-    /// bodies of unknown length (gRPC streams) are never held back.
-    async fn new(body: Incoming, bytes: &Arc<AtomicU64>, h1: bool) -> Result<Self, LocalReply> {
-        let bad_body = |e: hyper::Error| {
-            LocalReply::new(
-                StatusCode::BAD_REQUEST,
-                "DPE",
-                format!("invalid request body: {e}"),
-            )
-        };
-        let hint = hyper::body::Body::size_hint(&body);
-        if h1 && hint.upper().is_none() {
-            let mut body = body;
-            let mut buf = bytes::BytesMut::new();
-            // A client that streams slowly (or waits for the response
-            // before finishing) is not held back for longer than this.
-            let deadline = tokio::time::Instant::now() + CHUNKED_HOLD;
-            loop {
-                let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-                    Ok(f) => f,
-                    Err(_) => {
-                        let head = futures::stream::once(std::future::ready(
-                            Ok::<_, hyper::Error>(hyper::body::Frame::data(buf.freeze())),
-                        ));
-                        let rest = http_body_util::BodyStream::new(metered::Metered::counting(
-                            body.boxed(),
-                            bytes.clone(),
-                        ));
-                        return Ok(Self::Stream(Some(
-                            http_body_util::StreamBody::new(futures::StreamExt::chain(head, rest))
-                                .boxed(),
-                        )));
-                    }
-                };
-                match frame {
-                    None => {
-                        bytes.store(buf.len() as u64, Ordering::Relaxed);
-                        return Ok(Self::Buffered(buf.freeze()));
-                    }
-                    Some(Err(e)) => return Err(bad_body(e)),
-                    Some(Ok(frame)) => {
-                        // Trailers of a chunked request are not forwarded.
-                        if let Ok(d) = frame.into_data() {
-                            buf.extend_from_slice(&d);
-                        }
-                        if buf.len() as u64 > MAX_REPLAY {
-                            bytes.store(buf.len() as u64, Ordering::Relaxed);
-                            let head =
-                                futures::stream::once(std::future::ready(Ok::<_, hyper::Error>(
-                                    hyper::body::Frame::data(buf.freeze()),
-                                )));
-                            let rest = http_body_util::BodyStream::new(metered::Metered::counting(
-                                body.boxed(),
-                                bytes.clone(),
-                            ));
-                            let stream = futures::StreamExt::chain(head, rest);
-                            return Ok(Self::Stream(Some(
-                                http_body_util::StreamBody::new(stream).boxed(),
-                            )));
-                        }
-                    }
-                }
-            }
-        }
-        if hint.upper().is_some_and(|u| u <= MAX_REPLAY) {
-            // Bounded by the declared length, which hyper enforces.
-            let b = body.collect().await.map_err(bad_body)?;
-            let b = b.to_bytes();
-            bytes.store(b.len() as u64, Ordering::Relaxed);
-            return Ok(Self::Buffered(b));
-        }
-        Ok(Self::Stream(Some(
-            metered::Metered::counting(body.boxed(), bytes.clone()).boxed(),
-        )))
-    }
-
-    /// The body for the next attempt (`None`: already streamed away).
-    fn next(&mut self) -> Option<Body> {
-        match self {
-            Self::Buffered(b) => Some(full(b.clone())),
-            Self::Stream(s) => s.take(),
-        }
-    }
-
-    fn replayable(&self) -> bool {
-        matches!(self, Self::Buffered(_))
-    }
-}
 
 /// What every attempt of a request shares.
 struct RequestHead {
@@ -401,19 +264,17 @@ impl Conn {
 
     /// Records a finished request with Istio's labels (reporter: source).
     fn record(&self, served: Option<Served>, outcome: &RequestOutcome<'_>) {
-        let (service, workload, mtls) = match &served {
-            Some(s) => (&s.service, s.workload.as_deref(), s.mtls),
-            None => (&self.svc, None, false),
+        let (service, workload, via) = match &served {
+            Some(s) => (&s.service, s.workload.as_deref(), &s.via),
+            None => (&self.svc, None, &Via::Direct),
         };
-        let trust_domain = self
-            .pod
-            .identity
-            .as_ref()
-            .map(|i| i.trust_domain().to_owned());
-        let source_principal = self.pod.identity.as_ref().map(ToString::to_string);
-        let destination_principal = workload
-            .zip(trust_domain.as_deref())
-            .map(|(w, td)| w.identity(td).to_string());
+        let principals = match via {
+            Via::Hbone {
+                source,
+                destination,
+            } => Some((source.to_string(), destination.to_string())),
+            Via::Direct => None,
+        };
         let labels = ConnLabels {
             reporter: Reporter::Source,
             source: Some(&self.pod.workload),
@@ -421,9 +282,13 @@ impl Conn {
             service: Some(service),
             destination_addr: self.dst,
             cluster: &self.ctx.config.cluster_id,
-            security_policy: if mtls { "mutual_tls" } else { "unknown" },
-            source_principal: source_principal.as_deref().filter(|_| mtls),
-            destination_principal: destination_principal.as_deref().filter(|_| mtls),
+            security_policy: if via.is_mtls() {
+                "mutual_tls"
+            } else {
+                "unknown"
+            },
+            source_principal: principals.as_ref().map(|p| p.0.as_str()),
+            destination_principal: principals.as_ref().map(|p| p.1.as_str()),
         };
         self.ctx.metrics.request_done(&labels, outcome);
     }
@@ -643,8 +508,8 @@ impl Conn {
             let permit = (retriable && tries < policy.retries && body.replayable())
                 .then(|| {
                     let port = dest.port.unwrap_or(self.port.port);
-                    let pool =
-                        cluster::Policy::of(self.destination_rule(&dest.host), &dest.subset, port);
+                    let rule = self.snap.routes.destination_rule_for(&dest.host);
+                    let pool = cluster::Policy::of(rule, &dest.subset, port);
                     let c = self.ctx.clusters.get(&dest.host, &dest.subset, port);
                     retry::RetryPermit::take_for(&c, pool.max_retries())
                 })
@@ -701,366 +566,6 @@ impl Conn {
             }
         });
     }
-
-    /// One attempt: an endpoint of the destination, a connection to it,
-    /// the request.
-    async fn send(
-        &self,
-        dest: &CompiledDestination,
-        req: Request<Body>,
-        client_h2: bool,
-        served: Option<&ServedSlot>,
-    ) -> Result<Response<Body>, AttemptError> {
-        let (svc, port) = self.destination_service(dest)?;
-        let labels = self.subset_labels(dest)?;
-        let dr = self.destination_rule(&dest.host);
-        let policy = cluster::Policy::of(dr, &dest.subset, port.port);
-        // HTTP/2 upstream for ports declared so (and gRPC); HTTP/1.1 for
-        // `http` ports whatever the client spoke, as Envoy does unless a
-        // DestinationRule says `useClientProtocol`.
-        let use_client = policy
-            .connection_pool
-            .and_then(|c| c.http.as_ref())
-            .is_some_and(|h| h.use_client_protocol == Some(true));
-        let h2 = matches!(
-            port.protocol,
-            crate::registry::Protocol::Http2 | crate::registry::Protocol::Grpc
-        ) || (use_client && client_h2);
-        let cluster = self.ctx.clusters.get(&dest.host, &dest.subset, port.port);
-        let mut admission = cluster.admit(&policy, !h2).await.map_err(|o| {
-            LocalReply::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UO",
-                format!("upstream overflow ({o:?}): the DestinationRule's connection pool is full"),
-            )
-        })?;
-        let candidates = svc.candidates(&port, self.client.ip(), |e| {
-            labels
-                .iter()
-                .all(|(k, v)| e.labels.get(k.as_str()) == Some(v))
-        });
-        let input = cluster::HashInput {
-            headers: req.headers(),
-            query: req.uri().query(),
-            client: self.client.ip(),
-            locality: &self.locality,
-            client_labels: &self.pod.workload.labels,
-        };
-        let pick = cluster
-            .pick(
-                &candidates,
-                &policy,
-                &input,
-                self.dst.ip(),
-                Some(&mut admission),
-            )
-            .ok_or_else(|| {
-                LocalReply::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UH",
-                    format!("no healthy upstream for {}", describe(dest)),
-                )
-            })?;
-        let ep = pick.endpoint;
-        if let Some(slot) = served {
-            let workload = ep.workload.as_ref().map(|w| w.0.clone());
-            *slot.lock().expect("served lock") = Some(Served {
-                mtls: workload.is_some()
-                    && self.ctx.identities.is_some()
-                    && self.pod.identity.is_some(),
-                workload,
-                service: svc.clone(),
-            });
-        }
-        let od = policy.outlier_detection;
-        let hosts = candidates.len();
-        let connect_failure = |reply| {
-            cluster.record(&pick.key, cluster::Outcome::LocalFailure, od, hosts);
-            AttemptError {
-                reply,
-                failure: Some(retry::Failure::Connect),
-            }
-        };
-        let addr = match outbound::endpoint_addr(ep, &port).await {
-            Ok(a) => a,
-            Err(e) => return Err(connect_failure(upstream_failure(&e))),
-        };
-        let (mut sender, uses) = match self.upstream(ep, addr, h2, policy.connect_timeout()).await {
-            Ok(u) => u,
-            Err(reply) => return Err(connect_failure(reply)),
-        };
-        let req = prepare(req, h2);
-        let result = match &mut sender {
-            Upstream::H1(s) => s.send_request(req).await,
-            Upstream::H2(s) => s.send_request(req).await,
-        };
-        match result {
-            Ok(mut resp) => {
-                cluster.record(
-                    &pick.key,
-                    cluster::Outcome::Status(resp.status().as_u16()),
-                    od,
-                    hosts,
-                );
-                // `maxRequestsPerConnection`: a connection that carried
-                // its share is not reused.
-                let reuse = policy
-                    .max_requests_per_connection()
-                    .is_none_or(|max| uses + 1 < max);
-                // An HTTP/2 connection serves other requests at once; an
-                // HTTP/1.1 one only once this response's body is done.
-                let pod = self.pod_key.clone();
-                let give_back = match sender {
-                    Upstream::H2(s) => {
-                        if reuse {
-                            self.ctx
-                                .upstreams
-                                .put(&pod, addr, Upstream::H2(s), uses + 1);
-                        }
-                        None
-                    }
-                    Upstream::H1(s) => reuse.then(|| upstreams::GiveBack {
-                        pool: self.ctx.upstreams.clone(),
-                        pod,
-                        addr,
-                        sender: Some((Upstream::H1(s), uses + 1)),
-                    }),
-                };
-                if let Some(c) = pick.set_cookie
-                    && let Ok(v) = HeaderValue::from_str(&c)
-                {
-                    resp.headers_mut().append(header::SET_COOKIE, v);
-                }
-                // The pool slot, the request count and the host's load last
-                // as long as the response body.
-                let guard = (admission, give_back);
-                Ok(resp.map(|b| metered::Metered::guarding(b.boxed(), guard).boxed()))
-            }
-            Err(e) => {
-                cluster.record(&pick.key, cluster::Outcome::LocalFailure, od, hosts);
-                Err(AttemptError {
-                    failure: Some(if refused_stream(&e) {
-                        retry::Failure::RefusedStream
-                    } else {
-                        retry::Failure::Reset
-                    }),
-                    reply: LocalReply::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UC",
-                        format!("upstream connect error or disconnect/reset before headers: {e}"),
-                    ),
-                })
-            }
-        }
-    }
-
-    /// The DestinationRule for `host`, if any.
-    fn destination_rule(&self, host: &str) -> Option<&crate::istio::networking::DestinationRule> {
-        self.snap
-            .routes
-            .destination_rules
-            .get(host)
-            .and_then(|r| match &r.spec {
-                crate::istio::Spec::DestinationRule(dr) => Some(dr),
-                _ => None,
-            })
-    }
-
-    /// Where `req` goes: the first VirtualService route that takes it,
-    /// then a weighted draw among its destinations; without a
-    /// VirtualService, the service itself.
-    fn decide(&self, req: &Request<Incoming>) -> Result<Decision<'_>, LocalReply> {
-        let vss = self.snap.routes.virtual_services_for(&self.svc.hostname);
-        if vss.iter().all(|vs| vs.http.is_empty()) {
-            return Ok(Decision {
-                route: None,
-                matched: None,
-                dest: Some((
-                    0,
-                    CompiledDestination {
-                        host: self.svc.hostname.clone(),
-                        subset: String::new(),
-                        port: None,
-                    },
-                )),
-            });
-        }
-        let authority = actions::authority(req.uri(), req.headers());
-        let view = RequestView {
-            path: req.uri().path(),
-            query: req.uri().query(),
-            method: req.method().as_str(),
-            authority: &authority,
-            headers: req.headers(),
-            port: self.port.port,
-            source_labels: &self.pod.workload.labels,
-            source_namespace: &self.pod.workload.namespace,
-        };
-        let (route, matched) = vss
-            .iter()
-            .flat_map(|vs| vs.http.iter())
-            .find_map(|r| {
-                if r.matches.is_empty() {
-                    return Some((r, None));
-                }
-                r.matches
-                    .iter()
-                    .position(|m| m.matches(&view))
-                    .map(|i| (r, Some(i)))
-            })
-            .ok_or_else(|| LocalReply::new(StatusCode::NOT_FOUND, "NR", "no route matched"))?;
-        let dest = route
-            .pick(fastrand::u32(0..100))
-            .and_then(|i| Some((i, route.destinations.get(i)?.clone())));
-        Ok(Decision {
-            route: Some(route),
-            matched,
-            dest,
-        })
-    }
-
-    /// The service and port a destination names.
-    fn destination_service(
-        &self,
-        dest: &CompiledDestination,
-    ) -> Result<(Arc<Service>, ServicePort), LocalReply> {
-        let svc = if dest.host == self.svc.hostname {
-            self.svc.clone()
-        } else {
-            self.snap
-                .registry
-                .services_for_host(&dest.host)
-                .first()
-                .cloned()
-                .ok_or_else(|| {
-                    LocalReply::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "NC",
-                        format!("no service for host {}", dest.host),
-                    )
-                })?
-        };
-        let number = dest.port.unwrap_or(self.port.port);
-        let port = svc
-            .port(number)
-            .or_else(|| (svc.ports.len() == 1).then(|| &svc.ports[0]))
-            .cloned()
-            .ok_or_else(|| {
-                LocalReply::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "NC",
-                    format!("{} has no port {number}", svc.hostname),
-                )
-            })?;
-        Ok((svc, port))
-    }
-
-    /// The labels of the destination's subset (none without a subset).
-    fn subset_labels(
-        &self,
-        dest: &CompiledDestination,
-    ) -> Result<Vec<(String, String)>, LocalReply> {
-        if dest.subset.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.snap
-            .routes
-            .subsets
-            .get(&dest.host)
-            .and_then(|s| s.get(&dest.subset))
-            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .ok_or_else(|| {
-                LocalReply::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "NC",
-                    format!(
-                        "subset {} of {} is not defined by a DestinationRule",
-                        dest.subset, dest.host
-                    ),
-                )
-            })
-    }
-
-    /// A ready sender to `addr`: the connection this client used last
-    /// time, or a new one (over HBONE when the endpoint is meshed).
-    async fn upstream(
-        &self,
-        ep: &Endpoint,
-        addr: SocketAddr,
-        h2: bool,
-        connect_timeout: Option<Duration>,
-    ) -> Result<(Upstream, usize), LocalReply> {
-        let pod = &self.pod_key;
-        while let Some((mut u, uses)) = self.ctx.upstreams.take(pod, addr, h2) {
-            let ready = match &mut u {
-                Upstream::H1(s) => s.ready().await.is_ok(),
-                Upstream::H2(s) => s.ready().await.is_ok(),
-            };
-            if ready {
-                return Ok((u, uses));
-            }
-            if h2 {
-                break;
-            }
-        }
-        let connect = self.connect(ep, addr);
-        let io = match connect_timeout {
-            Some(t) => tokio::time::timeout(t, connect).await.map_err(|_| {
-                LocalReply::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UF",
-                    format!("upstream connect error: {addr} did not answer within {t:?} (connectTimeout)"),
-                )
-            })?,
-            None => connect.await,
-        }
-        .map_err(|e| upstream_failure(&e))?;
-        let fail = |e: hyper::Error| {
-            LocalReply::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UF",
-                format!("upstream connect error: HTTP handshake with {addr}: {e}"),
-            )
-        };
-        if h2 {
-            let (sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-                    .await
-                    .map_err(fail)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%addr, "http: upstream connection ended: {e}");
-                }
-            });
-            Ok((Upstream::H2(sender), 0))
-        } else {
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-                .await
-                .map_err(fail)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(%addr, "http: upstream connection ended: {e}");
-                }
-            });
-            Ok((Upstream::H1(sender), 0))
-        }
-    }
-
-    /// A byte stream to the endpoint: an HBONE tunnel to a meshed
-    /// workload (mutual TLS, its identity expected), a TCP connection from
-    /// the pod otherwise.
-    async fn connect(&self, ep: &Endpoint, addr: SocketAddr) -> Result<UpstreamIo, Error> {
-        let (pod, ctx) = (&self.pod, &self.ctx);
-        if let (Some(_), Some(src_id), Some(w)) = (&ctx.identities, &pod.identity, &ep.workload) {
-            let dst_id = w.0.identity(src_id.trust_domain());
-            let t = outbound::open_tunnel(pod, ctx, addr, &w.0, &dst_id, src_id).await?;
-            return Ok(UpstreamIo::Tunnel(Box::new(t)));
-        }
-        let name = pod.workload.key().to_string();
-        let s = socket::connect(&pod.netns, &name, addr, socket::Source::Pod, &ctx.config).await?;
-        s.set_nodelay(true)?;
-        Ok(UpstreamIo::Tcp(s))
-    }
 }
 
 /// Joins an upgraded client connection and its upstream until both ends
@@ -1074,180 +579,5 @@ async fn join_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgra
             }
         }
         Err(e) => tracing::debug!("http: upgrade failed: {e}"),
-    }
-}
-
-/// Whether the upstream refused an HTTP/2 stream (REFUSED_STREAM: it did
-/// not process the request). Read from the error chain's text: the `h2`
-/// error type is not ours to depend on.
-fn refused_stream(e: &hyper::Error) -> bool {
-    let mut source: Option<&dyn std::error::Error> = Some(e);
-    while let Some(s) = source {
-        if s.to_string().contains("refused stream") {
-            return true;
-        }
-        source = s.source();
-    }
-    false
-}
-
-fn upstream_failure(e: &Error) -> LocalReply {
-    LocalReply::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "UF",
-        format!("upstream connect error: {e}"),
-    )
-}
-
-fn describe(d: &CompiledDestination) -> String {
-    if d.subset.is_empty() {
-        d.host.clone()
-    } else {
-        format!("{} (subset {})", d.host, d.subset)
-    }
-}
-
-/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-];
-
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| n != header::UPGRADE)
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        h.remove(n);
-    }
-}
-
-/// The request as the upstream gets it: origin-form for HTTP/1.1 (Host
-/// kept), absolute for HTTP/2 (`:authority` from Host).
-fn prepare(req: Request<Body>, h2: bool) -> Request<Body> {
-    let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(String::from)
-        })
-        .unwrap_or_default();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let upgrade = parts.headers.contains_key(header::UPGRADE);
-    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC servers
-    // require it.
-    let te_trailers = parts
-        .headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    strip_hop_by_hop(&mut parts.headers);
-    if h2 {
-        parts.version = Version::HTTP_2;
-        if te_trailers {
-            parts
-                .headers
-                .insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        parts.headers.remove(header::HOST);
-        parts.headers.remove(header::UPGRADE);
-        if let Ok(u) = Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(path.as_str())
-            .build()
-        {
-            parts.uri = u;
-        }
-    } else {
-        parts.version = Version::HTTP_11;
-        if let Ok(u) = path.parse() {
-            parts.uri = u;
-        }
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(&authority)
-        {
-            parts.headers.insert(header::HOST, v);
-        }
-        if upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-    }
-    Request::from_parts(parts, body)
-}
-
-/// What an upstream HTTP connection runs on.
-enum UpstreamIo {
-    Tcp(TcpStream),
-    Tunnel(Box<super::pool::Tunnel>),
-}
-
-impl tokio::io::AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Self::Tunnel(t) => std::pin::Pin::new(t.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Self::Tunnel(t) => std::pin::Pin::new(t.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Self::Tunnel(t) => std::pin::Pin::new(t.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Self::Tunnel(t) => std::pin::Pin::new(t.as_mut()).poll_shutdown(cx),
-        }
     }
 }

@@ -7,7 +7,7 @@
 //! endpoints; a meshed destination is reached over HBONE (mutual TLS,
 //! expecting that workload's identity); anything else directly.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -15,30 +15,60 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Error, PodContext, ProxyContext, copy, pool::PoolKey, socket};
+use super::{
+    Error, PodContext, ProxyContext,
+    cluster::{self, Admission, Cluster, HashInput},
+    copy,
+    destination::Destination,
+    socket,
+    upstream::{self, Via},
+};
 use crate::{
-    identity::CertFor,
-    registry::{Endpoint, Protocol, Resolution, Service, ServicePort},
+    istio::networking::OutlierDetection,
+    registry::{Protocol, Resolution, Service, ServicePort},
     snapshot::Snapshot,
     snapshot::compile::{CompiledDestination, ConnView},
-    spiffe::SpiffeId,
     telemetry::metrics::{ConnLabels, Reporter},
-    tls::{self, SpiffeServerVerifier},
     workload::Workload,
 };
 
 /// Where a captured connection is carried.
-struct Target<'a> {
+struct Target<'s> {
     /// The address to connect to (an endpoint, once a service is resolved).
     addr: SocketAddr,
     /// The meshed workload there: reached over HBONE.
     workload: Option<Arc<Workload>>,
     /// The service the application addressed, if it used one.
-    service: Option<&'a Arc<Service>>,
+    service: Option<Arc<Service>>,
+    /// The endpoint chosen by a destination's policy, and what to tell it
+    /// about the connection (a service's endpoint; none for an address
+    /// outside the registry or a passthrough service).
+    balanced: Option<Balanced<'s>>,
+}
+
+/// A connection to an endpoint chosen under a DestinationRule: it holds a
+/// place in the destination's connection limit while it lives, and its
+/// connect outcome feeds outlier detection.
+struct Balanced<'s> {
+    cluster: Arc<Cluster>,
+    host: String,
+    hosts: usize,
+    outlier_detection: Option<&'s OutlierDetection>,
+    connect_timeout: Option<std::time::Duration>,
+    _admission: Admission,
+}
+
+impl Balanced<'_> {
+    fn record(&self, outcome: cluster::Outcome) {
+        self.cluster
+            .record(&self.host, outcome, self.outlier_detection, self.hosts);
+    }
 }
 
 /// Resolves the application's destination `dst` in `snap`: a service's
-/// `tcp`/`tls` VirtualService routes first, else the service's endpoints.
+/// `tcp`/`tls` VirtualService routes first, else the service itself, then
+/// an endpoint by the destination's DestinationRule (load balancing,
+/// connection limit, outlier detection).
 async fn resolve<'s>(
     snap: &'s Snapshot,
     dst: SocketAddr,
@@ -52,27 +82,26 @@ async fn resolve<'s>(
             addr: dst,
             workload: snap.registry.workload_at(dst.ip()).cloned(),
             service: None,
+            balanced: None,
         });
     };
     if svc.resolution == Resolution::Passthrough {
         return Ok(Target {
             addr: dst,
             workload: snap.registry.workload_at(dst.ip()).cloned(),
-            service: Some(svc),
+            service: Some(svc.clone()),
+            balanced: None,
         });
     }
-    if let Some(dest) = l4_route(snap, svc, port, dst, stream, peer, pod).await {
-        return route_to(snap, &dest, port, dst, peer, pod, ctx).await;
-    }
-    let e = svc.pick(port, dst.ip()).ok_or_else(|| Error::NoEndpoint {
-        service: svc.hostname.clone(),
-        port: port.port,
-    })?;
-    Ok(Target {
-        addr: endpoint_addr(e, port).await?,
-        workload: e.workload.as_ref().map(|w| w.0.clone()),
-        service: Some(svc),
-    })
+    let dest = match l4_route(snap, svc, port, dst, stream, peer, pod).await {
+        Some(d) => d,
+        None => CompiledDestination {
+            host: svc.hostname.clone(),
+            subset: String::new(),
+            port: None,
+        },
+    };
+    balance(snap, &dest, svc, port, dst, peer, pod, ctx).await
 }
 
 /// The destination the service's VirtualService `tls` routes (by the
@@ -119,101 +148,75 @@ async fn l4_route(
         .cloned()
 }
 
-/// The endpoint for a route's destination (service, subset, port), by
-/// the destination's load balancing policy.
-async fn route_to<'s>(
+/// The endpoint of `dest` for this connection, under the destination's
+/// DestinationRule: admitted under `maxConnections`, chosen by its load
+/// balancer (consistent hashing can only use the client's address here),
+/// healthy by outlier detection, local first by locality.
+#[allow(clippy::too_many_arguments)] // one captured connection's context
+async fn balance<'s>(
     snap: &'s Snapshot,
     dest: &CompiledDestination,
+    svc: &Arc<Service>,
     port: &ServicePort,
     dst: SocketAddr,
     peer: SocketAddr,
     pod: &PodContext,
     ctx: &ProxyContext,
 ) -> Result<Target<'s>, Error> {
-    let no_endpoint = || Error::NoEndpoint {
-        service: dest.host.clone(),
-        port: dest.port.unwrap_or(port.port),
+    let no_endpoint = |host: &str, port: u16| Error::NoEndpoint {
+        service: host.to_owned(),
+        port,
     };
-    let svc = snap
-        .registry
-        .services_for_host(&dest.host)
-        .first()
-        .ok_or_else(no_endpoint)?;
-    let number = dest.port.unwrap_or(port.port);
-    let port = svc
-        .port(number)
-        .or_else(|| (svc.ports.len() == 1).then(|| &svc.ports[0]))
-        .ok_or_else(no_endpoint)?;
-    let dr = snap
-        .routes
-        .destination_rules
-        .get(&dest.host)
-        .and_then(|r| match &r.spec {
-            crate::istio::Spec::DestinationRule(d) => Some(d),
-            _ => None,
-        });
-    let labels = if dest.subset.is_empty() {
-        None
-    } else {
-        Some(
-            snap.routes
-                .subsets
-                .get(&dest.host)
-                .and_then(|s| s.get(&dest.subset))
-                .ok_or_else(no_endpoint)?,
-        )
-    };
-    let candidates = svc.candidates(port, dst.ip(), |e| {
-        labels.is_none_or(|l| l.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
-    });
-    let policy = super::http::cluster::Policy::of(dr, &dest.subset, port.port);
-    let cluster = ctx.clusters.get(&dest.host, &dest.subset, port.port);
-    let locality = match crate::registry::build::pod_locality(&pod.workload.labels, None) {
-        l if l.region.is_empty() => crate::registry::Locality::parse(&ctx.config.locality),
-        l => l,
-    };
-    let input = super::http::cluster::HashInput {
+    let d = Destination::resolve(snap, &ctx.clusters, dest, port.port, Some(svc))
+        .map_err(|_| no_endpoint(&dest.host, dest.port.unwrap_or(port.port)))?;
+    let mut admission = d
+        .cluster
+        .admit_connection(&d.policy)
+        .map_err(|_| Error::Overflow {
+            service: d.describe(),
+        })?;
+    let candidates = d.candidates(dst.ip());
+    let locality = super::client_locality(pod, ctx);
+    let input = HashInput {
         headers: &http::HeaderMap::new(),
         query: None,
         client: peer.ip(),
         locality: &locality,
         client_labels: &pod.workload.labels,
     };
-    let pick = cluster
-        .pick(&candidates, &policy, &input, dst.ip(), None)
-        .ok_or_else(no_endpoint)?;
+    let pick = d
+        .cluster
+        .pick(
+            &candidates,
+            &d.policy,
+            &input,
+            dst.ip(),
+            Some(&mut admission),
+        )
+        .ok_or_else(|| no_endpoint(&d.service.hostname, d.port.port))?;
     let e = pick.endpoint;
+    let balanced = Balanced {
+        cluster: d.cluster.clone(),
+        host: pick.key,
+        hosts: candidates.len(),
+        outlier_detection: d.policy.outlier_detection,
+        connect_timeout: d.policy.connect_timeout(),
+        _admission: admission,
+    };
+    let addr = match upstream::endpoint_addr(e, &d.port).await {
+        Ok(a) => a,
+        Err(err) => {
+            balanced.record(cluster::Outcome::LocalFailure);
+            return Err(err);
+        }
+    };
     Ok(Target {
-        addr: endpoint_addr(e, port).await?,
+        addr,
         workload: e.workload.as_ref().map(|w| w.0.clone()),
-        service: Some(svc),
+        service: Some(svc.clone()),
+        balanced: Some(balanced),
     })
 }
-
-/// The socket address of endpoint `e` for service port `port` (resolving
-/// a DNS endpoint's name now).
-pub(super) async fn endpoint_addr(e: &Endpoint, port: &ServicePort) -> Result<SocketAddr, Error> {
-    let target_port = e.port_for(port);
-    match (e.address, &e.hostname) {
-        (Some(ip), _) => Ok(SocketAddr::new(ip, target_port)),
-        (None, Some(host)) => {
-            let mut addrs = tokio::net::lookup_host((host.as_str(), target_port))
-                .await
-                .map_err(|e| Error::Resolve {
-                    host: host.clone(),
-                    reason: e.to_string(),
-                })?;
-            addrs.next().ok_or_else(|| Error::Resolve {
-                host: host.clone(),
-                reason: "no addresses".into(),
-            })
-        }
-        (None, None) => unreachable!("registry endpoints have an address or a host name"),
-    }
-}
-
-/// How long a new pod's first connection may wait for its certificate.
-const CERT_WAIT: Duration = Duration::from_secs(10);
 
 /// Accepts on one outbound listener until `stop` is cancelled.
 pub async fn serve(
@@ -275,53 +278,51 @@ async fn handle(
     if target.service.is_some() && ctx.is_own_listener(&snap, dst) {
         return refuse(&stream, Error::Loop { dst });
     }
-    match (&ctx.identities, &pod.identity, target.workload) {
-        (Some(_), Some(src_id), Some(w)) => {
-            let dst_id = w.identity(src_id.trust_domain());
-            // Boxed: opening (a TLS handshake, perhaps) is a large future
-            // that would otherwise stay part of every connection's task
-            // for its whole life (8 KB of an idle connection's ~20).
-            let tunnel = match Box::pin(open_tunnel(pod, ctx, dst, &w, &dst_id, src_id)).await {
-                Ok(t) => t,
-                Err(e) => return refuse(&stream, e),
-            };
-            let (sp, dp) = (src_id.to_string(), dst_id.to_string());
-            let labels = ConnLabels {
-                reporter: Reporter::Source,
-                source: Some(&pod.workload),
-                destination: Some(&w),
-                service: target.service.map(|s| &**s),
-                destination_addr: dst,
-                cluster: &ctx.config.cluster_id,
-                security_policy: "mutual_tls",
-                source_principal: Some(&sp),
-                destination_principal: Some(&dp),
-            };
-            carry(stream, tunnel, &labels, pod, ctx).await;
-        }
-        (_, _, meshed) => {
-            let pod_name = pod.workload.key().to_string();
-            let upstream =
-                match socket::connect(&pod.netns, &pod_name, dst, socket::Source::Pod, &ctx.config)
-                    .await
-                {
-                    Ok(u) => u,
-                    Err(e) => return refuse(&stream, e),
-                };
-            let labels = ConnLabels {
-                reporter: Reporter::Source,
-                source: Some(&pod.workload),
-                destination: meshed.as_deref(),
-                service: target.service.map(|s| &**s),
-                destination_addr: dst,
-                cluster: &ctx.config.cluster_id,
-                security_policy: "unknown",
-                source_principal: None,
-                destination_principal: None,
-            };
-            carry(stream, upstream, &labels, pod, ctx).await;
-        }
+    let via = Via::to(ctx, pod, target.workload.as_deref());
+    let timeout = target.balanced.as_ref().and_then(|b| b.connect_timeout);
+    let open = upstream::open(pod, ctx, dst, target.workload.as_deref(), &via);
+    let opened = match timeout {
+        Some(t) => tokio::time::timeout(t, open)
+            .await
+            .unwrap_or(Err(Error::ConnectTimeout { dst, timeout: t })),
+        None => open.await,
+    };
+    if let Some(b) = &target.balanced {
+        b.record(match opened {
+            Ok(_) => cluster::Outcome::Connected,
+            Err(_) => cluster::Outcome::LocalFailure,
+        });
     }
+    let upstream = match opened {
+        Ok(u) => u,
+        Err(e) => return refuse(&stream, e),
+    };
+    let principals = match &via {
+        Via::Hbone {
+            source,
+            destination,
+        } => Some((source.to_string(), destination.to_string())),
+        Via::Direct => None,
+    };
+    let labels = ConnLabels {
+        reporter: Reporter::Source,
+        source: Some(&pod.workload),
+        destination: target.workload.as_deref(),
+        service: target.service.as_deref(),
+        destination_addr: dst,
+        cluster: &ctx.config.cluster_id,
+        security_policy: if via.is_mtls() {
+            "mutual_tls"
+        } else {
+            "unknown"
+        },
+        source_principal: principals.as_ref().map(|p| p.0.as_str()),
+        destination_principal: principals.as_ref().map(|p| p.1.as_str()),
+    };
+    // The target (its place under `maxConnections`) lives as long as the
+    // connection.
+    carry(stream, upstream, &labels, pod, ctx).await;
+    drop(target);
     Ok(())
 }
 
@@ -349,68 +350,6 @@ fn original_destination(
         return Err(Error::Loop { dst });
     }
     Ok(dst)
-}
-
-/// A CONNECT stream to `dst` over the pooled mTLS connection to the
-/// destination pod's node.
-pub(super) async fn open_tunnel(
-    pod: &PodContext,
-    ctx: &ProxyContext,
-    dst: SocketAddr,
-    w: &Workload,
-    dst_id: &SpiffeId,
-    src_id: &SpiffeId,
-) -> Result<super::pool::Tunnel, Error> {
-    let (identities, pool) = match (&ctx.identities, &ctx.pool) {
-        (Some(i), Some(p)) => (i.clone(), p.clone()),
-        _ => unreachable!("HBONE is only chosen with identities"),
-    };
-    identities.wait(src_id, CERT_WAIT).await?;
-    let via = SocketAddr::new(dst.ip(), ctx.config.hbone_port);
-    let verifier = Arc::new(SpiffeServerVerifier::new(
-        identities.bundle(),
-        dst_id.clone(),
-    ));
-    let client_cert = Arc::new(CertFor {
-        manager: identities,
-        identity: src_id.clone(),
-    });
-    let tls_config = Arc::new(
-        tls::client_config(verifier, client_cert, &[tls::ALPN_H2]).map_err(|e| Error::Hbone {
-            dst,
-            reason: e.to_string(),
-        })?,
-    );
-    let key = PoolKey {
-        source: pod.workload.key(),
-        destination_node: w
-            .node
-            .clone()
-            .unwrap_or_else(|| ctx.config.node_name.clone()),
-        destination_identity: dst_id.clone(),
-    };
-    let pod_name = pod.workload.key().to_string();
-    pool.open(key, dst, || {
-        let (tls_config, pod_name) = (tls_config.clone(), pod_name.clone());
-        async move {
-            let tcp = socket::connect(&pod.netns, &pod_name, via, socket::Source::Pod, &ctx.config)
-                .await?;
-            let name = rustls::pki_types::ServerName::IpAddress(via.ip().into());
-            tokio_rustls::TlsConnector::from(tls_config)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| {
-                    let reason = tls::failure_reason(&e);
-                    ctx.metrics.tls_failure(Reporter::Source, reason);
-                    Error::Tls {
-                        peer: via,
-                        reason,
-                        detail: tls::failure_detail(&e),
-                    }
-                })
-        }
-    })
-    .await
 }
 
 /// Relays the application's connection and `upstream`, counting into the

@@ -11,6 +11,11 @@
 //! most `h2::STREAMS_PER_CONNECTION` streams, and the pool dials another
 //! when all of a key's connections are full, rather than letting new
 //! streams queue behind a peer's stream limit.
+//!
+//! A connection does not outlive the certificate it was dialled with: once
+//! the source's certificate is renewed, new streams go to a connection
+//! dialled with the new one (the handshake is where a certificate is
+//! presented), and the old connection closes when its last stream ends.
 
 use std::{
     collections::HashMap,
@@ -58,6 +63,8 @@ struct Conn {
     sender: SendRequest<Empty<Bytes>>,
     streams: Arc<AtomicUsize>,
     last_used: Arc<Mutex<Instant>>,
+    /// The generation of the source's certificate it was dialled with.
+    generation: u64,
 }
 
 /// A key's connections; a new one is dialled when all are full.
@@ -156,10 +163,13 @@ impl Pool {
                 return true;
             };
             let before = conns.len();
+            let newest = conns.iter().map(|c| c.generation).max().unwrap_or(0);
             conns.retain(|c| {
+                let busy = c.streams.load(Ordering::Acquire) > 0;
                 !c.sender.is_closed()
-                    && (c.streams.load(Ordering::Acquire) > 0
-                        || c.last_used.lock().expect("pool lock").elapsed() < idle)
+                    && (busy
+                        || (c.generation == newest
+                            && c.last_used.lock().expect("pool lock").elapsed() < idle))
             });
             if conns.len() < before {
                 tracing::debug!(
@@ -184,11 +194,13 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `authority` over the pooled connection for
-    /// `key`, dialling a new connection with `dial` when there is none.
+    /// `key`, dialling a new connection with `dial` when there is none with
+    /// room that was dialled with certificate `generation` (or a newer one).
     pub async fn open<F, Fut, S>(
         &self,
         key: PoolKey,
         authority: SocketAddr,
+        generation: u64,
         dial: F,
     ) -> Result<Tunnel, Error>
     where
@@ -209,13 +221,14 @@ impl Pool {
             let (sender, guard) = {
                 let mut conns = slot.lock().await;
                 conns.retain(|c| !c.sender.is_closed());
-                let free = conns
-                    .iter()
-                    .position(|c| c.streams.load(Ordering::Acquire) < h2::STREAMS_PER_CONNECTION);
+                let free = conns.iter().position(|c| {
+                    c.generation >= generation
+                        && c.streams.load(Ordering::Acquire) < h2::STREAMS_PER_CONNECTION
+                });
                 let i = match free {
                     Some(i) => i,
                     None => {
-                        conns.push(handshake(dial().await?).await?);
+                        conns.push(handshake(dial().await?, generation).await?);
                         dialled = true;
                         conns.len() - 1
                     }
@@ -270,7 +283,7 @@ enum ConnectError {
     Refused(StatusCode),
 }
 
-async fn handshake<S>(io: S) -> Result<Conn, Error>
+async fn handshake<S>(io: S, generation: u64) -> Result<Conn, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -290,6 +303,7 @@ where
         sender,
         streams: Arc::new(AtomicUsize::new(0)),
         last_used: Arc::new(Mutex::new(Instant::now())),
+        generation,
     })
 }
 

@@ -400,7 +400,6 @@ fn kube_service(
         resolution: Resolution::Static,
         location: Location::MeshInternal,
         subject_alt_names: Vec::new(),
-        next: Default::default(),
     })
 }
 
@@ -512,7 +511,6 @@ fn service_entry(
             _ => Location::MeshExternal,
         },
         subject_alt_names: se.subject_alt_names.clone(),
-        next: Default::default(),
     }
 }
 
@@ -631,16 +629,21 @@ spec:
         assert!(e.workload.is_some(), "a meshed endpoint");
         assert!(!svc.endpoints[1].ready && svc.endpoints[1].workload.is_none());
         let v4: IpAddr = "10.96.0.10".parse().unwrap();
-        for _ in 0..4 {
-            let picked = svc.pick(port, v4).unwrap();
-            assert_eq!(
-                picked.address,
-                Some("10.1.0.5".parse().unwrap()),
-                "only ready endpoints"
-            );
-        }
+        let ready: Vec<_> = svc
+            .candidates(port, v4, |_| true)
+            .iter()
+            .map(|e| e.address)
+            .collect();
+        assert_eq!(
+            ready,
+            [Some("10.1.0.5".parse().unwrap())],
+            "only ready endpoints"
+        );
         let v6: IpAddr = "fd00::10".parse().unwrap();
-        assert!(svc.pick(port, v6).is_none(), "no IPv6 endpoint");
+        assert!(
+            svc.candidates(port, v6, |_| true).is_empty(),
+            "no IPv6 endpoint"
+        );
 
         // No EndpointSlice: the selector over known pods (meshed or not).
         let (legacy, lp) = r.service_at("10.96.0.11:5000".parse().unwrap()).unwrap();

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use super::cluster::Cluster;
+use crate::proxy::cluster::Cluster;
 
 use http::{HeaderMap, Method, StatusCode};
 
