@@ -98,12 +98,13 @@ fn services_and_service_entries_pick_endpoints_and_expect_their_identity() {
     // No endpoint: refused at once, counted with Istio's reason.
     let r = c.client.run_app(&["connect", "10.96.0.11:80"]);
     assert!(!r.ok(), "{}", r.describe());
-    assert_eq!(
-        agent_a.metrics().value(
+    assert!(
+        wait_until(Duration::from_secs(5), || agent_a.metrics().try_value(
             "mesh_proxy_errors_total",
             &[("reason", "no_healthy_upstream")]
-        ),
-        1.0
+        ) == Ok(1.0)),
+        "the refusal was not counted: {}",
+        agent_a.metrics().0
     );
     assert!(
         agent_a

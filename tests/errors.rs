@@ -20,22 +20,60 @@ fn fails(env: &Env, node: &mesh_tests::Node, pods: &[&Pod], opts: AgentOptions) 
     (status.code().expect("exit code"), lines[0].to_owned())
 }
 
+/// An agent that enrols `pods` attaches to each of them — so the probes
+/// of `nothing_left` are shown to see attachments on these very pods —
+/// and leaves nothing when it stops.
+fn probes_see_the_pods_captured(env: &Env, node: &mesh_tests::Node, pods: &[&Pod]) {
+    let mut agent = Agent::start(env, node, pods, AgentOptions::default());
+    assert!(env.pin_dir(node).join("mesh_stats").exists());
+    for p in pods {
+        kernel::assert_captured(p);
+    }
+    assert!(agent.stop().success());
+    nothing_left(env, node, pods);
+}
+
 /// Nothing of the agent is left on these pods or on bpffs.
 fn nothing_left(env: &Env, node: &mesh_tests::Node, pods: &[&Pod]) {
     for p in pods {
-        assert!(
-            kernel::cgroup_programs(&p.cgroup).is_empty(),
-            "programs left on {}",
-            p.name
-        );
-        assert!(
-            kernel::links_on(&p.cgroup, &p.netns_path()).is_empty(),
-            "links left on {}",
-            p.name
-        );
+        kernel::assert_released(p);
     }
     let pins = env.pin_dir(node);
     assert!(!pins.exists(), "pins left in {}", pins.display());
+}
+
+/// Runs the agent expecting failure on a pod enrolled after `good`
+/// (listed first, and first by name): the one line it ends with, its exit
+/// code, and proof from its log that `good` was enrolled before the failure.
+fn fails_after_enrolling(
+    env: &Env,
+    node: &mesh_tests::Node,
+    good: &Pod,
+    bad: &Pod,
+) -> (i32, String) {
+    let opts = AgentOptions {
+        log: Some("info".into()),
+        ..Default::default()
+    };
+    let (status, stderr) = Agent::run_expecting_exit(env, node, &[good, bad], opts);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("mesh-agent: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
+    let enrolled_good = stderr.lines().position(|l| {
+        l.contains("enrolled") && l.contains(&format!("pod=default/{}", good.name))
+    });
+    let failed = stderr
+        .lines()
+        .position(|l| l.starts_with("mesh-agent: "));
+    assert!(
+        enrolled_good.is_some() && enrolled_good < failed,
+        "{} must be enrolled before {} fails, or the rollback is not tested:\n{stderr}",
+        good.name,
+        bad.name
+    );
+    (status.code().expect("exit code"), errors[0].to_owned())
 }
 
 #[test]
@@ -70,6 +108,7 @@ fn bpffs_missing() {
     let env = Env::new("no-bpffs");
     let node = env.node("node");
     let pod = env.pod(&node, "pod");
+    probes_see_the_pods_captured(&env, &node, &[&pod]);
     let not_bpffs = env.dir.join("plain-dir/mesh");
     let (code, line) = fails(
         &env,
@@ -92,29 +131,31 @@ fn bpffs_missing() {
 fn workload_netns_missing_rolls_back_the_pods_already_enrolled() {
     let env = Env::new("no-netns");
     let node = env.node("node");
-    let good = env.pod(&node, "good");
-    let mut bad = env.pod(&node, "bad");
+    let good = env.pod(&node, "a-good");
+    let mut bad = env.pod(&node, "z-bad");
+    probes_see_the_pods_captured(&env, &node, &[&good, &bad]);
     bad.netns = "mesh-test-does-not-exist".into();
-    let (code, line) = fails(&env, &node, &[&good, &bad], AgentOptions::default());
+    let (code, line) = fails_after_enrolling(&env, &node, &good, &bad);
     assert_eq!(code, 69);
     assert_eq!(
         line,
-        "mesh-agent: error: workload default/bad: network namespace /run/netns/mesh-test-does-not-exist does not exist"
+        "mesh-agent: error: workload default/z-bad: network namespace /run/netns/mesh-test-does-not-exist does not exist"
     );
     nothing_left(&env, &node, &[&good]);
 }
 
 #[test]
-fn workload_cgroup_missing() {
+fn workload_cgroup_missing_rolls_back_the_pods_already_enrolled() {
     let env = Env::new("no-cgroup");
     let node = env.node("node");
-    let good = env.pod(&node, "good");
-    let mut bad = env.pod(&node, "bad");
+    let good = env.pod(&node, "a-good");
+    let mut bad = env.pod(&node, "z-bad");
+    probes_see_the_pods_captured(&env, &node, &[&good, &bad]);
     bad.cgroup = env.cgroup.join("never-created");
-    let (code, line) = fails(&env, &node, &[&good, &bad], AgentOptions::default());
+    let (code, line) = fails_after_enrolling(&env, &node, &good, &bad);
     assert_eq!(code, 69);
     assert!(
-        line.contains("workload default/bad: cgroup")
+        line.contains("workload default/z-bad: cgroup")
             && line.contains("never-created does not exist"),
         "{line}"
     );
@@ -138,6 +179,7 @@ fn port_in_use_inside_the_pod() {
     let env = Env::new("port-in-use");
     let node = env.node("node");
     let pod = env.pod(&node, "pod");
+    probes_see_the_pods_captured(&env, &node, &[&pod]);
     pod.spawn_app(&env, &["listen", &pod.v4(15006)]);
     let (code, line) = fails(&env, &node, &[&pod], AgentOptions::default());
     assert_eq!(code, 69);
@@ -156,6 +198,7 @@ fn admin_port_in_use_on_the_node() {
     let env = Env::new("admin-in-use");
     let node = env.node("node");
     let pod = env.pod(&node, "pod");
+    probes_see_the_pods_captured(&env, &node, &[&pod]);
     let _first = Agent::start(&env, &node, &[], AgentOptions::default());
     // Same node, same default ports; its own pin directory.
     let other = env.dir.join("unused");
@@ -174,7 +217,7 @@ fn admin_port_in_use_on_the_node() {
             && line.contains("is another mesh-agent running?"),
         "{line}"
     );
-    assert!(kernel::cgroup_programs(&pod.cgroup).is_empty());
+    kernel::assert_released(&pod);
 }
 
 #[test]

@@ -175,12 +175,13 @@ fn pods_services_and_policies_come_from_the_kubernetes_api() {
         "STRICT let plaintext in: {}",
         outside.describe()
     );
-    assert_eq!(
-        agent_b.metrics().value(
+    assert!(
+        wait_until(Duration::from_secs(5), || agent_b.metrics().try_value(
             "mesh_proxy_errors_total",
             &[("reason", "plaintext_refused")]
-        ),
-        1.0
+        ) == Ok(1.0)),
+        "the refusal was not counted: {}",
+        agent_b.metrics().0
     );
     assert_eq!(
         agent_b.config_dump()["snapshot"]["policies"]["default/server"]["peerAuthentication"]["mode"],

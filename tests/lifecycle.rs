@@ -5,13 +5,7 @@ use std::time::Duration;
 
 use mesh_tests::{Agent, AgentOptions, Env, kernel, sys::wait_until};
 
-const CAPTURE_PROGRAMS: [&str; 5] = [
-    "mesh_connect4",
-    "mesh_connect6",
-    "mesh_getpeer4",
-    "mesh_getpeer6",
-    "mesh_sockops",
-];
+use kernel::CAPTURE_PROGRAMS;
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
@@ -27,24 +21,19 @@ fn removing_a_pod_detaches_it_and_closes_its_listeners() {
     let server = env.pod(&node, "server");
     server.spawn_app(&env, &["echo", &server.v4(9000)]);
     let agent = Agent::start(&env, &node, &[&a, &b], AgentOptions::default());
-    assert_eq!(sorted(kernel::cgroup_programs(&a.cgroup)), CAPTURE_PROGRAMS);
-    assert_eq!(
-        kernel::links_on(&a.cgroup, &a.netns_path()).len(),
-        6,
-        "5 cgroup links + sk_lookup"
-    );
+    kernel::assert_captured(&a);
     let r = a.run_app(&["connect", &server.v4(9000)]).json();
     assert!(
         r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
         "captured while enrolled: {r}"
     );
 
-    agent.set_pods(&[&b]);
-    assert!(kernel::cgroup_programs(&a.cgroup).is_empty());
     assert!(
-        kernel::links_on(&a.cgroup, &a.netns_path()).is_empty(),
-        "sk_lookup and cgroup links gone"
+        agent.pin_dir.join("links/default_a").exists(),
+        "link pins while enrolled"
     );
+    agent.set_pods(&[&b]);
+    kernel::assert_released(&a);
     assert!(
         !agent.pin_dir.join("links/default_a").exists(),
         "link pins removed"
@@ -92,16 +81,24 @@ fn shutdown_leaves_no_program_attached_and_no_pin_behind() {
         .collect();
     assert_eq!(ids.len(), 7);
     assert!(ids.iter().all(|id| kernel::program_loaded(*id)));
+    for pod in [&client, &server] {
+        kernel::assert_captured(pod);
+    }
+    let agent_cgroup = env.cgroup.join("agent-node");
+    assert_eq!(
+        kernel::cgroup_programs(&agent_cgroup),
+        ["mesh_sockops"],
+        "the fast path's sock_ops on the agent's own cgroup"
+    );
 
     let status = agent.stop();
     assert!(status.success(), "SIGTERM exit: {status}\n{}", agent.log());
     assert!(agent.log().contains("SIGTERM: shutting down"));
     for pod in [&client, &server] {
-        assert!(kernel::cgroup_programs(&pod.cgroup).is_empty());
-        assert!(kernel::links_on(&pod.cgroup, &pod.netns_path()).is_empty());
+        kernel::assert_released(pod);
     }
     // The fast path's sock_ops on the agent's own cgroup went with it.
-    assert!(kernel::cgroup_programs(&env.cgroup.join("agent-node")).is_empty());
+    assert!(kernel::cgroup_programs(&agent_cgroup).is_empty());
     assert!(
         !agent.pin_dir.exists(),
         "pin directory {} left behind",
@@ -121,13 +118,15 @@ fn sigint_shuts_down_cleanly_too() {
     let node = env.node("node");
     let pod = env.pod(&node, "pod");
     let mut agent = Agent::start(&env, &node, &[&pod], AgentOptions::default());
+    kernel::assert_captured(&pod);
+    assert!(agent.pin_dir.exists());
     assert!(agent.stop_with("INT").success());
     assert!(
         agent.log().contains("SIGINT: shutting down"),
         "{}",
         agent.log()
     );
-    assert!(kernel::cgroup_programs(&pod.cgroup).is_empty());
+    kernel::assert_released(&pod);
     assert!(!agent.pin_dir.exists());
 }
 
@@ -208,6 +207,22 @@ fn tracking_maps_return_to_baseline_after_10000_connections() {
     let agent = Agent::start(&env, &node, &[&client], AgentOptions::default());
     let baseline = kernel::tracking_entries(&agent.pin_dir);
     assert_eq!(baseline, (0, 0));
+    // The probe sees an open captured connection in both maps (held for
+    // 2 s, then closed).
+    let _held = client.spawn_app(&env, &["hold", &server.v4(9000), "2"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || kernel::tracking_entries(
+            &agent.pin_dir
+        ) == (1, 1)),
+        "a held connection: {:?}",
+        kernel::tracking_entries(&agent.pin_dir)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || kernel::tracking_entries(
+            &agent.pin_dir
+        ) == baseline),
+        "the held connection's entries stay after it closed"
+    );
 
     let r = client.run_app(&["churn", &server.v4(9000), "10000"]).json();
     assert_eq!(r["ok"], 10000, "{r}");
@@ -217,14 +232,16 @@ fn tracking_maps_return_to_baseline_after_10000_connections() {
             "mesh_ebpf_program_events_total",
             &[("program", "connect4"), ("outcome", "redirected")]
         ),
-        10000.0
+        10001.0,
+        "the held connection and 10,000 more"
     );
     assert_eq!(
         m.value(
             "mesh_ebpf_program_events_total",
             &[("program", "sock_ops"), ("outcome", "redirected")]
         ),
-        10000.0
+        10001.0,
+        "the held connection and 10,000 more"
     );
 
     let back = || kernel::tracking_entries(&agent.pin_dir) == baseline;
@@ -239,7 +256,7 @@ fn tracking_maps_return_to_baseline_after_10000_connections() {
             "mesh_ebpf_program_events_total",
             &[("program", "sock_ops"), ("outcome", "passed")]
         ),
-        10000.0,
+        10001.0,
         "one removal per connection"
     );
     assert_eq!(

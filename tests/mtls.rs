@@ -167,8 +167,8 @@ fn cross_node_traffic_is_mutual_tls_and_never_plaintext_on_the_wire() {
     assert!(
         wait_until(Duration::from_secs(5), || agent_b
             .metrics()
-            .value("istio_tcp_received_bytes_total", &inb)
-            == 2.0 * payload.len() as f64),
+            .try_value("istio_tcp_received_bytes_total", &inb)
+            == Ok(2.0 * payload.len() as f64)),
         "destination metrics: {}",
         agent_b.metrics().0
     );

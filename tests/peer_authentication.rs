@@ -76,11 +76,17 @@ fn plaintext_follows_peer_authentication_and_mesh_traffic_is_always_mtls() {
             agent_b.log()
         );
     };
-    let refused = || {
-        agent_b.metrics().value(
-            "mesh_proxy_errors_total",
-            &[("direction", "inbound"), ("reason", "plaintext_refused")],
-        )
+    // Refusals counted, waiting for the count to reach `n` (the client sees
+    // the reset before the agent counts it).
+    let refused = |n: f64| {
+        let count = || {
+            agent_b.metrics().try_value(
+                "mesh_proxy_errors_total",
+                &[("direction", "inbound"), ("reason", "plaintext_refused")],
+            )
+        };
+        wait_until(Duration::from_secs(5), || count() == Ok(n));
+        count()
     };
 
     // Nothing configured: PERMISSIVE.
@@ -96,7 +102,7 @@ fn plaintext_follows_peer_authentication_and_mesh_traffic_is_always_mtls() {
         "STRICT let plaintext in: {}",
         r.describe()
     );
-    assert_eq!(refused(), 1.0);
+    assert_eq!(refused(1.0), Ok(1.0));
     assert!(
         agent_b
             .log()
@@ -108,7 +114,7 @@ fn plaintext_follows_peer_authentication_and_mesh_traffic_is_always_mtls() {
     apply(STRICT_EXCEPT_8080, 2);
     assert_eq!(plaintext(8080).json()["received"], "plain");
     assert!(!plaintext(9000).ok());
-    assert_eq!(refused(), 2.0);
+    assert_eq!(refused(2.0), Ok(2.0));
     assert_eq!(mesh(8080)["received"], "mtls");
 
     // A broken update is rejected; the last good policy keeps serving.

@@ -99,6 +99,12 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
 
     let metrics = Arc::new(Metrics::new()?);
+    if file_source.is_some() {
+        metrics.config_source(files::NAME);
+    }
+    if kube_client.is_some() {
+        metrics.config_source(kube::NAME);
+    }
     // Endpoints are bound before anything is attached, so a taken port
     // fails the start with nothing to undo.
     let admin_l = admin::bind(config.admin_addr, Endpoint::Admin).await?;

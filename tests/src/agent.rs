@@ -311,22 +311,49 @@ pub struct Metrics(pub String);
 
 impl Metrics {
     /// Sum of the samples of `name` whose labels include all of `labels`.
+    /// Panics when no series matches: a misspelt metric or label, or a
+    /// series that was never created, must fail a check, never read as 0.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let (n, lbls) = series
-                    .split_once('{')
-                    .map_or((series, ""), |(n, rest)| (n, rest));
-                (n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\""))))
-                .then(|| value.parse::<f64>().ok())?
-            })
-            .sum()
+        self.try_value(name, labels)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Metrics::value`], with the missing series as an error (for
+    /// polls that wait for a series to appear).
+    pub fn try_value(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
+        let mut family = Vec::new();
+        let mut sum = None;
+        for l in self.0.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = l.rsplit_once(' ') else {
+                return Err(format!("unparsable exposition line {l:?}"));
+            };
+            let (n, lbls) = series
+                .split_once('{')
+                .map_or((series, ""), |(n, rest)| (n, rest));
+            if n != name {
+                continue;
+            }
+            family.push(l);
+            if labels
+                .iter()
+                .all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")))
+            {
+                let v: f64 = value
+                    .parse()
+                    .map_err(|e| format!("{l:?}: value {value:?}: {e}"))?;
+                *sum.get_or_insert(0.0) += v;
+            }
+        }
+        sum.ok_or_else(|| {
+            if family.is_empty() {
+                format!("no series of {name} at all (misspelt, or never recorded)")
+            } else {
+                format!(
+                    "no series of {name} with {labels:?}; there are:\n  {}",
+                    family.join("\n  ")
+                )
+            }
+        })
     }
 
     /// The first sample line of `name`.

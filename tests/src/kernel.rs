@@ -5,34 +5,105 @@ use std::{os::unix::fs::MetadataExt, path::Path, process::Command};
 
 use serde_json::Value;
 
+/// `bpftool -j ARGS`, parsed. Output that does not parse (or a failed
+/// command) fails the test: it must never read as "nothing attached".
 fn bpftool(args: &[&str]) -> Value {
     let out = crate::sys::run(Command::new("bpftool").arg("-j").args(args));
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]))
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool -j {}: output is not JSON ({e}):\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    v
+}
+
+/// `bpftool … ` output that must be a JSON array.
+fn bpftool_list(args: &[&str]) -> Vec<Value> {
+    match bpftool(args) {
+        Value::Array(a) => a,
+        other => panic!("bpftool -j {}: expected a list, got {other}", args.join(" ")),
+    }
 }
 
 /// Programs attached to a cgroup (`bpftool cgroup show`).
 pub fn cgroup_programs(cgroup: &Path) -> Vec<String> {
-    bpftool(&["cgroup", "show", cgroup.to_str().unwrap()])
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+    assert!(cgroup.is_dir(), "no cgroup {}", cgroup.display());
+    let args = ["cgroup", "show", cgroup.to_str().unwrap()];
+    // bpftool (7.1) prints nothing at all, not `[]`, for a cgroup with no
+    // programs (checked by hand); anything it does print must parse.
+    let out = crate::sys::run(Command::new("bpftool").arg("-j").args(args));
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    bpftool_list(&args)
+        .iter()
+        .map(|p| {
+            p["name"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a program without a name in bpftool's list: {p}"))
+                .to_owned()
+        })
         .collect()
 }
 
 /// BPF links whose target is this cgroup or this network namespace.
 pub fn links_on(cgroup: &Path, netns: &Path) -> Vec<Value> {
-    let cg_id = std::fs::metadata(cgroup).map(|m| m.ino()).unwrap_or(0);
-    let ns_ino = std::fs::metadata(netns).map(|m| m.ino()).unwrap_or(0);
-    bpftool(&["link", "list"])
-        .as_array()
+    let ino = |p: &Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .ino()
+    };
+    let (cg_id, ns_ino) = (ino(cgroup), ino(netns));
+    bpftool_list(&["link", "list"])
         .into_iter()
-        .flatten()
         .filter(|l| {
             l["cgroup_id"].as_u64() == Some(cg_id) || l["netns_ino"].as_u64() == Some(ns_ino)
         })
-        .cloned()
         .collect()
+}
+
+/// The programs the agent attaches to each enrolled pod's cgroup.
+pub const CAPTURE_PROGRAMS: [&str; 5] = [
+    "mesh_connect4",
+    "mesh_connect6",
+    "mesh_getpeer4",
+    "mesh_getpeer6",
+    "mesh_sockops",
+];
+
+/// Asserts `pod` is captured as the agent promises, as the kernel tells it:
+/// the capture programs on its cgroup, their five links and `sk_lookup`'s
+/// link on its network namespace.
+pub fn assert_captured(pod: &crate::Pod) {
+    let mut programs = cgroup_programs(&pod.cgroup);
+    programs.sort();
+    assert_eq!(programs, CAPTURE_PROGRAMS, "programs on {}", pod.name);
+    assert_eq!(
+        links_on(&pod.cgroup, &pod.netns_path()).len(),
+        6,
+        "links of {}: 5 cgroup links and sk_lookup's",
+        pod.name
+    );
+}
+
+/// Asserts nothing of the agent is attached to `pod`. Call it only after
+/// [`assert_captured`] saw the same pod captured: an absence is worth
+/// something only from a probe shown to see a presence.
+pub fn assert_released(pod: &crate::Pod) {
+    assert_eq!(
+        cgroup_programs(&pod.cgroup),
+        Vec::<String>::new(),
+        "programs left on {}",
+        pod.name
+    );
+    assert_eq!(
+        links_on(&pod.cgroup, &pod.netns_path()),
+        Vec::<Value>::new(),
+        "links left on {}",
+        pod.name
+    );
 }
 
 /// Whether a program with this ID is still loaded.

@@ -240,7 +240,7 @@ impl Metrics {
         registry.register(Box::new(active.clone()))?;
         let workloads = IntGauge::new("mesh_workloads_enrolled", "Pods enrolled on this node.")?;
         registry.register(Box::new(workloads.clone()))?;
-        Ok(Self {
+        let m = Self {
             tcp_opened: counter_vec(
                 &registry,
                 "istio_tcp_connections_opened_total",
@@ -360,7 +360,15 @@ impl Metrics {
             active,
             workloads,
             registry,
-        })
+        };
+        // Every handshake failure reason is exported from the start (at 0),
+        // so "no failure" is a reading, not a missing series.
+        for d in [Reporter::Source, Reporter::Destination] {
+            for r in crate::tls::verify::FAILURE_REASONS {
+                m.tls_failures.with_label_values(&[direction(d), r]);
+            }
+        }
+        Ok(m)
     }
 
     /// Records a finished HTTP request.
@@ -422,6 +430,14 @@ impl Metrics {
 
     pub fn certificate_request(&self, result: &str) {
         self.cert_requests.with_label_values(&[result]).inc();
+    }
+
+    /// Exports the configuration counters of `source` from the start (at
+    /// 0), so a dashboard or a check sees the series before the first
+    /// update rather than no series at all.
+    pub fn config_source(&self, source: &str) {
+        self.config_rejected.with_label_values(&[source]);
+        self.config_applied.with_label_values(&[source]);
     }
 
     pub fn config_rejected(&self, source: &str) {

@@ -53,6 +53,27 @@ impl Rejection {
     }
 }
 
+/// Every reason a handshake failure is counted under (both directions):
+/// those [`failure_reason`] returns, plus `no_certificate` (our side had
+/// none yet) and `timeout`. The metric exports each at 0 from the start.
+pub const FAILURE_REASONS: [&str; 15] = [
+    "connection_closed",
+    "timeout",
+    "io",
+    "unknown_ca",
+    "expired",
+    "not_yet_valid",
+    "no_identity",
+    "wrong_trust_domain",
+    "wrong_identity",
+    "bad_certificate",
+    "no_client_certificate",
+    "rejected_by_peer",
+    "protocol",
+    "other",
+    "no_certificate",
+];
+
 /// The short reason (a metric label) for a failed handshake, from the error
 /// rustls or tokio-rustls returned.
 pub fn failure_reason(err: &std::io::Error) -> &'static str {
