@@ -243,10 +243,7 @@ fn excluded_ports_and_cidrs_bypass_the_agent() {
         )
     };
 
-    let opened = |a: &Agent| {
-        a.metrics()
-            .value("istio_tcp_connections_opened_total", &[])
-    };
+    let opened = |a: &Agent| a.metrics().value("istio_tcp_connections_opened_total", &[]);
 
     // The same pod, a port that is not excluded: captured (so the probes
     // below see a capture when there is one).

@@ -61,12 +61,10 @@ fn fails_after_enrolling(
         .filter(|l| l.starts_with("mesh-agent: "))
         .collect();
     assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
-    let enrolled_good = stderr.lines().position(|l| {
-        l.contains("enrolled") && l.contains(&format!("pod=default/{}", good.name))
-    });
-    let failed = stderr
+    let enrolled_good = stderr
         .lines()
-        .position(|l| l.starts_with("mesh-agent: "));
+        .position(|l| l.contains("enrolled") && l.contains(&format!("pod=default/{}", good.name)));
+    let failed = stderr.lines().position(|l| l.starts_with("mesh-agent: "));
     assert!(
         enrolled_good.is_some() && enrolled_good < failed,
         "{} must be enrolled before {} fails, or the rollback is not tested:\n{stderr}",

@@ -43,12 +43,19 @@ impl Cluster {
     /// The usual mesh: an echo server on the server's port 9000, a CA placing
     /// client and server, and an agent on each node with `extra` flags.
     fn mesh(&self, extra: &[&str]) -> (Ca, Agent, Agent) {
+        self.mesh_logging(extra, None)
+    }
+
+    /// `mesh`, with node b's agent logging at `log_b` (an EnvFilter).
+    fn mesh_logging(&self, extra: &[&str], log_b: Option<&str>) -> (Ca, Agent, Agent) {
         let registry = [&self.client, &self.server];
         self.server
             .spawn_app(&self.env, &["echo", &self.server.v4(9000)]);
         let ca = Ca::start(&self.env, &self.fabric, "ca", &registry);
         let a = Agent::start(&self.env, &self.a, &registry, mtls(&ca, &self.a, extra));
-        let b = Agent::start(&self.env, &self.b, &registry, mtls(&ca, &self.b, extra));
+        let mut opts_b = mtls(&ca, &self.b, extra);
+        opts_b.log = log_b.map(String::from);
+        let b = Agent::start(&self.env, &self.b, &registry, opts_b);
         (ca, a, b)
     }
 }
@@ -60,6 +67,21 @@ fn mtls(ca: &Ca, node: &Node, extra: &[&str]) -> AgentOptions {
         args,
         ..Default::default()
     }
+}
+
+/// The serials of the client certificates node b's agent was shown, in
+/// order (its `hbone: client connected` debug lines).
+fn presented_serials(b: &Agent) -> Vec<String> {
+    b.log()
+        .lines()
+        .filter(|l| l.contains("hbone: client connected"))
+        .map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("serial="))
+                .unwrap_or_else(|| panic!("no serial in {l:?}"))
+                .to_owned()
+        })
+        .collect()
 }
 
 #[test]
@@ -511,24 +533,66 @@ fn the_ca_signs_only_identities_of_pods_on_the_asking_node() {
 #[test]
 fn renewal_keeps_open_connections_and_new_ones_use_the_new_certificate() {
     let c = cluster("mtls-renew");
-    // 4 s certificates: renewed every 2 s.
-    let (_ca, agent_a, _agent_b) = c.mesh(&["--workload-cert-ttl", "4s"]);
+    // 4 s certificates: renewed every 2 s. Node b's agent logs the serial of
+    // every client certificate a handshake shows it.
+    let (_ca, agent_a, agent_b) = c.mesh_logging(
+        &["--workload-cert-ttl", "4s"],
+        Some("info,mesh_agent::proxy::hbone=debug"),
+    );
     let serial = || {
         agent_a.config_dump()["certificates"]["certificates"][0]["serial"]
             .as_str()
             .map(str::to_owned)
     };
     assert!(wait_until(Duration::from_secs(10), || serial().is_some()));
-    let first = serial().unwrap();
     let since_first = std::time::Instant::now();
-    // One connection, a round trip every 100 ms, across several renewals.
-    let r = c
+    // One long-lived connection, a round trip every 100 ms, across several
+    // renewals: it keeps the pooled HBONE connection dialled with the
+    // first certificate busy, so that connection stays open.
+    let chatter = c
         .client
-        .run_app(&["chatter", &c.server.v4(9000), "7"])
-        .json();
-    assert!(r["rounds"].as_u64().unwrap() >= 40, "{r}");
-    let now = serial().unwrap();
-    assert_ne!(first, now, "no renewal in 7 s of 4 s certificates");
+        .spawn_app(&c.env, &["chatter", &c.server.v4(9000), "7"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || presented_serials(&agent_b).len()
+            == 1),
+        "one handshake for the chatter:\n{}",
+        agent_b.log()
+    );
+    let first_presented = presented_serials(&agent_b);
+    for round in 0..2 {
+        // After each renewal, a new connection is a stream on an HBONE
+        // connection whose handshake showed the renewed certificate —
+        // not on the pooled connection dialled with an older one.
+        let before = serial().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || serial().as_ref()
+                != Some(&before)),
+            "round {round}: no renewal of a 4 s certificate in 5 s"
+        );
+        let renewed = serial().unwrap();
+        let shown = presented_serials(&agent_b).len();
+        c.client.run_app(&["connect", &c.server.v4(9000)]).json();
+        assert!(
+            wait_until(Duration::from_secs(5), || presented_serials(&agent_b).len()
+                > shown),
+            "round {round}: the new connection reused a pooled connection dialled with an \
+             older certificate (no new handshake at node b)\n{}",
+            agent_b.log()
+        );
+        let presented = presented_serials(&agent_b).pop().unwrap();
+        let current = serial().unwrap();
+        assert!(
+            presented == renewed || presented == current,
+            "round {round}: node b was shown certificate {presented}, the client's is {renewed} \
+             (now {current})"
+        );
+        assert_ne!(presented, first_presented[0]);
+    }
+    let done = chatter.wait_for(|v| v["event"] == "done", Duration::from_secs(15));
+    assert!(
+        done["rounds"].as_u64().unwrap() >= 40,
+        "the long-lived connection must live through the renewals: {done}"
+    );
     let issued = agent_a
         .metrics()
         .value("mesh_certificate_requests_total", &[("result", "issued")]);
@@ -540,7 +604,6 @@ fn renewal_keeps_open_connections_and_new_ones_use_the_new_certificate() {
         "{issued} certificates issued in {:?} of 4 s lifetimes",
         since_first.elapsed()
     );
-    c.client.run_app(&["connect", &c.server.v4(9000)]).json();
 }
 
 #[test]

@@ -23,7 +23,10 @@ fn bpftool(args: &[&str]) -> Value {
 fn bpftool_list(args: &[&str]) -> Vec<Value> {
     match bpftool(args) {
         Value::Array(a) => a,
-        other => panic!("bpftool -j {}: expected a list, got {other}", args.join(" ")),
+        other => panic!(
+            "bpftool -j {}: expected a list, got {other}",
+            args.join(" ")
+        ),
     }
 }
 

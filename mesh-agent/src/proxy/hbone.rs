@@ -106,13 +106,18 @@ async fn connection(
             return;
         }
     };
-    let peer_id = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(tls::cert_identity);
-    let Some(peer_id) = peer_id else { return };
+    let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let Some(peer_id) = peer_cert.and_then(tls::cert_identity) else {
+        return;
+    };
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        // Which certificate the client presented: renewals are visible here.
+        let serial = peer_cert
+            .and_then(|c| tls::cert_info(c).ok())
+            .map(|i| i.serial)
+            .unwrap_or_default();
+        tracing::debug!(pod = %pod.workload.key(), %peer, client = %peer_id, %serial, "hbone: client connected");
+    }
     let peer_id = Arc::new(peer_id);
     let svc = service_fn(move |req| {
         let (pod, ctx, identity, peer_id) =
