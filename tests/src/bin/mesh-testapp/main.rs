@@ -291,16 +291,18 @@ fn http_reply(s: TcpStream, name: &str) -> Result<()> {
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
-        s.write_all(response.as_bytes())?;
-        if *QUIET {
-            continue;
+        // Logged before the answer: once a client has its answer, the
+        // request is in the log (tests use a request as a barrier).
+        if !*QUIET {
+            println!(
+                "{}",
+                json!({"event": "http", "request": request_line.trim(), "headers": headers,
+                       "body": String::from_utf8_lossy(&body_in), "status": status,
+                       "local": local.to_string(), "peer": peer.to_string()})
+            );
+            std::io::stdout().flush()?;
         }
-        println!(
-            "{}",
-            json!({"event": "http", "request": request_line.trim(), "headers": headers,
-                   "body": String::from_utf8_lossy(&body_in), "status": status,
-                   "local": local.to_string(), "peer": peer.to_string()})
-        );
+        s.write_all(response.as_bytes())?;
         if close {
             return Ok(());
         }
