@@ -137,9 +137,10 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         cluster_domain: config.cluster_domain.clone(),
     };
     let store = Arc::new(Store::new(Snapshot::empty(&settings)));
+    let maps = loaded.maps();
     let ctx = Arc::new(ProxyContext {
         config: config.clone(),
-        maps: loaded.maps(),
+        capture: maps.clone(),
         metrics: metrics.clone(),
         store: store.clone(),
         local: LocalPods::default(),
@@ -191,7 +192,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         identities: ctx.identities.clone(),
         store: store.clone(),
         kube: kube.clone(),
-        maps: ctx.maps.clone(),
+        maps,
     });
     let stop_admin = CancellationToken::new();
     for (l, ep) in [
@@ -361,8 +362,22 @@ fn identities(
         metrics.clone(),
     );
     manager.refresh_bundle_every(config.trust_bundle_refresh);
+    manager.renew_node_credential_when_due();
     tracing::info!(ca = %addr, trust_domain = %config.trust_domain, node = %config.node_name, "mutual TLS on");
     Ok(Some(manager))
+}
+
+/// Captured connections' original destinations come from the kernel's
+/// capture maps.
+impl crate::proxy::OriginalDestinations for ebpf::Maps {
+    fn original_destination(
+        &self,
+        netns_cookie: u64,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    ) -> Option<std::net::SocketAddr> {
+        ebpf::Maps::original_destination(self, netns_cookie, peer, local)
+    }
 }
 
 /// Removes the map pins this agent created if startup fails before the pods

@@ -2,7 +2,9 @@
 //! an intermediate) and signs workload certificates for node agents, but
 //! only for identities of pods scheduled on the asking node.
 
+mod keys;
 pub mod kube;
+mod placement;
 pub mod protocol;
 pub mod server;
 pub mod signer;

@@ -137,6 +137,11 @@ pub struct CaRunConfig {
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
     pub max_workload_cert_ttl: Duration,
+    /// Upper bound on the lifetime of a renewed node credential (what
+    /// `ca join --ttl` gives by default).
+    #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub max_node_cert_ttl: Duration,
     /// Kubernetes API server for TokenReview (agents authenticating with a token).
     #[arg(long, env = "MESH_KUBE_API")]
     pub kube_api: Option<String>,

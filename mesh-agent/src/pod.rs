@@ -143,7 +143,7 @@ pub fn enrol(
         })?;
     let listening = listeners.addrs();
     let workload = Arc::new(w);
-    let maps = ctx.maps.clone();
+    let maps = loaded.maps();
     for (ip, l) in &listeners.inbound {
         if let Err(source) = maps.add_inbound(*ip, l) {
             workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));

@@ -21,13 +21,16 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::snapshot::{Snapshot, Store};
-
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::Config, ebpf::Maps, identity::IdentityManager, netns::Netns, spiffe::SpiffeId,
-    telemetry::metrics::Metrics, workload::Workload,
+    config::Config,
+    identity::IdentityManager,
+    netns::Netns,
+    snapshot::{Snapshot, Store},
+    spiffe::SpiffeId,
+    telemetry::metrics::Metrics,
+    workload::Workload,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -119,10 +122,25 @@ impl Error {
     }
 }
 
+/// Where captured connections were going, as the capture programs recorded
+/// it: the kernel's maps in the agent (see `app`), a table in in-process
+/// tests.
+pub trait OriginalDestinations: Send + Sync {
+    /// The destination the application dialled, for the connection the
+    /// agent accepted from `peer` on `local` in the pod whose network
+    /// namespace cookie is `netns_cookie`.
+    fn original_destination(
+        &self,
+        netns_cookie: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<SocketAddr>;
+}
+
 /// State every connection handler shares.
 pub struct ProxyContext {
     pub config: Arc<Config>,
-    pub maps: Arc<Maps>,
+    pub capture: Arc<dyn OriginalDestinations>,
     pub metrics: Arc<Metrics>,
     /// The configuration in force; a connection takes it once, at its start.
     pub store: Arc<Store>,

@@ -4,9 +4,9 @@
 //! certificate for `spiffe://<td>/mesh/node/<name>`) or, in Kubernetes,
 //! with a service-account token checked by TokenReview. A node gets
 //! certificates only for the identities of meshed pods the placement
-//! (the same configuration the agents read: workload registries with
-//! `node:` set, Kubernetes Pods with `spec.nodeName`) schedules on it;
-//! anything else is refused and logged with the reason.
+//! schedules on it, and may renew its own node credential; anything else
+//! is refused and logged with the reason. The signing files are watched:
+//! a rotation needs no restart.
 
 use std::{
     convert::Infallible,
@@ -20,44 +20,33 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 use super::{
     Error,
+    keys::{Current, EndpointCert},
     kube::TokenReviewer,
+    placement,
     protocol::{self, BundleResponse, CertificateRequest, CertificateResponse, ErrorResponse},
-    signer::{Signer, Usage},
+    signer::Usage,
 };
 use crate::{
     config::CaRunConfig,
-    registry,
-    snapshot::SourceDocs,
     sources::{
         files::FileSource,
         kube::{self as kube_source, KubeSource},
     },
     spiffe::SpiffeId,
-    tls::{self, FixedCert, SharedBundle, SpiffeClientVerifier},
-    workload::Workload,
+    tls::{self, SpiffeClientVerifier},
 };
 
-/// The meshed workloads of the configuration, with their nodes.
-fn placement<'a>(sources: impl IntoIterator<Item = &'a SourceDocs>) -> Vec<Workload> {
-    let settings = registry::Settings {
-        cluster_domain: "cluster.local".into(),
-    };
-    registry::build(sources.into_iter().flat_map(|s| &s.documents), &settings)
-        .workloads
-        .iter()
-        .map(|w| (**w).clone())
-        .collect()
-}
-
 struct State {
-    signer: Signer,
+    keys: Arc<Current>,
     trust_domain: String,
-    placement: RwLock<Arc<Vec<Workload>>>,
+    placement: Arc<placement::Shared>,
     kube: Option<TokenReviewer>,
     max_ttl: Duration,
+    max_node_ttl: Duration,
 }
 
 /// Who is asking.
@@ -67,9 +56,43 @@ enum Caller {
     Unauthenticated,
 }
 
+/// How often the CA files and the placement files are checked besides
+/// inotify (which a ConfigMap or Secret volume's symlink swap can miss).
+const RECHECK: Duration = Duration::from_millis(500);
+
+/// A CA serving on `addr` until stopped.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting and returns once the accept loop has ended.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
 /// Runs the CA until SIGTERM or SIGINT.
 pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
-    let signer = Signer::load(&cfg.dir, &cfg.trust_domain)?;
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    let ca = start(cfg).await?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    ca.stop().await;
+    tracing::info!("certificate authority stopped");
+    Ok(())
+}
+
+/// Loads the signing material and the placement, binds, and serves in
+/// the background.
+pub async fn start(cfg: CaRunConfig) -> Result<Running, Error> {
+    let keys = Arc::new(Current::load(&cfg.dir, &cfg.trust_domain)?);
     let (files, file_docs) = if cfg.config.is_empty() {
         (None, None)
     } else {
@@ -77,33 +100,11 @@ pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
         (Some(f), Some(docs.map_err(Error::Placement)?))
     };
     let kube_pods = if cfg.kubernetes {
-        let client = kube_source::client()
-            .await
-            .map_err(|e| Error::Kube(e.to_string()))?;
-        let metrics =
-            crate::telemetry::metrics::Metrics::new().map_err(|e| Error::Kube(e.to_string()))?;
-        let k = KubeSource::start(
-            client,
-            kube_source::Settings {
-                node_name: None,
-                remote_pods: false,
-            },
-            Arc::new(metrics),
-        );
-        // Refusing certificates for pods the CA has not listed yet would
-        // only make every agent retry: wait for the first list.
-        while k.docs().is_none() {
-            tracing::info!("waiting for the first list of pods from the Kubernetes API");
-            tokio::select! {
-                _ = k.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            }
-        }
-        Some(Arc::new(k))
+        Some(kube_placement().await?)
     } else {
         None
     };
-    let placement = placement(
+    let placement = placement::of(
         file_docs
             .iter()
             .chain(kube_pods.as_ref().and_then(|k| k.docs()).as_ref()),
@@ -118,132 +119,127 @@ pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
         )?),
         None => None,
     };
-
-    // The CA's own endpoint certificate, fresh at every start.
-    let (chain, key) = signer.issue(
-        &SpiffeId::ca(&cfg.trust_domain),
-        Usage::Server,
-        Duration::from_secs(365 * 86400),
-        false,
-    )?;
-    let chain_der = chain
-        .iter()
-        .map(|p| tls::certs_from_pem("CA endpoint", p))
-        .collect::<Result<Vec<_>, _>>()?
-        .concat();
-    let served = tls::certified_key(
-        "CA endpoint",
-        chain_der,
-        tls::key_from_pem("CA endpoint key", &key)?,
-    )?;
-    let bundle = Arc::new(SharedBundle::new(tls::TrustBundle::from_pems(
-        "root-cert.pem",
-        signer.bundle(),
-    )?));
     // Without Kubernetes, every caller must present a node credential.
     let verifier = Arc::new(SpiffeClientVerifier::new(
-        bundle,
+        keys.bundle.clone(),
         &cfg.trust_domain,
         kube.is_none(),
     ));
-    let server = tls::server_config(verifier, Arc::new(FixedCert(served)), &[b"http/1.1"])?;
+    let server = tls::server_config(
+        verifier,
+        Arc::new(EndpointCert(keys.clone())),
+        &[b"http/1.1"],
+    )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| Error::Bind {
             addr: cfg.listen,
             source,
         })?;
+    let addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
     tracing::info!(
-        listen = %cfg.listen,
+        listen = %addr,
         trust_domain = %cfg.trust_domain,
-        roots = signer.bundle().len(),
+        roots = keys.get().signer.bundle().len(),
         workloads = placement.len(),
         auth = if kube.is_some() { "node credential or Kubernetes token" } else { "node credential" },
         "certificate authority ready"
     );
     let state = Arc::new(State {
-        signer,
+        keys: keys.clone(),
         trust_domain: cfg.trust_domain.clone(),
-        placement: RwLock::new(Arc::new(placement)),
+        placement: Arc::new(RwLock::new(Arc::new(placement))),
         kube,
         max_ttl: cfg.max_workload_cert_ttl,
+        max_node_ttl: cfg.max_node_cert_ttl,
     });
+    let stop = CancellationToken::new();
     let notifier = files.as_ref().and_then(|_| {
         crate::watch::Notifier::new(&cfg.config)
             .inspect_err(|e| tracing::warn!(error = %e, "cannot watch the placement files; reading them every 500 ms"))
             .ok()
     });
-    tokio::spawn(watch_placement(
-        state.clone(),
+    let watching = tokio::spawn(placement::watch(
+        state.placement.clone(),
         files,
         file_docs,
         notifier,
         kube_pods,
     ));
-
-    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-        };
-        let (acceptor, state) = (acceptor.clone(), state.clone());
-        tokio::spawn(async move { serve_conn(acceptor, state, tcp, peer).await });
-    }
-    tracing::info!("certificate authority stopped");
-    Ok(())
+    let reloading = tokio::spawn(watch_keys(keys, cfg.dir.clone()));
+    let accepting = stop.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = accepting.cancelled() => break,
+                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            };
+            let (acceptor, state) = (acceptor.clone(), state.clone());
+            tokio::spawn(async move { serve_conn(acceptor, state, tcp, peer).await });
+        }
+        watching.abort();
+        reloading.abort();
+    });
+    Ok(Running { addr, stop, task })
 }
 
-/// Keeps the placement in step with the files and the API.
-async fn watch_placement(
-    state: Arc<State>,
-    mut files: Option<FileSource>,
-    mut file_docs: Option<SourceDocs>,
-    notifier: Option<crate::watch::Notifier>,
-    kube: Option<Arc<KubeSource>>,
-) {
+/// Every pod and its node, from the Kubernetes API (waiting for the first
+/// list: refusing certificates for pods not listed yet would only make
+/// every agent retry).
+async fn kube_placement() -> Result<Arc<KubeSource>, Error> {
+    let client = kube_source::client()
+        .await
+        .map_err(|e| Error::Kube(e.to_string()))?;
+    let metrics =
+        crate::telemetry::metrics::Metrics::new().map_err(|e| Error::Kube(e.to_string()))?;
+    let k = KubeSource::start(
+        client,
+        kube_source::Settings {
+            node_name: None,
+            remote_pods: false,
+        },
+        Arc::new(metrics),
+    );
+    while k.docs().is_none() {
+        tracing::info!("waiting for the first list of pods from the Kubernetes API");
+        tokio::select! {
+            _ = k.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+    Ok(Arc::new(k))
+}
+
+/// Re-reads the signing files when they change (inotify, and every
+/// `RECHECK` as a safety net): a new root or signing certificate is in
+/// force without a restart.
+async fn watch_keys(keys: Arc<Current>, dir: std::path::PathBuf) {
+    let notifier = crate::watch::Notifier::new(std::slice::from_ref(&dir))
+        .inspect_err(|e| tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the CA files; reading them every 500 ms"))
+        .ok();
     loop {
-        let files_changed = async {
+        let changed = async {
             match &notifier {
                 Some(n) => n.changed().await,
                 None => std::future::pending().await,
             }
         };
-        let kube_changed = async {
-            match &kube {
-                Some(k) => k.changed().await,
-                None => std::future::pending().await,
-            }
-        };
-        let file_event = tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => true,
-            _ = files_changed => {
-                tokio::time::sleep(crate::watch::SETTLE).await;
-                true
-            }
-            _ = kube_changed => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                false
-            }
-        };
-        if file_event {
-            match files.as_mut().and_then(FileSource::poll) {
-                None => continue,
-                Some(Ok(docs)) => file_docs = Some(docs),
-                Some(Err(e)) => {
-                    tracing::error!("placement rejected, keeping the previous one: {e}");
-                    continue;
-                }
-            }
+        tokio::select! {
+            _ = tokio::time::sleep(RECHECK) => {}
+            _ = changed => tokio::time::sleep(crate::watch::SETTLE).await,
         }
-        let kube_docs = kube.as_ref().and_then(|k| k.docs());
-        let ws = placement(file_docs.iter().chain(kube_docs.as_ref()));
-        tracing::info!(workloads = ws.len(), "placement reloaded");
-        *state.placement.write().expect("placement lock") = Arc::new(ws);
+        match keys.reload() {
+            Ok(false) => {}
+            Ok(true) => {
+                let k = keys.get();
+                tracing::info!(dir = %dir.display(), roots = k.signer.bundle().len(), "CA files reloaded: new signing material in force");
+            }
+            Err(e) => tracing::error!(dir = %dir.display(), "CA files changed but do not load; the previous ones keep signing: {e}"),
+        }
     }
 }
 
@@ -312,7 +308,7 @@ async fn handle(
         (&Method::GET, protocol::TRUST_BUNDLE_PATH) => json(
             StatusCode::OK,
             &BundleResponse {
-                trust_bundle: state.signer.bundle().to_vec(),
+                trust_bundle: state.keys.get().signer.bundle().to_vec(),
             },
         ),
         (&Method::POST, protocol::CERTIFICATES_PATH) => {
@@ -362,31 +358,52 @@ fn sign(
     node: &str,
     r: &CertificateRequest,
 ) -> Result<CertificateResponse, (StatusCode, String)> {
-    let id = SpiffeId::parse_workload(&r.identity)
-        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let id: SpiffeId = r
+        .identity
+        .parse()
+        .map_err(|e: crate::spiffe::Error| (StatusCode::BAD_REQUEST, e.to_string()))?;
     if id.trust_domain() != state.trust_domain {
         return Err((
             StatusCode::FORBIDDEN,
             format!("{id} is not in trust domain {}", state.trust_domain),
         ));
     }
-    let (ns, sa) = id.workload_parts().expect("workload identity");
-    let placement = state.placement.read().expect("placement lock").clone();
-    let scheduled = placement
-        .iter()
-        .any(|w| w.node.as_deref() == Some(node) && w.namespace == ns && w.service_account == sa);
-    if !scheduled {
-        return Err((
-            StatusCode::FORBIDDEN,
-            format!("no pod with identity {id} is scheduled on node {node}"),
-        ));
-    }
+    let (usage, max) = match (id.workload_parts(), id.node_name()) {
+        (Some((ns, sa)), _) => {
+            let placement = state.placement.read().expect("placement lock").clone();
+            let scheduled = placement.iter().any(|w| {
+                w.node.as_deref() == Some(node) && w.namespace == ns && w.service_account == sa
+            });
+            if !scheduled {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    format!("no pod with identity {id} is scheduled on node {node}"),
+                ));
+            }
+            (Usage::Workload, state.max_ttl)
+        }
+        // A node renewing its own credential.
+        (None, Some(n)) if n == node => (Usage::Node, state.max_node_ttl),
+        (None, Some(n)) => {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("node {node} may renew only its own credential, not {n}'s"),
+            ));
+        }
+        (None, None) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("{id} is neither a workload nor a node identity"),
+            ));
+        }
+    };
     let ttl = Duration::from_secs(r.ttl_seconds)
-        .min(state.max_ttl)
+        .min(max)
         .max(Duration::from_secs(1));
-    let chain = state
+    let keys = state.keys.get();
+    let chain = keys
         .signer
-        .sign_csr(&r.csr, &id, ttl)
+        .sign_csr(&r.csr, &id, usage, ttl)
         .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
     let serial = tls::certs_from_pem("leaf", &chain[0])
         .ok()
@@ -395,6 +412,6 @@ fn sign(
     tracing::info!(node, identity = %id, serial = serial.as_deref().unwrap_or("?"), ttl = ?ttl, "CA: issued");
     Ok(CertificateResponse {
         cert_chain: chain,
-        trust_bundle: state.signer.bundle().to_vec(),
+        trust_bundle: keys.signer.bundle().to_vec(),
     })
 }

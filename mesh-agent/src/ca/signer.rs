@@ -242,6 +242,7 @@ impl Signer {
         &self,
         csr_pem: &str,
         id: &SpiffeId,
+        usage: Usage,
         ttl: Duration,
     ) -> Result<Vec<String>, String> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
@@ -260,7 +261,7 @@ impl Signer {
         }
         let (nb, na) = Self::window(ttl);
         let params = self
-            .params(id, Usage::Workload, nb, na)
+            .params(id, usage, nb, na)
             .map_err(|e| e.to_string())?;
         let cert = CertificateSigningRequestParams {
             params,
@@ -351,7 +352,7 @@ mod tests {
         let mut p = CertificateParams::default();
         p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
-        let chain = s.sign_csr(&csr, &id, Duration::from_secs(600)).unwrap();
+        let chain = s.sign_csr(&csr, &id, Usage::Workload, Duration::from_secs(600)).unwrap();
         assert_eq!(chain.len(), 1, "a root signer sends the leaf only");
         let der = tls::certs_from_pem("leaf", &chain[0]).unwrap();
         let info = tls::cert_info(&der[0]).unwrap();
@@ -364,12 +365,12 @@ mod tests {
         // A CSR for another identity is refused.
         let other = SpiffeId::workload("td.local", "ns1", "admin");
         assert!(
-            s.sign_csr(&csr, &other, Duration::from_secs(600))
+            s.sign_csr(&csr, &other, Usage::Workload, Duration::from_secs(600))
                 .unwrap_err()
                 .contains("asks for")
         );
         assert!(
-            s.sign_csr("garbage", &id, Duration::from_secs(60))
+            s.sign_csr("garbage", &id, Usage::Workload, Duration::from_secs(60))
                 .unwrap_err()
                 .starts_with("bad CSR")
         );

@@ -1,7 +1,12 @@
 //! Talking to the mesh CA: HTTPS (TLS 1.3) with the node credential as the
-//! client certificate, or a Kubernetes service-account token.
+//! client certificate, or a Kubernetes service-account token. The node
+//! credential is renewed before it expires ([`CaClient::renew_node_credential`]).
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -34,6 +39,14 @@ pub enum Error {
     BadResponse(String),
     #[error("node credential: {0}")]
     Credential(#[from] tls::Error),
+    #[error("node credential: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("cannot write the renewed node credential to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How the agent proves which node it is.
@@ -48,6 +61,52 @@ pub struct CaClient {
     addr: String,
     tls: Arc<rustls::ClientConfig>,
     token: Option<PathBuf>,
+    /// The node credential presented, when the agent has one.
+    node: Option<Arc<NodeCredential>>,
+}
+
+/// The node credential the agent presents to the CA: swapped when renewed,
+/// and written back to its files for the next start.
+#[derive(Debug)]
+struct NodeCredential {
+    current: RwLock<(Arc<rustls::sign::CertifiedKey>, tls::CertInfo)>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl rustls::client::ResolvesClientCert for NodeCredential {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().expect("credential lock").0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, so a
+/// reader sees the old file or the new one, never half of one.
+fn replace_file(path: &Path, text: &str, private: bool) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let err = |source| Error::Write {
+        path: path.into(),
+        source,
+    };
+    let tmp = path.with_extension("renewing");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(err)?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,29 +124,101 @@ impl CaClient {
             bundle,
             SpiffeId::ca(trust_domain),
         ));
-        let (resolver, token): (Arc<dyn rustls::client::ResolvesClientCert>, _) = match auth {
-            CaAuth::NodeCredential { cert, key } => {
-                let chain =
-                    tls::certs_from_pem(&cert.display().to_string(), &tls::read_pem(&cert)?)?;
-                let key = tls::key_from_pem(&key.display().to_string(), &tls::read_pem(&key)?)?;
-                (
-                    Arc::new(tls::FixedCert(tls::certified_key(
-                        "node credential",
-                        chain,
+        let (resolver, token, node): (Arc<dyn rustls::client::ResolvesClientCert>, _, _) =
+            match auth {
+                CaAuth::NodeCredential { cert, key } => {
+                    let chain =
+                        tls::certs_from_pem(&cert.display().to_string(), &tls::read_pem(&cert)?)?;
+                    let info = tls::cert_info(&chain[0])?;
+                    let private =
+                        tls::key_from_pem(&key.display().to_string(), &tls::read_pem(&key)?)?;
+                    let node = Arc::new(NodeCredential {
+                        current: RwLock::new((
+                            tls::certified_key("node credential", chain, private)?,
+                            info,
+                        )),
+                        cert,
                         key,
-                    )?)),
-                    None,
-                )
-            }
-            CaAuth::Token(path) => (Arc::new(tls::NoClientCert), Some(path)),
-        };
+                    });
+                    (node.clone(), None, Some(node))
+                }
+                CaAuth::Token(path) => (Arc::new(tls::NoClientCert), Some(path), None),
+            };
         let tls = tls::client_config(verifier, resolver, &[b"http/1.1"])
             .map_err(|e| Error::BadResponse(e.to_string()))?;
         Ok(Self {
             addr: addr.into(),
             tls: Arc::new(tls),
             token,
+            node,
         })
+    }
+
+    /// The node credential in use: what it is and when it expires.
+    pub fn node_credential(&self) -> Option<tls::CertInfo> {
+        self.node
+            .as_ref()
+            .map(|n| n.current.read().expect("credential lock").1.clone())
+    }
+
+    /// When the node credential should be renewed: halfway through its
+    /// lifetime (as workload certificates are), `None` without one.
+    pub fn node_credential_due(&self) -> Option<SystemTime> {
+        let info = self.node_credential()?;
+        let life = info
+            .not_after
+            .duration_since(info.not_before)
+            .unwrap_or_default();
+        Some(info.not_before + life / 2)
+    }
+
+    /// Renews the node credential: a new key, a CSR for the same node
+    /// identity and lifetime, signed by the CA (which checks it is this
+    /// node asking). The new credential is used from the next request on
+    /// and written over the old files, so the next start uses it too.
+    pub async fn renew_node_credential(&self) -> Result<tls::CertInfo, Error> {
+        let Some(node) = &self.node else {
+            return Err(Error::BadResponse("no node credential to renew".into()));
+        };
+        let old = node.current.read().expect("credential lock").1.clone();
+        let id: SpiffeId = old
+            .identity
+            .as_deref()
+            .and_then(|i| i.parse().ok())
+            .ok_or_else(|| Error::BadResponse("the node credential has no SPIFFE ID".into()))?;
+        let life = old
+            .not_after
+            .duration_since(old.not_before)
+            .unwrap_or(Duration::from_secs(3600));
+        let key = rcgen::KeyPair::generate()?;
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into()?)];
+        let csr = p.serialize_request(&key)?.pem()?;
+        let resp = self.sign(&id, csr, life).await?;
+        let pem = resp.cert_chain.concat();
+        let chain = tls::certs_from_pem("renewed node credential", &pem)?;
+        let info = tls::cert_info(&chain[0])?;
+        if info.identity.as_deref() != Some(id.to_string().as_str()) {
+            return Err(Error::BadResponse(format!(
+                "asked to renew {id}, got {:?}",
+                info.identity
+            )));
+        }
+        let key_pem = key.serialize_pem();
+        let private = tls::key_from_pem("renewed node credential", &key_pem)?;
+        let certified = tls::certified_key("renewed node credential", chain, private)?;
+        *node.current.write().expect("credential lock") = (certified, info.clone());
+        // The key first: a start between the two renames fails with a
+        // clear mismatch rather than presenting a certificate for a key it
+        // does not have. Files that cannot be written (a read-only Secret)
+        // leave the renewal in memory only.
+        if let Err(e) = replace_file(&node.key, &key_pem, true)
+            .and_then(|()| replace_file(&node.cert, &pem, false))
+        {
+            tracing::warn!("{e} (the renewed credential is used until the agent restarts)");
+        }
+        Ok(info)
     }
 
     pub fn addr(&self) -> &str {

@@ -56,6 +56,9 @@ pub struct IdentityManager {
 pub struct CertDump {
     pub certificates: Vec<CertState>,
     pub trust_bundle: Vec<CertInfo>,
+    /// The credential this node presents to the CA (renewed at half-life).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_credential: Option<CertInfo>,
 }
 
 #[derive(Debug, Serialize)]
@@ -184,6 +187,36 @@ impl IdentityManager {
         p
     }
 
+    /// Renews the node credential at its half-life, for as long as the
+    /// manager lives; a failed renewal is retried every `RETRY` (an expired
+    /// credential would lock the node out of the CA).
+    pub fn renew_node_credential_when_due(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        const RETRY: Duration = Duration::from_secs(10);
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut wait = None;
+            loop {
+                let Some(m) = me.upgrade() else { return };
+                let Some(due) = m.ca.node_credential_due() else {
+                    return; // a token, nothing to renew
+                };
+                let until = wait
+                    .take()
+                    .unwrap_or_else(|| due.duration_since(SystemTime::now()).unwrap_or_default());
+                drop(m);
+                tokio::time::sleep(until).await;
+                let Some(m) = me.upgrade() else { return };
+                match m.ca.renew_node_credential().await {
+                    Ok(info) => tracing::info!(serial = %info.serial, not_after = %humantime::format_rfc3339_seconds(info.not_after), "node credential renewed"),
+                    Err(e) => {
+                        tracing::warn!("node credential renewal failed (retrying in {RETRY:?}): {e}");
+                        wait = Some(RETRY);
+                    }
+                }
+            }
+        })
+    }
+
     /// Re-reads the trust bundle from the CA every `every` (new roots during
     /// a rotation reach agents before any certificate needs them).
     pub fn refresh_bundle_every(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
@@ -219,6 +252,7 @@ impl IdentityManager {
         CertDump {
             certificates,
             trust_bundle: self.bundle.get().infos(),
+            node_credential: self.ca.node_credential(),
         }
     }
 

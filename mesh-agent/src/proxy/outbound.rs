@@ -343,7 +343,7 @@ fn original_destination(
 ) -> Result<SocketAddr, Error> {
     let local = stream.local_addr()?;
     let dst = ctx
-        .maps
+        .capture
         .original_destination(pod.netns_cookie, peer, local)
         .ok_or(Error::NoOriginalDst { peer })?;
     if ctx.is_own_listener(snap, dst) {

@@ -167,9 +167,14 @@ pub async fn connect(
     let socket = netns
         .run(|| Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))?
         .map_err(|e| sock_err("cannot create a socket for", e))?;
-    socket
-        .set_mark(cfg.agent_mark)
-        .map_err(|e| sock_err("cannot mark the socket for", e))?;
+    // A real agent always marks its sockets (`--agent-mark` must be
+    // non-zero); 0 means "no mark" for in-process tests, which run without
+    // the privilege SO_MARK needs and without capture programs to skip.
+    if cfg.agent_mark != 0 {
+        socket
+            .set_mark(cfg.agent_mark)
+            .map_err(|e| sock_err("cannot mark the socket for", e))?;
+    }
     socket
         .set_nonblocking(true)
         .map_err(|e| sock_err("cannot configure the socket for", e))?;
