@@ -570,7 +570,9 @@ impl Agent {
     fn enrol(&mut self, w: &Arc<Workload>) -> Result<Enrolled, Error> {
         let mut resolved = (**w).clone();
         if resolved.netns.as_os_str().is_empty() || resolved.cgroup.as_os_str().is_empty() {
-            let uid = resolved.uid.clone().unwrap_or_default();
+            let Some(uid) = resolved.uid.clone() else {
+                return Err(Error::Enrol(pod::Error::NoPaths { pod: w.key() }));
+            };
             let (cgroup, netns) =
                 discover::pod(&self.ctx.config.cgroup_root, &uid).map_err(|source| {
                     Error::Enrol(pod::Error::Discover {

@@ -19,6 +19,8 @@ pub mod snapshot;
 pub mod sources;
 pub mod spiffe;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tls;
 pub mod watch;
 pub mod workload;

@@ -30,6 +30,11 @@ pub enum Error {
         #[source]
         source: netns::Error,
     },
+    #[error(
+        "workload {pod} is scheduled on this node but has neither netns and cgroup paths nor a \
+         uid to find them by (add `netns:` and `cgroup:`, or `uid:`, to its registry entry)"
+    )]
+    NoPaths { pod: WorkloadKey },
     #[error("workload {pod}: {source}")]
     Discover {
         pod: WorkloadKey,

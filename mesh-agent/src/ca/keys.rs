@@ -20,7 +20,12 @@ use super::{
 use crate::{spiffe::SpiffeId, tls};
 
 /// The files the signer is made of.
-const FILES: [&str; 4] = ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"];
+const FILES: [&str; 4] = [
+    "ca-cert.pem",
+    "ca-key.pem",
+    "cert-chain.pem",
+    "root-cert.pem",
+];
 
 /// Lifetime of the CA endpoint's own certificate (re-issued at every
 /// start and every reload).
@@ -129,5 +134,39 @@ impl std::fmt::Debug for EndpointCert {
 impl rustls::server::ResolvesServerCert for EndpointCert {
     fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.0.get().endpoint.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Pki, TRUST_DOMAIN};
+
+    #[test]
+    fn a_change_that_does_not_load_is_refused_once_and_the_old_material_stays() {
+        let pki = Pki::new();
+        let current = Current::load(&pki.dir.0, TRUST_DOMAIN).unwrap();
+        let before = current.get().endpoint.cert[0].clone();
+        assert!(!current.reload().unwrap(), "nothing changed yet");
+        std::fs::write(pki.dir.join("ca-key.pem"), "not a key").unwrap();
+        assert!(current.reload().is_err(), "a broken key must not load");
+        assert!(
+            !current.reload().unwrap(),
+            "the same broken files are not tried again"
+        );
+        assert_eq!(
+            current.get().endpoint.cert[0],
+            before,
+            "the old material stays"
+        );
+        // A good change loads.
+        let next = Pki::new();
+        for f in FILES {
+            std::fs::copy(next.dir.join(f), pki.dir.join(f)).unwrap();
+        }
+        assert!(current.reload().unwrap());
+        assert_ne!(current.get().endpoint.cert[0], before);
+        assert_eq!(current.get().signer.bundle(), next.signer.bundle());
+        assert_eq!(current.bundle.get().pems(), next.signer.bundle());
     }
 }

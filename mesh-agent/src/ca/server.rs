@@ -238,7 +238,9 @@ async fn watch_keys(keys: Arc<Current>, dir: std::path::PathBuf) {
                 let k = keys.get();
                 tracing::info!(dir = %dir.display(), roots = k.signer.bundle().len(), "CA files reloaded: new signing material in force");
             }
-            Err(e) => tracing::error!(dir = %dir.display(), "CA files changed but do not load; the previous ones keep signing: {e}"),
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), "CA files changed but do not load; the previous ones keep signing: {e}")
+            }
         }
     }
 }
@@ -415,3 +417,6 @@ fn sign(
         trust_bundle: keys.signer.bundle().to_vec(),
     })
 }
+
+#[cfg(test)]
+mod tests;

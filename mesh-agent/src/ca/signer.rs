@@ -260,9 +260,7 @@ impl Signer {
             return Err(format!("the CSR asks for {asked:?}, not {id}"));
         }
         let (nb, na) = Self::window(ttl);
-        let params = self
-            .params(id, usage, nb, na)
-            .map_err(|e| e.to_string())?;
+        let params = self.params(id, usage, nb, na).map_err(|e| e.to_string())?;
         let cert = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
@@ -295,6 +293,23 @@ impl Signer {
         let cert = self
             .params(id, usage, nb, na)?
             .signed_by(&key, &self.issuer)?;
+        Ok((self.with_chain(cert.pem()), key.serialize_pem()))
+    }
+
+    /// `issue`, with the certificate's parameters changed by `tweak` first
+    /// (tests of how peers refuse a defective certificate).
+    #[cfg(test)]
+    pub(crate) fn issue_tweaked(
+        &self,
+        id: &SpiffeId,
+        usage: Usage,
+        tweak: impl FnOnce(&mut CertificateParams),
+    ) -> Result<(Vec<String>, String), Error> {
+        let key = KeyPair::generate()?;
+        let (nb, na) = Self::window(Duration::from_secs(3600));
+        let mut p = self.params(id, usage, nb, na)?;
+        tweak(&mut p);
+        let cert = p.signed_by(&key, &self.issuer)?;
         Ok((self.with_chain(cert.pem()), key.serialize_pem()))
     }
 
@@ -352,7 +367,9 @@ mod tests {
         let mut p = CertificateParams::default();
         p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
-        let chain = s.sign_csr(&csr, &id, Usage::Workload, Duration::from_secs(600)).unwrap();
+        let chain = s
+            .sign_csr(&csr, &id, Usage::Workload, Duration::from_secs(600))
+            .unwrap();
         assert_eq!(chain.len(), 1, "a root signer sends the leaf only");
         let der = tls::certs_from_pem("leaf", &chain[0]).unwrap();
         let info = tls::cert_info(&der[0]).unwrap();

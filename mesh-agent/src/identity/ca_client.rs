@@ -88,6 +88,17 @@ impl rustls::client::ResolvesClientCert for NodeCredential {
     }
 }
 
+/// An error and its causes, as one line.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
 /// Writes `text` to `path` through a temporary file and a rename, so a
 /// reader sees the old file or the new one, never half of one.
 fn replace_file(path: &Path, text: &str, private: bool) -> Result<(), Error> {
@@ -311,7 +322,9 @@ impl CaClient {
         let resp = tokio::time::timeout(TIMEOUT, tx.send_request(req))
             .await
             .map_err(|_| unreachable("no answer".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+            // With TLS 1.3 a refused client certificate shows only here, as
+            // the CA's alert under hyper's error.
+            .map_err(|e| unreachable(with_causes(&e)))?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), 1 << 20)
             .collect()

@@ -207,9 +207,13 @@ impl IdentityManager {
                 tokio::time::sleep(until).await;
                 let Some(m) = me.upgrade() else { return };
                 match m.ca.renew_node_credential().await {
-                    Ok(info) => tracing::info!(serial = %info.serial, not_after = %humantime::format_rfc3339_seconds(info.not_after), "node credential renewed"),
+                    Ok(info) => {
+                        tracing::info!(serial = %info.serial, not_after = %humantime::format_rfc3339_seconds(info.not_after), "node credential renewed")
+                    }
                     Err(e) => {
-                        tracing::warn!("node credential renewal failed (retrying in {RETRY:?}): {e}");
+                        tracing::warn!(
+                            "node credential renewal failed (retrying in {RETRY:?}): {e}"
+                        );
                         wait = Some(RETRY);
                     }
                 }

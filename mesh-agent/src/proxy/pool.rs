@@ -332,3 +332,6 @@ async fn connect(
         .await
         .map_err(|e| ConnectError::Closed(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests;

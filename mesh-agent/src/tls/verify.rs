@@ -276,3 +276,6 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
     signature_checks!();
 }
+
+#[cfg(test)]
+mod tests;
