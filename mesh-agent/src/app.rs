@@ -98,7 +98,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
 
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = Arc::new(Metrics::with_series_cap(config.metrics_max_series)?);
     if file_source.is_some() {
         metrics.config_source(files::NAME);
     }
@@ -160,6 +160,19 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
                 u.sweep();
                 drop(u);
                 tokio::time::sleep(crate::proxy::http::upstreams::IDLE_TIMEOUT / 4).await;
+            }
+        });
+    }
+    {
+        // Series of workloads and services that left go from /metrics.
+        let (store, metrics) = (store.clone(), metrics.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SERIES_SWEEP_INTERVAL).await;
+                let removed = metrics.sweep_series(&store.load().registry);
+                if removed > 0 {
+                    tracing::debug!(removed, "metric series of departed workloads removed");
+                }
             }
         });
     }
@@ -294,6 +307,9 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
 /// must be free before it does (`malloc_trim` walks every arena).
 const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 const HEAP_TRIM_ABOVE: usize = 4 << 20;
+
+/// How often series of departed workloads and services are removed.
+const SERIES_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Lets `sock_ops` see the agent's own sockets, whether or not the fast path
 /// starts on (it can be switched at run time). The fast path is an

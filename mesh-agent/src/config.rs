@@ -223,6 +223,12 @@ pub struct Config {
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
 
+    /// Label sets each Istio metric family (TCP, requests) may hold; more
+    /// are counted in `mesh_metric_series_overflow_total` instead.
+    /// Series of workloads and services that are gone are removed.
+    #[arg(long, env = "MESH_METRICS_MAX_SERIES", default_value_t = crate::telemetry::metrics::DEFAULT_MAX_SERIES)]
+    pub metrics_max_series: usize,
+
     /// Readiness endpoint: /healthz/ready.
     #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,

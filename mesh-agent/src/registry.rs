@@ -5,6 +5,7 @@
 //! captured connection goes and which identity to expect there.
 
 pub mod build;
+pub mod pod;
 pub mod protocol;
 
 use std::{
@@ -223,6 +224,9 @@ pub struct Registry {
     pub services: Vec<Arc<Service>>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Workloads by (namespace, service account): who an identity can be.
+    #[serde(skip)]
+    by_identity: HashMap<(String, String), Vec<Arc<Workload>>>,
     #[serde(skip)]
     by_vip: HashMap<SocketAddr, Arc<Service>>,
     /// ServiceEntry address ranges, longest prefix first.
@@ -236,6 +240,13 @@ impl Registry {
     /// The meshed workload at `ip`.
     pub fn workload_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// The workloads running as service account `sa` of `namespace`.
+    pub fn with_identity(&self, namespace: &str, sa: &str) -> &[Arc<Workload>] {
+        self.by_identity
+            .get(&(namespace.to_owned(), sa.to_owned()))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// The service a client reaches at `dst` (a VIP, or a ServiceEntry
@@ -265,6 +276,10 @@ impl Registry {
             for ip in &w.ips {
                 self.by_ip.insert(*ip, w.clone());
             }
+            self.by_identity
+                .entry((w.namespace.clone(), w.service_account.clone()))
+                .or_default()
+                .push(w.clone());
         }
         for s in &self.services {
             for a in &s.addresses {

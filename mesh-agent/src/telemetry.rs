@@ -2,6 +2,7 @@
 
 pub mod logging;
 pub mod metrics;
+mod series;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

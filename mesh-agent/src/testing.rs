@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -35,7 +35,6 @@ use crate::{
     spiffe::SpiffeId,
     telemetry::metrics::Metrics,
     tls::{self, SharedBundle, TrustBundle},
-    workload::Workload,
 };
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -337,7 +336,8 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// (the in-process `ca::server`) placing `placement` (a workload registry).
 pub struct Identities {
     pub pki: Pki,
-    pub ca: crate::ca::server::Running,
+    /// Serves while the test runs.
+    pub _ca: crate::ca::server::Running,
     pub manager: Arc<IdentityManager>,
     _placement: TempDir,
 }
@@ -367,7 +367,7 @@ impl Identities {
         );
         Self {
             pki,
-            ca,
+            _ca: ca,
             manager,
             _placement: dir,
         }
@@ -437,14 +437,93 @@ pub fn workload_yaml(name: &str, ip: &str, sa: &str, labels: &str) -> String {
     )
 }
 
-/// Whether `ip` is on this machine's loopback (all of 127.0.0.0/8 is).
-pub fn loopback(n: u8) -> IpAddr {
-    IpAddr::from([127, 0, 0, n])
+/// A tiny HTTP/1.1 server on `addr` answering `hello from NAME` (200), or
+/// the status in an `x-status` request header; `x-fail-every: K` answers
+/// 503 to every K-th request it sees. Returns the request lines it saw.
+pub async fn http_server(name: &'static str, addr: &str) -> Arc<Mutex<Vec<String>>> {
+    use http_body_util::Full;
+    let l = TcpListener::bind(addr).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (log, served) = (log.clone(), served.clone());
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    log.lock().unwrap().push(format!(
+                        "{} {}{}",
+                        req.method(),
+                        req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                        req.headers()
+                            .get("x-mark")
+                            .and_then(|v| v.to_str().ok())
+                            .map(|m| format!(" x-mark={m}"))
+                            .unwrap_or_default()
+                    ));
+                    let header = |k: &str| {
+                        req.headers()
+                            .get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok())
+                    };
+                    let status = match (header("x-status"), header("x-fail-every")) {
+                        (Some(s), _) => s as u16,
+                        (None, Some(k)) if k > 0 && n % k == 0 => 503,
+                        _ => 200,
+                    };
+                    async move {
+                        let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(format!(
+                            "hello from {name}"
+                        ))));
+                        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    seen
 }
 
-/// The workload of a registry entry, for tests that need one directly.
-pub fn workload(name: &str, ip: &str) -> Workload {
-    let mut w = Workload::for_tests(name, "default", &[]);
-    w.ips = vec![ip.parse().unwrap()];
-    w
+/// An HTTP/1.1 client on a captured connection `s`.
+pub async fn http_client(
+    s: TcpStream,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .expect("HTTP handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// Sends `GET path` with `headers` on `send`: status, response flag
+/// header, body.
+pub async fn get(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    use http_body_util::BodyExt;
+    let mut req = hyper::Request::builder().uri(path).header("host", "web");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(req.body(http_body_util::Empty::new()).unwrap())
+        .await
+        .expect("response");
+    let status = resp.status().as_u16();
+    let flags = resp
+        .headers()
+        .get(crate::proxy::http::FLAGS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, flags, String::from_utf8_lossy(&body).into_owned())
 }

@@ -90,7 +90,7 @@ fn validate_reports_every_problem_and_fails() {
     assert!(out.contains(&want), "{out}");
     assert!(!out.contains(": note: "), "--errors-only: {out}");
     assert!(
-        err.starts_with("validated 8 files: ")
+        err.starts_with("validated 9 files: ")
             && err.contains(" accepted, ")
             && err.contains(" errors, "),
         "{err}"

@@ -211,3 +211,6 @@ async fn stream(
     });
     status(StatusCode::OK)
 }
+
+#[cfg(test)]
+mod tests;

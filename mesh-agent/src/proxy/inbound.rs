@@ -65,16 +65,29 @@ impl Arrival {
         Ok(())
     }
 
-    /// The workload the connection comes from. Over HBONE, only the
-    /// workload at the peer's address whose identity is the one its
-    /// certificate proved: an address alone proves nothing. Plaintext has
-    /// only the address (as Istio reports it).
+    /// The workload the connection comes from. Over HBONE, from the
+    /// identity its certificate proved, never from the address alone: the
+    /// workload at the peer's address if it has that identity, else the
+    /// one workload running as that identity (several pods of one
+    /// Deployment count as one); when several workloads share it, none.
+    /// Plaintext has only the address, as Istio reports it.
     pub fn source_workload(&self) -> Option<&Arc<Workload>> {
-        let w = self.snap.registry.workload_at(self.peer.ip())?;
-        match &self.identity {
-            Some(id) => (w.identity(id.trust_domain()) == **id).then_some(w),
-            None => Some(w),
+        let registry = &self.snap.registry;
+        let Some(id) = &self.identity else {
+            return registry.workload_at(self.peer.ip());
+        };
+        if let Some(w) = registry.workload_at(self.peer.ip())
+            && w.identity(id.trust_domain()) == **id
+        {
+            return Some(w);
         }
+        let (ns, sa) = id.workload_parts()?;
+        let candidates = registry.with_identity(ns, sa);
+        let first = candidates.first()?;
+        candidates
+            .iter()
+            .all(|w| w.workload_name() == first.workload_name())
+            .then_some(first)
     }
 }
 

@@ -379,3 +379,6 @@ async fn carry<U>(
         Err(e) => tracing::debug!(pod = %pod_name, %dst, "outbound: closed with {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -140,7 +140,9 @@ fn workloads(o: &Objects<'_>) -> (Vec<Arc<Workload>>, Vec<Arc<Workload>>) {
         .collect();
     let mut others = Vec::new();
     for p in &o.pods {
-        let Some(w) = pod_workload(p) else { continue };
+        let Some(w) = super::pod::workload(p) else {
+            continue;
+        };
         if meshed.contains_key(&w.key()) {
             continue; // the explicit registry entry wins
         }
@@ -169,50 +171,6 @@ pub fn in_ambient_mode(
             .and_then(|l| l.get(DATAPLANE_MODE))
             .is_some_and(|m| m == "ambient"),
     }
-}
-
-/// A Pod as a workload: running (or starting) with an address, not on the
-/// host network. Its netns and cgroup are found from its UID on its node.
-pub fn pod_workload(p: &Pod) -> Option<Workload> {
-    let spec = p.spec.as_ref()?;
-    let status = p.status.as_ref()?;
-    if spec.host_network == Some(true)
-        || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
-    {
-        return None;
-    }
-    let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .filter_map(|i| i.ip.parse().ok())
-        .collect();
-    if ips.is_empty() {
-        ips.extend(
-            status
-                .pod_ip
-                .as_deref()
-                .and_then(|i| i.parse::<IpAddr>().ok()),
-        );
-    }
-    if ips.is_empty() {
-        return None;
-    }
-    let (namespace, name) = ns_name(&p.metadata);
-    Some(Workload {
-        name: name.into(),
-        namespace: namespace.into(),
-        service_account: spec
-            .service_account_name
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        ips,
-        netns: Default::default(),
-        cgroup: Default::default(),
-        labels: p.metadata.labels.clone().unwrap_or_default(),
-        node: spec.node_name.clone(),
-        uid: p.metadata.uid.clone(),
-    })
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {

@@ -309,7 +309,7 @@ fn pod(p: Pod) -> Converted {
             ..Default::default()
         }),
     };
-    if crate::registry::build::pod_workload(&slim).is_none() {
+    if crate::registry::pod::workload(&slim).is_none() {
         return Converted::Absent;
     }
     let o = origin("Pod", &slim);

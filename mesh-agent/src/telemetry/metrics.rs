@@ -5,13 +5,19 @@ use std::{net::SocketAddr, sync::Arc};
 
 use prometheus::{
     Encoder as _, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, TextEncoder,
     core::{Collector, Desc},
     proto,
 };
 
-use super::Error;
+use super::{
+    Error,
+    series::{InUse, Table},
+};
 use crate::{ebpf::Maps, workload::Workload};
+
+/// Label sets each Istio family may hold by default (`--metrics-max-series`).
+pub const DEFAULT_MAX_SERIES: usize = 20_000;
 
 /// Istio's standard labels for TCP metrics, in the order `ConnLabels::values` fills them.
 const ISTIO_TCP_LABELS: [&str; 23] = [
@@ -115,37 +121,54 @@ impl ConnLabels<'_> {
             }
         };
         let (s, d) = (self.source, self.destination);
+        // A source known only by its proved identity still has a namespace.
+        let source_namespace = match (s, self.source_principal) {
+            (Some(w), _) => w.namespace.clone(),
+            (None, Some(p)) => p
+                .parse::<crate::spiffe::SpiffeId>()
+                .ok()
+                .and_then(|id| id.workload_parts().map(|(ns, _)| ns.to_owned()))
+                .unwrap_or_else(|| "unknown".into()),
+            (None, None) => "unknown".into(),
+        };
+        // The service the client addressed; without one, the workload's
+        // canonical service (as Istio's stats fall back to it); a
+        // destination the mesh does not know is Envoy's PassthroughCluster.
+        let (service, service_namespace, service_name) = match (self.service, d) {
+            (Some(svc), _) => (
+                svc.hostname.clone(),
+                svc.namespace.clone(),
+                svc.name.clone(),
+            ),
+            (None, Some(w)) => (
+                w.canonical_service().to_string(),
+                w.namespace.clone(),
+                w.canonical_service().to_string(),
+            ),
+            (None, None) => (
+                "unknown".into(),
+                "unknown".into(),
+                "PassthroughCluster".into(),
+            ),
+        };
         [
             match self.reporter {
                 Reporter::Source => "source",
                 Reporter::Destination => "destination",
             }
             .into(),
-            w(s, |w| &w.name),
+            w(s, Workload::workload_name),
             w(s, Workload::canonical_service),
             w(s, Workload::canonical_revision),
-            w(s, |w| &w.namespace),
+            source_namespace,
             self.source_principal.unwrap_or("unknown").into(),
             w(s, Workload::app),
             w(s, Workload::version),
             cluster(s),
-            // The service the client addressed; without one, Istio names
-            // the workload's canonical service, or the address dialled.
-            match (self.service, d) {
-                (Some(svc), _) => svc.hostname.clone(),
-                (None, Some(w)) => w.canonical_service().to_string(),
-                (None, None) => self.destination_addr.ip().to_string(),
-            },
-            match (self.service, d) {
-                (Some(svc), _) => svc.namespace.clone(),
-                (None, d) => w(d, |w| &w.namespace),
-            },
-            match (self.service, d) {
-                (Some(svc), _) => svc.name.clone(),
-                (None, Some(w)) => w.canonical_service().to_string(),
-                (None, None) => self.destination_addr.ip().to_string(),
-            },
-            w(d, |w| &w.name),
+            service,
+            service_namespace,
+            service_name,
+            w(d, Workload::workload_name),
             w(d, Workload::canonical_service),
             w(d, Workload::canonical_revision),
             w(d, |w| &w.namespace),
@@ -160,9 +183,19 @@ impl ConnLabels<'_> {
     }
 }
 
+/// Positions of the labels a series sweep reads.
+mod at {
+    pub const SOURCE_WORKLOAD: usize = 1;
+    pub const SOURCE_NAMESPACE: usize = 4;
+    pub const DESTINATION_SERVICE: usize = 9;
+    pub const DESTINATION_WORKLOAD: usize = 12;
+    pub const DESTINATION_CANONICAL_SERVICE: usize = 13;
+    pub const DESTINATION_NAMESPACE: usize = 15;
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
-    registry: Registry,
+    registry: prometheus::Registry,
     tcp_opened: IntCounterVec,
     tcp_closed: IntCounterVec,
     tcp_sent: IntCounterVec,
@@ -183,10 +216,13 @@ pub struct Metrics {
     request_duration: HistogramVec,
     request_bytes: HistogramVec,
     response_bytes: HistogramVec,
+    /// The label sets of the TCP and the request families, capped.
+    tcp_series: Arc<Table>,
+    http_series: Arc<Table>,
 }
 
 fn histogram_vec(
-    registry: &Registry,
+    registry: &prometheus::Registry,
     name: &str,
     help: &str,
     buckets: &[f64],
@@ -207,6 +243,8 @@ pub struct ConnMetrics {
     pub received: IntCounter,
     closed: IntCounter,
     active: IntGauge,
+    /// Keeps the connection's label set from being swept while it lives.
+    _series: Option<InUse>,
 }
 
 impl Drop for ConnMetrics {
@@ -217,7 +255,7 @@ impl Drop for ConnMetrics {
 }
 
 fn counter_vec(
-    registry: &Registry,
+    registry: &prometheus::Registry,
     name: &str,
     help: &str,
     labels: &[&str],
@@ -227,9 +265,21 @@ fn counter_vec(
     Ok(v)
 }
 
+/// A counter that is not exported: what a connection over the series cap
+/// counts into.
+fn detached() -> IntCounter {
+    IntCounter::new("mesh_detached", "not exported").expect("a valid name")
+}
+
 impl Metrics {
     pub fn new() -> Result<Self, Error> {
-        let registry = Registry::new();
+        Self::with_series_cap(DEFAULT_MAX_SERIES)
+    }
+
+    /// Metrics whose Istio families each hold at most `max_series` label
+    /// sets.
+    pub fn with_series_cap(max_series: usize) -> Result<Self, Error> {
+        let registry = prometheus::Registry::new();
         let active = IntGaugeVec::new(
             Opts::new(
                 "mesh_tcp_connections_active",
@@ -240,31 +290,103 @@ impl Metrics {
         registry.register(Box::new(active.clone()))?;
         let workloads = IntGauge::new("mesh_workloads_enrolled", "Pods enrolled on this node.")?;
         registry.register(Box::new(workloads.clone()))?;
+        let overflow = counter_vec(
+            &registry,
+            "mesh_metric_series_overflow_total",
+            "Connections and requests not counted in Istio's metrics because their family already holds --metrics-max-series label sets.",
+            &["family"],
+        )?;
+        let tcp_opened = counter_vec(
+            &registry,
+            "istio_tcp_connections_opened_total",
+            "TCP connections opened.",
+            &ISTIO_TCP_LABELS,
+        )?;
+        let tcp_closed = counter_vec(
+            &registry,
+            "istio_tcp_connections_closed_total",
+            "TCP connections closed.",
+            &ISTIO_TCP_LABELS,
+        )?;
+        let tcp_sent = counter_vec(
+            &registry,
+            "istio_tcp_sent_bytes_total",
+            "Bytes sent to the client (response direction).",
+            &ISTIO_TCP_LABELS,
+        )?;
+        let tcp_received = counter_vec(
+            &registry,
+            "istio_tcp_received_bytes_total",
+            "Bytes received from the client (request direction).",
+            &ISTIO_TCP_LABELS,
+        )?;
+        let requests = counter_vec(
+            &registry,
+            "istio_requests_total",
+            "HTTP and gRPC requests, by Istio's standard labels.",
+            &ISTIO_HTTP_LABELS,
+        )?;
+        let request_duration = histogram_vec(
+            &registry,
+            "istio_request_duration_milliseconds",
+            "Time from the request's first byte to the response's last.",
+            &DURATION_BUCKETS,
+        )?;
+        let request_bytes = histogram_vec(
+            &registry,
+            "istio_request_bytes",
+            "Request sizes (body bytes).",
+            &SIZE_BUCKETS,
+        )?;
+        let response_bytes = histogram_vec(
+            &registry,
+            "istio_response_bytes",
+            "Response sizes (body bytes).",
+            &SIZE_BUCKETS,
+        )?;
+        let counter_remover = |v: &IntCounterVec| -> super::series::Remover {
+            let v = v.clone();
+            Box::new(move |l: &[&str]| {
+                let _ = v.remove_label_values(l);
+            })
+        };
+        let histogram_remover = |v: &HistogramVec| -> super::series::Remover {
+            let v = v.clone();
+            Box::new(move |l: &[&str]| {
+                let _ = v.remove_label_values(l);
+            })
+        };
+        let tcp_series = Table::new(
+            max_series,
+            overflow.with_label_values(&["tcp"]),
+            vec![
+                counter_remover(&tcp_opened),
+                counter_remover(&tcp_closed),
+                counter_remover(&tcp_sent),
+                counter_remover(&tcp_received),
+            ],
+        );
+        let http_series = Table::new(
+            max_series,
+            overflow.with_label_values(&["http"]),
+            vec![
+                counter_remover(&requests),
+                histogram_remover(&request_duration),
+                histogram_remover(&request_bytes),
+                histogram_remover(&response_bytes),
+            ],
+        );
         let m = Self {
-            tcp_opened: counter_vec(
-                &registry,
-                "istio_tcp_connections_opened_total",
-                "TCP connections opened.",
-                &ISTIO_TCP_LABELS,
-            )?,
-            tcp_closed: counter_vec(
-                &registry,
-                "istio_tcp_connections_closed_total",
-                "TCP connections closed.",
-                &ISTIO_TCP_LABELS,
-            )?,
-            tcp_sent: counter_vec(
-                &registry,
-                "istio_tcp_sent_bytes_total",
-                "Bytes sent to the client (response direction).",
-                &ISTIO_TCP_LABELS,
-            )?,
-            tcp_received: counter_vec(
-                &registry,
-                "istio_tcp_received_bytes_total",
-                "Bytes received from the client (request direction).",
-                &ISTIO_TCP_LABELS,
-            )?,
+            tcp_series,
+            http_series,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            requests,
+            request_duration,
+            request_bytes,
+            response_bytes,
             proxy_errors: counter_vec(
                 &registry,
                 "mesh_proxy_errors_total",
@@ -333,30 +455,6 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
-            requests: counter_vec(
-                &registry,
-                "istio_requests_total",
-                "HTTP and gRPC requests, by Istio's standard labels.",
-                &ISTIO_HTTP_LABELS,
-            )?,
-            request_duration: histogram_vec(
-                &registry,
-                "istio_request_duration_milliseconds",
-                "Time from the request's first byte to the response's last.",
-                &DURATION_BUCKETS,
-            )?,
-            request_bytes: histogram_vec(
-                &registry,
-                "istio_request_bytes",
-                "Request sizes (body bytes).",
-                &SIZE_BUCKETS,
-            )?,
-            response_bytes: histogram_vec(
-                &registry,
-                "istio_response_bytes",
-                "Response sizes (body bytes).",
-                &SIZE_BUCKETS,
-            )?,
             active,
             workloads,
             registry,
@@ -375,11 +473,16 @@ impl Metrics {
     pub fn request_done(&self, labels: &ConnLabels<'_>, o: &RequestOutcome<'_>) {
         let [tcp @ .., _, _, security] = labels.values();
         let code = o.code.to_string();
-        let v: Vec<&str> = tcp
+        let values: Vec<String> = tcp
             .iter()
-            .map(String::as_str)
-            .chain([o.protocol, o.flags, security.as_str(), &code, o.grpc_status])
+            .cloned()
+            .chain([o.protocol, o.flags, security.as_str(), &code, o.grpc_status].map(String::from))
             .collect();
+        // Over the cap: counted as an overflow, not recorded.
+        let Some(_series) = self.http_series.enter(&values) else {
+            return;
+        };
+        let v: Vec<&str> = values.iter().map(String::as_str).collect();
         self.requests.with_label_values(&v).inc();
         self.request_duration
             .with_label_values(&v)
@@ -402,16 +505,58 @@ impl Metrics {
     /// Records a new connection and returns its live counters.
     pub fn connection_opened(&self, labels: &ConnLabels<'_>) -> ConnMetrics {
         let values = labels.values();
-        let v: Vec<&str> = values.iter().map(String::as_str).collect();
-        self.tcp_opened.with_label_values(&v).inc();
         let active = self.active.with_label_values(&[direction(labels.reporter)]);
         active.inc();
+        let Some(series) = self.tcp_series.enter(&values) else {
+            // Over the cap: the connection is carried, its bytes counted
+            // nowhere (the overflow counter says how often).
+            return ConnMetrics {
+                sent: detached(),
+                received: detached(),
+                closed: detached(),
+                active,
+                _series: None,
+            };
+        };
+        let v: Vec<&str> = values.iter().map(String::as_str).collect();
+        self.tcp_opened.with_label_values(&v).inc();
         ConnMetrics {
             sent: self.tcp_sent.with_label_values(&v),
             received: self.tcp_received.with_label_values(&v),
             closed: self.tcp_closed.with_label_values(&v),
             active,
+            _series: Some(series),
         }
+    }
+
+    /// Removes the Istio series that name a workload or a service no
+    /// longer in `registry` and that no open connection uses; returns how
+    /// many went. Runs on a timer, not per change: its cost follows the
+    /// number of series and workloads, and nothing needs it sooner.
+    pub fn sweep_series(&self, registry: &crate::registry::Registry) -> usize {
+        let workloads: std::collections::HashSet<(&str, &str)> = registry
+            .workloads
+            .iter()
+            .map(|w| (w.namespace.as_str(), w.workload_name()))
+            .collect();
+        let services: std::collections::HashSet<&str> = registry
+            .services
+            .iter()
+            .map(|s| s.hostname.as_str())
+            .collect();
+        let live = |v: &[String]| {
+            let known = |name: &String, ns: &String| {
+                name == "unknown" || workloads.contains(&(ns.as_str(), name.as_str()))
+            };
+            let service = &v[at::DESTINATION_SERVICE];
+            known(&v[at::SOURCE_WORKLOAD], &v[at::SOURCE_NAMESPACE])
+                && known(&v[at::DESTINATION_WORKLOAD], &v[at::DESTINATION_NAMESPACE])
+                && (service == "unknown"
+                    || services.contains(service.as_str())
+                    // A workload addressed directly: named after it.
+                    || *service == v[at::DESTINATION_CANONICAL_SERVICE])
+        };
+        self.tcp_series.sweep(live) + self.http_series.sweep(live)
     }
 
     /// Counts a connection the agent failed to carry.
@@ -636,7 +781,8 @@ mod tests {
             "source_version=\"v1\"",
             "source_cluster=\"Kubernetes\"",
             "destination_workload=\"unknown\"",
-            "destination_service=\"192.0.2.9\"",
+            "destination_service=\"unknown\"",
+            "destination_service_name=\"PassthroughCluster\"",
             "request_protocol=\"tcp\"",
             "connection_security_policy=\"unknown\"",
         ] {
@@ -664,5 +810,112 @@ mod tests {
                 .any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with(" 1"))
         );
         assert!(text.contains("mesh_tcp_connections_active{direction=\"outbound\"} 0"));
+    }
+
+    fn labels<'a>(src: &'a Workload, dst: Option<&'a Workload>) -> ConnLabels<'a> {
+        ConnLabels {
+            reporter: Reporter::Source,
+            source: Some(src),
+            destination: dst,
+            service: None,
+            destination_addr: "192.0.2.9:80".parse().unwrap(),
+            cluster: "Kubernetes",
+            security_policy: "unknown",
+            source_principal: None,
+            destination_principal: None,
+        }
+    }
+
+    fn series(m: &Metrics, name: &str) -> usize {
+        m.render()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .count()
+    }
+
+    #[test]
+    fn series_over_the_cap_are_counted_as_overflow_and_not_exported() {
+        let m = Metrics::with_series_cap(2).unwrap();
+        let ws: Vec<Workload> = (0..3).map(|i| wl(&format!("w{i}"), &[])).collect();
+        let conns: Vec<ConnMetrics> = ws
+            .iter()
+            .map(|w| m.connection_opened(&labels(w, None)))
+            .collect();
+        for c in &conns {
+            c.sent.inc_by(10);
+        }
+        assert_eq!(series(&m, "istio_tcp_connections_opened_total"), 2);
+        assert!(
+            m.render()
+                .contains("mesh_metric_series_overflow_total{family=\"tcp\"} 1"),
+            "{}",
+            m.render()
+        );
+        // A known set is still counted when the family is full.
+        drop(m.connection_opened(&labels(&ws[0], None)));
+        assert!(m.render().contains("source_workload=\"w0\""));
+        assert!(
+            m.render()
+                .contains("mesh_metric_series_overflow_total{family=\"tcp\"} 1")
+        );
+    }
+
+    #[test]
+    fn series_of_departed_workloads_go_once_their_connections_close() {
+        let m = Metrics::new().unwrap();
+        let here = wl("here", &[]);
+        let gone = wl("gone", &[]);
+        let open = m.connection_opened(&labels(&gone, Some(&here)));
+        drop(m.connection_opened(&labels(&here, Some(&here))));
+        let registry = crate::testing::snapshot(&format!(
+            "workloads:\n{}",
+            crate::testing::workload_yaml("here", "10.0.0.2", "default", "")
+        ))
+        .registry;
+        // `gone` left the registry, but a connection of it is still open.
+        assert_eq!(m.sweep_series(&registry), 0);
+        assert_eq!(series(&m, "istio_tcp_connections_opened_total"), 2);
+        drop(open);
+        assert_eq!(m.sweep_series(&registry), 1);
+        let text = m.render();
+        assert_eq!(
+            series(&m, "istio_tcp_connections_opened_total"),
+            1,
+            "{text}"
+        );
+        assert_eq!(series(&m, "istio_tcp_sent_bytes_total"), 1, "{text}");
+        assert!(!text.contains("source_workload=\"gone\""), "{text}");
+        assert!(text.contains("source_workload=\"here\""), "{text}");
+    }
+
+    #[test]
+    fn a_source_known_only_by_identity_keeps_its_namespace() {
+        let m = Metrics::new().unwrap();
+        let dst = wl("server", &[]);
+        let c = m.connection_opened(&ConnLabels {
+            reporter: Reporter::Destination,
+            source: None,
+            destination: Some(&dst),
+            service: None,
+            destination_addr: "10.0.0.2:80".parse().unwrap(),
+            cluster: "Kubernetes",
+            security_policy: "mutual_tls",
+            source_principal: Some("spiffe://cluster.local/ns/shop/sa/cart"),
+            destination_principal: Some("spiffe://cluster.local/ns/default/sa/default"),
+        });
+        let text = m.render();
+        let opened = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .unwrap();
+        for want in [
+            "source_workload=\"unknown\"",
+            "source_workload_namespace=\"shop\"",
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/cart\"",
+            "destination_workload=\"server\"",
+        ] {
+            assert!(opened.contains(want), "{want} missing in {opened}");
+        }
+        drop(c);
     }
 }
