@@ -240,7 +240,11 @@ fn round_trip() {
             (serde_json::to_string_pretty(&again).unwrap(), "again.json"),
         ] {
             let reparsed = parse_text(&text, name);
-            prop_assert!(reparsed.problems.is_empty(), "{text}\n{:?}", reparsed.problems);
+            prop_assert!(
+                reparsed.problems.is_empty(),
+                "{text}\n{:?}",
+                reparsed.problems
+            );
             let Some(parse::Document::Istio(second)) = reparsed.documents.into_iter().next() else {
                 panic!("{name} did not parse back: {text}");
             };

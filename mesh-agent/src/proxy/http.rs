@@ -581,3 +581,6 @@ async fn join_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgra
         Err(e) => tracing::debug!("http: upgrade failed: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests;
