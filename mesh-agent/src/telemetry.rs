@@ -1,5 +1,6 @@
 //! What the agent tells operators: Prometheus metrics and logs.
 
+mod ebpf;
 pub mod logging;
 pub mod metrics;
 mod series;

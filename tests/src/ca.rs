@@ -48,7 +48,6 @@ pub struct Ca {
     pub addr: String,
     pub workloads: PathBuf,
     pub log_path: PathBuf,
-    netns: String,
     pid: u32,
 }
 
@@ -106,7 +105,6 @@ impl Ca {
             addr: format!("{FABRIC_ADDR}:15012"),
             workloads,
             log_path,
-            netns: netns.into(),
             pid,
         };
         assert!(
@@ -119,10 +117,9 @@ impl Ca {
         ca
     }
 
-    /// Stops this CA and serves `dir` in its place (same address).
-    pub fn restart(self, env: &Env, dir: &Path, pods: &[&Pod]) -> Self {
-        env.kill(self.pid);
-        Self::serve(env, &self.netns, dir, pods, &[])
+    /// The CA process's PID.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// The CA's output so far.
