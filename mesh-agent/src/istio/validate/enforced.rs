@@ -55,8 +55,11 @@ const VIRTUAL_SERVICE: &[&str] = &[
     "tls.route",
 ];
 
-/// The traffic policy fields the L7 path acts on, under each place a
-/// policy may sit (rule, port, subset, subset port).
+/// The traffic policy fields the data path acts on, under each place a
+/// policy may sit (rule, port, subset, subset port). Load balancing,
+/// `connectionPool.tcp` and outlier detection act on TCP services too
+/// (outlier detection counting refused connections); the `http` settings
+/// on HTTP ports. Each is exercised through real traffic in `tests/l7/`.
 const TRAFFIC_POLICY: [&str; 17] = [
     "loadBalancer.simple",
     "loadBalancer.consistentHash",
@@ -114,7 +117,8 @@ fn enforced(kind: Kind) -> &'static [&'static str] {
             "endpoints.serviceAccount",
             "workloadSelector",
         ],
-        // L7 routing in the source pod's agent.
+        // Routing in the source pod's agent: `http` routes for HTTP ports,
+        // `tcp` and `tls` routes for the others.
         Kind::VirtualService => VIRTUAL_SERVICE,
         Kind::DestinationRule => &DESTINATION_RULE,
         Kind::WorkloadEntry => &[
