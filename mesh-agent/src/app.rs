@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin::{self, AdminState, Endpoint},
@@ -17,7 +17,7 @@ use crate::{
         ca_client::{CaAuth, CaClient},
     },
     pod::{self, EnrolledPod},
-    proxy::{LocalPods, ProxyContext, pool::Pool},
+    proxy::{ProxyContext, pool::Pool},
     snapshot::{self, Snapshot, SourceDocs, Store},
     sources::{
         Rejection,
@@ -138,19 +138,14 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     };
     let store = Arc::new(Store::new(Snapshot::empty(&settings)));
     let maps = loaded.maps();
-    let ctx = Arc::new(ProxyContext {
-        config: config.clone(),
-        capture: maps.clone(),
-        metrics: metrics.clone(),
-        store: store.clone(),
-        local: LocalPods::default(),
+    let ctx = Arc::new(ProxyContext::new(
+        config.clone(),
+        maps.clone(),
+        metrics.clone(),
+        store.clone(),
         identities,
         pool,
-        connections: TaskTracker::new(),
-        cut: CancellationToken::new(),
-        clusters: Default::default(),
-        upstreams: Default::default(),
-    });
+    ));
     {
         // Idle upstream HTTP connections go after a while, with the HBONE
         // streams they hold.

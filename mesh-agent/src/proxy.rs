@@ -161,6 +161,30 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// A context with no pod enrolled and no connection yet.
+    pub fn new(
+        config: Arc<Config>,
+        capture: Arc<dyn OriginalDestinations>,
+        metrics: Arc<Metrics>,
+        store: Arc<Store>,
+        identities: Option<Arc<IdentityManager>>,
+        pool: Option<Arc<pool::Pool>>,
+    ) -> Self {
+        Self {
+            config,
+            capture,
+            metrics,
+            store,
+            local: LocalPods::default(),
+            identities,
+            pool,
+            connections: TaskTracker::new(),
+            cut: CancellationToken::new(),
+            clusters: Default::default(),
+            upstreams: Default::default(),
+        }
+    }
+
     /// Whether `dst` is one of the agent's own in-pod listeners, which a
     /// captured connection must never be sent to (it would loop).
     fn is_own_listener(&self, snap: &Snapshot, dst: SocketAddr) -> bool {

@@ -19,7 +19,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     ca::signer::{self, Signer, Usage},
@@ -30,7 +30,7 @@ use crate::{
         ca_client::{CaAuth, CaClient},
     },
     netns::Netns,
-    proxy::{LocalPods, OriginalDestinations, PodContext, ProxyContext},
+    proxy::{OriginalDestinations, PodContext, ProxyContext},
     snapshot::{self, Snapshot, SourceDocs, Store},
     spiffe::SpiffeId,
     telemetry::metrics::Metrics,
@@ -212,19 +212,14 @@ impl Agent {
         let pool = identities
             .as_ref()
             .map(|_| crate::proxy::pool::Pool::new(Duration::from_secs(60), metrics.clone()));
-        let ctx = Arc::new(ProxyContext {
-            config: Arc::new(config),
-            capture: recorded.clone(),
+        let ctx = Arc::new(ProxyContext::new(
+            Arc::new(config),
+            recorded.clone(),
             metrics,
-            store: Arc::new(Store::new(snap)),
-            local: LocalPods::default(),
+            Arc::new(Store::new(snap)),
             identities,
             pool,
-            connections: TaskTracker::new(),
-            cut: CancellationToken::new(),
-            clusters: Default::default(),
-            upstreams: Default::default(),
-        });
+        ));
         Self {
             ctx,
             recorded,

@@ -268,13 +268,7 @@ impl Conn {
             Some(s) => (&s.service, s.workload.as_deref(), &s.via),
             None => (&self.svc, None, &Via::Direct),
         };
-        let principals = match via {
-            Via::Hbone {
-                source,
-                destination,
-            } => Some((source.to_string(), destination.to_string())),
-            Via::Direct => None,
-        };
+        let principals = via.principals();
         let labels = ConnLabels {
             reporter: Reporter::Source,
             source: Some(&self.pod.workload),
@@ -282,11 +276,7 @@ impl Conn {
             service: Some(service),
             destination_addr: self.dst,
             cluster: &self.ctx.config.cluster_id,
-            security_policy: if via.is_mtls() {
-                "mutual_tls"
-            } else {
-                "unknown"
-            },
+            security_policy: via.security_policy(),
             source_principal: principals.as_ref().map(|p| p.0.as_str()),
             destination_principal: principals.as_ref().map(|p| p.1.as_str()),
         };

@@ -297,13 +297,7 @@ async fn handle(
         Ok(u) => u,
         Err(e) => return refuse(&stream, e),
     };
-    let principals = match &via {
-        Via::Hbone {
-            source,
-            destination,
-        } => Some((source.to_string(), destination.to_string())),
-        Via::Direct => None,
-    };
+    let principals = via.principals();
     let labels = ConnLabels {
         reporter: Reporter::Source,
         source: Some(&pod.workload),
@@ -311,11 +305,7 @@ async fn handle(
         service: target.service.as_deref(),
         destination_addr: dst,
         cluster: &ctx.config.cluster_id,
-        security_policy: if via.is_mtls() {
-            "mutual_tls"
-        } else {
-            "unknown"
-        },
+        security_policy: via.security_policy(),
         source_principal: principals.as_ref().map(|p| p.0.as_str()),
         destination_principal: principals.as_ref().map(|p| p.1.as_str()),
     };

@@ -51,6 +51,27 @@ impl Via {
     pub fn is_mtls(&self) -> bool {
         matches!(self, Via::Hbone { .. })
     }
+
+    /// Istio's `connection_security_policy` for traffic carried this way
+    /// (reporter: source).
+    pub fn security_policy(&self) -> &'static str {
+        if self.is_mtls() {
+            "mutual_tls"
+        } else {
+            "unknown"
+        }
+    }
+
+    /// The source and destination principals mutual TLS proves, as text.
+    pub fn principals(&self) -> Option<(String, String)> {
+        match self {
+            Via::Hbone {
+                source,
+                destination,
+            } => Some((source.to_string(), destination.to_string())),
+            Via::Direct => None,
+        }
+    }
 }
 
 /// Opens a byte stream to `addr` (the workload `workload` when it is a
