@@ -195,8 +195,17 @@ fn status(c: &mut Command) -> Result<()> {
 }
 
 /// The workspace root (xtask lives one level below it).
+///
+/// From `cargo run`'s environment, not from where this binary was built:
+/// checkouts that share a target directory (CI caches one under `$HOME`)
+/// may run an xtask binary another checkout built, which must still work
+/// on the checkout it was run from.
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        manifest.parent().expect("workspace root").to_path_buf()
+    })
 }
