@@ -34,6 +34,10 @@ pub enum Error {
     Cert(#[from] rcgen::Error),
     #[error("the signing certificate {path} is not a CA certificate")]
     NotCa { path: std::path::PathBuf },
+    #[error(
+        "ca-key.pem is not the key of {path} (files of two CAs mixed, or a rotation half written)"
+    )]
+    KeyMismatch { path: std::path::PathBuf },
     #[error("{0}")]
     Identity(#[from] crate::spiffe::Error),
     #[error("{0}")]

@@ -159,8 +159,19 @@ mod tests {
             before,
             "the old material stays"
         );
-        // A good change loads.
+        // A rotation half written: the new key beside the old certificate.
         let next = Pki::new();
+        std::fs::copy(next.dir.join("ca-key.pem"), pki.dir.join("ca-key.pem")).unwrap();
+        match current.reload() {
+            Err(Error::KeyMismatch { .. }) => {}
+            other => panic!("a key of another CA must not load: {other:?}"),
+        }
+        assert_eq!(
+            current.get().endpoint.cert[0],
+            before,
+            "the old material stays"
+        );
+        // The rest of it: the new material loads.
         for f in FILES {
             std::fs::copy(next.dir.join(f), pki.dir.join(f)).unwrap();
         }

@@ -179,6 +179,22 @@ impl Signer {
             .map(tls::pem_of)
             .filter(|p| !bundle.contains(p))
             .collect();
+        // A key that is not the certificate's would sign certificates no
+        // one can verify: refuse the pair (a rotation written file by file
+        // passes through such a state).
+        {
+            use x509_parser::prelude::FromDer as _;
+            let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&signing[0])
+                .map_err(|e| {
+                    Error::Tls(tls::Error::BadCert {
+                        what: "ca-cert.pem".into(),
+                        reason: e.to_string(),
+                    })
+                })?;
+            if *cert.tbs_certificate.subject_pki.subject_public_key.data != *key.public_key_raw() {
+                return Err(Error::KeyMismatch { path: cert_path });
+            }
+        }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
         if !issuer.key_usages().is_empty()
             && !issuer.key_usages().contains(&KeyUsagePurpose::KeyCertSign)
