@@ -205,6 +205,22 @@ pub struct PodContext {
     pub identity: Option<SpiffeId>,
 }
 
+/// The client's address for consistent hashing on the source IP: the
+/// application reached the agent over the pod's loopback, so the peer
+/// address is 127.0.0.1 (or ::1) for every pod — the pod's own address of
+/// that family is what Istio hashes on.
+pub fn client_address(pod: &PodContext, peer: SocketAddr) -> IpAddr {
+    if !peer.ip().is_loopback() {
+        return peer.ip();
+    }
+    let ips = &pod.workload.ips;
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == peer.is_ipv4())
+        .or(ips.first())
+        .copied()
+        .unwrap_or(peer.ip())
+}
+
 /// Where a client pod runs, for locality-aware load balancing: its
 /// `istio-locality` label, else the node's `--locality`.
 pub fn client_locality(pod: &PodContext, ctx: &ProxyContext) -> crate::registry::Locality {

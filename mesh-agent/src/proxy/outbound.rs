@@ -180,7 +180,7 @@ async fn balance<'s>(
     let input = HashInput {
         headers: &http::HeaderMap::new(),
         query: None,
-        client: peer.ip(),
+        client: super::client_address(pod, peer),
         locality: &locality,
         client_labels: &pod.workload.labels,
     };
@@ -213,7 +213,8 @@ async fn balance<'s>(
     Ok(Target {
         addr,
         workload: e.workload.as_ref().map(|w| w.0.clone()),
-        service: Some(svc.clone()),
+        // The service the route chose (a `tcp` route may lead elsewhere).
+        service: Some(d.service.clone()),
         balanced: Some(balanced),
     })
 }

@@ -82,7 +82,7 @@ impl Conn {
         let input = cluster::HashInput {
             headers: req.headers(),
             query: req.uri().query(),
-            client: self.client.ip(),
+            client: crate::proxy::client_address(&self.pod, self.client),
             locality: &self.locality,
             client_labels: &self.pod.workload.labels,
         };

@@ -217,3 +217,52 @@ async fn a_meshed_pod_is_reached_over_hbone_with_mutual_tls() {
         "three streams, one pooled connection"
     );
 }
+
+#[tokio::test]
+async fn source_ip_hashing_uses_each_pods_own_address() {
+    // Every pod reaches its agent from 127.0.0.1: hashing on that would
+    // send all of them to one endpoint.
+    let (_, a) = echo("127.0.0.81:9000").await;
+    let (_, b) = echo("127.0.0.82:9000").await;
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: sticky, namespace: default}\nspec:\n  host: sticky.example.internal\n  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}\n";
+    let clients: String = (0..8)
+        .map(|i| {
+            workload_yaml(
+                &format!("client-{i}"),
+                &format!("127.0.0.{}", 90 + i),
+                "client",
+                "app: client",
+            )
+        })
+        .collect();
+    let agent = Agent::new(
+        testing::snapshot(&format!(
+            "workloads:\n{clients}---\n{}---\n{dr}",
+            service("sticky", "10.96.0.13", &["127.0.0.81", "127.0.0.82"])
+        )),
+        None,
+    );
+    let dst = "10.96.0.13:80".parse().unwrap();
+    for i in 0..8 {
+        let pod = agent.pod(&format!("default/client-{i}"));
+        let listener = agent.outbound(&pod).await;
+        let before = (a.load(Ordering::SeqCst), b.load(Ordering::SeqCst));
+        // The same pod always lands on the same endpoint.
+        for _ in 0..3 {
+            round_trip(agent.dial(listener, dst).await, b"x")
+                .await
+                .unwrap();
+        }
+        let after = (a.load(Ordering::SeqCst), b.load(Ordering::SeqCst));
+        assert!(
+            after == (before.0 + 3, before.1) || after == (before.0, before.1 + 3),
+            "client-{i} was spread: {before:?} → {after:?}"
+        );
+    }
+    // And the eight pods do not all land on one.
+    let (a, b) = (a.load(Ordering::SeqCst), b.load(Ordering::SeqCst));
+    assert!(
+        a > 0 && b > 0,
+        "all eight pods on one endpoint: {a} and {b}"
+    );
+}
