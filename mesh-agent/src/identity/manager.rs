@@ -192,29 +192,36 @@ impl IdentityManager {
     /// credential would lock the node out of the CA).
     pub fn renew_node_credential_when_due(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         const RETRY: Duration = Duration::from_secs(10);
+        // Long waits are taken a day at a time (a year-long credential's
+        // half-life is beyond what one timer should hold).
+        const LONGEST_WAIT: Duration = Duration::from_secs(86400);
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut wait = None;
+            let mut retry_at: Option<Instant> = None;
             loop {
                 let Some(m) = me.upgrade() else { return };
                 let Some(due) = m.ca.node_credential_due() else {
                     return; // a token, nothing to renew
                 };
-                let until = wait
-                    .take()
-                    .unwrap_or_else(|| due.duration_since(SystemTime::now()).unwrap_or_default());
-                drop(m);
-                tokio::time::sleep(until).await;
-                let Some(m) = me.upgrade() else { return };
+                let wait = match retry_at {
+                    Some(t) => t.saturating_duration_since(Instant::now()),
+                    None => due.duration_since(SystemTime::now()).unwrap_or_default(),
+                };
+                if !wait.is_zero() {
+                    drop(m);
+                    tokio::time::sleep(wait.min(LONGEST_WAIT)).await;
+                    continue;
+                }
                 match m.ca.renew_node_credential().await {
                     Ok(info) => {
-                        tracing::info!(serial = %info.serial, not_after = %humantime::format_rfc3339_seconds(info.not_after), "node credential renewed")
+                        retry_at = None;
+                        tracing::info!(serial = %info.serial, not_after = %humantime::format_rfc3339_seconds(info.not_after), "node credential renewed");
                     }
                     Err(e) => {
+                        retry_at = Some(Instant::now() + RETRY);
                         tracing::warn!(
                             "node credential renewal failed (retrying in {RETRY:?}): {e}"
                         );
-                        wait = Some(RETRY);
                     }
                 }
             }

@@ -258,3 +258,38 @@ async fn a_node_renews_its_credential_and_uses_the_new_one() {
         .expect("signed with the renewed credential");
     ca.stop().await;
 }
+
+#[tokio::test]
+async fn the_agent_renews_its_node_credential_when_it_is_due() {
+    let pki = Pki::new();
+    let (ca, _p) = ca(&pki).await;
+    // Valid from a minute ago for 3 s more: past its half-life already.
+    let c = client(&pki, &ca, pki.node_credential(NODE, Duration::from_secs(3)));
+    let first = c.node_credential().unwrap().serial;
+    let manager = crate::identity::IdentityManager::new(
+        TRUST_DOMAIN,
+        c,
+        pki.bundle(),
+        Duration::from_secs(3600),
+        std::sync::Arc::new(crate::telemetry::metrics::Metrics::new().unwrap()),
+    );
+    let task = manager.renew_node_credential_when_due();
+    let renewed = || {
+        manager
+            .dump()
+            .node_credential
+            .map(|i| i.serial)
+            .filter(|s| *s != first)
+    };
+    let mut serial = None;
+    for _ in 0..200 {
+        serial = renewed();
+        if serial.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(serial.is_some(), "not renewed");
+    task.abort();
+    ca.stop().await;
+}
