@@ -471,11 +471,8 @@ impl Metrics {
     pub fn request_done(&self, labels: &ConnLabels<'_>, o: &RequestOutcome<'_>) {
         let [tcp @ .., _, _, security] = labels.values();
         let code = o.code.to_string();
-        let values: Vec<String> = tcp
-            .iter()
-            .cloned()
-            .chain([o.protocol, o.flags, security.as_str(), &code, o.grpc_status].map(String::from))
-            .collect();
+        let tail = [o.protocol, o.flags, security.as_str(), &code, o.grpc_status].map(String::from);
+        let values: Vec<String> = tcp.into_iter().chain(tail).collect();
         // Over the cap: counted as an overflow, not recorded.
         let Some(_series) = self.http_series.enter(&values) else {
             return;
