@@ -37,13 +37,18 @@ pub enum Command {
     /// every problem with its file, line, resource and field; exit status 1
     /// when any is an error.
     Validate {
-        /// Files or directories (walked recursively) of YAML or JSON.
-        #[arg(required = true, value_name = "FILE|DIR")]
+        /// Files or directories (walked recursively) of YAML or JSON; `-`
+        /// reads standard input.
+        #[arg(required = true, value_name = "FILE|DIR|-")]
         paths: Vec<PathBuf>,
-        /// Print errors only, not notes (fields accepted but not yet enforced,
-        /// skipped objects).
+        /// Print errors (and warnings) only, not notes (fields accepted but
+        /// not yet enforced, skipped objects).
         #[arg(long)]
         errors_only: bool,
+        /// Treat warnings (policies the agent does not enforce) as errors:
+        /// exit status 1 when there is any. For CI pipelines.
+        #[arg(long)]
+        strict: bool,
         /// Print the problems as JSON.
         #[arg(long)]
         json: bool,

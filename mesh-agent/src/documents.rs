@@ -111,13 +111,23 @@ pub fn parse_file(file: &Path, bytes: &[u8], out: &mut Parsed) {
     }
     for doc in b.docs {
         let mut lines = BTreeMap::new();
-        let mut budget = MAX_NODES;
-        let value = to_json(&doc, String::new(), &mut lines, &b.anchors, &mut budget);
+        let mut budget = MAX_ALIASED;
+        let value = to_json(
+            &doc,
+            String::new(),
+            &mut lines,
+            &b.anchors,
+            &mut budget,
+            false,
+        );
         if budget == 0 {
             out.problems.push(file_problem(
                 file,
                 doc.line,
-                format!("more than {MAX_NODES} values once aliases are expanded"),
+                format!(
+                    "aliases expand to more than {MAX_ALIASED} values (an alias bomb?); write the \
+                     values out instead"
+                ),
             ));
             continue;
         }
@@ -206,6 +216,12 @@ pub fn classify(value: Value, origin: Origin, out: &mut Parsed) {
         }
         return;
     }
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    if group.ends_with(".istio.io") {
+        return out
+            .problems
+            .push(istio_kind_problem(group, &kind, &id, &origin));
+    }
     let kube = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => strict(value).map(|v| KubeObject::Service(Box::new(v))),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
@@ -215,6 +231,27 @@ pub fn classify(value: Value, origin: Origin, out: &mut Parsed) {
         ("v1", "Pod") => strict(value).map(|v| KubeObject::Pod(Box::new(v))),
         ("v1", "Namespace") => strict(value).map(|v| KubeObject::Namespace(Box::new(v))),
         _ => {
+            // A near miss of a kind the mesh reads is a typo, not another
+            // kind: skipping it would drop the object silently.
+            let read = [
+                ("", "Service"),
+                ("", "Endpoints"),
+                ("", "Pod"),
+                ("", "Namespace"),
+                ("discovery.k8s.io", "EndpointSlice"),
+            ];
+            if let Some((_, near)) = read
+                .iter()
+                .filter(|(g, _)| *g == group)
+                .find(|(_, k)| *k != kind && edit_distance(k, &kind) <= 2)
+            {
+                return out.problems.push(problem(
+                    &origin,
+                    &id,
+                    "kind",
+                    format!("unknown kind {kind:?} in {api_version}: did you mean {near}?"),
+                ));
+            }
             let what = if kind.is_empty() {
                 "a document without apiVersion/kind".to_owned()
             } else {
@@ -494,7 +531,11 @@ enum Frame {
 /// walked recursively).
 const MAX_DEPTH: usize = 64;
 /// Bounds a document after alias expansion ("billion laughs").
-const MAX_NODES: usize = 1 << 17;
+/// Values a document's aliases may expand to. Only what aliases produce
+/// counts — the one way a small file becomes a huge document (the
+/// "billion laughs") — so a large file without aliases (a registry of
+/// tens of thousands of pods) is read whole.
+const MAX_ALIASED: usize = 1 << 17;
 
 /// Builds node trees from the parser's events (with their positions).
 #[derive(Default)]
@@ -610,29 +651,33 @@ fn scalar(text: &str, style: TScalarStyle) -> Value {
 }
 
 /// The JSON value of `node`, recording the line of each field path.
-/// Stops (with `budget` at 0) once `budget` values have been produced.
+/// Values produced through an alias (`aliased`) count against `budget`;
+/// once it is spent (at 0) the rest is left out.
 fn to_json(
     node: &Node,
     path: String,
     lines: &mut BTreeMap<String, usize>,
     anchors: &BTreeMap<usize, Node>,
     budget: &mut usize,
+    aliased: bool,
 ) -> Value {
-    if *budget == 0 {
-        return Value::Null;
+    if aliased {
+        if *budget == 0 {
+            return Value::Null;
+        }
+        *budget -= 1;
     }
-    *budget -= 1;
     lines.entry(path.clone()).or_insert(node.line);
     match &node.value {
         NodeValue::Scalar(t, s) => scalar(t, *s),
-        NodeValue::Alias(id) => anchors
-            .get(id)
-            .map_or(Value::Null, |n| to_json(n, path, lines, anchors, budget)),
+        NodeValue::Alias(id) => anchors.get(id).map_or(Value::Null, |n| {
+            to_json(n, path, lines, anchors, budget, true)
+        }),
         NodeValue::Seq(items) => Value::Array(
             items
                 .iter()
                 .enumerate()
-                .map(|(i, n)| to_json(n, format!("{path}[{i}]"), lines, anchors, budget))
+                .map(|(i, n)| to_json(n, format!("{path}[{i}]"), lines, anchors, budget, aliased))
                 .collect(),
         ),
         NodeValue::Map(entries) => {
@@ -642,7 +687,14 @@ fn to_json(
                     NodeValue::Scalar(t, _) => t.clone(),
                     _ => format!(
                         "{:?}",
-                        to_json(k, String::new(), &mut BTreeMap::new(), anchors, budget)
+                        to_json(
+                            k,
+                            String::new(),
+                            &mut BTreeMap::new(),
+                            anchors,
+                            budget,
+                            aliased
+                        )
                     ),
                 };
                 let child = if path.is_empty() {
@@ -652,9 +704,86 @@ fn to_json(
                 };
                 // The key's line: an error about a field points at its name.
                 lines.insert(child.clone(), k.line);
-                m.insert(key, to_json(v, child, lines, anchors, budget));
+                m.insert(key, to_json(v, child, lines, anchors, budget, aliased));
             }
             Value::Object(m)
         }
     }
+}
+
+/// Istio kinds this data plane knows of but does not read: accepted, with
+/// a warning, never mistaken for typos.
+const UNSUPPORTED_ISTIO_KINDS: [(&str, &str); 4] = [
+    ("networking.istio.io", "EnvoyFilter"),
+    ("networking.istio.io", "ProxyConfig"),
+    ("networking.istio.io", "WorkloadGroup"),
+    ("extensions.istio.io", "WasmPlugin"),
+];
+
+/// A document of an Istio API group whose kind the mesh does not read: a
+/// kind it knows but does not support (a warning), else a typo (an error,
+/// with the nearest kind of the group as a suggestion).
+fn istio_kind_problem(group: &str, kind: &str, id: &str, origin: &Origin) -> Problem {
+    if UNSUPPORTED_ISTIO_KINDS.contains(&(group, kind)) {
+        return Problem {
+            severity: Severity::Warning,
+            ..problem(
+                origin,
+                id,
+                "kind",
+                format!("{kind} is not supported by this data plane: it is ignored"),
+            )
+        };
+    }
+    let known: Vec<&str> = Kind::ALL
+        .iter()
+        .filter(|k| k.group() == group)
+        .map(|k| k.name())
+        .chain(
+            UNSUPPORTED_ISTIO_KINDS
+                .iter()
+                .filter(|(g, _)| *g == group)
+                .map(|(_, k)| *k),
+        )
+        .collect();
+    let nearest = known
+        .iter()
+        .map(|k| {
+            (
+                edit_distance(&k.to_ascii_lowercase(), &kind.to_ascii_lowercase()),
+                *k,
+            )
+        })
+        .min();
+    let hint = match nearest {
+        Some((d, k)) if d <= 3 => format!(": did you mean {k}?"),
+        _ if known.is_empty() => String::new(),
+        _ => format!(" (its kinds: {})", known.join(", ")),
+    };
+    problem(
+        origin,
+        id,
+        "kind",
+        format!("unknown kind {kind:?} in {group}{hint}"),
+    )
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(cur).min(row[j])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }

@@ -262,6 +262,9 @@ impl Resource {
 pub enum Severity {
     /// The resource is refused.
     Error,
+    /// Accepted, but it does not do what it says: a policy the agent does
+    /// not enforce. `validate --strict` counts these as errors.
+    Warning,
     /// Accepted; worth knowing (a field not enforced yet, a skipped object).
     Note,
 }
@@ -283,6 +286,7 @@ impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let sev = match self.severity {
             Severity::Error => "error",
+            Severity::Warning => "warning",
             Severity::Note => "note",
         };
         // Objects read from an API have no line.

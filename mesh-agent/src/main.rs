@@ -33,17 +33,27 @@ fn main() -> ExitCode {
         Command::Validate {
             paths,
             errors_only,
+            strict,
             json,
-        } => validate(&paths, errors_only, json),
+        } => validate(&paths, errors_only, strict, json),
     }
 }
 
-fn validate(paths: &[std::path::PathBuf], errors_only: bool, json: bool) -> ExitCode {
-    let report = mesh_agent::documents::check::paths(paths);
+fn validate(paths: &[std::path::PathBuf], errors_only: bool, strict: bool, json: bool) -> ExitCode {
+    let mut report = mesh_agent::documents::check::paths(paths);
+    if strict {
+        // A policy that is not enforced fails the check outright.
+        for p in &mut report.problems {
+            if p.severity == Severity::Warning {
+                p.severity = Severity::Error;
+                p.message.push_str(" (--strict)");
+            }
+        }
+    }
     let shown: Vec<_> = report
         .problems
         .iter()
-        .filter(|p| !errors_only || p.severity == Severity::Error)
+        .filter(|p| !errors_only || p.severity != Severity::Note)
         .collect();
     if json {
         println!(
@@ -55,15 +65,16 @@ fn validate(paths: &[std::path::PathBuf], errors_only: bool, json: bool) -> Exit
             println!("{p}");
         }
     }
-    let errors = report.errors();
+    let (errors, warnings) = (report.errors(), report.warnings());
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     eprintln!(
-        "validated {}: {} accepted, {}, {}",
+        "validated {}: {} accepted, {}, {}, {}",
         plural(report.files, "file"),
         plural(report.documents, "document"),
         plural(errors, "error"),
-        plural(report.problems.len() - errors, "note")
+        plural(warnings, "warning"),
+        plural(report.problems.len() - errors - warnings, "note")
     );
     if errors > 0 {
         ExitCode::FAILURE

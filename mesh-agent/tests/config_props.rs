@@ -322,8 +322,43 @@ fn deep_nesting_and_alias_bombs_are_refused_not_fatal() {
     }
     let p = parse_text(&bomb, "bomb.yaml");
     assert!(
-        p.problems[0].message.contains("aliases are expanded"),
+        p.problems[0]
+            .message
+            .contains("aliases expand to more than"),
         "{:?}",
         p.problems
     );
+}
+
+#[test]
+fn a_large_registry_without_aliases_loads() {
+    // 20,000 pods are about 200,000 values: far past the alias limit,
+    // which must not count them (a 13,000-pod registry was refused).
+    let mut yaml = String::from("workloads:\n");
+    for i in 0..20_000u32 {
+        yaml += &format!(
+            "  - {{name: pod-{i}, namespace: ns-{}, serviceAccount: sa, ips: [10.{}.{}.{}], node: node-{}, labels: {{app: app-{}, version: v1}}}}\n",
+            i % 50,
+            i >> 16,
+            (i >> 8) & 255,
+            i & 255,
+            i % 100,
+            i % 500,
+        );
+    }
+    let p = parse_text(&yaml, "big.yaml");
+    assert!(
+        p.problems.is_empty(),
+        "{:?}",
+        &p.problems[..p.problems.len().min(3)]
+    );
+    let n = p
+        .documents
+        .iter()
+        .map(|d| match d {
+            parse::Document::Workloads(ws, _) => ws.len(),
+            _ => 0,
+        })
+        .sum::<usize>();
+    assert_eq!(n, 20_000);
 }

@@ -50,8 +50,12 @@ fn documented_examples_validate_clean() {
         "circuit-breaker.yaml:2: note: DestinationRule default/httpbin: spec: accepted, not yet enforced:",
         "trafficPolicy.connectionPool.http.idleTimeout",
         "trafficPolicy.connectionPool.tcp.tcpKeepalive",
-        "jwt.yaml:2: note: RequestAuthentication foo/jwt-example",
-        "telemetry.yaml:13: note: Telemetry foo/errors-only: spec: accepted, not yet enforced: accessLogging.filter",
+        // Kinds the agent does not enforce at all: a warning naming the
+        // consequence, for each resource.
+        "jwt.yaml:2: warning: RequestAuthentication foo/jwt-example: spec: this RequestAuthentication is not enforced: tokens are not validated",
+        "jwt.yaml:19: warning: AuthorizationPolicy foo/require-jwt: spec: this AuthorizationPolicy is not enforced: traffic it would deny",
+        "telemetry.yaml:13: warning: Telemetry foo/errors-only: spec: this Telemetry is not enforced",
+        "gateway-and-sidecar.json:5: warning: Gateway bookinfo/bookinfo-gateway: spec: this Gateway is not enforced: nothing listens for its servers",
     ] {
         assert!(notes.contains(expected), "{expected:?} not in\n{notes}");
     }

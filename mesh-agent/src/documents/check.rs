@@ -20,10 +20,15 @@ pub struct Report {
 
 impl Report {
     pub fn errors(&self) -> usize {
-        self.problems
-            .iter()
-            .filter(|p| p.severity == Severity::Error)
-            .count()
+        self.count(Severity::Error)
+    }
+
+    pub fn warnings(&self) -> usize {
+        self.count(Severity::Warning)
+    }
+
+    fn count(&self, s: Severity) -> usize {
+        self.problems.iter().filter(|p| p.severity == s).count()
     }
 }
 
@@ -33,7 +38,15 @@ pub fn paths(paths: &[PathBuf]) -> Report {
     let mut report = Report::default();
     let mut parsed = Parsed::default();
     for p in paths {
-        match crate::watch::read(p) {
+        // `-`: standard input (`kubectl get … -o yaml | mesh-agent validate -`).
+        let read = if p.as_os_str() == "-" {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+                .map(|_| vec![(PathBuf::from("<stdin>"), bytes)])
+        } else {
+            crate::watch::read(p)
+        };
+        match read {
             Ok(snapshot) => {
                 report.files += snapshot.len();
                 for (file, bytes) in &snapshot {

@@ -62,7 +62,14 @@ fn parse_go_duration(s: &str) -> Result<StdDuration, String> {
     if s == "0" {
         return Ok(StdDuration::ZERO);
     }
-    if s.is_empty() || s.starts_with('-') {
+    if let Some(positive) = s.strip_prefix('-') {
+        return Err(if parse_go_duration(positive).is_ok() {
+            format!("negative duration {s:?}: it must be zero or more")
+        } else {
+            bad()
+        });
+    }
+    if s.is_empty() {
         return Err(bad());
     }
     let mut rest = s.strip_prefix('+').unwrap_or(s);
@@ -178,6 +185,11 @@ mod tests {
         for bad in ["", "10", "s", "-1s", "1x", "1.2.3s", "ten seconds"] {
             assert!(d(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            d("-1s").unwrap_err(),
+            "negative duration \"-1s\": it must be zero or more"
+        );
+        assert!(d("-x").unwrap_err().contains("use Go syntax"));
         assert_eq!(
             "1h30m".parse::<Duration>().unwrap().to_string(),
             "1h30m",

@@ -133,8 +133,45 @@ fn enforced(kind: Kind) -> &'static [&'static str] {
     }
 }
 
-/// A note listing the fields of `r` that are accepted but not acted on yet.
+/// What a resource of a kind the agent does not act on at all would have
+/// done, said plainly: the risk of believing it is in force.
+fn consequence(r: &Resource) -> Option<String> {
+    use crate::istio::security::AuthorizationAction as Action;
+    let what = match &r.spec {
+        Spec::AuthorizationPolicy(p) => match p.action {
+            Some(Action::Deny) => "traffic it would deny is allowed",
+            Some(Action::Audit) => "nothing it matches is audited",
+            Some(Action::Custom) => "its external authorizer is never asked; everything is allowed",
+            // ALLOW, and ALLOW by default: with any ALLOW policy Istio denies
+            // what matches none, and `spec: {}` denies everything.
+            _ => "traffic it would deny (everything its rules do not allow) is allowed",
+        },
+        Spec::RequestAuthentication(_) => {
+            "tokens are not validated: requests with a missing or invalid JWT are accepted"
+        }
+        Spec::Telemetry(_) => "metrics, access logs and tracing are not changed by it",
+        Spec::Gateway(_) => "nothing listens for its servers",
+        Spec::Sidecar(_) => "egress and ingress are not restricted by it",
+        _ => return None,
+    };
+    Some(format!("this {} is not enforced: {what}", r.kind().name()))
+}
+
+/// What the agent does not act on in `r`: a warning naming the
+/// consequence for a kind it does not enforce at all (policies above all:
+/// a deny-all policy that quietly allows everything is worse than an
+/// error), else a note listing the fields accepted but not acted on yet.
 pub fn not_enforced(r: &Resource) -> Option<Problem> {
+    if let Some(message) = consequence(r) {
+        return Some(Problem {
+            severity: Severity::Warning,
+            file: r.origin.file.clone(),
+            line: r.origin.line,
+            resource: r.id(),
+            field: "spec".into(),
+            message,
+        });
+    }
     let mut fields = BTreeSet::new();
     collect_fields(&r.spec.to_json(), String::new(), 0, &mut fields);
     let done = enforced(r.kind());
