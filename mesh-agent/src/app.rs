@@ -226,6 +226,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
             rejected: BTreeMap::new(),
         },
         started: false,
+        warned: BTreeMap::new(),
     };
     if let Some(docs) = initial_files {
         if kube.is_some() {
@@ -471,6 +472,8 @@ struct Agent {
     sources: Sources,
     /// Whether the first snapshot has been applied.
     started: bool,
+    /// Resources whose policy is not enforced, already warned about.
+    warned: BTreeMap<String, String>,
 }
 
 impl Agent {
@@ -558,6 +561,27 @@ impl Agent {
             resources = ?counts,
             "configuration applied"
         );
+        // Policies in force on paper but not in the data path: said once
+        // per resource version, loudly.
+        let warnings: BTreeMap<String, String> = snap
+            .resources
+            .values()
+            .flatten()
+            .filter_map(|r| crate::istio::validate::not_enforced(r))
+            .filter(|p| p.severity == crate::istio::Severity::Warning)
+            .map(|p| {
+                (
+                    format!("{}@{}", p.resource, p.file.display()),
+                    p.to_string(),
+                )
+            })
+            .collect();
+        for (key, text) in &warnings {
+            if !self.warned.contains_key(key) {
+                tracing::warn!("{text}");
+            }
+        }
+        self.warned = warnings;
         self.ctx.store.swap(snap);
         self.ctx.metrics.config_applied(source, version, at);
     }

@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod analyze;
 pub mod app;
 pub mod ca;
 pub mod config;

@@ -3,7 +3,7 @@ use std::{process::ExitCode, sync::Arc};
 use clap::Parser as _;
 use mesh_agent::{
     app, ca,
-    config::{CaCommand, Cli, Command, Config},
+    config::{self, CaCommand, Cli, Command, Config},
     istio::Severity,
     spiffe::SpiffeId,
     telemetry,
@@ -30,6 +30,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(config) => run(*config),
         Command::Ca { command } => ca_command(command),
+        Command::Analyze {
+            paths,
+            failure_threshold,
+            json,
+        } => analyze(&paths, failure_threshold, json),
         Command::Validate {
             paths,
             errors_only,
@@ -78,6 +83,47 @@ fn validate(paths: &[std::path::PathBuf], errors_only: bool, strict: bool, json:
     );
     if errors > 0 {
         ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// istioctl's exit status for findings at or above the threshold.
+const EX_ANALYSIS: u8 = 79;
+
+fn analyze(paths: &[std::path::PathBuf], threshold: config::Threshold, json: bool) -> ExitCode {
+    use mesh_agent::analyze::Level;
+    let messages = mesh_agent::analyze::paths(paths);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&messages).unwrap_or_default()
+        );
+    } else {
+        for m in &messages {
+            println!("{m}");
+        }
+    }
+    let count = |l: Level| messages.iter().filter(|m| m.level == l).count();
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    if messages.is_empty() {
+        eprintln!("no issues found");
+    } else {
+        eprintln!(
+            "{}, {}, {}",
+            plural(count(Level::Error), "error"),
+            plural(count(Level::Warning), "warning"),
+            plural(count(Level::Info), "info")
+        );
+    }
+    let fails = |l: Level| match threshold {
+        config::Threshold::Error => l == Level::Error,
+        config::Threshold::Warning => l != Level::Info,
+        config::Threshold::Info => true,
+    };
+    if messages.iter().any(|m| fails(m.level)) {
+        ExitCode::from(EX_ANALYSIS)
     } else {
         ExitCode::SUCCESS
     }
