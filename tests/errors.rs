@@ -92,7 +92,14 @@ fn not_root() {
             "--clear-groups",
         ])
         .arg(&bin)
-        .args(["run", "--workloads", "/nonexistent", "--log-level", "warn"]);
+        .args([
+            "run",
+            "--workloads",
+            "/nonexistent",
+            "--insecure-no-mtls",
+            "--log-level",
+            "warn",
+        ]);
     let (status, stderr) = Agent::run_to_exit(cmd);
     assert_eq!(status.code(), Some(77), "{stderr}");
     assert_eq!(
@@ -232,7 +239,13 @@ fn invalid_workload_file_names_file_line_and_field() {
     cmd.arg(format!("--net=/run/netns/{}", node.netns))
         .arg("--")
         .arg(sys::agent_bin())
-        .args(["run", "--log-level", "error", "--bpffs-dir"])
+        .args([
+            "run",
+            "--insecure-no-mtls",
+            "--log-level",
+            "error",
+            "--bpffs-dir",
+        ])
         .arg(env.pin_dir(&node))
         .arg("--workloads")
         .arg(&file);

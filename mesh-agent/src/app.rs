@@ -127,10 +127,13 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         .as_ref()
         .map(|_| Pool::new(config.hbone_idle_timeout, metrics.clone()));
     if identities.is_none() {
+        // Asked for with --insecure-no-mtls; said loudly all the same.
         tracing::warn!(
-            "no --ca-addr: mutual TLS is off, meshed destinations are reached in plaintext"
+            "INSECURE: mutual TLS is off (--insecure-no-mtls): traffic between pods of different \
+             nodes is plaintext and no identity is checked"
         );
     }
+    metrics.set_insecure(identities.is_none());
     let settings = snapshot::Settings {
         node_name: config.node_name.clone(),
         root_namespace: config.root_namespace.clone(),
@@ -689,6 +692,11 @@ impl Agent {
         });
         let doc = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "mutualTls": if self.ctx.identities.is_some() {
+                "on"
+            } else {
+                "OFF (--insecure-no-mtls): traffic between nodes is plaintext"
+            },
             "config": &*self.ctx.config,
             "workloads": pods,
             "pending": self.pending,

@@ -389,10 +389,17 @@ pub struct Config {
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
 
-    /// Certificate authority (host:port). Without it the mesh runs without
-    /// mutual TLS: meshed destinations are reached in plaintext.
+    /// Certificate authority (host:port): workload certificates for mutual
+    /// TLS between pods. Required, unless --insecure-no-mtls.
     #[arg(long, env = "MESH_CA_ADDR")]
     pub ca_addr: Option<String>,
+
+    /// Run without mutual TLS: traffic between pods of different nodes
+    /// goes in plaintext and no identity is checked. For trying the mesh
+    /// without a CA only; said at start, in /config_dump and as the
+    /// `mesh_insecure_no_mtls` metric.
+    #[arg(long, env = "MESH_INSECURE_NO_MTLS")]
+    pub insecure_no_mtls: bool,
 
     /// Roots to trust before the CA has sent its bundle (verifies the CA).
     #[arg(long, env = "MESH_CA_ROOT")]
@@ -480,6 +487,24 @@ impl Config {
                 flag: "config",
                 reason: "give configuration files (--config PATH) or --kubernetes, or both".into(),
             });
+        }
+        match (&self.ca_addr, self.insecure_no_mtls) {
+            (None, false) => {
+                return Err(Error::Invalid {
+                    flag: "ca-addr",
+                    reason: "mutual TLS needs a CA: give --ca-addr (with --ca-root and a node \
+                             credential or --ca-token-file), or --insecure-no-mtls to run without \
+                             it"
+                    .into(),
+                });
+            }
+            (Some(_), true) => {
+                return Err(Error::Invalid {
+                    flag: "insecure-no-mtls",
+                    reason: "cannot go with --ca-addr".into(),
+                });
+            }
+            _ => {}
         }
         if self.ca_addr.is_some() {
             if self.ca_root.is_none() {
@@ -610,12 +635,46 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut all = vec!["mesh-agent", "run", "--config", "/w.yaml"];
         all.extend_from_slice(args);
+        if !args.contains(&"--ca-addr") && !args.contains(&"--insecure-no-mtls") {
+            all.push("--insecure-no-mtls");
+        }
         let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
         let Command::Run(c) = cli.command else {
             unreachable!()
         };
         c.validate().map_err(|e| e.to_string())?;
         Ok(*c)
+    }
+
+    #[test]
+    fn without_a_ca_the_insecure_mode_must_be_asked_for() {
+        let run = |args: &[&str]| {
+            let mut all = vec!["mesh-agent", "run", "--config", "/w.yaml"];
+            all.extend_from_slice(args);
+            let Command::Run(c) = Cli::try_parse_from(all).unwrap().command else {
+                unreachable!()
+            };
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            run(&[]).unwrap_err(),
+            "--ca-addr: mutual TLS needs a CA: give --ca-addr (with --ca-root and a node credential \
+             or --ca-token-file), or --insecure-no-mtls to run without it"
+        );
+        assert!(run(&["--insecure-no-mtls"]).is_ok());
+        assert_eq!(
+            run(&[
+                "--insecure-no-mtls",
+                "--ca-addr",
+                "a:1",
+                "--ca-root",
+                "/r",
+                "--ca-token-file",
+                "/t"
+            ])
+            .unwrap_err(),
+            "--insecure-no-mtls: cannot go with --ca-addr"
+        );
     }
 
     #[test]
@@ -725,6 +784,7 @@ mod tests {
             "--kubernetes",
             "--kube-remote-pods",
             "false",
+            "--insecure-no-mtls",
         ])
         .unwrap();
         let Command::Run(c) = cli.command else {

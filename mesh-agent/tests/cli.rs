@@ -38,7 +38,14 @@ fn help_lists_every_setting_with_its_environment_variable() {
 
 #[test]
 fn conflicting_ports_are_refused_with_one_line() {
-    let (code, _, err) = agent(&["run", "--workloads", "/w.yaml", "--inbound-port", "15001"]);
+    let (code, _, err) = agent(&[
+        "run",
+        "--workloads",
+        "/w.yaml",
+        "--insecure-no-mtls",
+        "--inbound-port",
+        "15001",
+    ]);
     assert_eq!(code, 64);
     assert_eq!(
         err,
@@ -57,12 +64,24 @@ fn bad_values_are_refused_before_anything_is_touched() {
         (&["--log-level", "info,[bad"][..], "--log-level"),
         (&["--agent-mark", "0"][..], "--agent-mark"),
     ] {
-        let mut all = vec!["run", "--workloads", "/w.yaml"];
+        let mut all = vec!["run", "--workloads", "/w.yaml", "--insecure-no-mtls"];
         all.extend_from_slice(args);
         let (code, _, err) = agent(&all);
         assert_eq!(code, 64, "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn running_without_a_ca_needs_the_insecure_flag() {
+    let (code, _, err) = agent(&["run", "--workloads", "/w.yaml"]);
+    assert_eq!(code, 64);
+    assert_eq!(
+        err,
+        "mesh-agent: invalid configuration: --ca-addr: mutual TLS needs a CA: give --ca-addr (with \
+         --ca-root and a node credential or --ca-token-file), or --insecure-no-mtls to run without \
+         it\n"
+    );
 }
 
 #[test]

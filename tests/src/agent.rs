@@ -95,6 +95,14 @@ fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOpti
         .arg("--agent-cgroup")
         .arg(&cgroup)
         .args(&opts.args)
+        // Tests without a CA say so, as an operator must.
+        .args(
+            (!opts
+                .args
+                .iter()
+                .any(|a| a == "--ca-addr" || a == "--insecure-no-mtls"))
+            .then_some("--insecure-no-mtls"),
+        )
         .envs(opts.env.iter().map(|(k, v)| (k, v)));
     c
 }

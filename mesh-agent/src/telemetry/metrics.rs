@@ -210,6 +210,7 @@ pub struct Metrics {
     config_applied_at: Gauge,
     kube_watch_errors: IntCounterVec,
     hbone_connections: IntGauge,
+    insecure: IntGauge,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     request_bytes: HistogramVec,
@@ -453,6 +454,14 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            insecure: {
+                let g = IntGauge::new(
+                    "mesh_insecure_no_mtls",
+                    "1 when the agent runs without mutual TLS (--insecure-no-mtls).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             active,
             workloads,
             registry,
@@ -582,6 +591,11 @@ impl Metrics {
 
     pub fn config_rejected(&self, source: &str) {
         self.config_rejected.with_label_values(&[source]).inc();
+    }
+
+    /// `mesh_insecure_no_mtls`: 1 when the agent runs without mutual TLS.
+    pub fn set_insecure(&self, insecure: bool) {
+        self.insecure.set(i64::from(insecure));
     }
 
     pub fn set_hbone_connections(&self, n: usize) {
