@@ -368,9 +368,20 @@ fn identities(
         (_, _, Some(token)) => CaAuth::Token(token.clone()),
         _ => unreachable!("validated: one way to authenticate"),
     };
-    let ca = CaClient::new(addr, bundle.clone(), &config.trust_domain, auth)?;
+    let trust_domain = match &auth {
+        CaAuth::NodeCredential { cert, .. } => crate::identity::ca_client::credential_trust_domain(
+            cert,
+            &config.node_name,
+            config.trust_domain.as_deref(),
+        )?,
+        CaAuth::Token(_) => config
+            .trust_domain
+            .clone()
+            .unwrap_or_else(|| crate::ca::signer::DEFAULT_TRUST_DOMAIN.into()),
+    };
+    let ca = CaClient::new(addr, bundle.clone(), &trust_domain, auth)?;
     let manager = IdentityManager::new(
-        &config.trust_domain,
+        &trust_domain,
         ca,
         bundle,
         config.workload_cert_ttl,
@@ -378,7 +389,7 @@ fn identities(
     );
     manager.refresh_bundle_every(config.trust_bundle_refresh);
     manager.renew_node_credential_when_due();
-    tracing::info!(ca = %addr, trust_domain = %config.trust_domain, node = %config.node_name, "mutual TLS on");
+    tracing::info!(ca = %addr, %trust_domain, node = %config.node_name, "mutual TLS on");
     Ok(Some(manager))
 }
 

@@ -2,8 +2,10 @@
 //! an intermediate) and signs workload certificates for node agents, but
 //! only for identities of pods scheduled on the asking node.
 
+pub mod commands;
 mod keys;
 pub mod kube;
+pub mod nodes;
 mod placement;
 pub mod protocol;
 pub mod server;
@@ -38,6 +40,25 @@ pub enum Error {
         "ca-key.pem is not the key of {path} (files of two CAs mixed, or a rotation half written)"
     )]
     KeyMismatch { path: std::path::PathBuf },
+    #[error(
+        "this CA was made for trust domain {stored} ({path}); --trust-domain {flag} contradicts it \
+         (leave the flag out)"
+    )]
+    TrustDomainConflict {
+        path: std::path::PathBuf,
+        stored: String,
+        flag: String,
+    },
+    #[error("{path}: {reason}")]
+    NodeRecords {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("no node credential of {node} is recorded in {dir}")]
+    UnknownNode {
+        node: String,
+        dir: std::path::PathBuf,
+    },
     #[error("{0}")]
     Identity(#[from] crate::spiffe::Error),
     #[error("{0}")]

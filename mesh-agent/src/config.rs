@@ -12,6 +12,9 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+mod ca;
+pub use ca::{CaCommand, CaRunConfig};
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("--{flag}: {reason}")]
@@ -85,114 +88,6 @@ pub enum Threshold {
     Error,
     Warning,
     Info,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CaCommand {
-    /// Create a new root CA for a new mesh in DIR (Istio's plug-in CA files).
-    Init {
-        #[arg(long, env = "MESH_CA_DIR")]
-        dir: PathBuf,
-        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
-        trust_domain: String,
-        /// How long the certificate is valid.
-        #[arg(long, default_value = "87600h", value_parser = humantime::parse_duration)]
-        validity: Duration,
-        /// Make an intermediate signed by the CA in this directory instead of a root.
-        #[arg(long, value_name = "DIR")]
-        signed_by: Option<PathBuf>,
-    },
-    /// Serve certificate requests from node agents.
-    Run(Box<CaRunConfig>),
-    /// Issue a node credential (written to OUT as <node>.crt, <node>.key and root-cert.pem).
-    Join {
-        #[arg(long, env = "MESH_CA_DIR")]
-        dir: PathBuf,
-        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
-        trust_domain: String,
-        #[arg(long)]
-        node: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
-        ttl: Duration,
-    },
-    /// Issue a certificate for any SPIFFE ID (for clients outside the mesh, and tests).
-    Issue {
-        #[arg(long, env = "MESH_CA_DIR")]
-        dir: PathBuf,
-        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
-        trust_domain: String,
-        /// The SPIFFE ID to put in the certificate.
-        #[arg(long)]
-        identity: String,
-        #[arg(long)]
-        out: PathBuf,
-        /// File name stem for the certificate and key.
-        #[arg(long, default_value = "cert")]
-        name: String,
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        ttl: Duration,
-        /// Make it already expired (to check that peers refuse it).
-        #[arg(long)]
-        expired: bool,
-    },
-}
-
-/// Settings of `mesh-agent ca run`.
-#[derive(Debug, Clone, Args, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CaRunConfig {
-    /// Directory with ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem.
-    #[arg(long, env = "MESH_CA_DIR")]
-    pub dir: PathBuf,
-    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
-    pub trust_domain: String,
-    #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
-    pub listen: SocketAddr,
-    /// Placement: configuration files or directories with the workload
-    /// registry and/or Kubernetes Pods (each pod with its node). Repeatable.
-    #[arg(
-        long,
-        env = "MESH_CONFIG",
-        value_name = "PATH",
-        value_delimiter = ',',
-        visible_alias = "workloads",
-        required_unless_present = "kubernetes"
-    )]
-    pub config: Vec<PathBuf>,
-    /// Placement from the Kubernetes API too: every pod and its node (in a
-    /// pod: its service account; elsewhere KUBECONFIG).
-    #[arg(long, env = "MESH_KUBERNETES")]
-    pub kubernetes: bool,
-    /// Upper bound on the lifetime of a workload certificate.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde_compat")]
-    pub max_workload_cert_ttl: Duration,
-    /// Upper bound on the lifetime of a renewed node credential (what
-    /// `ca join --ttl` gives by default).
-    #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde_compat")]
-    pub max_node_cert_ttl: Duration,
-    /// Kubernetes API server for TokenReview (agents authenticating with a token).
-    #[arg(long, env = "MESH_KUBE_API")]
-    pub kube_api: Option<String>,
-    /// The CA's own token for the API server.
-    #[arg(long, env = "MESH_KUBE_TOKEN_FILE")]
-    pub kube_token_file: Option<PathBuf>,
-    /// CA bundle of the API server (https).
-    #[arg(long, env = "MESH_KUBE_CA_FILE")]
-    pub kube_ca_file: Option<PathBuf>,
-    /// The service account node agents run as.
-    #[arg(long, default_value = "system:serviceaccount:mesh-system:mesh-agent")]
-    pub kube_agent_sa: String,
-    /// Audience agents' tokens are bound to (checked by the TokenReview).
-    #[arg(long, env = "MESH_KUBE_AUDIENCE")]
-    pub kube_audience: Option<String>,
-    #[arg(long, env = "MESH_LOG", default_value = "info")]
-    pub log_level: String,
-    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -385,9 +280,10 @@ pub struct Config {
     #[arg(long, env = "MESH_NODE_NAME", default_value_t = default_node_name())]
     pub node_name: String,
 
-    /// The mesh's SPIFFE trust domain.
-    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
-    pub trust_domain: String,
+    /// The mesh's SPIFFE trust domain [default: the node credential's;
+    /// with a token, cluster.local].
+    #[arg(long, env = "MESH_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
 
     /// Certificate authority (host:port): workload certificates for mutual
     /// TLS between pods. Required, unless --insecure-no-mtls.

@@ -5,7 +5,6 @@ use mesh_agent::{
     app, ca,
     config::{self, CaCommand, Cli, Command, Config},
     istio::Severity,
-    spiffe::SpiffeId,
     telemetry,
 };
 
@@ -167,93 +166,34 @@ fn run(config: Config) -> ExitCode {
 }
 
 fn ca_command(command: CaCommand) -> ExitCode {
-    let done = |r: Result<String, ca::Error>| match r {
-        Ok(msg) => {
-            println!("{msg}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("mesh-agent ca: error: {e}");
-            ExitCode::from(EX_USAGE)
-        }
-    };
-    match command {
-        CaCommand::Init {
-            dir,
-            trust_domain,
-            validity,
-            signed_by,
-        } => {
-            let what = if signed_by.is_some() {
-                "an intermediate"
-            } else {
-                "a root"
-            };
-            done(
-                ca::signer::init(&dir, &trust_domain, validity, signed_by.as_deref()).map(|_| {
-                    format!(
-                        "created {what} CA for trust domain {trust_domain} in {}",
-                        dir.display()
-                    )
-                }),
-            )
-        }
-        CaCommand::Join {
-            dir,
-            trust_domain,
-            node,
-            out,
-            ttl,
-        } => done((|| {
-            let s = ca::signer::Signer::load(&dir, &trust_domain)?;
-            let (chain, key) = s.issue(
-                &SpiffeId::node(&trust_domain, &node),
-                ca::signer::Usage::Node,
-                ttl,
-                false,
-            )?;
-            let (crt, k) = ca::signer::write_credential(&out, &node, &chain, &key, s.bundle())?;
-            Ok(format!(
-                "node credential for {node}: {} and {}",
-                crt.display(),
-                k.display()
-            ))
-        })()),
-        CaCommand::Issue {
-            dir,
-            trust_domain,
-            identity,
-            out,
-            name,
-            ttl,
-            expired,
-        } => done((|| {
-            let s = ca::signer::Signer::load(&dir, &trust_domain)?;
-            let id: SpiffeId = identity.parse()?;
-            let (chain, key) = s.issue(&id, ca::signer::Usage::Workload, ttl, expired)?;
-            let (crt, k) = ca::signer::write_credential(&out, &name, &chain, &key, s.bundle())?;
-            Ok(format!(
-                "certificate for {id}: {} and {}",
-                crt.display(),
-                k.display()
-            ))
-        })()),
-        CaCommand::Run(cfg) => {
-            if let Err(e) = telemetry::logging::init(&cfg.log_level, cfg.log_format) {
-                eprintln!("mesh-agent ca: invalid configuration: --log-level: {e}");
-                return ExitCode::from(EX_USAGE);
-            }
-            let rt = match runtime(None) {
-                Ok(rt) => rt,
-                Err(code) => return code,
-            };
-            match rt.block_on(ca::server::run(*cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
+    let cfg = match command {
+        CaCommand::Run(cfg) => cfg,
+        offline => {
+            return match ca::commands::run(offline) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("mesh-agent ca: error: {e}");
-                    ExitCode::from(69)
+                    ExitCode::from(EX_USAGE)
                 }
-            }
+            };
+        }
+    };
+    if let Err(e) = telemetry::logging::init(&cfg.log_level, cfg.log_format) {
+        eprintln!("mesh-agent ca: invalid configuration: --log-level: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let rt = match runtime(None) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(ca::server::run(*cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-agent ca: error: {e}");
+            ExitCode::from(69)
         }
     }
 }

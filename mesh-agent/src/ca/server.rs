@@ -5,8 +5,10 @@
 //! with a service-account token checked by TokenReview. A node gets
 //! certificates only for the identities of meshed pods the placement
 //! schedules on it, and may renew its own node credential; anything else
-//! is refused and logged with the reason. The signing files are watched:
-//! a rotation needs no restart.
+//! is refused and logged with the reason. A node credential `ca revoke`
+//! withdrew is refused on every request, and a renewal is recorded before
+//! it is handed out (see `nodes`). The signing files are watched: a
+//! rotation needs no restart.
 
 use std::{
     convert::Infallible,
@@ -26,9 +28,10 @@ use super::{
     Error,
     keys::{Current, EndpointCert},
     kube::TokenReviewer,
+    nodes::{self, Revocations},
     placement,
     protocol::{self, BundleResponse, CertificateRequest, CertificateResponse, ErrorResponse},
-    signer::Usage,
+    signer::{self, Usage},
 };
 use crate::{
     config::CaRunConfig,
@@ -42,6 +45,8 @@ use crate::{
 
 struct State {
     keys: Arc<Current>,
+    dir: std::path::PathBuf,
+    revocations: Revocations,
     trust_domain: String,
     placement: Arc<placement::Shared>,
     kube: Option<TokenReviewer>,
@@ -51,7 +56,8 @@ struct State {
 
 /// Who is asking.
 enum Caller {
-    Node(String),
+    /// A node credential: the node's name and the certificate's serial.
+    Node { name: String, serial: String },
     /// A client without a node credential; it may still carry a token.
     Unauthenticated,
 }
@@ -92,7 +98,9 @@ pub async fn run(cfg: CaRunConfig) -> Result<(), Error> {
 /// Loads the signing material and the placement, binds, and serves in
 /// the background.
 pub async fn start(cfg: CaRunConfig) -> Result<Running, Error> {
-    let keys = Arc::new(Current::load(&cfg.dir, &cfg.trust_domain)?);
+    let trust_domain = signer::trust_domain(&cfg.dir, cfg.trust_domain.as_deref())?;
+    let keys = Arc::new(Current::load(&cfg.dir, &trust_domain)?);
+    let revocations = Revocations::new(&cfg.dir)?;
     let (files, file_docs) = if cfg.config.is_empty() {
         (None, None)
     } else {
@@ -122,7 +130,7 @@ pub async fn start(cfg: CaRunConfig) -> Result<Running, Error> {
     // Without Kubernetes, every caller must present a node credential.
     let verifier = Arc::new(SpiffeClientVerifier::new(
         keys.bundle.clone(),
-        &cfg.trust_domain,
+        &trust_domain,
         kube.is_none(),
     ));
     let server = tls::server_config(
@@ -143,7 +151,7 @@ pub async fn start(cfg: CaRunConfig) -> Result<Running, Error> {
     })?;
     tracing::info!(
         listen = %addr,
-        trust_domain = %cfg.trust_domain,
+        trust_domain = %trust_domain,
         roots = keys.get().signer.bundle().len(),
         workloads = placement.len(),
         auth = if kube.is_some() { "node credential or Kubernetes token" } else { "node credential" },
@@ -151,7 +159,9 @@ pub async fn start(cfg: CaRunConfig) -> Result<Running, Error> {
     );
     let state = Arc::new(State {
         keys: keys.clone(),
-        trust_domain: cfg.trust_domain.clone(),
+        dir: cfg.dir.clone(),
+        revocations,
+        trust_domain,
         placement: Arc::new(RwLock::new(Arc::new(placement))),
         kube,
         max_ttl: cfg.max_workload_cert_ttl,
@@ -264,9 +274,15 @@ async fn serve_conn(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(tls::cert_identity)
-        .and_then(|id| id.node_name().map(str::to_owned))
-        .map_or(Caller::Unauthenticated, Caller::Node);
+        .and_then(|c| tls::cert_info(c).ok())
+        .and_then(|info| {
+            let id: SpiffeId = info.identity?.parse().ok()?;
+            Some(Caller::Node {
+                name: id.node_name()?.to_owned(),
+                serial: info.serial,
+            })
+        })
+        .unwrap_or(Caller::Unauthenticated);
     let caller = Arc::new(caller);
     let svc = service_fn(move |req| {
         let (state, caller) = (state.clone(), caller.clone());
@@ -342,8 +358,15 @@ async fn authenticate(
     caller: &Caller,
     req: &Request<Incoming>,
 ) -> Result<String, String> {
-    if let Caller::Node(n) = caller {
-        return Ok(n.clone());
+    if let Caller::Node { name, serial } = caller {
+        // Checked on every request, not at the handshake only: a
+        // connection kept open must not outlive the revocation.
+        if state.revocations.is_revoked(serial) {
+            return Err(format!(
+                "the node credential of {name} (serial {serial}) is revoked"
+            ));
+        }
+        return Ok(name.clone());
     }
     let kube = state.kube.as_ref().ok_or("no node credential presented")?;
     let token = req
@@ -407,11 +430,25 @@ fn sign(
         .signer
         .sign_csr(&r.csr, &id, usage, ttl)
         .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
-    let serial = tls::certs_from_pem("leaf", &chain[0])
-        .ok()
-        .and_then(|d| tls::cert_info(&d[0]).ok())
-        .map(|i| i.serial);
-    tracing::info!(node, identity = %id, serial = serial.as_deref().unwrap_or("?"), ttl = ?ttl, "CA: issued");
+    let info = tls::certs_from_pem("leaf", &chain[0])
+        .and_then(|d| tls::cert_info(&d[0]))
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Usage::Node = usage {
+        // Recorded before it is handed out: `ca revoke` must find every
+        // credential of the node, renewals included.
+        nodes::add(
+            &state.dir,
+            nodes::Record::new(node, &info.serial, info.not_after, nodes::How::Renewal),
+        )
+        .map_err(|e| {
+            tracing::error!(node, "CA: cannot record a renewed node credential: {e}");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot record the credential: {e}"),
+            )
+        })?;
+    }
+    tracing::info!(node, identity = %id, serial = %info.serial, ttl = ?ttl, "CA: issued");
     Ok(CertificateResponse {
         cert_chain: chain,
         trust_bundle: keys.signer.bundle().to_vec(),

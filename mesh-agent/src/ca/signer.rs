@@ -82,6 +82,38 @@ fn serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
+/// The file, next to Istio's four, that remembers the trust domain a CA
+/// was made for.
+pub const TRUST_DOMAIN_FILE: &str = "trust-domain";
+
+/// The trust domain of the CA in `dir`: the one it was made for (its
+/// `trust-domain` file), which a `--trust-domain` flag must not contradict;
+/// for a CA without that file (Istio plug-in CA files made elsewhere) the
+/// flag, else `cluster.local`.
+pub fn trust_domain(dir: &Path, flag: Option<&str>) -> Result<String, Error> {
+    let path = dir.join(TRUST_DOMAIN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(stored) => {
+            let stored = stored.trim().to_owned();
+            match flag {
+                Some(f) if f != stored => Err(Error::TrustDomainConflict {
+                    path,
+                    stored,
+                    flag: f.into(),
+                }),
+                _ => Ok(stored),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(flag.unwrap_or(DEFAULT_TRUST_DOMAIN).to_owned())
+        }
+        Err(source) => Err(Error::Read { path, source }),
+    }
+}
+
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 /// Creates a new CA in `dir` (Istio's file layout): a self-signed root, or,
 /// with `parent`, an intermediate signed by the CA in that directory (which
 /// then need not be online: only this directory is served).
@@ -150,6 +182,11 @@ pub fn init(
         }
     };
     write(&key_path, &key.serialize_pem(), true)?;
+    write(
+        &dir.join(TRUST_DOMAIN_FILE),
+        &format!("{trust_domain}\n"),
+        false,
+    )?;
     write(&dir.join("ca-cert.pem"), &cert_pem, false)?;
     write(&dir.join("cert-chain.pem"), &chain, false)?;
     write(&dir.join("root-cert.pem"), &roots, false)?;
@@ -408,6 +445,27 @@ mod tests {
                 .starts_with("bad CSR")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_ca_remembers_its_trust_domain_and_refuses_a_contradiction() {
+        let dir = tmp("td-stored");
+        init(&dir, "foo.local", Duration::from_secs(3600), None).unwrap();
+        assert_eq!(trust_domain(&dir, None).unwrap(), "foo.local");
+        assert_eq!(trust_domain(&dir, Some("foo.local")).unwrap(), "foo.local");
+        let e = trust_domain(&dir, Some("cluster.local"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("made for trust domain foo.local")
+                && e.contains("--trust-domain cluster.local"),
+            "{e}"
+        );
+        // CA files made elsewhere (no record): the flag, else Istio's default.
+        std::fs::remove_file(dir.join(TRUST_DOMAIN_FILE)).unwrap();
+        assert_eq!(trust_domain(&dir, Some("bar")).unwrap(), "bar");
+        assert_eq!(trust_domain(&dir, None).unwrap(), DEFAULT_TRUST_DOMAIN);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

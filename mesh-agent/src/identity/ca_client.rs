@@ -41,6 +41,8 @@ pub enum Error {
     Credential(#[from] tls::Error),
     #[error("node credential: {0}")]
     Key(#[from] rcgen::Error),
+    #[error("--node-cert {path}: {why}")]
+    WrongCredential { path: PathBuf, why: String },
     #[error("cannot write the renewed node credential to {path}: {source}")]
     Write {
         path: PathBuf,
@@ -121,6 +123,43 @@ fn replace_file(path: &Path, text: &str, private: bool) -> Result<(), Error> {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The mesh's trust domain, from the node credential (what `ca join` wrote
+/// is what the CA signs in), which `--trust-domain` must not contradict;
+/// and the credential must be this node's. Checked at start: either
+/// mistake would otherwise show only as refusals from the CA or its peers.
+pub fn credential_trust_domain(
+    cert: &Path,
+    node_name: &str,
+    flag: Option<&str>,
+) -> Result<String, Error> {
+    let wrong = |why: String| Error::WrongCredential {
+        path: cert.into(),
+        why,
+    };
+    let id = tls::read_pem(cert)
+        .and_then(|pem| tls::certs_from_pem(&cert.display().to_string(), &pem))?
+        .first()
+        .and_then(tls::cert_identity)
+        .ok_or_else(|| wrong("the certificate has no SPIFFE ID".into()))?;
+    let Some(node) = id.node_name() else {
+        return Err(wrong(format!(
+            "{id} is not a node identity (make one with `mesh-agent ca join`)"
+        )));
+    };
+    if node != node_name {
+        return Err(wrong(format!(
+            "it is the credential of node {node}, and this is node {node_name} (--node-name)"
+        )));
+    }
+    match flag {
+        Some(f) if f != id.trust_domain() => Err(wrong(format!(
+            "it is for trust domain {}, and --trust-domain says {f} (leave the flag out)",
+            id.trust_domain()
+        ))),
+        _ => Ok(id.trust_domain().to_owned()),
+    }
+}
 
 impl CaClient {
     /// A client for the CA at `addr` (`host:port`), verified against `bundle`
@@ -339,5 +378,39 @@ impl CaClient {
             return Err(Error::Refused { status, reason });
         }
         serde_json::from_slice(&bytes).map_err(|e| Error::BadResponse(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Pki;
+
+    #[test]
+    fn the_trust_domain_comes_from_the_node_credential_and_the_flags_must_agree() {
+        let pki = Pki::for_domain("foo.local");
+        let (cert, _) = pki.node_credential("n1", Duration::from_secs(3600));
+        assert_eq!(
+            credential_trust_domain(&cert, "n1", None).unwrap(),
+            "foo.local"
+        );
+        assert_eq!(
+            credential_trust_domain(&cert, "n1", Some("foo.local")).unwrap(),
+            "foo.local"
+        );
+        let e = credential_trust_domain(&cert, "n1", Some("cluster.local"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("for trust domain foo.local, and --trust-domain says cluster.local"),
+            "{e}"
+        );
+        let e = credential_trust_domain(&cert, "n2", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("credential of node n1, and this is node n2"),
+            "{e}"
+        );
     }
 }

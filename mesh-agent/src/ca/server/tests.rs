@@ -293,3 +293,66 @@ async fn the_agent_renews_its_node_credential_when_it_is_due() {
     task.abort();
     ca.stop().await;
 }
+
+#[tokio::test]
+async fn a_revoked_node_is_refused_from_its_next_request_renewals_included() {
+    let pki = Pki::new();
+    let (ca, _p) = ca(&pki).await;
+    let c = client(
+        &pki,
+        &ca,
+        pki.node_credential(NODE, Duration::from_secs(3600)),
+    );
+    let joined = c.node_credential().unwrap();
+    nodes::add(
+        &pki.dir.0,
+        nodes::Record::new(NODE, &joined.serial, joined.not_after, nodes::How::Join),
+    )
+    .unwrap();
+    let other = client(
+        &pki,
+        &ca,
+        pki.node_credential("node-b", Duration::from_secs(3600)),
+    );
+    let web = SpiffeId::workload(TRUST_DOMAIN, "default", "web");
+    let db = SpiffeId::workload(TRUST_DOMAIN, "default", "db");
+    c.sign(&web, csr(&web.to_string()), Duration::from_secs(60))
+        .await
+        .expect("not revoked yet");
+    // A renewal is recorded as one of the node's credentials.
+    let renewed = c.renew_node_credential().await.unwrap();
+    let recorded: Vec<_> = nodes::list(&pki.dir.0)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.serial, r.how))
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            (joined.serial.clone(), nodes::How::Join),
+            (renewed.serial.clone(), nodes::How::Renewal)
+        ]
+    );
+
+    assert_eq!(nodes::revoke(&pki.dir.0, NODE).unwrap(), 2);
+    // The renewed credential (the one the client presents now) is refused
+    // at once: no reload, no restart.
+    let (status, why) = refused(
+        c.sign(&web, csr(&web.to_string()), Duration::from_secs(60))
+            .await,
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        why.contains(&format!("serial {}", renewed.serial)) && why.contains("revoked"),
+        "{why}"
+    );
+    assert!(
+        c.renew_node_credential().await.is_err(),
+        "no way back by renewal"
+    );
+    other
+        .sign(&db, csr(&db.to_string()), Duration::from_secs(60))
+        .await
+        .expect("another node is not affected");
+    ca.stop().await;
+}
