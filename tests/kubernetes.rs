@@ -2,7 +2,8 @@
 //! HTTP, list and watch) tells two agents about pods, a service and a
 //! policy. Each agent enrols only its own node's pods, found by UID in the
 //! cgroup tree; traffic to the service crosses nodes over HBONE; pods added
-//! and deleted through the API are enrolled and removed.
+//! and deleted through the API are enrolled and removed. Beside Istio
+//! ambient, the pods Istio captures on a node are left to it.
 
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ const NAMESPACES: &str = "/api/v1/namespaces";
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const PA: &str = "/apis/security.istio.io/v1/peerauthentications";
+const OUR_LABEL: &str = "mesh-agent.io/dataplane-mode";
+const ISTIO_LABEL: &str = "istio.io/dataplane-mode";
 
 fn enrolled(agent: &Agent) -> Vec<String> {
     let dump = agent.config_dump();
@@ -102,13 +105,16 @@ fn pods_services_and_policies_come_from_the_kubernetes_api() {
         &fabric,
         &ca_dir,
         &[],
-        &["--kubernetes"],
+        // Istio's label, opted into: the CA places pods as the agents do.
+        &["--kubernetes", "--dataplane-mode-label", ISTIO_LABEL],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     );
     let opts = |node: &Node| {
         let mut args = ca.agent_args(node);
         args.extend([
             "--kubernetes".into(),
+            "--dataplane-mode-label".into(),
+            ISTIO_LABEL.into(),
             "--cgroup-root".into(),
             env.cgroup.display().to_string(),
         ]);
@@ -225,7 +231,7 @@ fn a_pod_without_a_process_yet_is_enrolled_when_it_starts() {
         api.register(c);
     }
     let mut labelled = pod.kubernetes();
-    labelled["metadata"]["labels"]["istio.io/dataplane-mode"] = json!("ambient");
+    labelled["metadata"]["labels"][OUR_LABEL] = json!("ambient");
     api.apply(PODS, labelled);
     let kubeconfig = env.dir.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
@@ -261,6 +267,95 @@ fn a_pod_without_a_process_yet_is_enrolled_when_it_starts() {
     assert!(
         agent.config_dump()["pending"]
             .as_object()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Beside Istio ambient: Istio's data plane on the node (an istio-cni-node
+/// pod, on the host's network) keeps the pods Istio's label puts in ambient
+/// mode. The agent enrols the pods of its own label only, says which it
+/// left to Istio and why, and takes such a pod over once Istio has gone
+/// from the node.
+#[test]
+fn beside_istio_ambient_the_pods_istio_captures_are_left_to_it() {
+    let env = Env::new("kube-istio");
+    let a = env.node("a");
+    let mut ours = env.pod(&a, "ours");
+    ours.labels.push((OUR_LABEL.into(), "ambient".into()));
+    let mut both = env.pod(&a, "both");
+    both.labels.push((OUR_LABEL.into(), "ambient".into()));
+    both.labels.push((ISTIO_LABEL.into(), "ambient".into()));
+    let mut istios = env.pod(&a, "istios");
+    istios.labels.push((ISTIO_LABEL.into(), "ambient".into()));
+    let api = FakeApiServer::start(in_netns(&a.netns, || {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    }));
+    for c in [PODS, NAMESPACES, SERVICES, SLICES] {
+        api.register(c);
+    }
+    for p in [&ours, &both, &istios] {
+        api.apply(PODS, p.kubernetes());
+        p.spawn_app(&env, &["listen", "127.0.0.1:0"]);
+    }
+    api.apply(
+        PODS,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "istio-cni-node-x", "namespace": "istio-system",
+                            "uid": "00000000-0000-4000-8000-00000000c0c0",
+                            "labels": {"k8s-app": "istio-cni-node"}},
+               "spec": {"nodeName": a.name, "hostNetwork": true,
+                        "containers": [{"name": "install-cni", "image": "istio/install-cni"}]},
+               "status": {"phase": "Running", "podIP": "192.0.2.10"}}),
+    );
+    let kubeconfig = env.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let agent = Agent::start(
+        &env,
+        &a,
+        &[],
+        AgentOptions {
+            args: vec![
+                "--kubernetes".into(),
+                "--cgroup-root".into(),
+                env.cgroup.display().to_string(),
+            ],
+            env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+            ..Default::default()
+        },
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || enrolled(&agent)
+            == ["default/ours"]),
+        "{}",
+        agent.log()
+    );
+    let dump = agent.config_dump();
+    let left: Vec<(&str, &str)> = dump["leftToIstio"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no leftToIstio: {dump}"))
+        .iter()
+        .map(|l| (l["pod"].as_str().unwrap(), l["istioPod"].as_str().unwrap()))
+        .collect();
+    // `istios` is not ours to begin with: not enrolled, and not "left".
+    assert_eq!(left, [("default/both", "istio-system/istio-cni-node-x")]);
+    let log = agent.log();
+    assert!(
+        log.contains("pod default/both is not enrolled")
+            && log.contains("label it mesh-agent.io/dataplane-mode: ambient"),
+        "{log}"
+    );
+
+    api.delete(PODS, "istio-system/istio-cni-node-x");
+    assert!(
+        wait_until(Duration::from_secs(10), || enrolled(&agent)
+            == ["default/both", "default/ours"]),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.config_dump()["leftToIstio"]
+            .as_array()
             .unwrap()
             .is_empty()
     );

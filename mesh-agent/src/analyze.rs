@@ -66,8 +66,8 @@ impl fmt::Display for Message {
 const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Analyzes the documents of `paths` (files or directories; `-` for
-/// standard input).
-pub fn paths(paths: &[PathBuf]) -> Vec<Message> {
+/// standard input), with pods in the mesh by `dataplane_mode_label`.
+pub fn paths(paths: &[PathBuf], dataplane_mode_label: &str) -> Vec<Message> {
     let report = documents::check::paths(paths);
     let mut parsed = Parsed::default();
     for p in paths {
@@ -113,14 +113,14 @@ pub fn paths(paths: &[PathBuf]) -> Vec<Message> {
         })
         .collect();
     if report.errors() == 0 {
-        out.extend(documents_across(parsed));
+        out.extend(documents_across(parsed, dataplane_mode_label));
     }
     out.sort_by(|a, b| (&a.file, a.line, a.level, a.code).cmp(&(&b.file, b.line, b.level, b.code)));
     out
 }
 
 /// The cross-resource checks of documents that validate one by one.
-pub fn documents_across(parsed: Parsed) -> Vec<Message> {
+pub fn documents_across(parsed: Parsed, dataplane_mode_label: &str) -> Vec<Message> {
     let outside: Vec<(String, String)> = parsed
         .documents
         .iter()
@@ -145,6 +145,7 @@ pub fn documents_across(parsed: Parsed) -> Vec<Message> {
         node_name: String::new(),
         root_namespace: "istio-system".into(),
         cluster_domain: CLUSTER_DOMAIN.into(),
+        dataplane_mode_label: dataplane_mode_label.into(),
     };
     let snap = match snapshot::build(&[&source], &settings, 1) {
         Ok(s) => s,
@@ -188,7 +189,7 @@ pub fn documents_across(parsed: Parsed) -> Vec<Message> {
         destination_rule(&snap, r, &mut out);
     }
     for r in resources(Kind::PeerAuthentication) {
-        strict_with_outside_pods(r, &outside, &mut out);
+        strict_with_outside_pods(r, &outside, dataplane_mode_label, &mut out);
     }
     out
 }
@@ -391,7 +392,7 @@ fn destination_rule(snap: &Snapshot, r: &Resource, out: &mut Vec<Message>) {
 
 /// STRICT refuses plaintext: pods outside the mesh that the configuration
 /// lists can no longer reach what it covers.
-fn strict_with_outside_pods(r: &Resource, outside: &[String], out: &mut Vec<Message>) {
+fn strict_with_outside_pods(r: &Resource, outside: &[String], label: &str, out: &mut Vec<Message>) {
     let Spec::PeerAuthentication(pa) = &r.spec else {
         return;
     };
@@ -413,7 +414,6 @@ fn strict_with_outside_pods(r: &Resource, outside: &[String], out: &mut Vec<Mess
             outside.len(),
             outside[0]
         ),
-        "enrol those pods (istio.io/dataplane-mode: ambient), or keep PERMISSIVE until they are"
-            .into(),
+        format!("enrol those pods ({label}: ambient), or keep PERMISSIVE until they are"),
     ));
 }

@@ -138,6 +138,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         node_name: config.node_name.clone(),
         root_namespace: config.root_namespace.clone(),
         cluster_domain: config.cluster_domain.clone(),
+        dataplane_mode_label: config.dataplane_mode_label.clone(),
     };
     let store = Arc::new(Store::new(Snapshot::empty(&settings)));
     let maps = loaded.maps();
@@ -486,7 +487,8 @@ struct Agent {
     sources: Sources,
     /// Whether the first snapshot has been applied.
     started: bool,
-    /// Resources whose policy is not enforced, already warned about.
+    /// Resources whose policy is not enforced and pods left to Istio,
+    /// already warned about.
     warned: BTreeMap<String, String>,
 }
 
@@ -589,6 +591,17 @@ impl Agent {
                     p.to_string(),
                 )
             })
+            .chain(
+                // Pods of this node Istio ambient carries: not ours to enrol.
+                snap.registry
+                    .left_to_istio
+                    .iter()
+                    .filter(|l| l.node == self.ctx.config.node_name)
+                    .map(|l| {
+                        let label = &self.ctx.config.dataplane_mode_label;
+                        (format!("left-to-istio {}", l.pod), l.message(label))
+                    }),
+            )
             .collect();
         for (key, text) in &warnings {
             if !self.warned.contains_key(key) {
@@ -701,6 +714,13 @@ impl Agent {
             "kubernetes": self.state.kube.as_ref().map(|k| k.status()),
             "lastRejected": self.sources.rejected,
         });
+        let snap = self.ctx.store.load();
+        let left_to_istio: Vec<_> = snap
+            .registry
+            .left_to_istio
+            .iter()
+            .filter(|l| l.node == self.ctx.config.node_name)
+            .collect();
         let doc = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "mutualTls": if self.ctx.identities.is_some() {
@@ -711,6 +731,7 @@ impl Agent {
             "config": &*self.ctx.config,
             "workloads": pods,
             "pending": self.pending,
+            "leftToIstio": left_to_istio,
             "sources": sources,
             "ebpf": {
                 "pinDir": self.loaded.pin_dir(),

@@ -71,6 +71,9 @@ pub enum Command {
         /// The lowest level that fails the run.
         #[arg(long, value_enum, default_value_t = Threshold::Error)]
         failure_threshold: Threshold,
+        /// The label that puts pods in the mesh, as the agents are given it.
+        #[arg(long, env = "MESH_DATAPLANE_MODE_LABEL", default_value = crate::registry::ambient::DEFAULT_LABEL)]
+        dataplane_mode_label: String,
         /// Print the findings as JSON.
         #[arg(long)]
         json: bool,
@@ -132,6 +135,14 @@ pub struct Config {
     /// The cluster's DNS domain (service host names end with `.svc.<domain>`).
     #[arg(long, env = "MESH_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+
+    /// The label (on a pod, or its namespace) whose value `ambient` puts
+    /// Kubernetes pods in this mesh, `none` keeping a pod out. Our own by
+    /// default, so that a cluster running Istio ambient keeps its pods;
+    /// `istio.io/dataplane-mode` carries the pods ztunnel would. A pod
+    /// Istio's data plane captures on its node is never enrolled.
+    #[arg(long, env = "MESH_DATAPLANE_MODE_LABEL", default_value = crate::registry::ambient::DEFAULT_LABEL)]
+    pub dataplane_mode_label: String,
 
     /// Directory on bpffs where maps and links are pinned.
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]

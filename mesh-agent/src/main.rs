@@ -32,8 +32,9 @@ fn main() -> ExitCode {
         Command::Analyze {
             paths,
             failure_threshold,
+            dataplane_mode_label,
             json,
-        } => analyze(&paths, failure_threshold, json),
+        } => analyze(&paths, failure_threshold, &dataplane_mode_label, json),
         Command::Validate {
             paths,
             errors_only,
@@ -90,9 +91,14 @@ fn validate(paths: &[std::path::PathBuf], errors_only: bool, strict: bool, json:
 /// istioctl's exit status for findings at or above the threshold.
 const EX_ANALYSIS: u8 = 79;
 
-fn analyze(paths: &[std::path::PathBuf], threshold: config::Threshold, json: bool) -> ExitCode {
+fn analyze(
+    paths: &[std::path::PathBuf],
+    threshold: config::Threshold,
+    label: &str,
+    json: bool,
+) -> ExitCode {
     use mesh_agent::analyze::Level;
-    let messages = mesh_agent::analyze::paths(paths);
+    let messages = mesh_agent::analyze::paths(paths, label);
     if json {
         println!(
             "{}",

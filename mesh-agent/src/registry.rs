@@ -4,6 +4,7 @@
 //! and the agent's own workload registry. The proxy asks it where a
 //! captured connection goes and which identity to expect there.
 
+pub mod ambient;
 pub mod build;
 pub mod pod;
 pub mod protocol;
@@ -222,6 +223,10 @@ pub struct Registry {
     /// Meshed workloads (enrolled on their node, reached over HBONE).
     pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Arc<Service>>,
+    /// Pods the enrolment label asks for that Istio ambient's data plane
+    /// captures on their node: not enrolled (see `ambient`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_to_istio: Vec<ambient::LeftToIstio>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// Workloads by (namespace, service account): who an identity can be.

@@ -51,6 +51,8 @@ pub struct Settings {
     pub node_name: String,
     pub root_namespace: String,
     pub cluster_domain: String,
+    /// The label that enrols pods (`--dataplane-mode-label`).
+    pub dataplane_mode_label: String,
 }
 
 /// Policies that apply to one workload of this node, resolved once.
@@ -159,6 +161,7 @@ pub fn build(
         docs.iter().copied(),
         &registry::Settings {
             cluster_domain: settings.cluster_domain.clone(),
+            dataplane_mode_label: settings.dataplane_mode_label.clone(),
         },
     );
     let all: Vec<&Arc<Resource>> = resources.values().flatten().collect();
@@ -358,6 +361,7 @@ mod tests {
             node_name: "node-a".into(),
             root_namespace: "istio-system".into(),
             cluster_domain: "cluster.local".into(),
+            dataplane_mode_label: crate::registry::ambient::DEFAULT_LABEL.into(),
         }
     }
 

@@ -169,6 +169,7 @@ pub fn snapshot(yaml: &str) -> Snapshot {
         node_name: NODE.into(),
         root_namespace: "istio-system".into(),
         cluster_domain: "cluster.local".into(),
+        dataplane_mode_label: crate::registry::ambient::DEFAULT_LABEL.into(),
     };
     snapshot::build(&[&source(yaml)], &settings, 1).expect("snapshot")
 }

@@ -22,13 +22,16 @@ fn each_case_gives_exactly_its_expected_findings() {
     assert!(cases.len() >= 6, "{cases:?}");
     let mut failures = Vec::new();
     for case in cases {
-        let got: String = mesh_agent::analyze::paths(std::slice::from_ref(&case))
-            .into_iter()
-            .map(|mut m| {
-                m.file = m.file.strip_prefix(&dir).unwrap_or(&m.file).to_path_buf();
-                format!("{m}\n")
-            })
-            .collect();
+        let got: String = mesh_agent::analyze::paths(
+            std::slice::from_ref(&case),
+            mesh_agent::registry::ambient::DEFAULT_LABEL,
+        )
+        .into_iter()
+        .map(|mut m| {
+            m.file = m.file.strip_prefix(&dir).unwrap_or(&m.file).to_path_buf();
+            format!("{m}\n")
+        })
+        .collect();
         let expected_file = case.with_extension("expected");
         if bless {
             std::fs::write(&expected_file, &got).unwrap();

@@ -72,7 +72,7 @@ fn seed(s: &FakeApiServer) {
     s.apply(
         NAMESPACES,
         json!({"apiVersion": "v1", "kind": "Namespace",
-               "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}}),
+               "metadata": {"name": "shop", "labels": {"mesh-agent.io/dataplane-mode": "ambient"}}}),
     );
     s.apply(PODS, pod("web-a", "node-a", "10.1.0.5"));
     s.apply(PODS, pod("web-b", "node-b", "10.1.0.6"));
@@ -148,6 +148,7 @@ fn settings() -> snapshot::Settings {
         node_name: "node-a".into(),
         root_namespace: "istio-system".into(),
         cluster_domain: "cluster.local".into(),
+        dataplane_mode_label: mesh_agent::registry::ambient::DEFAULT_LABEL.into(),
     }
 }
 

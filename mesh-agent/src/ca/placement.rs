@@ -14,10 +14,15 @@ use crate::{
     workload::Workload,
 };
 
-/// The meshed workloads of the configuration, with their nodes.
-pub fn of<'a>(sources: impl IntoIterator<Item = &'a SourceDocs>) -> Vec<Workload> {
+/// The meshed workloads of the configuration (pods in the mesh by
+/// `dataplane_mode_label`, as the agents see them), with their nodes.
+pub fn of<'a>(
+    sources: impl IntoIterator<Item = &'a SourceDocs>,
+    dataplane_mode_label: &str,
+) -> Vec<Workload> {
     let settings = registry::Settings {
         cluster_domain: "cluster.local".into(),
+        dataplane_mode_label: dataplane_mode_label.into(),
     };
     registry::build(sources.into_iter().flat_map(|s| &s.documents), &settings)
         .workloads
@@ -36,6 +41,7 @@ pub async fn watch(
     mut file_docs: Option<SourceDocs>,
     notifier: Option<crate::watch::Notifier>,
     kube: Option<Arc<KubeSource>>,
+    dataplane_mode_label: String,
 ) {
     loop {
         let files_changed = async {
@@ -72,7 +78,10 @@ pub async fn watch(
             }
         }
         let kube_docs = kube.as_ref().and_then(|k| k.docs());
-        let ws = of(file_docs.iter().chain(kube_docs.as_ref()));
+        let ws = of(
+            file_docs.iter().chain(kube_docs.as_ref()),
+            &dataplane_mode_label,
+        );
         tracing::info!(workloads = ws.len(), "placement reloaded");
         *placement.write().expect("placement lock") = Arc::new(ws);
     }

@@ -116,6 +116,7 @@ pub async fn start(cfg: CaRunConfig) -> Result<Running, Error> {
         file_docs
             .iter()
             .chain(kube_pods.as_ref().and_then(|k| k.docs()).as_ref()),
+        &cfg.dataplane_mode_label,
     );
     let kube = match &cfg.kube_api {
         Some(api) => Some(TokenReviewer::new(
@@ -179,6 +180,7 @@ pub async fn start(cfg: CaRunConfig) -> Result<Running, Error> {
         file_docs,
         notifier,
         kube_pods,
+        cfg.dataplane_mode_label.clone(),
     ));
     let reloading = tokio::spawn(watch_keys(keys, cfg.dir.clone()));
     let accepting = stop.clone();

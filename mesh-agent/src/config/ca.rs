@@ -128,6 +128,10 @@ pub struct CaRunConfig {
         required_unless_present = "kubernetes"
     )]
     pub config: Vec<PathBuf>,
+    /// The label that puts pods in the mesh, as the agents are given it:
+    /// the CA signs only for pods the agents enrol.
+    #[arg(long, env = "MESH_DATAPLANE_MODE_LABEL", default_value = crate::registry::ambient::DEFAULT_LABEL)]
+    pub dataplane_mode_label: String,
     /// Placement from the Kubernetes API too: every pod and its node (in a
     /// pod: its service account; elsewhere KUBECONFIG).
     #[arg(long, env = "MESH_KUBERNETES")]

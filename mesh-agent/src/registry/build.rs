@@ -1,8 +1,8 @@
 //! Building the registry from configuration documents.
 //!
 //! * Workloads: the agent's registry entries, and Kubernetes Pods in
-//!   ambient mode (namespace or pod label `istio.io/dataplane-mode:
-//!   ambient`, not opted out with `none`; never host-network pods). A
+//!   ambient mode by the enrolment label (see `ambient`; never
+//!   host-network pods, nor pods Istio's own data plane claims). A
 //!   registry entry wins over a Pod with the same name.
 //! * Kubernetes Services: one per Service, host
 //!   `<name>.<namespace>.svc.<cluster domain>`, endpoints from its
@@ -28,7 +28,7 @@ use k8s_openapi::{
 
 use super::{
     Endpoint, Locality, Location, Protocol, Registry, Resolution, Service, ServiceKind,
-    ServicePort, WorkloadRef,
+    ServicePort, WorkloadRef, ambient,
 };
 use crate::{
     config::Cidr,
@@ -40,8 +40,6 @@ use crate::{
     workload::Workload,
 };
 
-/// The label that puts a namespace or pod in the mesh (Istio ambient).
-pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// EndpointSlices name their service with this label.
 const SERVICE_NAME: &str = "kubernetes.io/service-name";
 
@@ -50,6 +48,9 @@ const SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub struct Settings {
     /// `cluster.local` unless the cluster says otherwise.
     pub cluster_domain: String,
+    /// The key of the label that enrols a pod or namespace
+    /// (`--dataplane-mode-label`).
+    pub dataplane_mode_label: String,
 }
 
 /// The objects of each kind, borrowed from the documents.
@@ -104,7 +105,7 @@ pub fn build<'a>(docs: impl IntoIterator<Item = &'a Document>, settings: &Settin
         }
     }
 
-    let (workloads, others) = workloads(&o);
+    let (workloads, others, left_to_istio) = workloads(&o, settings);
     let by_ip: HashMap<IpAddr, Arc<Workload>> = workloads
         .iter()
         .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.clone())))
@@ -125,14 +126,25 @@ pub fn build<'a>(docs: impl IntoIterator<Item = &'a Document>, settings: &Settin
     let mut reg = Registry {
         workloads,
         services,
+        left_to_istio,
         ..Registry::default()
     };
     reg.index();
     reg
 }
 
-/// Meshed workloads, and the other pods (still service endpoints).
-fn workloads(o: &Objects<'_>) -> (Vec<Arc<Workload>>, Vec<Arc<Workload>>) {
+/// Meshed workloads, the other pods (still service endpoints), and the
+/// pods Istio ambient claims.
+fn workloads(
+    o: &Objects<'_>,
+    settings: &Settings,
+) -> (
+    Vec<Arc<Workload>>,
+    Vec<Arc<Workload>>,
+    Vec<ambient::LeftToIstio>,
+) {
+    let istio_nodes = ambient::istio_nodes(o.pods.iter().copied());
+    let mut left = Vec::new();
     let mut meshed: BTreeMap<_, Arc<Workload>> = o
         .registry
         .iter()
@@ -150,27 +162,19 @@ fn workloads(o: &Objects<'_>) -> (Vec<Arc<Workload>>, Vec<Arc<Workload>>) {
             .namespaces
             .get(w.namespace.as_str())
             .and_then(|n| n.metadata.labels.as_ref());
-        if in_ambient_mode(&w.labels, ns_labels) {
-            meshed.insert(w.key(), Arc::new(w));
-        } else {
-            others.push(Arc::new(w));
+        let ours = ambient::in_mode(&settings.dataplane_mode_label, &w.labels, ns_labels);
+        match ambient::claimed_by_istio(&w, ns_labels, &istio_nodes) {
+            Some(claim) if ours => {
+                left.push(claim);
+                others.push(Arc::new(w));
+            }
+            _ if ours => {
+                meshed.insert(w.key(), Arc::new(w));
+            }
+            _ => others.push(Arc::new(w)),
         }
     }
-    (meshed.into_values().collect(), others)
-}
-
-/// Istio ambient's rule: the pod's label decides, else its namespace's.
-pub fn in_ambient_mode(
-    pod: &BTreeMap<String, String>,
-    namespace: Option<&BTreeMap<String, String>>,
-) -> bool {
-    match pod.get(DATAPLANE_MODE).map(String::as_str) {
-        Some("none") => false,
-        Some("ambient") => true,
-        _ => namespace
-            .and_then(|l| l.get(DATAPLANE_MODE))
-            .is_some_and(|m| m == "ambient"),
-    }
+    (meshed.into_values().collect(), others, left)
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -487,6 +491,7 @@ mod tests {
             &out.documents,
             &Settings {
                 cluster_domain: "cluster.local".into(),
+                dataplane_mode_label: ambient::DEFAULT_LABEL.into(),
             },
         )
     }
@@ -494,7 +499,7 @@ mod tests {
     const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
-metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+metadata: {name: shop, labels: {mesh-agent.io/dataplane-mode: ambient}}
 ---
 apiVersion: v1
 kind: Pod
@@ -504,7 +509,7 @@ status: {phase: Running, podIPs: [{ip: 10.1.0.5}]}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: cart-2, namespace: shop, labels: {app: cart, version: v2, istio.io/dataplane-mode: none}}
+metadata: {name: cart-2, namespace: shop, labels: {app: cart, version: v2, mesh-agent.io/dataplane-mode: none}}
 spec: {nodeName: node-b, containers: []}
 status: {phase: Running, podIP: 10.1.0.6}
 ---

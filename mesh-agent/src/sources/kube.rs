@@ -309,7 +309,11 @@ fn pod(p: Pod) -> Converted {
             ..Default::default()
         }),
     };
-    if crate::registry::pod::workload(&slim).is_none() {
+    // Istio's data-plane pods are kept (istio-cni runs on the host's
+    // network): they show where Istio ambient already captures pods.
+    if crate::registry::pod::workload(&slim).is_none()
+        && crate::registry::ambient::istio_dataplane(&slim).is_none()
+    {
         return Converted::Absent;
     }
     let o = origin("Pod", &slim);
