@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod ca;
 pub mod cluster;
+pub mod demo;
 pub mod env;
 pub mod fake_apiserver;
 pub mod pod;

@@ -42,6 +42,8 @@ enum Task {
         /// Keep the demo running until Enter or Ctrl-C, to explore with bpftool.
         #[arg(long)]
         hold: bool,
+        #[command(subcommand)]
+        action: Option<DemoAction>,
     },
     /// Lints, then every test tier (unit, in-process, namespaced root tests),
     /// then `bench --quick` (figures reported, not asserted).
@@ -71,6 +73,21 @@ enum Task {
     },
 }
 
+#[derive(Subcommand)]
+enum DemoAction {
+    /// Run a command as a process of a pod of the demo that holds (in the
+    /// pod's cgroup and network namespace, so the mesh captures it; service
+    /// names such as `httpbin` resolve to their ClusterIP), e.g.
+    /// `cargo xtask demo exec client -- curl -s http://httpbin:8000/`.
+    Exec {
+        /// The pod: client, server, server-v2 or external.
+        pod: String,
+        /// The command and its arguments, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let tools = setup::run()?;
@@ -81,11 +98,13 @@ fn main() -> Result<()> {
             let bin = build(&tools, false)?.join("mesh-agent");
             Err(Command::new(bin).args(args).exec()).context("exec mesh-agent")
         }
-        Task::Demo { hold } => {
+        Task::Demo { hold, action } => {
             let dir = build(&tools, false)?;
             let mut demo = Command::new(dir.join("mesh-demo"));
             demo.env("MESH_AGENT_BIN", dir.join("mesh-agent"));
-            if hold {
+            if let Some(DemoAction::Exec { pod, command }) = action {
+                demo.arg("exec").arg(pod).arg("--").args(command);
+            } else if hold {
                 demo.arg("--hold");
             }
             // Replace this process so Ctrl-C reaches the demo, which cleans up.

@@ -3,16 +3,22 @@
 //! Kubernetes Service; real HTTP and TCP through the agents over mutual
 //! TLS, a rejected configuration edit, and what the agents and the kernel
 //! saw. Everything is removed at the end, also on Ctrl-C.
+//!
+//! `mesh-demo exec POD -- CMD…` runs CMD in a pod of a demo that holds
+//! (see `mesh_tests::demo`).
 
-use std::{process::Command, sync::Arc, time::Duration};
+use std::{os::unix::process::CommandExt as _, process::Command, sync::Arc, time::Duration};
 
 use mesh_tests::{
     Agent, AgentOptions, Env,
     ca::{Ca, Capture},
-    kernel,
+    demo, kernel,
     pod::Pod,
     sys,
 };
+
+/// The demo's name: its netns, cgroup and directory carry it.
+const NAME: &str = "mesh-demo";
 
 const PIN_DIR: &str = "/sys/fs/bpf/mesh";
 
@@ -72,8 +78,12 @@ spec:
 ";
 
 fn main() {
-    let hold = std::env::args().any(|a| a == "--hold");
-    let env = Arc::new(Env::named("mesh-demo", PIN_DIR.into()));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("exec") {
+        exec(&args[1..]);
+    }
+    let hold = args.iter().any(|a| a == "--hold");
+    let env = Arc::new(Env::named(NAME, PIN_DIR.into()));
     Env::cleanup_on_signal(&env);
     {
         // Also cleans up if the demo panics part-way.
@@ -81,6 +91,25 @@ fn main() {
         run(&env, hold);
     }
     check_clean(&env);
+}
+
+/// `exec POD [--] CMD…` in the demo that holds.
+fn exec(args: &[String]) -> ! {
+    let fail = |why: String| -> ! {
+        eprintln!("mesh-demo exec: {why}");
+        std::process::exit(2)
+    };
+    let Some((pod, rest)) = args.split_first() else {
+        fail("usage: cargo xtask demo exec POD -- CMD…".into())
+    };
+    let cmd = match rest.first().map(String::as_str) {
+        Some("--") => &rest[1..],
+        _ => rest,
+    };
+    let dir = std::env::temp_dir().join(NAME);
+    let state = demo::State::read(&dir).unwrap_or_else(|e| fail(e));
+    let mut c = state.command(&dir, pod, cmd).unwrap_or_else(|e| fail(e));
+    fail(format!("cannot run {cmd:?}: {}", c.exec()))
 }
 
 struct CleanupOnDrop(Arc<Env>);
@@ -355,6 +384,7 @@ fn run(env: &Env, hold: bool) {
             .args(["map", "dump", "pinned"])
             .arg(format!("{PIN_DIR}/mesh_conn_dst")),
     );
+    print_stats();
     let (orig, conn) = kernel::tracking_entries(&agent_a.pin_dir);
     println!(
         "  mesh_orig_dst holds {orig} entr(y/ies), mesh_conn_dst {conn}: one per open captured connection"
@@ -362,7 +392,42 @@ fn run(env: &Env, hold: bool) {
 
     if hold {
         step("The demo keeps running");
-        println!("  try:  bpftool prog list | grep -A3 mesh_");
+        let hosts = [
+            "127.0.0.1 localhost\n".to_owned(),
+            demo::service_hosts("10.96.0.80", "httpbin", "default"),
+        ]
+        .concat();
+        demo::State {
+            pid: std::process::id(),
+            pods: [&client, &server, &server_v2, &external]
+                .into_iter()
+                .map(demo::PodPlace::of)
+                .collect(),
+            hosts,
+        }
+        .write(&env.dir)
+        .expect("write the demo's state");
+        println!("  your own traffic, from a pod (its cgroup and netns: the mesh captures it):");
+        println!("        cargo xtask demo exec client -- curl -s http://httpbin:8000/");
+        println!(
+            "        cargo xtask demo exec client -- curl -s -H 'end-user: jason' http://httpbin.default.svc.cluster.local:8000/"
+        );
+        println!(
+            "        cargo xtask demo exec external -- curl -s http://{}/   # from outside the mesh: STRICT refuses it",
+            server.v4(8080)
+        );
+        println!("  the agents' logs and inputs:");
+        for (name, a) in [("node-a", &agent_a), ("node-b", &agent_b)] {
+            println!(
+                "        {name}: log {}  registry {}  pins {}",
+                a.log_path.display(),
+                a.workloads.display(),
+                a.pin_dir.display()
+            );
+        }
+        println!("        Istio configuration: {}", config.display());
+        println!("  and the kernel:");
+        println!("        bpftool prog list | grep -A3 mesh_");
         println!("        bpftool map dump pinned {PIN_DIR}/mesh_orig_dst");
         println!(
             "        nsenter --net=/run/netns/{} curl -s 127.0.0.1:15020/metrics | grep istio_tcp",
@@ -380,6 +445,45 @@ fn run(env: &Env, hold: bool) {
     step("Clean up: SIGTERM to the agents, then remove the pods, nodes and CA");
     drop(agent_a);
     drop(agent_b);
+}
+
+/// `mesh_stats`, one line per program: bpftool shows the key as a number
+/// (the index in `mesh_common::stats::PROG_NAMES`) and a value per CPU.
+fn print_stats() {
+    let path = format!("{PIN_DIR}/mesh_stats");
+    println!("$ bpftool map dump pinned {path}   (per-CPU values summed; key = program)");
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "pinned", &path])
+        .output()
+        .expect("bpftool");
+    let dump: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("  (cannot read bpftool's output: {e})");
+            return;
+        }
+    };
+    for entry in dump.as_array().into_iter().flatten() {
+        let key = entry["key"].as_u64().unwrap_or(u64::MAX);
+        let name = mesh_common::stats::PROG_NAMES
+            .get(key as usize)
+            .copied()
+            .unwrap_or("?");
+        let sum = |field: &str| -> u64 {
+            entry["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| v["value"][field].as_u64().unwrap_or(0))
+                .sum()
+        };
+        println!(
+            "  key {key} = {name:<12} redirected {:>5}  passed {:>5}  errors {:>3}",
+            sum("redirected"),
+            sum("passed"),
+            sum("errors")
+        );
+    }
 }
 
 fn yes(b: bool) -> &'static str {
