@@ -115,7 +115,7 @@ fn inbound_plaintext_is_steered_to_the_agent() {
     }
     // The application saw the agent's source (127.0.0.6 / ::6), proof the
     // connection came through the agent's inbound listener.
-    let accepted = echo.accepted();
+    let accepted = echo.wait_accepted(2, Duration::from_secs(5));
     assert_eq!(accepted.len(), 2, "{accepted:?}");
     assert!(
         accepted[0]["peer"]

@@ -116,10 +116,10 @@ fn analyze(
         eprintln!("no issues found");
     } else {
         eprintln!(
-            "{}, {}, {}",
+            "{}, {}, {} info",
             plural(count(Level::Error), "error"),
             plural(count(Level::Warning), "warning"),
-            plural(count(Level::Info), "info")
+            count(Level::Info)
         );
     }
     let fails = |l: Level| match threshold {

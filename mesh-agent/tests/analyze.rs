@@ -71,7 +71,7 @@ fn the_exit_status_follows_the_failure_threshold() {
     );
     // Errors fail the run (istioctl's 79)…
     let (code, _, err) = analyze(&[&case("subset-selects-nothing")]);
-    assert_eq!((code, err.as_str()), (79, "1 error, 0 warnings, 0 infos\n"));
+    assert_eq!((code, err.as_str()), (79, "1 error, 0 warnings, 0 info\n"));
     // …warnings only from --failure-threshold warning on.
     let (code, _, _) = analyze(&[&case("strict-with-pods-outside")]);
     assert_eq!(code, 0);

@@ -241,3 +241,25 @@ fn a_negative_duration_is_reported_as_negative() {
         "{out}"
     );
 }
+
+/// The README's YAML examples are what a user copies first: each must
+/// validate without an error or a warning.
+#[test]
+fn the_readmes_yaml_examples_validate() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let examples: Vec<&str> = readme
+        .split("```yaml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap_or_default())
+        .collect();
+    assert!(!examples.is_empty(), "no ```yaml block in the README");
+    for yaml in examples {
+        let (code, out, err) = validate_stdin(&[], yaml);
+        assert_eq!(code, 0, "{yaml}\n{out}{err}");
+        assert!(
+            err.contains(" 0 errors, 0 warnings") && !err.contains(" 0 documents accepted"),
+            "{yaml}\n{out}{err}"
+        );
+    }
+}

@@ -311,3 +311,51 @@ fn no_source_file_is_over_800_lines() {
         long.join(", ")
     );
 }
+
+/// Every crate states its licence, and `LICENSE` explains each one (the
+/// eBPF programs' licence is what they declare to the kernel).
+#[test]
+fn every_crate_states_its_licence() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let summary = std::fs::read_to_string(root.join("LICENSE")).expect("LICENSE");
+    let workspace = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let workspace_licence = workspace
+        .lines()
+        .find_map(|l| l.strip_prefix("license = "))
+        .expect("a workspace licence")
+        .trim_matches('"')
+        .to_owned();
+    for krate in ["mesh-agent", "mesh-common", "mesh-ebpf", "tests", "xtask"] {
+        let manifest = std::fs::read_to_string(root.join(krate).join("Cargo.toml")).unwrap();
+        let licence = manifest
+            .lines()
+            .find_map(|l| {
+                if l.trim() == "license.workspace = true" {
+                    Some(workspace_licence.clone())
+                } else {
+                    l.strip_prefix("license = ")
+                        .map(|v| v.trim_matches('"').to_owned())
+                }
+            })
+            .unwrap_or_else(|| panic!("{krate}/Cargo.toml states no licence"));
+        let name = if krate == "tests" {
+            "mesh-tests"
+        } else {
+            krate
+        };
+        let row = summary
+            .lines()
+            .find(|l| l.starts_with('|') && l.contains(name.trim_start_matches("mesh-")))
+            .unwrap_or_else(|| panic!("LICENSE has no row for {name}"));
+        let stated = row.split('|').nth(2).map(str::trim);
+        assert_eq!(stated, Some(licence.as_str()), "{name}: LICENSE says {row}");
+    }
+    for text in ["LICENSE-APACHE", "LICENSE-MIT", "LICENSE-GPL-2.0"] {
+        assert!(root.join(text).exists(), "{text} missing");
+    }
+    let ebpf = std::fs::read_to_string(root.join("mesh-ebpf/src/main.rs")).unwrap();
+    assert!(
+        ebpf.contains("b\"Dual MIT/GPL\\0\""),
+        "the programs' declared licence changed"
+    );
+}

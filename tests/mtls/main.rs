@@ -123,7 +123,7 @@ fn cross_node_traffic_is_mutual_tls_and_never_plaintext_on_the_wire() {
     let pcap = capture.stop(env);
 
     // The server got the bytes from the destination agent, in its own pod.
-    let accepted = echo.accepted();
+    let accepted = echo.wait_accepted(2, Duration::from_secs(5));
     assert_eq!(accepted.len(), 2);
     assert!(
         accepted[0]["peer"]

@@ -404,6 +404,20 @@ impl App {
         self.lines.lock().unwrap().clone()
     }
 
+    /// The `accepted` events once there are `n` (the app prints each before
+    /// it answers, but its output reaches the test through a pipe and a
+    /// reader thread, possibly after the client got the answer).
+    pub fn wait_accepted(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.accepted();
+            if seen.len() >= n || Instant::now() >= deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The `accepted` events, i.e. connections the server saw.
     pub fn accepted(&self) -> Vec<Value> {
         self.lines()
