@@ -7,16 +7,6 @@ use std::process::Command;
 
 use mesh_tests::{Agent, AgentOptions, Env, demo, sys};
 
-const SERVICE: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: httpbin, namespace: default}
-spec:
-  clusterIP: 10.96.0.80
-  selector: {app: server}
-  ports: [{name: http, port: 8000, targetPort: 8080}]
-";
-
 /// `curl -s --max-time 3 URL`.
 fn curl_args(url: &str) -> Vec<String> {
     ["curl", "-s", "--max-time", "3", url]
@@ -34,7 +24,7 @@ fn a_command_run_in_a_demo_pod_is_captured_and_finds_services_by_name() {
     server.spawn_app(&env, &["http", "server", &server.v4(8080)]);
     let config = env.dir.join("config");
     std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(config.join("svc.yaml"), SERVICE).unwrap();
+    std::fs::write(config.join("svc.yaml"), demo::HTTPBIN_SERVICE).unwrap();
     let agent = Agent::start(
         &env,
         &a,

@@ -216,6 +216,26 @@ fn pods_services_and_policies_come_from_the_kubernetes_api() {
     drop(api);
 }
 
+/// An agent on `node` reading only the Kubernetes API `api` serves.
+fn agent_of(env: &Env, node: &Node, api: &FakeApiServer) -> Agent {
+    let kubeconfig = env.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    Agent::start(
+        env,
+        node,
+        &[],
+        AgentOptions {
+            args: vec![
+                "--kubernetes".into(),
+                "--cgroup-root".into(),
+                env.cgroup.display().to_string(),
+            ],
+            env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+            ..Default::default()
+        },
+    )
+}
+
 /// A pod the API says is on this node, before its processes exist: the
 /// agent keeps it pending (not an error that stops anything) and enrols
 /// it once the pod has a process.
@@ -233,22 +253,7 @@ fn a_pod_without_a_process_yet_is_enrolled_when_it_starts() {
     let mut labelled = pod.kubernetes();
     labelled["metadata"]["labels"][OUR_LABEL] = json!("ambient");
     api.apply(PODS, labelled);
-    let kubeconfig = env.dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let agent = Agent::start(
-        &env,
-        &a,
-        &[],
-        AgentOptions {
-            args: vec![
-                "--kubernetes".into(),
-                "--cgroup-root".into(),
-                env.cgroup.display().to_string(),
-            ],
-            env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
-            ..Default::default()
-        },
-    );
+    let agent = agent_of(&env, &a, &api);
     let dump = agent.config_dump();
     assert!(
         dump["pending"]["default/slow"]
@@ -308,22 +313,7 @@ fn beside_istio_ambient_the_pods_istio_captures_are_left_to_it() {
                         "containers": [{"name": "install-cni", "image": "istio/install-cni"}]},
                "status": {"phase": "Running", "podIP": "192.0.2.10"}}),
     );
-    let kubeconfig = env.dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let agent = Agent::start(
-        &env,
-        &a,
-        &[],
-        AgentOptions {
-            args: vec![
-                "--kubernetes".into(),
-                "--cgroup-root".into(),
-                env.cgroup.display().to_string(),
-            ],
-            env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
-            ..Default::default()
-        },
-    );
+    let agent = agent_of(&env, &a, &api);
     assert!(
         wait_until(Duration::from_secs(10), || enrolled(&agent)
             == ["default/ours"]),

@@ -17,6 +17,18 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+/// The demo's Service: `httpbin` on 10.96.0.80:8000, the pods labelled
+/// `app: server` on 8080.
+pub const HTTPBIN_SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: default}
+spec:
+  clusterIP: 10.96.0.80
+  selector: {app: server}
+  ports: [{name: http, port: 8000, targetPort: 8080}]
+";
+
 /// The file a holding demo writes, in its directory.
 pub const STATE_FILE: &str = "demo.json";
 

@@ -22,17 +22,9 @@ const NAME: &str = "mesh-demo";
 
 const PIN_DIR: &str = "/sys/fs/bpf/mesh";
 
-/// The demo's configuration directory: what an operator would `kubectl
-/// apply`, read from files here.
+/// The demo's configuration directory (after `demo::HTTPBIN_SERVICE`):
+/// what an operator would `kubectl apply`, read from files here.
 const MESH_YAML: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: httpbin, namespace: default}
-spec:
-  clusterIP: 10.96.0.80
-  selector: {app: server}
-  ports: [{name: http, port: 8000, targetPort: 8080}]
----
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: default, namespace: istio-system}
@@ -192,8 +184,9 @@ fn run(env: &Env, hold: bool) {
     );
     let config = env.dir.join("config");
     std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(config.join("mesh.yaml"), MESH_YAML).unwrap();
-    for l in MESH_YAML.lines().filter(|l| !l.starts_with('#')) {
+    let mesh_yaml = format!("{}---\n{MESH_YAML}", demo::HTTPBIN_SERVICE);
+    std::fs::write(config.join("mesh.yaml"), &mesh_yaml).unwrap();
+    for l in mesh_yaml.lines().filter(|l| !l.starts_with('#')) {
         println!("  | {l}");
     }
     shell(
