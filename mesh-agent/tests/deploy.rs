@@ -179,6 +179,16 @@ fn the_agent_and_the_ca_watch_kubernetes_with_the_access_they_need() {
     for kind in mesh_agent::istio::Kind::ALL {
         assert!(allowed(kind.group(), &kind.plural()), "{kind:?}");
     }
+    // And nothing but reading: the agent changes nothing in the cluster.
+    for rule in role["rules"].as_sequence().unwrap() {
+        for verb in rule["verbs"].as_sequence().unwrap() {
+            let verb = verb.as_str().unwrap();
+            assert!(
+                ["get", "list", "watch"].contains(&verb),
+                "the agent's role grants {verb}: {rule:?}"
+            );
+        }
+    }
 }
 
 #[test]

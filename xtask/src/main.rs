@@ -36,8 +36,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Two pods on a simulated node, real traffic through the agent, and
-    /// what the agent and the kernel saw; everything is removed at the end.
+    /// Two simulated nodes, a CA and an agent per node, pods on each, Istio
+    /// configuration from a directory: real traffic over mutual TLS, and
+    /// what the agents and the kernel saw; everything is removed at the end.
+    /// `demo --hold` waits for Enter; `demo exec POD -- CMD` meanwhile runs
+    /// a command in one of its pods.
     Demo {
         /// Keep the demo running until Enter or Ctrl-C, to explore with bpftool.
         #[arg(long)]

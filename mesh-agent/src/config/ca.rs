@@ -137,12 +137,12 @@ pub struct CaRunConfig {
     #[arg(long, env = "MESH_KUBERNETES")]
     pub kubernetes: bool,
     /// Upper bound on the lifetime of a workload certificate.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_MAX_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
     pub max_workload_cert_ttl: Duration,
     /// Upper bound on the lifetime of a renewed node credential (what
     /// `ca join --ttl` gives by default).
-    #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_MAX_NODE_CERT_TTL", default_value = "8760h", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
     pub max_node_cert_ttl: Duration,
     /// Kubernetes API server for TokenReview (agents authenticating with a token).
@@ -155,7 +155,11 @@ pub struct CaRunConfig {
     #[arg(long, env = "MESH_KUBE_CA_FILE")]
     pub kube_ca_file: Option<PathBuf>,
     /// The service account node agents run as.
-    #[arg(long, default_value = "system:serviceaccount:mesh-system:mesh-agent")]
+    #[arg(
+        long,
+        env = "MESH_KUBE_AGENT_SA",
+        default_value = "system:serviceaccount:mesh-system:mesh-agent"
+    )]
     pub kube_agent_sa: String,
     /// Audience agents' tokens are bound to (checked by the TokenReview).
     #[arg(long, env = "MESH_KUBE_AUDIENCE")]
