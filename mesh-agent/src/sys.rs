@@ -88,3 +88,21 @@ pub fn netns_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
     }
     Ok(cookie)
 }
+
+/// Writes `bytes` to `path` through a temporary file beside it, synced,
+/// then renamed over it: a reader sees the old file or the new one, never
+/// half of one. `private` files are 0600, others 0644.
+pub fn replace_file(path: &Path, bytes: &[u8], private: bool) -> io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

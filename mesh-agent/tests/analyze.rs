@@ -3,6 +3,8 @@
 //! `.expected` file of the same name (`MESH_BLESS=1` rewrites them), and
 //! the command's exit status follows `--failure-threshold`.
 
+mod common;
+
 use std::{path::Path, process::Command};
 
 fn corpus() -> std::path::PathBuf {
@@ -12,7 +14,6 @@ fn corpus() -> std::path::PathBuf {
 #[test]
 fn each_case_gives_exactly_its_expected_findings() {
     let dir = corpus();
-    let bless = std::env::var_os("MESH_BLESS").is_some();
     let mut cases: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -32,18 +33,7 @@ fn each_case_gives_exactly_its_expected_findings() {
             format!("{m}\n")
         })
         .collect();
-        let expected_file = case.with_extension("expected");
-        if bless {
-            std::fs::write(&expected_file, &got).unwrap();
-            continue;
-        }
-        let expected = std::fs::read_to_string(&expected_file).unwrap_or_default();
-        if got != expected {
-            failures.push(format!(
-                "{}:\n--- expected\n{expected}--- got\n{got}",
-                case.display()
-            ));
-        }
+        common::compare_or_bless(&case.with_extension("expected"), &got, &mut failures);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -5,6 +5,8 @@
 //! `MESH_BLESS=1 cargo test -p mesh-agent --test golden` rewrites the
 //! `.expected` files; review the diff before committing it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use mesh_agent::{
@@ -111,7 +113,6 @@ fn every_kind_and_version_of_the_corpus_is_typed() {
 #[test]
 fn broken_examples_give_the_expected_messages() {
     let dir = corpus("broken");
-    let bless = std::env::var_os("MESH_BLESS").is_some();
     let mut failures = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
@@ -130,18 +131,7 @@ fn broken_examples_give_the_expected_messages() {
             .collect();
         assert!(!errors.is_empty(), "{} validated clean", file.display());
         let got = render(&errors, &dir);
-        let expected_file = file.with_extension("expected");
-        if bless {
-            std::fs::write(&expected_file, &got).unwrap();
-            continue;
-        }
-        let expected = std::fs::read_to_string(&expected_file).unwrap_or_default();
-        if got != expected {
-            failures.push(format!(
-                "{}:\n--- expected\n{expected}--- got\n{got}",
-                file.display()
-            ));
-        }
+        common::compare_or_bless(&file.with_extension("expected"), &got, &mut failures);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

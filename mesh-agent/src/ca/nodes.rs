@@ -12,7 +12,6 @@
 use std::{
     collections::HashSet,
     fs::File,
-    io::Write as _,
     path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, SystemTime},
@@ -132,17 +131,11 @@ fn update<T>(dir: &Path, change: impl FnOnce(&mut Vec<Record>) -> T) -> Result<T
     let out = change(&mut contents.nodes);
     let now = secs(SystemTime::now());
     contents.nodes.retain(|r| r.not_after >= now);
-    let text = serde_json::to_vec_pretty(&contents).map_err(|e| problem(&path, e))?;
-    // Written aside and renamed: a reader never sees half a file.
-    let tmp = dir.join(format!(".{FILE}.tmp"));
-    let written = File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&text)?;
-            f.write_all(b"\n")?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    written.map_err(|source| Error::Write { path, source })?;
+    let mut text = serde_json::to_vec_pretty(&contents).map_err(|e| problem(&path, e))?;
+    text.push(b'\n');
+    // The CA server reads it on every request: never half a file.
+    crate::sys::replace_file(&path, &text, false)
+        .map_err(|source| Error::Write { path, source })?;
     Ok(out)
 }
 

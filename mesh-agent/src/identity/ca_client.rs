@@ -101,25 +101,12 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Writes `text` to `path` through a temporary file and a rename, so a
-/// reader sees the old file or the new one, never half of one.
+/// Writes a renewed credential file whole (see `sys::replace_file`).
 fn replace_file(path: &Path, text: &str, private: bool) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let err = |source| Error::Write {
+    crate::sys::replace_file(path, text.as_bytes(), private).map_err(|source| Error::Write {
         path: path.into(),
         source,
-    };
-    let tmp = path.with_extension("renewing");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(err)?;
-    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);

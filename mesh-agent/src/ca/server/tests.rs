@@ -37,6 +37,15 @@ fn client(pki: &Pki, ca: &Running, cred: (PathBuf, PathBuf)) -> CaClient {
     .unwrap()
 }
 
+/// A client of `ca` presenting a fresh hour-long credential of `node`.
+fn node_client(pki: &Pki, ca: &Running, node: &str) -> CaClient {
+    client(
+        pki,
+        ca,
+        pki.node_credential(node, Duration::from_secs(3600)),
+    )
+}
+
 /// A key and CSR asking for `id`.
 fn csr(id: &str) -> String {
     let key = rcgen::KeyPair::generate().unwrap();
@@ -57,11 +66,7 @@ fn refused(r: Result<protocol::CertificateResponse, ca_client::Error>) -> (Statu
 async fn a_node_gets_certificates_only_for_pods_placed_on_it() {
     let pki = Pki::new();
     let (ca, _p) = ca(&pki).await;
-    let c = client(
-        &pki,
-        &ca,
-        pki.node_credential(NODE, Duration::from_secs(3600)),
-    );
+    let c = node_client(&pki, &ca, NODE);
     let web = SpiffeId::workload(TRUST_DOMAIN, "default", "web");
     let r = c
         .sign(&web, csr(&web.to_string()), Duration::from_secs(600))
@@ -92,11 +97,7 @@ async fn a_node_gets_certificates_only_for_pods_placed_on_it() {
 async fn requests_that_do_not_add_up_are_refused_with_the_reason() {
     let pki = Pki::new();
     let (ca, _p) = ca(&pki).await;
-    let c = client(
-        &pki,
-        &ca,
-        pki.node_credential(NODE, Duration::from_secs(3600)),
-    );
+    let c = node_client(&pki, &ca, NODE);
     let web = SpiffeId::workload(TRUST_DOMAIN, "default", "web");
     // The CSR asks for another identity than the request.
     let (status, why) = refused(
@@ -168,11 +169,7 @@ async fn callers_without_a_credential_of_this_ca_are_refused_at_the_handshake() 
 async fn a_rotation_of_the_ca_files_is_picked_up_without_a_restart() {
     let pki = Pki::new();
     let (ca, _p) = ca(&pki).await;
-    let c = client(
-        &pki,
-        &ca,
-        pki.node_credential(NODE, Duration::from_secs(3600)),
-    );
+    let c = node_client(&pki, &ca, NODE);
     assert_eq!(c.trust_bundle().await.unwrap().len(), 1);
 
     // Phase 1: a second root published next to the first.
@@ -298,22 +295,14 @@ async fn the_agent_renews_its_node_credential_when_it_is_due() {
 async fn a_revoked_node_is_refused_from_its_next_request_renewals_included() {
     let pki = Pki::new();
     let (ca, _p) = ca(&pki).await;
-    let c = client(
-        &pki,
-        &ca,
-        pki.node_credential(NODE, Duration::from_secs(3600)),
-    );
+    let c = node_client(&pki, &ca, NODE);
     let joined = c.node_credential().unwrap();
     nodes::add(
         &pki.dir.0,
         nodes::Record::new(NODE, &joined.serial, joined.not_after, nodes::How::Join),
     )
     .unwrap();
-    let other = client(
-        &pki,
-        &ca,
-        pki.node_credential("node-b", Duration::from_secs(3600)),
-    );
+    let other = node_client(&pki, &ca, "node-b");
     let web = SpiffeId::workload(TRUST_DOMAIN, "default", "web");
     let db = SpiffeId::workload(TRUST_DOMAIN, "default", "db");
     c.sign(&web, csr(&web.to_string()), Duration::from_secs(60))
