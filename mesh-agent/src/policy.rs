@@ -1,7 +1,11 @@
-//! Istio security policy the agent enforces. For now PeerAuthentication;
-//! each policy is built from validated resources of the configuration
-//! snapshot.
+//! Istio security policy the agent enforces, built from validated
+//! resources of the configuration snapshot: PeerAuthentication (who may
+//! send plaintext), AuthorizationPolicy (who may do what) and
+//! RequestAuthentication (JWT), all decided by the destination's agent.
 
+pub mod authz;
+pub mod jwks;
+pub mod jwt;
 pub mod peer_auth;
 
 pub use peer_auth::{MtlsMode, PeerAuthentications};

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod demo;
 pub mod env;
 pub mod fake_apiserver;
+pub mod jwt;
 pub mod pod;
 pub mod sys;
 
