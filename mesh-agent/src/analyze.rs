@@ -141,12 +141,8 @@ pub fn documents_across(parsed: Parsed, dataplane_mode_label: &str) -> Vec<Messa
         documents: parsed.documents,
         notes: Vec::new(),
     };
-    let settings = snapshot::Settings {
-        node_name: String::new(),
-        root_namespace: "istio-system".into(),
-        cluster_domain: CLUSTER_DOMAIN.into(),
-        dataplane_mode_label: dataplane_mode_label.into(),
-    };
+    let settings =
+        snapshot::Settings::offline("", "istio-system", CLUSTER_DOMAIN, dataplane_mode_label);
     let snap = match snapshot::build(&[&source], &settings, 1) {
         Ok(s) => s,
         Err(problems) => {

@@ -134,11 +134,20 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         );
     }
     metrics.set_insecure(identities.is_none());
+    let jwks = {
+        let metrics = metrics.clone();
+        crate::policy::jwks::JwksStore::new(
+            config.jwks_refresh_interval,
+            Arc::new(move |result| metrics.jwks_fetch(result)),
+        )
+    };
     let settings = snapshot::Settings {
         node_name: config.node_name.clone(),
         root_namespace: config.root_namespace.clone(),
         cluster_domain: config.cluster_domain.clone(),
         dataplane_mode_label: config.dataplane_mode_label.clone(),
+        jwks: Arc::new(jwks),
+        jwks_timeout: config.jwks_fetch_timeout,
     };
     let store = Arc::new(Store::new(Snapshot::empty(&settings)));
     let maps = loaded.maps();

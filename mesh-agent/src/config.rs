@@ -264,6 +264,12 @@ pub struct Config {
     #[arg(long, env = "MESH_ACCESS_LOG")]
     pub access_log: bool,
 
+    /// Append the audit log (requests AUDIT policies match, and every
+    /// authorization denial, one JSON object per line) to this file
+    /// instead of the log's `mesh::audit` target.
+    #[arg(long, env = "MESH_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+
     /// This node's locality, `region/zone/subzone` (Kubernetes
     /// `topology.kubernetes.io/region` and `zone`): pods without an
     /// `istio-locality` label are taken to be here, for locality-aware
@@ -342,6 +348,18 @@ pub struct Config {
     #[arg(long, env = "MESH_HBONE_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
     pub hbone_idle_timeout: Duration,
+
+    /// How old a RequestAuthentication's remote key set (`jwksUri`) may
+    /// get before it is fetched again (Istio's default: 20 minutes). A
+    /// token naming an unknown key fetches it at once.
+    #[arg(long, env = "MESH_JWKS_REFRESH_INTERVAL", default_value = "20m", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub jwks_refresh_interval: Duration,
+
+    /// How long one `jwksUri` fetch may take.
+    #[arg(long, env = "MESH_JWKS_FETCH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub jwks_fetch_timeout: Duration,
 }
 
 fn default_node_name() -> String {

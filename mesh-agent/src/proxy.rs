@@ -9,6 +9,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod prefixed;
 pub mod pool;
 pub mod sniff;
 pub mod socket;
@@ -92,6 +93,12 @@ pub enum Error {
     Resolve { host: String, reason: String },
     #[error("plaintext to port {port} refused: PeerAuthentication is STRICT for {pod}")]
     PlaintextRefused { port: u16, pod: String },
+    #[error("connection to {dst} of {pod} denied by AuthorizationPolicy ({by})")]
+    Denied {
+        dst: SocketAddr,
+        pod: String,
+        by: String,
+    },
     #[error(transparent)]
     Identity(#[from] crate::identity::Error),
     #[error(transparent)]
@@ -113,6 +120,7 @@ impl Error {
             Error::Hbone { .. } | Error::HboneHandshake(_) => "hbone",
             Error::HboneRefused { .. } => "hbone_refused",
             Error::PlaintextRefused { .. } => "plaintext_refused",
+            Error::Denied { .. } => "rbac_denied",
             Error::NoEndpoint { .. } => "no_healthy_upstream",
             Error::Overflow { .. } => "upstream_overflow",
             Error::Resolve { .. } => "dns",
@@ -158,6 +166,8 @@ pub struct ProxyContext {
     pub clusters: cluster::Clusters,
     /// Upstream HTTP connections of each pod, for reuse.
     pub upstreams: Arc<http::upstreams::Upstreams>,
+    /// Where audited requests and denials are written.
+    pub audit: crate::telemetry::audit::Audit,
 }
 
 impl ProxyContext {
@@ -170,7 +180,12 @@ impl ProxyContext {
         identities: Option<Arc<IdentityManager>>,
         pool: Option<Arc<pool::Pool>>,
     ) -> Self {
+        let audit = crate::telemetry::audit::Audit::new(
+            config.audit_log.clone(),
+            metrics.audit_dropped(),
+        );
         Self {
+            audit,
             config,
             capture,
             metrics,

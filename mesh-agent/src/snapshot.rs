@@ -19,8 +19,14 @@ use serde::Serialize;
 use crate::{
     documents::Document,
     istio::{Kind, Problem, Resource, Severity, Spec},
-    policy::{PeerAuthentications, peer_auth::Effective},
-    registry::{self, Registry},
+    policy::{
+        PeerAuthentications,
+        authz::{self, WorkloadAuthz},
+        jwks::JwksStore,
+        jwt::{self, Authenticator},
+        peer_auth::Effective,
+    },
+    registry::{self, Registry, protocol::Protocol},
     workload::{Workload, WorkloadKey},
 };
 
@@ -53,6 +59,31 @@ pub struct Settings {
     pub cluster_domain: String,
     /// The label that enrols pods (`--dataplane-mode-label`).
     pub dataplane_mode_label: String,
+    /// The remote JWK sets RequestAuthentications name, shared by every
+    /// snapshot so that a reload does not refetch them.
+    pub jwks: Arc<JwksStore>,
+    /// How long a JWKS fetch may take.
+    pub jwks_timeout: std::time::Duration,
+}
+
+impl Settings {
+    /// Settings with a JWKS store that never fetches ahead of use (for
+    /// offline tools and tests).
+    pub fn offline(
+        node_name: &str,
+        root_namespace: &str,
+        cluster_domain: &str,
+        dataplane_mode_label: &str,
+    ) -> Self {
+        Self {
+            node_name: node_name.into(),
+            root_namespace: root_namespace.into(),
+            cluster_domain: cluster_domain.into(),
+            dataplane_mode_label: dataplane_mode_label.into(),
+            jwks: Arc::new(JwksStore::offline()),
+            jwks_timeout: std::time::Duration::from_secs(5),
+        }
+    }
 }
 
 /// Policies that apply to one workload of this node, resolved once.
@@ -60,13 +91,48 @@ pub struct Settings {
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadPolicies {
     pub peer_authentication: Effective,
+    /// The AuthorizationPolicies that apply, in evaluation order.
+    #[serde(skip_serializing_if = "is_empty_authz")]
+    pub authorization: Arc<WorkloadAuthz>,
+    /// The JWT rules of the RequestAuthentications that apply.
+    #[serde(skip_serializing_if = "is_empty_jwt")]
+    pub request_authentication: Arc<Authenticator>,
+    /// The protocols its ports are declared with by the Services that
+    /// select it (absent: not declared, detected from the first bytes).
+    #[serde(skip_serializing_if = "is_empty_map")]
+    pub port_protocols: Arc<BTreeMap<u16, Protocol>>,
     /// `Kind namespace/name` of each policy that selects the workload.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub authorization: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub request_authentication: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub telemetry: Vec<String>,
+}
+
+fn is_empty_authz(a: &Arc<WorkloadAuthz>) -> bool {
+    a.is_empty()
+}
+
+fn is_empty_jwt(a: &Arc<Authenticator>) -> bool {
+    a.is_empty()
+}
+
+fn is_empty_map(m: &Arc<BTreeMap<u16, Protocol>>) -> bool {
+    m.is_empty()
+}
+
+/// What the destination's agent decides a connection to one workload
+/// with.
+#[derive(Debug, Clone)]
+pub struct InboundPolicy {
+    pub authorization: Arc<WorkloadAuthz>,
+    pub request_authentication: Arc<Authenticator>,
+    pub port_protocols: Arc<BTreeMap<u16, Protocol>>,
+}
+
+impl InboundPolicy {
+    /// Whether HTTP connections are decided per request (some policy
+    /// needs the request, or a RequestAuthentication applies).
+    pub fn per_request(&self) -> bool {
+        self.authorization.per_request || !self.request_authentication.is_empty()
+    }
 }
 
 /// One immutable, compiled configuration.
@@ -83,6 +149,13 @@ pub struct Snapshot {
     pub registry: Registry,
     pub routes: compile::Routes,
     pub peer_authentications: PeerAuthentications,
+    /// Every AuthorizationPolicy and JWT rule, compiled once.
+    #[serde(skip)]
+    pub authorization_policies: Vec<Arc<authz::Policy>>,
+    #[serde(skip)]
+    pub jwt_rules: Vec<Arc<jwt::Rule>>,
+    #[serde(skip)]
+    pub root_namespace: String,
     /// For each workload on this node.
     pub policies: BTreeMap<WorkloadKey, WorkloadPolicies>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -104,6 +177,9 @@ impl Snapshot {
             registry: Registry::default(),
             routes: compile::Routes::default(),
             peer_authentications: PeerAuthentications::empty(&settings.root_namespace),
+            authorization_policies: Vec::new(),
+            jwt_rules: Vec::new(),
+            root_namespace: settings.root_namespace.clone(),
             policies: BTreeMap::new(),
             notes: Vec::new(),
         }
@@ -115,6 +191,31 @@ impl Snapshot {
             Some(p) => p.peer_authentication.clone(),
             // Not indexed (enrolled from an older snapshot): resolve now.
             None => self.peer_authentications.effective(w),
+        }
+    }
+
+    /// What the destination's agent decides connections to `w` with.
+    pub fn inbound_policy(&self, w: &Workload) -> InboundPolicy {
+        match self.policies.get(&w.key()) {
+            Some(p) => InboundPolicy {
+                authorization: p.authorization.clone(),
+                request_authentication: p.request_authentication.clone(),
+                port_protocols: p.port_protocols.clone(),
+            },
+            // Not indexed (enrolled from an older snapshot): resolve now.
+            None => InboundPolicy {
+                authorization: Arc::new(WorkloadAuthz::for_workload(
+                    &self.authorization_policies,
+                    w,
+                    &self.root_namespace,
+                )),
+                request_authentication: Arc::new(Authenticator::for_workload(
+                    &self.jwt_rules,
+                    w,
+                    &self.root_namespace,
+                )),
+                port_protocols: Arc::default(),
+            },
         }
     }
 
@@ -170,6 +271,22 @@ pub fn build(
         all.iter().map(|r| r.as_ref()),
         &settings.root_namespace,
     );
+    let authorization_policies: Vec<Arc<authz::Policy>> = all
+        .iter()
+        .filter_map(|r| authz::Policy::from_resource(r))
+        .map(Arc::new)
+        .collect();
+    for p in &authorization_policies {
+        for problem in &p.problems {
+            tracing::warn!(policy = %p.id, "AuthorizationPolicy: {problem}");
+        }
+    }
+    let jwt_rules: Vec<Arc<jwt::Rule>> = all
+        .iter()
+        .flat_map(|r| jwt::Rule::from_resource(r, &settings.jwks, settings.jwks_timeout))
+        .map(Arc::new)
+        .collect();
+    let mut port_protocols = local_port_protocols(&registry, &settings.node_name);
     let policies = registry
         .on_node(&settings.node_name)
         .map(|w| {
@@ -184,8 +301,17 @@ pub fn build(
             };
             let p = WorkloadPolicies {
                 peer_authentication: peer_authentications.effective(w),
-                authorization: selecting(Kind::AuthorizationPolicy),
-                request_authentication: selecting(Kind::RequestAuthentication),
+                authorization: Arc::new(WorkloadAuthz::for_workload(
+                    &authorization_policies,
+                    w,
+                    &settings.root_namespace,
+                )),
+                request_authentication: Arc::new(Authenticator::for_workload(
+                    &jwt_rules,
+                    w,
+                    &settings.root_namespace,
+                )),
+                port_protocols: Arc::new(port_protocols.remove(&w.key()).unwrap_or_default()),
                 telemetry: selecting(Kind::Telemetry),
             };
             (w.key(), p)
@@ -206,9 +332,38 @@ pub fn build(
         registry,
         routes,
         peer_authentications,
+        authorization_policies,
+        jwt_rules,
+        root_namespace: settings.root_namespace.clone(),
         policies,
         notes: sources.iter().flat_map(|s| s.notes.clone()).collect(),
     })
+}
+
+/// The declared protocol of each port of this node's workloads, from the
+/// Services whose endpoints they are: one pass over the endpoints.
+fn local_port_protocols(
+    registry: &Registry,
+    node: &str,
+) -> HashMap<WorkloadKey, BTreeMap<u16, Protocol>> {
+    let mut out: HashMap<WorkloadKey, BTreeMap<u16, Protocol>> = HashMap::new();
+    for svc in &registry.services {
+        for e in &svc.endpoints {
+            let Some(w) = e.workload.as_ref().map(|w| &w.0) else {
+                continue;
+            };
+            if w.node.as_deref() != Some(node) {
+                continue;
+            }
+            for sp in svc.ports.iter().filter(|p| p.protocol != Protocol::Unknown) {
+                out.entry(w.key())
+                    .or_default()
+                    .entry(e.port_for(sp))
+                    .or_insert(sp.protocol);
+            }
+        }
+    }
+    out
 }
 
 /// Whether a workload-scoped policy (selector form) applies to `w`: its
@@ -317,12 +472,17 @@ fn conflicts(docs: &[&Document]) -> Result<(), Vec<Problem>> {
 /// The snapshot in force, swapped atomically.
 pub struct Store {
     current: ArcSwap<Snapshot>,
+    /// The version in force, for whoever must act on a change (open
+    /// connections re-checking their authorization).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
     pub fn new(initial: Snapshot) -> Self {
+        let (changed, _) = tokio::sync::watch::channel(initial.version);
         Self {
             current: ArcSwap::from_pointee(initial),
+            changed,
         }
     }
 
@@ -333,7 +493,15 @@ impl Store {
     }
 
     pub fn swap(&self, next: Snapshot) -> Arc<Snapshot> {
-        self.current.swap(Arc::new(next))
+        let version = next.version;
+        let old = self.current.swap(Arc::new(next));
+        self.changed.send_replace(version);
+        old
+    }
+
+    /// Wakes on every swap after this call.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }
 
@@ -357,12 +525,12 @@ mod tests {
     }
 
     fn settings() -> Settings {
-        Settings {
-            node_name: "node-a".into(),
-            root_namespace: "istio-system".into(),
-            cluster_domain: "cluster.local".into(),
-            dataplane_mode_label: crate::registry::ambient::DEFAULT_LABEL.into(),
-        }
+        Settings::offline(
+            "node-a",
+            "istio-system",
+            "cluster.local",
+            crate::registry::ambient::DEFAULT_LABEL,
+        )
     }
 
     const WORKLOADS: &str = r#"
@@ -414,7 +582,13 @@ spec:
             "only this node's workloads are indexed"
         );
         let web = &s.policies.values().next().unwrap();
-        assert_eq!(web.authorization, ["AuthorizationPolicy shop/web-only"]);
+        let ids: Vec<&str> = web
+            .authorization
+            .policies
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect();
+        assert_eq!(ids, ["shop/web-only"]);
         assert_eq!(web.telemetry, ["Telemetry istio-system/mesh"]);
         assert_eq!(
             web.peer_authentication.mode(80),

@@ -2,6 +2,7 @@
 
 mod ebpf;
 pub mod logging;
+pub mod audit;
 pub mod metrics;
 mod series;
 

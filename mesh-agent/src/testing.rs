@@ -165,12 +165,12 @@ pub fn source(yaml: &str) -> SourceDocs {
 
 /// The snapshot of `yaml`.
 pub fn snapshot(yaml: &str) -> Snapshot {
-    let settings = snapshot::Settings {
-        node_name: NODE.into(),
-        root_namespace: "istio-system".into(),
-        cluster_domain: "cluster.local".into(),
-        dataplane_mode_label: crate::registry::ambient::DEFAULT_LABEL.into(),
-    };
+    let settings = snapshot::Settings::offline(
+        NODE,
+        "istio-system",
+        "cluster.local",
+        crate::registry::ambient::DEFAULT_LABEL,
+    );
     snapshot::build(&[&source(yaml)], &settings, 1).expect("snapshot")
 }
 

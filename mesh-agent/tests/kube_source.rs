@@ -144,12 +144,12 @@ async fn until<T>(what: &str, f: impl Fn() -> Option<T>) -> T {
 }
 
 fn settings() -> snapshot::Settings {
-    snapshot::Settings {
-        node_name: "node-a".into(),
-        root_namespace: "istio-system".into(),
-        cluster_domain: "cluster.local".into(),
-        dataplane_mode_label: mesh_agent::registry::ambient::DEFAULT_LABEL.into(),
-    }
+    snapshot::Settings::offline(
+        "node-a",
+        "istio-system",
+        "cluster.local",
+        mesh_agent::registry::ambient::DEFAULT_LABEL,
+    )
 }
 
 fn local_workloads(d: &SourceDocs) -> Vec<String> {

@@ -40,6 +40,8 @@ pub struct JwksStore {
     sets: Mutex<HashMap<String, Weak<Jwks>>>,
     refresh: Duration,
     on_fetch: OnFetch,
+    /// Fetch a new URI's keys as soon as a rule names it.
+    prefetch: bool,
 }
 
 impl std::fmt::Debug for JwksStore {
@@ -56,6 +58,16 @@ impl JwksStore {
             sets: Mutex::default(),
             refresh,
             on_fetch,
+            prefetch: true,
+        }
+    }
+
+    /// A store that fetches only when a token needs the keys: for offline
+    /// tools, which never do.
+    pub fn offline() -> Self {
+        Self {
+            prefetch: false,
+            ..Self::new(Duration::from_secs(20 * 60), Arc::new(|_| {}))
         }
     }
 
@@ -77,7 +89,9 @@ impl JwksStore {
             on_fetch: self.on_fetch.clone(),
         });
         sets.insert(uri.into(), Arc::downgrade(&j));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if self.prefetch
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
             let j = j.clone();
             rt.spawn(async move { j.fetch().await });
         }

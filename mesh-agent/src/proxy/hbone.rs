@@ -174,14 +174,8 @@ async fn stream(
             return status(StatusCode::MISDIRECTED_REQUEST);
         }
     };
-    let arrival = inbound::Arrival {
-        pod: target,
-        dst,
-        peer,
-        identity: Some(peer_id.clone()),
-        snap: ctx.store.load(),
-    };
-    let app = match arrival.admit() {
+    let arrival = inbound::Arrival::new(target, dst, peer, Some(peer_id.clone()), ctx.store.load());
+    let app = match arrival.admit(ctx) {
         Ok(()) => inbound::connect_app(&arrival, ctx).await,
         Err(e) => Err(e),
     };
@@ -189,9 +183,15 @@ async fn stream(
         Ok(a) => a,
         Err(e) => {
             ctx.metrics.proxy_error(Reporter::Destination, e.reason());
-            tracing::warn!(pod = %arrival.pod.workload.key(), %peer, "hbone: {e}");
+            if matches!(e, Error::Denied { .. }) {
+                // Counted and audited where it was decided.
+                tracing::debug!(pod = %arrival.pod.workload.key(), %peer, "hbone: {e}");
+            } else {
+                tracing::warn!(pod = %arrival.pod.workload.key(), %peer, "hbone: {e}");
+            }
             return status(match e {
                 Error::Loop { .. } => StatusCode::BAD_REQUEST,
+                Error::Denied { .. } => StatusCode::FORBIDDEN,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             });
         }
@@ -206,7 +206,7 @@ async fn stream(
         let cut = ctx.cut.clone();
         tokio::select! {
             _ = cut.cancelled() => {}
-            _ = inbound::serve(&arrival, tunnel, app, &ctx) => {}
+            _ = inbound::serve(arrival, tunnel, app, &ctx) => {}
         }
     });
     status(StatusCode::OK)

@@ -29,10 +29,10 @@ use tokio::net::TcpStream;
 
 mod actions;
 mod decide;
-mod metered;
+pub(in crate::proxy) mod metered;
 mod replay;
 mod retry;
-mod send;
+pub(in crate::proxy) mod send;
 pub mod upstreams;
 
 use super::{PodContext, ProxyContext, cluster, upstream::Via};
@@ -45,7 +45,7 @@ use replay::Replay;
 use send::{AttemptError, strip_hop_by_hop};
 
 /// Bodies in both directions: streamed from the peer, or made here.
-type Body = BoxBody<Bytes, hyper::Error>;
+pub(in crate::proxy) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The header carrying the response flag of a response the agent made.
 pub const FLAGS_HEADER: &str = "x-mesh-response-flags";
@@ -150,7 +150,7 @@ impl LocalReply {
     }
 }
 
-fn full(b: impl Into<Bytes>) -> Body {
+pub(in crate::proxy) fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 

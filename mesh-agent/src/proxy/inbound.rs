@@ -8,12 +8,14 @@
 //! 1. an [`Arrival`] says who is coming (the peer's verified identity, for
 //!    HBONE) and where to;
 //! 2. [`Arrival::admit`] is the destination's decision about the
-//!    connection (PeerAuthentication today; AuthorizationPolicy's
-//!    connection-level rules belong here too);
+//!    connection: PeerAuthentication, then AuthorizationPolicy when no
+//!    policy of the workload needs the HTTP request ([`authorize`]);
 //! 3. [`connect_app`] connects to the application from a source
 //!    `sk_lookup` passes (`127.0.0.6`, `::6`), so it is not captured again;
-//! 4. [`serve`] carries the bytes. Request-level decisions (L7 rules)
-//!    would serve HTTP here instead of relaying.
+//! 4. [`serve`] carries the bytes — or, when the workload's policies need
+//!    the request (L7 rules, RequestAuthentication) and the connection
+//!    speaks HTTP (declared by its Service port, else detected), serves
+//!    HTTP and decides per request ([`http`]).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -23,9 +25,12 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Error, PodContext, ProxyContext, copy, socket};
+pub mod authorize;
+pub mod http;
+
+use super::{Error, PodContext, ProxyContext, copy, prefixed::Prefixed, sniff, socket};
 use crate::{
-    snapshot::Snapshot,
+    snapshot::{InboundPolicy, Snapshot},
     spiffe::SpiffeId,
     telemetry::metrics::{ConnLabels, Reporter},
     workload::Workload,
@@ -43,13 +48,34 @@ pub struct Arrival {
     pub identity: Option<Arc<SpiffeId>>,
     /// The configuration the connection is decided and carried with.
     pub snap: Arc<Snapshot>,
+    /// The destination workload's policies, from `snap`.
+    pub policy: InboundPolicy,
 }
 
 impl Arrival {
+    pub fn new(
+        pod: Arc<PodContext>,
+        dst: SocketAddr,
+        peer: SocketAddr,
+        identity: Option<Arc<SpiffeId>>,
+        snap: Arc<Snapshot>,
+    ) -> Self {
+        let policy = snap.inbound_policy(&pod.workload);
+        Self {
+            pod,
+            dst,
+            peer,
+            identity,
+            snap,
+            policy,
+        }
+    }
+
     /// The destination's decision about this connection: `Ok` lets it in.
     /// Plaintext is refused where PeerAuthentication is STRICT for the
-    /// port; mutual TLS (HBONE) always satisfies it.
-    pub fn admit(&self) -> Result<(), Error> {
+    /// port; mutual TLS (HBONE) always satisfies it. AuthorizationPolicy
+    /// decides here unless the workload's policies need the request.
+    pub fn admit(&self, ctx: &ProxyContext) -> Result<(), Error> {
         if self.identity.is_none() {
             let mode = self
                 .snap
@@ -61,6 +87,9 @@ impl Arrival {
                     pod: self.pod.workload.key().to_string(),
                 });
             }
+        }
+        if !self.policy.per_request() {
+            self.authorize_connection(ctx)?;
         }
         Ok(())
     }
@@ -101,9 +130,17 @@ pub async fn serve_plaintext(
     super::accept_loop(listener, stop, ctx.clone(), move |stream, peer| {
         let (pod, ctx) = (pod.clone(), ctx.clone());
         async move {
-            if let Err(e) = plaintext(stream, peer, pod.clone(), &ctx).await {
-                ctx.metrics.proxy_error(Reporter::Destination, e.reason());
-                tracing::warn!(pod = %pod.workload.key(), %peer, "inbound: {e}");
+            match plaintext(stream, peer, pod.clone(), &ctx).await {
+                Ok(()) => {}
+                // Denials are counted and audited where they are decided.
+                Err(e @ Error::Denied { .. }) => {
+                    ctx.metrics.proxy_error(Reporter::Destination, e.reason());
+                    tracing::debug!(pod = %pod.workload.key(), %peer, "inbound: {e}");
+                }
+                Err(e) => {
+                    ctx.metrics.proxy_error(Reporter::Destination, e.reason());
+                    tracing::warn!(pod = %pod.workload.key(), %peer, "inbound: {e}");
+                }
             }
         }
     })
@@ -114,17 +151,11 @@ async fn plaintext(
     stream: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodContext>,
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
 ) -> Result<(), Error> {
-    let arrival = Arrival {
-        dst: stream.local_addr()?,
-        pod,
-        peer,
-        identity: None,
-        // One snapshot for the connection's whole life.
-        snap: ctx.store.load(),
-    };
-    let app = match arrival.admit() {
+    // One snapshot for the connection's whole life.
+    let arrival = Arrival::new(pod, stream.local_addr()?, peer, None, ctx.store.load());
+    let app = match arrival.admit(ctx) {
         Ok(()) => connect_app(&arrival, ctx).await,
         Err(e) => Err(e),
     };
@@ -137,7 +168,7 @@ async fn plaintext(
         }
     };
     stream.set_nodelay(true)?;
-    serve(&arrival, stream, app, ctx).await;
+    serve(arrival, stream, app, ctx).await;
     Ok(())
 }
 
@@ -158,44 +189,184 @@ pub async fn connect_app(arrival: &Arrival, ctx: &ProxyContext) -> Result<TcpStr
     .await
 }
 
-/// Carries an admitted connection to the application, counting it with
-/// the destination's labels.
-pub async fn serve<C>(arrival: &Arrival, client: C, app: TcpStream, ctx: &ProxyContext)
+/// Carries an admitted connection to the application: as HTTP decided
+/// per request when the workload's policies need the request and the
+/// connection speaks HTTP; else byte for byte, counted with the
+/// destination's labels (after the connection-level decision, if it was
+/// left for now).
+pub async fn serve<C>(arrival: Arrival, client: C, app: TcpStream, ctx: &Arc<ProxyContext>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if !arrival.policy.per_request() {
+        return relay(&arrival, client, app, ctx, false).await;
+    }
+    let mut client = client;
+    let (prefix, is_http) = match arrival.policy.port_protocols.get(&arrival.dst.port()) {
+        Some(p) => (Vec::new(), p.is_http()),
+        None => match sniff::read_http_start(&mut client).await {
+            Ok(r) => r,
+            Err(e) => {
+                return tracing::debug!(pod = %arrival.pod.workload.key(), "inbound: {e}");
+            }
+        },
+    };
+    let client = Prefixed::new(prefix, client);
+    if is_http {
+        return http::serve(Arc::new(arrival), client, app, ctx.clone()).await;
+    }
+    // Not HTTP: the connection-level decision, with Istio's semantics for
+    // HTTP-only fields.
+    if let Err(e) = arrival.authorize_connection(ctx) {
+        ctx.metrics.proxy_error(Reporter::Destination, e.reason());
+        return tracing::info!(pod = %arrival.pod.workload.key(), peer = %arrival.peer, "inbound: {e}");
+    }
+    relay(&arrival, client, app, ctx, true).await;
+}
+
+impl Arrival {
+    /// Calls `f` with the connection's metric labels.
+    pub fn with_labels<R>(&self, ctx: &ProxyContext, f: impl FnOnce(&ConnLabels<'_>) -> R) -> R {
+        let principals = self
+            .identity
+            .as_ref()
+            .zip(self.pod.identity.as_ref())
+            .map(|(src, dst)| (src.to_string(), dst.to_string()));
+        f(&ConnLabels {
+            reporter: Reporter::Destination,
+            source: self.source_workload().map(|w| &**w),
+            destination: Some(&self.pod.workload),
+            service: None,
+            destination_addr: self.dst,
+            cluster: &ctx.config.cluster_id,
+            security_policy: if principals.is_some() {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+            source_principal: principals.as_ref().map(|p| p.0.as_str()),
+            destination_principal: principals.as_ref().map(|p| p.1.as_str()),
+        })
+    }
+}
+
+/// Relays byte for byte until either side closes, or a configuration
+/// change means the connection may no longer stay (`known_tcp`: the
+/// connection was seen not to be HTTP).
+async fn relay<C>(arrival: &Arrival, client: C, app: TcpStream, ctx: &ProxyContext, known_tcp: bool)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let principals = arrival
-        .identity
-        .as_ref()
-        .zip(arrival.pod.identity.as_ref())
-        .map(|(src, dst)| (src.to_string(), dst.to_string()));
-    let m = ctx.metrics.connection_opened(&ConnLabels {
-        reporter: Reporter::Destination,
-        source: arrival.source_workload().map(|w| &**w),
-        destination: Some(&arrival.pod.workload),
-        service: None,
-        destination_addr: arrival.dst,
-        cluster: &ctx.config.cluster_id,
-        security_policy: if principals.is_some() {
-            "mutual_tls"
-        } else {
-            "none"
-        },
-        source_principal: principals.as_ref().map(|p| p.0.as_str()),
-        destination_principal: principals.as_ref().map(|p| p.1.as_str()),
-    });
+    // Subscribed before anything can change unseen.
+    let mut changes = ctx.store.subscribe();
+    if ctx.store.load().version != arrival.snap.version {
+        changes.mark_changed();
+    }
+    let m = arrival.with_labels(ctx, |l| ctx.metrics.connection_opened(l));
     let (pod, peer, dst) = (arrival.pod.workload.key(), arrival.peer, arrival.dst);
     tracing::debug!(%pod, %peer, %dst, "inbound: proxying");
-    let r = copy::relay(
+    let copy = copy::relay(
         client,
         app,
         m.received.clone(),
         m.sent.clone(),
         ctx.config.buffer_size,
-    )
-    .await;
-    if let Err(e) = r {
-        tracing::debug!(%pod, %dst, "inbound: closed with {e}");
+    );
+    tokio::pin!(copy);
+    let why = tokio::select! {
+        r = &mut copy => {
+            if let Err(e) = r {
+                tracing::debug!(%pod, %dst, "inbound: closed with {e}");
+            }
+            return;
+        },
+        why = revoked(arrival, ctx, known_tcp, &mut changes) => why,
+    };
+    if let Revoked::Reparse = why {
+        // Allowed, but now to be decided per request: closed once quiet
+        // (at most a second later), so a request in flight is not cut.
+        let quiet = async {
+            let total = || m.received.get() + m.sent.get();
+            let mut last = total();
+            loop {
+                tokio::time::sleep(QUIET).await;
+                let now = total();
+                if now == last {
+                    return;
+                }
+                last = now;
+            }
+        };
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(%pod, %dst, "inbound: closed with {e}");
+                }
+                return;
+            },
+            _ = tokio::time::timeout(REPARSE_WITHIN, quiet) => {}
+        }
+    }
+    tracing::info!(%pod, %peer, %dst, "inbound: closing a connection: {why}");
+}
+
+/// How long a relayed connection must carry nothing to count as quiet.
+const QUIET: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A relayed connection that must be decided per request from now on is
+/// closed within this, quiet or not.
+const REPARSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Why a relayed connection must go.
+enum Revoked {
+    Denied(String),
+    /// Its policies now need the request.
+    Reparse,
+}
+
+impl std::fmt::Display for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Denied(by) => write!(f, "denied by AuthorizationPolicy ({by})"),
+            Self::Reparse => f.write_str("its workload's policies now decide each request"),
+        }
+    }
+}
+
+/// Resolves when a new configuration no longer lets a relayed connection
+/// stay: its policies now deny it (as ztunnel re-checks open
+/// connections), or they now need the request, which a relayed connection
+/// of unknown protocol cannot show (the client reconnects and is decided
+/// per request).
+async fn revoked(
+    arrival: &Arrival,
+    ctx: &ProxyContext,
+    known_tcp: bool,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+) -> Revoked {
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let now = Arrival::new(
+            arrival.pod.clone(),
+            arrival.dst,
+            arrival.peer,
+            arrival.identity.clone(),
+            ctx.store.load(),
+        );
+        if !known_tcp && now.policy.per_request() {
+            return Revoked::Reparse;
+        }
+        if now.policy.authorization.is_empty() {
+            continue;
+        }
+        let peer = now.peer();
+        let v = now.policy.authorization.decide(&now.attributes(&peer, None));
+        if !v.allowed {
+            now.record(ctx, &peer, &v, None);
+            return Revoked::Denied(authorize::describe(&v));
+        }
     }
 }
 

@@ -6,7 +6,11 @@
 
 use std::time::Duration;
 
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt},
+    net::TcpStream,
+    time::Instant,
+};
 
 /// How long a client may stay silent before its connection is taken as
 /// plain TCP (server-first protocols such as MySQL or SMTP).
@@ -75,6 +79,25 @@ pub async fn detect_http(stream: &TcpStream) -> bool {
     })
     .await;
     is_http(&b)
+}
+
+/// Reads the client's first bytes from a stream that cannot be peeked
+/// (an HBONE tunnel) until they show whether it speaks HTTP, or the
+/// timeout; returns them, to be replayed ([`super::prefixed::Prefixed`]),
+/// and the answer.
+pub async fn read_http_start<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(Vec<u8>, bool)> {
+    let deadline = Instant::now() + DETECTION_TIMEOUT;
+    let mut buf = Vec::with_capacity(64);
+    let mut chunk = [0u8; 64];
+    while !is_http(&buf) && could_be_http(&buf) && buf.len() < H2_PREFACE.len() + 8 {
+        match tokio::time::timeout_at(deadline, r.read(&mut chunk)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    let http = is_http(&buf);
+    Ok((buf, http))
 }
 
 /// The server name of the TLS ClientHello the client sends first, if it

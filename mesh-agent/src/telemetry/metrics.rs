@@ -211,6 +211,10 @@ pub struct Metrics {
     kube_watch_errors: IntCounterVec,
     hbone_connections: IntGauge,
     insecure: IntGauge,
+    authz_decisions: IntCounterVec,
+    jwt_rejections: IntCounterVec,
+    jwks_fetches: IntCounterVec,
+    audit_dropped: IntCounter,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     request_bytes: HistogramVec,
@@ -462,10 +466,39 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            authz_decisions: counter_vec(
+                &registry,
+                "mesh_authz_decisions_total",
+                "AuthorizationPolicy decisions by the destination's agent: the deciding action (ALLOW, DENY, CUSTOM, AUDIT; NONE when no policy applies), the decision (allow, deny, audit, dry_run_allow, dry_run_deny) and the policy (namespace/name; none when no ALLOW policy matched).",
+                &["action", "decision", "policy"],
+            )?,
+            jwt_rejections: counter_vec(
+                &registry,
+                "mesh_jwt_rejections_total",
+                "Requests refused with 401 because their JWT failed, by reason.",
+                &["reason"],
+            )?,
+            jwks_fetches: counter_vec(
+                &registry,
+                "mesh_jwks_fetches_total",
+                "Fetches of RequestAuthentication key sets (jwksUri), by result (ok, error).",
+                &["result"],
+            )?,
+            audit_dropped: {
+                let c = IntCounter::new(
+                    "mesh_audit_dropped_total",
+                    "Audit records dropped because the audit queue was full.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             active,
             workloads,
             registry,
         };
+        for r in ["ok", "error"] {
+            m.jwks_fetches.with_label_values(&[r]);
+        }
         // Every handshake failure reason is exported from the start (at 0),
         // so "no failure" is a reading, not a missing series.
         for d in [Reporter::Source, Reporter::Destination] {
@@ -591,6 +624,26 @@ impl Metrics {
 
     pub fn config_rejected(&self, source: &str) {
         self.config_rejected.with_label_values(&[source]).inc();
+    }
+
+    /// Counts one authorization decision.
+    pub fn authz_decision(&self, action: &str, decision: &str, policy: &str) {
+        self.authz_decisions
+            .with_label_values(&[action, decision, policy])
+            .inc();
+    }
+
+    pub fn jwt_rejected(&self, reason: &str) {
+        self.jwt_rejections.with_label_values(&[reason]).inc();
+    }
+
+    /// The counter of audit records dropped, for the audit writer.
+    pub fn audit_dropped(&self) -> IntCounter {
+        self.audit_dropped.clone()
+    }
+
+    pub fn jwks_fetch(&self, result: &str) {
+        self.jwks_fetches.with_label_values(&[result]).inc();
     }
 
     /// `mesh_insecure_no_mtls`: 1 when the agent runs without mutual TLS.

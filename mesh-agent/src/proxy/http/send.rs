@@ -311,7 +311,7 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// The request as the upstream gets it: origin-form for HTTP/1.1 (Host
 /// kept), absolute for HTTP/2 (`:authority` from Host).
-fn prepare(req: Request<Body>, h2: bool) -> Request<Body> {
+pub(in crate::proxy) fn prepare(req: Request<Body>, h2: bool) -> Request<Body> {
     let (mut parts, body) = req.into_parts();
     let authority = parts
         .uri

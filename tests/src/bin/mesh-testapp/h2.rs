@@ -172,10 +172,14 @@ pub async fn grpc_call(url: &str, messages: usize) -> Result<()> {
     if resp.status() != 200 {
         bail!("HTTP {}", resp.status());
     }
+    // A trailers-only response (a refusal) has its status in the headers.
+    let mut status = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap_or("?").to_owned());
     let mut body = resp.into_body();
     let mut echoed = 0usize;
     let mut pending = BytesMut::new();
-    let mut status = None;
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         if let Some(t) = frame.trailers_ref() {

@@ -244,12 +244,17 @@ pub(super) fn watch_get(url: &str, until: &Until) -> Result<()> {
     println!("{}", json!({"event": "started"}));
     std::io::stdout().flush()?;
     let mut last = None;
+    let (mut requests, mut failures) = (0u64, 0u64);
     while !until.reached() {
+        requests += 1;
         let answer = match fetch("GET", url) {
             Ok((200, body)) => body.split(':').next().unwrap_or_default().to_string(),
             Ok((status, _)) => format!("HTTP {status}"),
             Err(e) => format!("error: {e:#}"),
         };
+        if answer.starts_with("HTTP ") || answer.starts_with("error: ") {
+            failures += 1;
+        }
         if last.as_ref() != Some(&answer) {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
             println!(
@@ -261,6 +266,10 @@ pub(super) fn watch_get(url: &str, until: &Until) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    println!(
+        "{}",
+        json!({"event": "done", "requests": requests, "failures": failures})
+    );
     Ok(())
 }
 

@@ -23,6 +23,7 @@
 //! mesh-testapp http-burst URL N [NAME:VALUE | --method=M]...   N requests at once, one connection each; count answers and flags
 //! mesh-testapp fixed-rate URL RATE SECS   GETs at RATE per second on one keep-alive connection; latency percentiles from the scheduled times
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
+//! mesh-testapp file ADDR PATH          answer every HTTP GET with PATH's contents as they are now (a JWKS server); log each request
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
 //! mesh-testapp hbone-connect CERT KEY TARGET AUTHORITY PAYLOAD   (CERT/KEY "-" for none)
@@ -87,6 +88,7 @@ fn main() -> Result<()> {
         }
         ["hbone-serve", cert, key, addr] => tokio_main(hbone::serve(cert, key, addr)),
         ["fake-kube", addr, table @ ..] => tokio_main(kube::serve(addr, table)),
+        ["file", addr, path] => serve_file(addr, path),
         ["get", url] => request("GET", url),
         ["post", url] => request("POST", url),
         _ => bail!("usage: see the comment at the top of mesh-testapp.rs"),
@@ -180,6 +182,32 @@ fn serve(addrs: &[&str], http_name: Option<String>) -> Result<()> {
     std::io::stdout().flush()?;
     for h in handles {
         let _ = h.join();
+    }
+    Ok(())
+}
+
+fn serve_file(addr: &str, path: &str) -> Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!(
+        "{}",
+        json!({"event": "listening", "local": l.local_addr()?.to_string()})
+    );
+    std::io::stdout().flush()?;
+    for mut s in l.incoming().flatten() {
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut line = String::new();
+        if r.read_line(&mut line).is_err() || read_headers(&mut r).is_err() {
+            continue;
+        }
+        let line = line.trim_end().to_owned();
+        let body = std::fs::read(path).unwrap_or_default();
+        println!("{}", json!({"event": "file", "request": line}));
+        std::io::stdout().flush()?;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(&body));
     }
     Ok(())
 }

@@ -1,0 +1,354 @@
+//! Inbound HTTP: a connection to a workload whose policies need the
+//! request is served as HTTP/1.1 or HTTP/2 by the destination's agent,
+//! and every request is decided on its own before it reaches the
+//! application:
+//!
+//! 1. RequestAuthentication: a token that fails gets `401` (flag `UAEX`);
+//! 2. AuthorizationPolicy, with the verified peer identity, the request
+//!    and its token: a denial gets `403` `RBAC: access denied` (flag
+//!    `RBAC`); gRPC clients get the same as `grpc-status` 16 and 7;
+//! 3. the request goes to the application over one connection (HTTP/1.1
+//!    or HTTP/2, as the client spoke), with the token removed unless the
+//!    rule forwards it and the rule's claim headers added.
+//!
+//! Each request is counted in Istio's request metrics with reporter
+//! `destination`.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use super::{
+    Arrival,
+    authorize::{Peer, RequestInfo},
+};
+use crate::{
+    policy::authz::{HttpAttributes, matchers::normalize_path},
+    registry::protocol::Protocol,
+    proxy::{
+        ProxyContext,
+        http::{Body, FLAGS_HEADER, full, metered::Metered, send::prepare},
+    },
+    telemetry::metrics::RequestOutcome,
+};
+
+/// The most header bytes a request may carry (as outbound).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The body Envoy's RBAC filter answers a denied request with.
+pub const DENIED_BODY: &str = "RBAC: access denied";
+
+/// Serves one inbound connection as HTTP until either side closes it.
+pub async fn serve<C>(arrival: Arc<Arrival>, client: C, app: TcpStream, ctx: Arc<ProxyContext>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn {
+        peer: arrival.peer(),
+        arrival,
+        ctx,
+        app: tokio::sync::Mutex::new(App::Idle(Some(app))),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(client), service)
+        .await
+    {
+        tracing::debug!("inbound http: connection ended: {e}");
+    }
+}
+
+/// The connection to the application, opened before the first request
+/// and spoken as the client speaks.
+enum App {
+    Idle(Option<TcpStream>),
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+struct Conn {
+    arrival: Arc<Arrival>,
+    ctx: Arc<ProxyContext>,
+    peer: Peer,
+    app: tokio::sync::Mutex<App>,
+}
+
+/// A response the agent makes itself.
+struct LocalReply {
+    status: StatusCode,
+    flag: &'static str,
+    message: String,
+}
+
+impl LocalReply {
+    /// The reply, as a gRPC client expects it when `grpc` (HTTP 200 with
+    /// `grpc-status`, trailers-only, as Envoy maps local replies).
+    fn into_response(self, grpc: bool) -> Response<Body> {
+        let mut r = if grpc {
+            let mut r = Response::new(full(Bytes::new()));
+            let code = match self.status {
+                StatusCode::UNAUTHORIZED => "16",
+                StatusCode::FORBIDDEN => "7",
+                StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::BAD_GATEWAY
+                | StatusCode::GATEWAY_TIMEOUT => "14",
+                _ => "2",
+            };
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from_static(code));
+            if let Ok(v) = HeaderValue::from_str(&self.message) {
+                h.insert("grpc-message", v);
+            }
+            r
+        } else {
+            let mut r = Response::new(full(format!("{}\n", self.message)));
+            *r.status_mut() = self.status;
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        };
+        r.headers_mut()
+            .insert(FLAGS_HEADER, HeaderValue::from_static(self.flag));
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""),
+            );
+        }
+        r
+    }
+}
+
+impl Conn {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let h2 = req.version() == Version::HTTP_2;
+        let client_upgrade = (!h2 && req.headers().contains_key(header::UPGRADE))
+            .then(|| hyper::upgrade::on(&mut req));
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let resp = match self
+            .decide_and_send(req, h2, client_upgrade, &request_bytes)
+            .await
+        {
+            Ok(r) => r,
+            Err(reply) => reply.into_response(grpc),
+        };
+        self.metered(resp, grpc, started, request_bytes)
+    }
+
+    async fn decide_and_send(
+        &self,
+        req: Request<Incoming>,
+        h2: bool,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        request_bytes: &Arc<AtomicU64>,
+    ) -> Result<Response<Body>, LocalReply> {
+        let (mut parts, body) = req.into_parts();
+        // The policy in force now, not when the connection opened: a
+        // change applies to the next request.
+        let policy = self
+            .ctx
+            .store
+            .load()
+            .inbound_policy(&self.arrival.pod.workload);
+        let auth = match policy.request_authentication.authenticate(&mut parts).await {
+            Ok(a) => a,
+            Err(rejected) => {
+                self.ctx.metrics.jwt_rejected(rejected.reason());
+                tracing::debug!(pod = %self.arrival.pod.workload.key(), peer = %self.arrival.peer, "jwt: {rejected}");
+                return Err(LocalReply {
+                    status: StatusCode::UNAUTHORIZED,
+                    flag: "UAEX",
+                    message: rejected.to_string(),
+                });
+            }
+        };
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let path = normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+        let h = HttpAttributes {
+            method: parts.method.as_str(),
+            authority: &authority,
+            path: &path,
+            headers: &parts.headers,
+            auth: auth.as_ref(),
+        };
+        let attrs = self.arrival.attributes(&self.peer, Some(&h));
+        let verdict = policy.authorization.decide(&attrs);
+        let info = RequestInfo {
+            method: parts.method.as_str(),
+            host: &authority,
+            path: &path,
+        };
+        if !self
+            .arrival
+            .record(&self.ctx, &self.peer, &verdict, Some(&info))
+        {
+            return Err(LocalReply {
+                status: StatusCode::FORBIDDEN,
+                flag: "RBAC",
+                message: DENIED_BODY.into(),
+            });
+        }
+        let body = Metered::counting(body.boxed(), request_bytes.clone()).boxed();
+        // The application speaks what its port declares (HTTP/1.1 for
+        // `http`, HTTP/2 for `http2` and `grpc`), else what the client
+        // spoke, as Envoy's inbound clusters do.
+        let app_h2 = match self.arrival.policy.port_protocols.get(&self.arrival.dst.port()) {
+            Some(Protocol::Http) => false,
+            Some(Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb) => true,
+            _ => h2,
+        };
+        let req = prepare(Request::from_parts(parts, body), app_h2);
+        let mut resp = self.send(req, app_h2).await?;
+        if let Some(client) = client_upgrade
+            && !app_h2
+            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            let app = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(a)) = (client.await, app.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(a))
+                        .await;
+                }
+            });
+        }
+        Ok(resp.map(|b| b.boxed()))
+    }
+
+    /// Sends to the application, opening its connection as the client
+    /// speaks on the first request.
+    async fn send(
+        &self,
+        req: Request<Body>,
+        h2: bool,
+    ) -> Result<Response<Incoming>, LocalReply> {
+        let failed = |e: String| LocalReply {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            flag: "UC",
+            message: format!("upstream connect error or disconnect/reset before headers: {e}"),
+        };
+        let mut app = self.app.lock().await;
+        if let App::Idle(stream) = &mut *app {
+            let Some(stream) = stream.take() else {
+                return Err(failed("the application connection is gone".into()));
+            };
+            let io = TokioIo::new(stream);
+            *app = if h2 {
+                let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                tokio::spawn(c);
+                App::H2(s)
+            } else {
+                let (s, c) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                tokio::spawn(c.with_upgrades());
+                App::H1(s)
+            };
+        }
+        let sent = match &mut *app {
+            App::H1(s) => {
+                s.ready().await.map_err(|e| failed(e.to_string()))?;
+                let f = s.send_request(req);
+                drop(app);
+                f.await
+            }
+            App::H2(s) => {
+                let mut s = s.clone();
+                drop(app);
+                s.ready().await.map_err(|e| failed(e.to_string()))?;
+                s.send_request(req).await
+            }
+            App::Idle(_) => unreachable!("opened above"),
+        };
+        sent.map_err(|e| failed(e.to_string()))
+    }
+
+    /// Records the request's metrics once its response body is done.
+    fn metered(
+        self: Arc<Self>,
+        resp: Response<Body>,
+        grpc: bool,
+        started: Instant,
+        request_bytes: Arc<AtomicU64>,
+    ) -> Response<Body> {
+        let (parts, body) = resp.into_parts();
+        let code = parts.status.as_u16();
+        let text = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        let (flags, grpc_status) = (text(FLAGS_HEADER), text("grpc-status"));
+        let body = Metered::recording(body, move |response_bytes, trailer_status| {
+            let grpc_status = trailer_status.unwrap_or(grpc_status);
+            let outcome = RequestOutcome {
+                protocol: if grpc { "grpc" } else { "http" },
+                code,
+                grpc_status: if grpc { &grpc_status } else { "-" },
+                flags: &flags,
+                duration: started.elapsed(),
+                request_bytes: request_bytes.load(Ordering::Relaxed),
+                response_bytes,
+            };
+            self.arrival
+                .with_labels(&self.ctx, |l| self.ctx.metrics.request_done(l, &outcome));
+        });
+        Response::from_parts(parts, body.boxed())
+    }
+}
