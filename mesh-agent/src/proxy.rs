@@ -9,8 +9,8 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
-pub mod prefixed;
 pub mod pool;
+pub mod prefixed;
 pub mod sniff;
 pub mod socket;
 pub mod upstream;
@@ -180,10 +180,8 @@ impl ProxyContext {
         identities: Option<Arc<IdentityManager>>,
         pool: Option<Arc<pool::Pool>>,
     ) -> Self {
-        let audit = crate::telemetry::audit::Audit::new(
-            config.audit_log.clone(),
-            metrics.audit_dropped(),
-        );
+        let audit =
+            crate::telemetry::audit::Audit::new(config.audit_log.clone(), metrics.audit_dropped());
         Self {
             audit,
             config,

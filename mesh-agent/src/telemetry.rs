@@ -1,8 +1,8 @@
 //! What the agent tells operators: Prometheus metrics and logs.
 
+pub mod audit;
 mod ebpf;
 pub mod logging;
-pub mod audit;
 pub mod metrics;
 mod series;
 

@@ -2,6 +2,8 @@
 //! workload needs the request; Istio's semantics for HTTP-only fields on
 //! a connection that is not HTTP.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use super::*;
@@ -31,9 +33,16 @@ fn connection_rules_decide_before_any_byte_reaches_the_app() {
     assert!(m.echo(&m.client, &pod_echo), "the client, by pod address");
     let before = closed("unknown").unwrap_or(0.0);
     m.counted(("ALLOW", "deny", "none"), || {
-        assert!(!m.echo(&m.outsider, &pod_echo), "plaintext has no principal")
+        assert!(
+            !m.echo(&m.outsider, &pod_echo),
+            "plaintext has no principal"
+        )
     });
-    assert_eq!(closed("unknown"), Ok(before + 1.0), "the denial is a closed connection");
+    assert_eq!(
+        closed("unknown"),
+        Ok(before + 1.0),
+        "the denial is a closed connection"
+    );
     assert_denied_http(&m, "port 8080 is not in the rule");
     let web = m.web_policies();
     assert_eq!(
@@ -48,7 +57,10 @@ fn connection_rules_decide_before_any_byte_reaches_the_app() {
         json!({"rules": [{"from": [{"source": {"ipBlocks": [outsider]}}]}]}),
     )]);
     assert!(m.echo(&m.outsider, &pod_echo), "the outsider's address");
-    assert!(!m.echo(&m.client, &pod_echo), "the client's address is not in the block");
+    assert!(
+        !m.echo(&m.client, &pod_echo),
+        "the client's address is not in the block"
+    );
     m.apply(&[policy(
         "ips",
         json!({"rules": [{"from": [{"source": {"notIpBlocks": [outsider]}}]}]}),
@@ -70,15 +82,68 @@ fn connection_rules_decide_before_any_byte_reaches_the_app() {
     });
     assert_eq!(m.status("/ok", &[]), 200);
     assert_denied(&m.get("/admin", &[]), "L7 DENY on the HTTP port");
-    assert!(m.echo(&m.outsider, &pod_echo), "other sources are not denied");
+    assert!(
+        m.echo(&m.outsider, &pod_echo),
+        "other sources are not denied"
+    );
 
     // An ALLOW with HTTP fields never matches a TCP connection.
     m.apply(&[policy(
         "get-only",
         json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
     )]);
-    assert!(!m.echo(&m.client, &vip_echo), "ALLOW with methods, TCP port");
+    assert!(
+        !m.echo(&m.client, &vip_echo),
+        "ALLOW with methods, TCP port"
+    );
     assert_eq!(m.status("/x", &[]), 200, "ALLOW with methods, HTTP port");
+}
+
+#[test]
+fn open_connections_are_re_checked_when_policies_change() {
+    let m = mesh("authz-recheck", &[]);
+    let stop = m.env.dir.join("stop");
+    let chatter = |pod: &Pod| {
+        let app = pod.spawn_app(
+            &m.env,
+            &["chatter", &m.web.v4(9000), stop.to_str().unwrap()],
+        );
+        app.wait_for(|l| l["event"] == "echoed", Duration::from_secs(5));
+        app
+    };
+    let (client, outsider) = (chatter(&m.client), chatter(&m.outsider));
+    // A DENY for the client's namespace: its open connection is closed,
+    // the outsider's (no namespace) stays.
+    m.apply(&[policy(
+        "deny-default",
+        json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["default"]}}]}]}),
+    )]);
+    let failed = client.wait_for(|l| l["event"] == "failed", Duration::from_secs(5));
+    assert!(failed["rounds"].as_u64().unwrap_or(0) >= 1, "{failed}");
+    assert!(
+        m.agent_b.log().contains(
+            "closing a connection: denied by AuthorizationPolicy (DENY default/deny-default)"
+        ),
+        "{}",
+        m.agent_b.log()
+    );
+    // A policy that needs the request: a relayed connection of unknown
+    // protocol is closed (once quiet), so that it is decided per request.
+    let before = outsider.lines().len();
+    m.apply(&[policy(
+        "get-only",
+        json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+    )]);
+    let gone = outsider.wait_for(|l| l["event"] == "failed", Duration::from_secs(5));
+    assert!(outsider.lines().len() > before, "{gone}");
+    assert!(
+        m.agent_b
+            .log()
+            .contains("its workload's policies now decide each request"),
+        "{}",
+        m.agent_b.log()
+    );
+    std::fs::write(&stop, "").unwrap();
 }
 
 /// An HTTP request refused at the connection: the destination answers

@@ -29,8 +29,15 @@ fn request_rules_allow_and_their_mirrors_deny() {
             assert_allowed(&m.get(ok, &[]), ok)
         });
     }
-    for no in ["/private", "/exact/", "/books/7/8/pages", "/public/../private"] {
-        m.counted(("ALLOW", "deny", "none"), || assert_denied(&m.get(no, &[]), no));
+    for no in [
+        "/private",
+        "/exact/",
+        "/books/7/8/pages",
+        "/public/../private",
+    ] {
+        m.counted(("ALLOW", "deny", "none"), || {
+            assert_denied(&m.get(no, &[]), no)
+        });
     }
     assert_denied(&m.get("/public/a", &["--method=POST"]), "POST");
     assert_denied(&m.get("/public/a", &["Host: evil"]), "another host");
@@ -88,18 +95,22 @@ fn request_rules_allow_and_their_mirrors_deny() {
 
     // Scope: mesh-wide (root namespace), another namespace, another
     // workload.
-    m.apply(&[policy(
-        "istio-system/mesh",
-        json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/mesh"]}}]}]}),
-    ), policy(
-        "prod/elsewhere",
-        json!({"action": "DENY", "rules": [{}]}),
-    ), policy(
-        "other-app",
-        json!({"selector": {"matchLabels": {"app": "api"}}, "action": "DENY", "rules": [{}]}),
-    )]);
+    m.apply(&[
+        policy(
+            "istio-system/mesh",
+            json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/mesh"]}}]}]}),
+        ),
+        policy("prod/elsewhere", json!({"action": "DENY", "rules": [{}]})),
+        policy(
+            "other-app",
+            json!({"selector": {"matchLabels": {"app": "api"}}, "action": "DENY", "rules": [{}]}),
+        ),
+    ]);
     assert_denied(&m.get("/mesh", &[]), "mesh-wide DENY");
-    assert_allowed(&m.get("/x", &[]), "other namespaces' and workloads' policies do not apply");
+    assert_allowed(
+        &m.get("/x", &[]),
+        "other namespaces' and workloads' policies do not apply",
+    );
     let web = m.web_policies();
     let ids: Vec<&str> = web["authorization"]["policies"]
         .as_array()
@@ -151,12 +162,32 @@ fn dry_run_and_audit_never_change_the_decision() {
     let l = lines();
     assert_eq!(l.len(), 2, "{l:?}");
     assert_eq!(
-        (&l[0]["decision"], &l[0]["reason"], &l[0]["policy"], &l[0]["path"]),
-        (&json!("allow"), &json!("AUDIT"), &json!("default/audit"), &json!("/audited"))
+        (
+            &l[0]["decision"],
+            &l[0]["reason"],
+            &l[0]["policy"],
+            &l[0]["path"]
+        ),
+        (
+            &json!("allow"),
+            &json!("AUDIT"),
+            &json!("default/audit"),
+            &json!("/audited")
+        )
     );
     assert_eq!(
-        (&l[1]["decision"], &l[1]["policy"], &l[1]["path"], &l[1]["method"]),
-        (&json!("deny"), &json!("default/deny"), &json!("/denied"), &json!("GET"))
+        (
+            &l[1]["decision"],
+            &l[1]["policy"],
+            &l[1]["path"],
+            &l[1]["method"]
+        ),
+        (
+            &json!("deny"),
+            &json!("default/deny"),
+            &json!("/denied"),
+            &json!("GET")
+        )
     );
     assert_eq!(l[1]["source_principal"], CLIENT);
     assert_eq!(l[1]["source_ip"], m.client.ip4.to_string());
@@ -186,12 +217,20 @@ fn http2_and_grpc_clients_are_decided_per_request() {
     let denied = grpc("Denied");
     assert!(!denied.ok());
     let v = denied.last_json().expect("a JSON line");
-    assert_eq!((&v["grpc_status"], &v["echoed"]), (&json!("7"), &json!(0)), "{v}");
+    assert_eq!(
+        (&v["grpc_status"], &v["echoed"]),
+        (&json!("7"), &json!(0)),
+        "{v}"
+    );
     // Counted as requests with reporter destination.
     let m2 = m.agent_b.metrics();
     let n = m2.value(
         "istio_requests_total",
-        &[("reporter", "destination"), ("response_code", "403"), ("response_flags", "RBAC")],
+        &[
+            ("reporter", "destination"),
+            ("response_code", "403"),
+            ("response_flags", "RBAC"),
+        ],
     );
     assert_eq!(n, 2.0);
     let g = m2.value(
@@ -204,14 +243,18 @@ fn http2_and_grpc_clients_are_decided_per_request() {
 #[test]
 fn a_policy_change_applies_under_load_without_failing_allowed_requests() {
     let m = mesh("authz-reload", &[]);
-    let get_only = || policy("get", json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}));
+    let get_only = || {
+        policy(
+            "get",
+            json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+        )
+    };
     m.apply(&[get_only()]);
     let stop = m.env.dir.join("stop-load");
     let url = format!("http://{VIP}:80/allowed");
-    let load = m.client.spawn_app(
-        &m.env,
-        &["watch-get", &url, stop.to_str().unwrap()],
-    );
+    let load = m
+        .client
+        .spawn_app(&m.env, &["watch-get", &url, stop.to_str().unwrap()]);
     m.apply(&[
         get_only(),
         policy(

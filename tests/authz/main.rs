@@ -11,11 +11,7 @@ mod l7;
 use std::{path::PathBuf, time::Duration};
 
 use mesh_tests::{
-    Agent, AgentOptions, Env, Node, Pod,
-    ca::Ca,
-    cluster::write_yaml,
-    pod::App,
-    sys::wait_until,
+    Agent, AgentOptions, Env, Node, Pod, ca::Ca, cluster::write_yaml, pod::App, sys::wait_until,
 };
 use serde_json::{Value, json};
 
@@ -156,7 +152,11 @@ impl Mesh {
             .metrics()
             .try_value(
                 "mesh_authz_decisions_total",
-                &[("action", action), ("decision", decision), ("policy", policy)],
+                &[
+                    ("action", action),
+                    ("decision", decision),
+                    ("policy", policy),
+                ],
             )
             .unwrap_or(0.0)
     }

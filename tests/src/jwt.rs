@@ -45,10 +45,7 @@ impl Key {
     /// A 2048-bit RSA key for RS* or PS*.
     pub fn rsa(kid: &str, alg: Algorithm) -> Self {
         let pem = openssl(&["genrsa", "2048"], None);
-        let der = openssl(
-            &["rsa", "-outform", "DER", "-traditional"],
-            Some(&pem),
-        );
+        let der = openssl(&["rsa", "-outform", "DER", "-traditional"], Some(&pem));
         let pair = signature::RsaKeyPair::from_der(&der).expect("a PKCS#1 RSA key");
         let c: signature::RsaPublicKeyComponents<Vec<u8>> = pair.public().into();
         Self {

@@ -447,8 +447,7 @@ struct Rule {
 }
 
 fn port(s: &str) -> Result<u16, String> {
-    s.parse()
-        .map_err(|_| format!("{s:?} is not a port number"))
+    s.parse().map_err(|_| format!("{s:?} is not a port number"))
 }
 
 impl Rule {
@@ -476,23 +475,22 @@ impl Rule {
                 },
             })
             .collect();
-        let to: Vec<OperationMatch> = r
-            .to
-            .iter()
-            .filter_map(|t| t.operation.as_ref())
-            .map(|o| OperationMatch {
-                hosts: strings(&o.hosts, &o.not_hosts),
-                ports: Field {
-                    values: try_list(&o.ports, port, &mut broken),
-                    not: try_list(&o.not_ports, port, &mut broken),
-                },
-                methods: strings(&o.methods, &o.not_methods),
-                paths: Field {
-                    values: try_list(&o.paths, PathMatch::new, &mut broken),
-                    not: try_list(&o.not_paths, PathMatch::new, &mut broken),
-                },
-            })
-            .collect();
+        let to: Vec<OperationMatch> =
+            r.to.iter()
+                .filter_map(|t| t.operation.as_ref())
+                .map(|o| OperationMatch {
+                    hosts: strings(&o.hosts, &o.not_hosts),
+                    ports: Field {
+                        values: try_list(&o.ports, port, &mut broken),
+                        not: try_list(&o.not_ports, port, &mut broken),
+                    },
+                    methods: strings(&o.methods, &o.not_methods),
+                    paths: Field {
+                        values: try_list(&o.paths, PathMatch::new, &mut broken),
+                        not: try_list(&o.not_paths, PathMatch::new, &mut broken),
+                    },
+                })
+                .collect();
         let when: Vec<Condition> = r
             .when
             .iter()
@@ -581,7 +579,9 @@ impl OperationMatch {
         let port = a.destination.port();
         self.ports.matches(|p| *p == port)
             && (!self.hosts.is_set()
-                || on_http(a, tcp, |h| self.hosts.matches(|m| host_matches(m, h.authority))))
+                || on_http(a, tcp, |h| {
+                    self.hosts.matches(|m| host_matches(m, h.authority))
+                }))
             && (!self.methods.is_set()
                 || on_http(a, tcp, |h| self.methods.matches(|m| m.matches(h.method))))
             && (!self.paths.is_set()
@@ -628,10 +628,20 @@ impl Condition {
                 strs(&v)
             }),
             Key::AuthPrincipal => on_http(a, tcp, |h| {
-                strs(&h.auth.map(|t| t.principal.as_str()).into_iter().collect::<Vec<_>>())
+                strs(
+                    &h.auth
+                        .map(|t| t.principal.as_str())
+                        .into_iter()
+                        .collect::<Vec<_>>(),
+                )
             }),
             Key::AuthPresenter => on_http(a, tcp, |h| {
-                strs(&h.auth.and_then(|t| t.presenter.as_deref()).into_iter().collect::<Vec<_>>())
+                strs(
+                    &h.auth
+                        .and_then(|t| t.presenter.as_deref())
+                        .into_iter()
+                        .collect::<Vec<_>>(),
+                )
             }),
             Key::AuthAudiences => on_http(a, tcp, |h| {
                 strs(

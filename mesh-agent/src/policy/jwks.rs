@@ -223,8 +223,9 @@ async fn get(uri: &str) -> Result<Bytes, Error> {
             .map_err(|e| fail(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
-            .map_err(|e| fail(e.to_string()))?;
+        let name =
+            rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                .map_err(|e| fail(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await

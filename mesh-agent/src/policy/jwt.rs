@@ -330,7 +330,9 @@ const ASYMMETRIC: [Algorithm; 9] = [
 /// The `alg` a token's header names, for a message.
 fn alg_text(token: &str) -> Option<String> {
     let h = token.split('.').next()?;
-    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h).ok()?;
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(h)
+        .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
     Some(v.get("alg")?.as_str()?.to_owned())
 }
@@ -343,13 +345,19 @@ fn find_key(set: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<DecodingK
         .iter()
         .filter(|k| kid.is_none() || k.common.key_id.as_deref() == kid)
         .filter(|k| {
-            let family_ok = match (&k.algorithm, alg) {
-                (P::RSA(_), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512)
-                | (P::RSA(_), Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512) => true,
-                (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384) => true,
-                (P::OctetKeyPair(_), Algorithm::EdDSA) => true,
-                _ => false,
-            };
+            let family_ok = matches!(
+                (&k.algorithm, alg),
+                (
+                    P::RSA(_),
+                    Algorithm::RS256
+                        | Algorithm::RS384
+                        | Algorithm::RS512
+                        | Algorithm::PS256
+                        | Algorithm::PS384
+                        | Algorithm::PS512
+                ) | (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384)
+                    | (P::OctetKeyPair(_), Algorithm::EdDSA)
+            );
             let alg_ok = k
                 .common
                 .key_algorithm

@@ -362,7 +362,10 @@ async fn revoked(
             continue;
         }
         let peer = now.peer();
-        let v = now.policy.authorization.decide(&now.attributes(&peer, None));
+        let v = now
+            .policy
+            .authorization
+            .decide(&now.attributes(&peer, None));
         if !v.allowed {
             now.record(ctx, &peer, &v, None);
             return Revoked::Denied(authorize::describe(&v));

@@ -73,7 +73,9 @@ mod tests {
     #[tokio::test]
     async fn gives_the_prefix_back_first() {
         let (mut a, b) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_all(&mut a, b" world").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, b" world")
+            .await
+            .unwrap();
         drop(a);
         let mut p = Prefixed::new(b"hello".to_vec(), b);
         let mut out = String::new();

@@ -136,10 +136,7 @@ pub fn in_blocks(blocks: &[Cidr], ip: IpAddr) -> bool {
 /// past a rule naming `/secret` or `/admin`, as Istio's default path
 /// normalization ensures.
 pub fn normalize_path(path_and_query: &str) -> String {
-    let path = path_and_query
-        .split(['?', '#'])
-        .next()
-        .unwrap_or_default();
+    let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
     let decoded = decode_unreserved(path);
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = decoded.split('/').collect();

@@ -121,7 +121,11 @@ impl Req {
             principal: format!("{}/{}", s("iss"), s("sub")),
             audiences: claims["aud"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default(),
             presenter: claims["azp"].as_str().map(String::from),
             claims,
@@ -209,7 +213,13 @@ fn methods_paths_hosts() {
     for ok in ["/api/x", "/exact", "/img/a.png", "/books/1/pages/2/3"] {
         assert!(req("").path(ok).allowed(&p), "{ok}");
     }
-    for no in ["/api", "/exact/", "/api/private", "/books/1/2/pages/3", "/other"] {
+    for no in [
+        "/api",
+        "/exact/",
+        "/api/private",
+        "/books/1/2/pages/3",
+        "/other",
+    ] {
         assert!(!req("").path(no).allowed(&p), "{no}");
     }
     assert!(!req("").path("/api/x").method("POST").allowed(&p));
@@ -232,7 +242,12 @@ fn when_conditions() {
     assert!(req("").header("x-version", "v2-beta").allowed(&p));
     assert!(!req("").header("x-version", "v3").allowed(&p));
     assert!(!req("").allowed(&p), "a header condition needs the header");
-    assert!(!req("").header("x-version", "v1").ip("192.168.0.1").allowed(&p));
+    assert!(
+        !req("")
+            .header("x-version", "v1")
+            .ip("192.168.0.1")
+            .allowed(&p)
+    );
     assert!(!req("").header("x-version", "v1").port(9090).allowed(&p));
     let ns = plan(&ap(
         "a",
@@ -283,9 +298,15 @@ fn deny_beats_allow_and_custom_comes_first() {
     ));
     let v = req("").path("/admin/x").decide(&p);
     assert!(!v.allowed);
-    assert_eq!((v.action, v.policy.map(|p| p.id.as_str())), (Some(Action::Deny), Some("default/deny-admin")));
+    assert_eq!(
+        (v.action, v.policy.map(|p| p.id.as_str())),
+        (Some(Action::Deny), Some("default/deny-admin"))
+    );
     let v = req("").path("/x").decide(&p);
-    assert_eq!((v.allowed, v.policy.map(|p| p.id.as_str())), (true, Some("default/allow-all")));
+    assert_eq!(
+        (v.allowed, v.policy.map(|p| p.id.as_str())),
+        (true, Some("default/allow-all"))
+    );
     let attrs_path = |path: &'static str| {
         let r = req("").path(path);
         let h = HttpAttributes {
@@ -318,17 +339,33 @@ fn http_fields_on_tcp_allow_never_deny_ignores() {
         "  rules:\n  - to:\n    - operation: {methods: [GET]}",
     ));
     assert!(req("").allowed(&allow));
-    assert!(!req("").tcp().allowed(&allow), "ALLOW with HTTP fields never matches TCP");
+    assert!(
+        !req("").tcp().allowed(&allow),
+        "ALLOW with HTTP fields never matches TCP"
+    );
     let deny = plan(&ap(
         "d",
         "default",
         "  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [bad]}\n    to:\n    - operation: {paths: [\"/admin\"]}",
     ));
-    assert!(!req("bad/x").tcp().allowed(&deny), "DENY ignores the HTTP fields on TCP");
-    assert!(req("good/x").tcp().allowed(&deny), "its other fields still decide");
-    assert!(req("bad/x").path("/other").allowed(&deny), "on HTTP, the path decides");
+    assert!(
+        !req("bad/x").tcp().allowed(&deny),
+        "DENY ignores the HTTP fields on TCP"
+    );
+    assert!(
+        req("good/x").tcp().allowed(&deny),
+        "its other fields still decide"
+    );
+    assert!(
+        req("bad/x").path("/other").allowed(&deny),
+        "on HTTP, the path decides"
+    );
     assert!(allow.per_request && deny.per_request);
-    let l4 = plan(&ap("a", "default", "  rules:\n  - to:\n    - operation: {ports: [\"80\"]}"));
+    let l4 = plan(&ap(
+        "a",
+        "default",
+        "  rules:\n  - to:\n    - operation: {ports: [\"80\"]}",
+    ));
     assert!(!l4.per_request);
 }
 
@@ -341,23 +378,43 @@ fn unsupported_conditions_fail_closed() {
     ));
     assert!(!req("bad/x").allowed(&allow));
     assert!(req("ok/x").allowed(&allow), "the other rule still applies");
-    assert_eq!(allow.policies[0].problems.len(), 1, "{:?}", allow.policies[0].problems);
+    assert_eq!(
+        allow.policies[0].problems.len(),
+        1,
+        "{:?}",
+        allow.policies[0].problems
+    );
     let deny = plan(&ap(
         "d",
         "default",
         "  action: DENY\n  rules:\n  - when:\n    - key: experimental.envoy.filters.network.mysql_proxy[db.table]\n      values: [x]",
     ));
-    assert!(!req("any/x").allowed(&deny), "a DENY that cannot be applied denies");
+    assert!(
+        !req("any/x").allowed(&deny),
+        "a DENY that cannot be applied denies"
+    );
 }
 
 #[test]
 fn scope_root_namespace_and_selectors() {
     let all = policies(&format!(
         "{}{}{}{}",
-        ap("mesh", "istio-system", "  action: DENY\n  rules:\n  - to:\n    - operation: {paths: [\"/mesh\"]}"),
-        ap("root-sel", "istio-system", "  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - to:\n    - operation: {paths: [\"/root-sel\"]}"),
+        ap(
+            "mesh",
+            "istio-system",
+            "  action: DENY\n  rules:\n  - to:\n    - operation: {paths: [\"/mesh\"]}"
+        ),
+        ap(
+            "root-sel",
+            "istio-system",
+            "  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - to:\n    - operation: {paths: [\"/root-sel\"]}"
+        ),
         ap("other-ns", "other", "  action: DENY\n  rules: [{}]"),
-        ap("other-app", "default", "  selector: {matchLabels: {app: api}}\n  action: DENY\n  rules: [{}]"),
+        ap(
+            "other-app",
+            "default",
+            "  selector: {matchLabels: {app: api}}\n  action: DENY\n  rules: [{}]"
+        ),
     ));
     let p = WorkloadAuthz::for_workload(&all, &web(), "istio-system");
     let ids: Vec<&str> = p.policies.iter().map(|p| p.id.as_str()).collect();
@@ -372,12 +429,19 @@ fn dry_run_and_audit_do_not_change_the_decision() {
     let p = plan(&format!(
         "{}{}",
         "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: dry\n  namespace: default\n  annotations: {istio.io/dry-run: \"true\"}\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation: {paths: [\"/dry\"]}\n",
-        ap("audit", "default", "  action: AUDIT\n  rules:\n  - to:\n    - operation: {paths: [\"/audited\"]}"),
+        ap(
+            "audit",
+            "default",
+            "  action: AUDIT\n  rules:\n  - to:\n    - operation: {paths: [\"/audited\"]}"
+        ),
     ));
     let v = req("").path("/dry").decide(&p);
     assert!(v.allowed);
     let (would, action, by) = v.dry_run.expect("the dry run would deny");
-    assert_eq!((would, action, by.map(|p| p.id.as_str())), (false, Some(Action::Deny), Some("default/dry")));
+    assert_eq!(
+        (would, action, by.map(|p| p.id.as_str())),
+        (false, Some(Action::Deny), Some("default/dry"))
+    );
     assert!(req("").path("/x").decide(&p).dry_run.is_none());
     let v = req("").path("/audited").decide(&p);
     assert!(v.allowed);

@@ -83,7 +83,12 @@ async fn every_asymmetric_algorithm_verifies() {
         let got = check(&a, &t)
             .await
             .unwrap_or_else(|e| panic!("{:?}: {e}", k.alg));
-        assert_eq!(got.unwrap().principal, format!("{ISS}/alice"), "{:?}", k.alg);
+        assert_eq!(
+            got.unwrap().principal,
+            format!("{ISS}/alice"),
+            "{:?}",
+            k.alg
+        );
     }
 }
 
@@ -115,7 +120,11 @@ async fn bad_tokens_are_refused_with_their_reason() {
             mint::tampered(&key.sign(&good)),
             Rejected::Signature,
         ),
-        ("signed by another key", other.sign(&good), Rejected::Signature),
+        (
+            "signed by another key",
+            other.sign(&good),
+            Rejected::Signature,
+        ),
         (
             "expired",
             key.sign(&with("exp", mint::now_plus(-3600).into())),
@@ -136,7 +145,11 @@ async fn bad_tokens_are_refused_with_their_reason() {
             key.sign(&with("aud", "other".into())),
             Rejected::Audience,
         ),
-        ("unknown kid", key.sign_as("k9", &good), Rejected::UnknownKey),
+        (
+            "unknown kid",
+            key.sign_as("k9", &good),
+            Rejected::UnknownKey,
+        ),
         ("malformed", "abc.def".into(), Rejected::Malformed),
         ("not base64", "a.b.c".into(), Rejected::Malformed),
     ];
@@ -166,7 +179,10 @@ async fn no_token_passes_and_locations_and_headers_apply() {
     assert_eq!(a.authenticate(&mut p).await, Ok(None));
     let mut p = parts(&[("x-jwt", &format!("Token {t}"))], "/");
     assert!(a.authenticate(&mut p).await.unwrap().is_some());
-    assert!(p.headers.get("x-jwt").is_none(), "the token is not forwarded");
+    assert!(
+        p.headers.get("x-jwt").is_none(),
+        "the token is not forwarded"
+    );
     assert_eq!(p.headers["x-sub"], "bob");
     let payload = p.headers["x-jwt-payload"].to_str().unwrap();
     let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD

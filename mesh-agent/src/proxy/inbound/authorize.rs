@@ -28,11 +28,7 @@ impl Arrival {
     pub fn peer(&self) -> Peer {
         match &self.identity {
             Some(id) => Peer {
-                principal: Some(
-                    id.to_string()
-                        .trim_start_matches("spiffe://")
-                        .to_owned(),
-                ),
+                principal: Some(id.to_string().trim_start_matches("spiffe://").to_owned()),
                 namespace: id.workload_parts().map(|(ns, _)| ns.to_owned()),
             },
             None => Peer {

@@ -39,11 +39,11 @@ use super::{
 };
 use crate::{
     policy::authz::{HttpAttributes, matchers::normalize_path},
-    registry::protocol::Protocol,
     proxy::{
         ProxyContext,
         http::{Body, FLAGS_HEADER, full, metered::Metered, send::prepare},
     },
+    registry::protocol::Protocol,
     telemetry::metrics::RequestOutcome,
 };
 
@@ -244,7 +244,12 @@ impl Conn {
         // The application speaks what its port declares (HTTP/1.1 for
         // `http`, HTTP/2 for `http2` and `grpc`), else what the client
         // spoke, as Envoy's inbound clusters do.
-        let app_h2 = match self.arrival.policy.port_protocols.get(&self.arrival.dst.port()) {
+        let app_h2 = match self
+            .arrival
+            .policy
+            .port_protocols
+            .get(&self.arrival.dst.port())
+        {
             Some(Protocol::Http) => false,
             Some(Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb) => true,
             _ => h2,
@@ -258,8 +263,9 @@ impl Conn {
             let app = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 if let (Ok(c), Ok(a)) = (client.await, app.await) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(a))
-                        .await;
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(a))
+                            .await;
                 }
             });
         }
@@ -268,11 +274,7 @@ impl Conn {
 
     /// Sends to the application, opening its connection as the client
     /// speaks on the first request.
-    async fn send(
-        &self,
-        req: Request<Body>,
-        h2: bool,
-    ) -> Result<Response<Incoming>, LocalReply> {
+    async fn send(&self, req: Request<Body>, h2: bool) -> Result<Response<Incoming>, LocalReply> {
         let failed = |e: String| LocalReply {
             status: StatusCode::SERVICE_UNAVAILABLE,
             flag: "UC",

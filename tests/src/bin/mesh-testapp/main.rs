@@ -144,14 +144,27 @@ fn chatter(addr: &str, until: &Until) -> Result<()> {
     let mut rounds = 0u64;
     while !until.reached() {
         let msg = format!("round {rounds}\n");
-        s.write_all(msg.as_bytes())?;
         let mut buf = vec![0u8; msg.len()];
-        s.read_exact(&mut buf)
-            .with_context(|| format!("round {rounds}"))?;
+        let r = s
+            .write_all(msg.as_bytes())
+            .and_then(|_| s.read_exact(&mut buf));
+        if let Err(e) = r {
+            // Said on stdout too: a test may expect the connection to go.
+            println!(
+                "{}",
+                json!({"event": "failed", "rounds": rounds, "error": e.to_string()})
+            );
+            std::io::stdout().flush()?;
+            bail!("round {rounds}: {e}");
+        }
         if buf != msg.as_bytes() {
             bail!("round {rounds}: echo mismatch");
         }
         rounds += 1;
+        if rounds == 1 {
+            println!("{}", json!({"event": "echoed"}));
+            std::io::stdout().flush()?;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("{}", json!({"event": "done", "rounds": rounds}));
@@ -207,7 +220,9 @@ fn serve_file(addr: &str, path: &str) -> Result<()> {
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
-        let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(&body));
+        let _ = s
+            .write_all(head.as_bytes())
+            .and_then(|_| s.write_all(&body));
     }
     Ok(())
 }
