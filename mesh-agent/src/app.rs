@@ -43,6 +43,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("--ca-root: {0}")]
     CaRoot(#[source] tls::Error),
+    #[error("--mesh-config: {0}")]
+    MeshConfig(#[from] crate::policy::ext_authz::Error),
     #[error(transparent)]
     CaClient(#[from] crate::identity::ca_client::Error),
     #[error(transparent)]
@@ -63,7 +65,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::NotRoot => 77,
-            Error::Config(_) | Error::CaRoot(_) | Error::CaClient(_) => 64,
+            Error::Config(_) | Error::CaRoot(_) | Error::CaClient(_) | Error::MeshConfig(_) => 64,
             Error::Kube(_) | Error::Ebpf(_) | Error::Enrol(_) | Error::Admin(_) => 69,
             Error::Telemetry(_) | Error::Signal(_) => 70,
         }
@@ -151,14 +153,18 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     };
     let store = Arc::new(Store::new(Snapshot::empty(&settings)));
     let maps = loaded.maps();
-    let ctx = Arc::new(ProxyContext::new(
+    let mut ctx = ProxyContext::new(
         config.clone(),
         maps.clone(),
         metrics.clone(),
         store.clone(),
         identities,
         pool,
-    ));
+    );
+    if let Some(path) = &config.mesh_config {
+        ctx.mesh = crate::policy::ext_authz::MeshConfig::read(path)?;
+    }
+    let ctx = Arc::new(ctx);
     {
         // Idle upstream HTTP connections go after a while, with the HBONE
         // streams they hold.

@@ -270,6 +270,13 @@ pub struct Config {
     #[arg(long, env = "MESH_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
 
+    /// Istio's MeshConfig: the `istio` ConfigMap of the root namespace (its
+    /// `data.mesh`), or the MeshConfig YAML itself. The agent reads its
+    /// `extensionProviders` (the CUSTOM action's external authorizers) at
+    /// start.
+    #[arg(long, env = "MESH_MESH_CONFIG")]
+    pub mesh_config: Option<PathBuf>,
+
     /// This node's locality, `region/zone/subzone` (Kubernetes
     /// `topology.kubernetes.io/region` and `zone`): pods without an
     /// `istio-locality` label are taken to be here, for locality-aware

@@ -4,6 +4,7 @@
 //! RequestAuthentication (JWT), all decided by the destination's agent.
 
 pub mod authz;
+pub mod ext_authz;
 pub mod jwks;
 pub mod jwt;
 pub mod peer_auth;

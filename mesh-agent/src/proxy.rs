@@ -168,6 +168,8 @@ pub struct ProxyContext {
     pub upstreams: Arc<http::upstreams::Upstreams>,
     /// Where audited requests and denials are written.
     pub audit: crate::telemetry::audit::Audit,
+    /// Istio's MeshConfig (`--mesh-config`): the CUSTOM action's providers.
+    pub mesh: crate::policy::ext_authz::MeshConfig,
 }
 
 impl ProxyContext {
@@ -184,6 +186,7 @@ impl ProxyContext {
             crate::telemetry::audit::Audit::new(config.audit_log.clone(), metrics.audit_dropped());
         Self {
             audit,
+            mesh: Default::default(),
             config,
             capture,
             metrics,

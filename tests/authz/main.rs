@@ -4,6 +4,7 @@
 //! the mesh) reaches it in plaintext. Every allowed case has a mirror
 //! that is denied; each is seen by the client and counted by the agent.
 
+mod custom;
 mod jwt;
 mod l4;
 mod l7;
@@ -58,10 +59,14 @@ fn mesh(test: &str, extra: &[&str]) -> Mesh {
     let registry = [&client, &web];
     let ca = Ca::start(&env, &fabric, "ca", &registry);
     let audit = env.dir.join("audit.log");
+    // The CUSTOM action's authorizers, at the keys pod (see `custom`).
+    let mesh_config = env.dir.join("mesh.yaml");
+    std::fs::write(&mesh_config, mesh_config_text(&keys)).unwrap();
     let opts = |node: &Node| {
         let mut args = ca.agent_args(node);
         args.extend(["--config".into(), config.display().to_string()]);
         args.extend(["--audit-log".into(), audit.display().to_string()]);
+        args.extend(["--mesh-config".into(), mesh_config.display().to_string()]);
         args.extend(extra.iter().map(|a| a.to_string()));
         AgentOptions {
             args,
@@ -82,6 +87,27 @@ fn mesh(test: &str, extra: &[&str]) -> Mesh {
         _agents: (ca, agent_a),
         _apps: apps,
     }
+}
+
+/// Istio's `istio` ConfigMap with two HTTP external authorizers at
+/// `keys`:8600, one failing closed (the default), one open.
+fn mesh_config_text(keys: &Pod) -> String {
+    let provider = |name: &str, fail_open: bool| {
+        json!({"name": name, "envoyExtAuthzHttp": {
+            "service": keys.ip4.to_string(), "port": 8600, "timeout": "500ms",
+            "failOpen": fail_open,
+            "includeRequestHeadersInCheck": ["x-ext-authz"],
+            "headersToUpstreamOnAllow": ["x-ext-authz-check-result"],
+            "headersToDownstreamOnDeny": ["x-ext-authz-check-result", "content-type"],
+        }})
+    };
+    let mesh = json!({"extensionProviders": [provider("ext", false), provider("ext-open", true)]});
+    let cm = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio", "namespace": "istio-system"},
+        "data": {"mesh": mesh.to_string()},
+    });
+    cm.to_string()
 }
 
 fn service() -> Value {

@@ -87,20 +87,8 @@ impl Arrival {
         let action = v.action.map_or("NONE", Action::name);
         let decision = if v.allowed { "allow" } else { "deny" };
         ctx.metrics.authz_decision(action, decision, policy);
-        let audit = |decision: &'static str, reason: &str, policy: &str| {
-            ctx.audit.write(&audit::Record {
-                time: audit::now(),
-                decision,
-                reason,
-                policy,
-                source_principal: peer.principal.as_deref(),
-                source_ip: self.peer.ip().to_string(),
-                destination_workload: &self.pod.workload.key().to_string(),
-                destination: self.dst.to_string(),
-                method: req.map(|r| r.method),
-                host: req.map(|r| r.host),
-                path: req.map(|r| r.path),
-            })
+        let audit = |decision, reason: &str, policy: &str| {
+            self.audit(ctx, peer, decision, reason, policy, req)
         };
         if let Some(p) = v.audit {
             ctx.metrics.authz_decision("AUDIT", "audit", &p.id);
@@ -122,6 +110,49 @@ impl Arrival {
             tracing::info!(pod = %self.pod.workload.key(), peer = %self.peer, path = req.map_or("-", |r| r.path), "authorization dry-run: would {} ({action} {by})", if would_allow { "allow" } else { "deny" });
         }
         v.allowed
+    }
+}
+
+impl Arrival {
+    /// Counts and audits what a CUSTOM policy's authorizer decided.
+    pub fn record_custom(
+        &self,
+        ctx: &ProxyContext,
+        peer: &Peer,
+        policy: &str,
+        allowed: bool,
+        req: Option<&RequestInfo<'_>>,
+    ) {
+        let decision = if allowed { "allow" } else { "deny" };
+        ctx.metrics.authz_decision("CUSTOM", decision, policy);
+        if !allowed {
+            self.audit(ctx, peer, decision, "CUSTOM", policy, req);
+        }
+    }
+
+    /// Writes one audit record about this connection (and request).
+    fn audit(
+        &self,
+        ctx: &ProxyContext,
+        peer: &Peer,
+        decision: &'static str,
+        reason: &str,
+        policy: &str,
+        req: Option<&RequestInfo<'_>>,
+    ) {
+        ctx.audit.write(&audit::Record {
+            time: audit::now(),
+            decision,
+            reason,
+            policy,
+            source_principal: peer.principal.as_deref(),
+            source_ip: self.peer.ip().to_string(),
+            destination_workload: &self.pod.workload.key().to_string(),
+            destination: self.dst.to_string(),
+            method: req.map(|r| r.method),
+            host: req.map(|r| r.host),
+            path: req.map(|r| r.path),
+        });
     }
 }
 

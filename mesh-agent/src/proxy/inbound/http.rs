@@ -38,12 +38,16 @@ use super::{
     authorize::{Peer, RequestInfo},
 };
 use crate::{
-    policy::authz::{HttpAttributes, matchers::normalize_path},
+    policy::{
+        authz::{HttpAttributes, matchers::normalize_path},
+        ext_authz,
+    },
     proxy::{
         ProxyContext,
         http::{Body, FLAGS_HEADER, full, metered::Metered, send::prepare},
     },
     registry::protocol::Protocol,
+    snapshot::InboundPolicy,
     telemetry::metrics::RequestOutcome,
 };
 
@@ -108,9 +112,24 @@ struct LocalReply {
     status: StatusCode,
     flag: &'static str,
     message: String,
+    /// More headers (an external authorizer's on a denial).
+    headers: Vec<(http::HeaderName, HeaderValue)>,
+    /// `message` is the body as it is (an external authorizer's), not a
+    /// line of text.
+    raw_body: bool,
 }
 
 impl LocalReply {
+    fn new(status: StatusCode, flag: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            flag,
+            message: message.into(),
+            headers: vec![],
+            raw_body: false,
+        }
+    }
+
     /// The reply, as a gRPC client expects it when `grpc` (HTTP 200 with
     /// `grpc-status`, trailers-only, as Envoy maps local replies).
     fn into_response(self, grpc: bool) -> Response<Body> {
@@ -135,6 +154,10 @@ impl LocalReply {
                 h.insert("grpc-message", v);
             }
             r
+        } else if self.raw_body {
+            let mut r = Response::new(full(self.message));
+            *r.status_mut() = self.status;
+            r
         } else {
             let mut r = Response::new(full(format!("{}\n", self.message)));
             *r.status_mut() = self.status;
@@ -142,6 +165,9 @@ impl LocalReply {
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             r
         };
+        for (k, v) in self.headers {
+            r.headers_mut().insert(k, v);
+        }
         r.headers_mut()
             .insert(FLAGS_HEADER, HeaderValue::from_static(self.flag));
         if self.status == StatusCode::UNAUTHORIZED {
@@ -196,11 +222,11 @@ impl Conn {
             Err(rejected) => {
                 self.ctx.metrics.jwt_rejected(rejected.reason());
                 tracing::debug!(pod = %self.arrival.pod.workload.key(), peer = %self.arrival.peer, "jwt: {rejected}");
-                return Err(LocalReply {
-                    status: StatusCode::UNAUTHORIZED,
-                    flag: "UAEX",
-                    message: rejected.to_string(),
-                });
+                return Err(LocalReply::new(
+                    StatusCode::UNAUTHORIZED,
+                    "UAEX",
+                    rejected.to_string(),
+                ));
             }
         };
         let authority = parts
@@ -216,6 +242,9 @@ impl Conn {
             })
             .unwrap_or_default();
         let path = normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+        let downstream = self
+            .custom(&policy, &mut parts, &authority, &path, auth.as_ref())
+            .await?;
         let h = HttpAttributes {
             method: parts.method.as_str(),
             authority: &authority,
@@ -234,11 +263,7 @@ impl Conn {
             .arrival
             .record(&self.ctx, &self.peer, &verdict, Some(&info))
         {
-            return Err(LocalReply {
-                status: StatusCode::FORBIDDEN,
-                flag: "RBAC",
-                message: DENIED_BODY.into(),
-            });
+            return Err(LocalReply::new(StatusCode::FORBIDDEN, "RBAC", DENIED_BODY));
         }
         let body = Metered::counting(body.boxed(), request_bytes.clone()).boxed();
         // The application speaks what its port declares (HTTP/1.1 for
@@ -269,16 +294,92 @@ impl Conn {
                 }
             });
         }
-        Ok(resp.map(|b| b.boxed()))
+        let mut resp = resp.map(|b| b.boxed());
+        for (k, v) in downstream {
+            resp.headers_mut().append(k, v);
+        }
+        Ok(resp)
+    }
+
+    /// The CUSTOM action: asks the external authorizer when a CUSTOM
+    /// policy matches; the headers for the response when it allows.
+    async fn custom(
+        &self,
+        policy: &InboundPolicy,
+        parts: &mut http::request::Parts,
+        authority: &str,
+        path: &str,
+        auth: Option<&crate::policy::jwt::Authenticated>,
+    ) -> Result<Vec<(http::HeaderName, HeaderValue)>, LocalReply> {
+        let matched = {
+            let h = HttpAttributes {
+                method: parts.method.as_str(),
+                authority,
+                path,
+                headers: &parts.headers,
+                auth,
+            };
+            let attrs = self.arrival.attributes(&self.peer, Some(&h));
+            policy
+                .authorization
+                .custom(&attrs)
+                .map(|p| (p.id.clone(), p.provider.clone().unwrap_or_default()))
+        };
+        let Some((id, provider)) = matched else {
+            return Ok(vec![]);
+        };
+        let info = RequestInfo {
+            method: parts.method.as_str(),
+            host: authority,
+            path,
+        };
+        let deny = |status: StatusCode, message: String| {
+            self.arrival
+                .record_custom(&self.ctx, &self.peer, &id, false, Some(&info));
+            LocalReply::new(status, "UAEX", message)
+        };
+        let Some(p) = self.ctx.mesh.http_provider(&provider) else {
+            tracing::warn!(policy = %id, %provider, "CUSTOM: no envoyExtAuthzHttp provider of that name in --mesh-config; denying");
+            return Err(deny(
+                StatusCode::FORBIDDEN,
+                format!("external authorization provider {provider:?} is not configured"),
+            ));
+        };
+        let registry = self.ctx.store.load();
+        match p.check(parts, &registry.registry).await {
+            ext_authz::Outcome::Allow {
+                upstream,
+                downstream,
+            } => {
+                self.arrival
+                    .record_custom(&self.ctx, &self.peer, &id, true, Some(&info));
+                for (k, v) in upstream {
+                    parts.headers.insert(k, v);
+                }
+                Ok(downstream)
+            }
+            ext_authz::Outcome::Deny {
+                status,
+                headers,
+                body,
+            } => {
+                let mut reply = deny(status, String::from_utf8_lossy(&body).into_owned());
+                reply.headers = headers;
+                reply.raw_body = true;
+                Err(reply)
+            }
+        }
     }
 
     /// Sends to the application, opening its connection as the client
     /// speaks on the first request.
     async fn send(&self, req: Request<Body>, h2: bool) -> Result<Response<Incoming>, LocalReply> {
-        let failed = |e: String| LocalReply {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            flag: "UC",
-            message: format!("upstream connect error or disconnect/reset before headers: {e}"),
+        let failed = |e: String| {
+            LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UC",
+                format!("upstream connect error or disconnect/reset before headers: {e}"),
+            )
         };
         let mut app = self.app.lock().await;
         if let App::Idle(stream) = &mut *app {

@@ -23,6 +23,8 @@
 //! mesh-testapp http-burst URL N [NAME:VALUE | --method=M]...   N requests at once, one connection each; count answers and flags
 //! mesh-testapp fixed-rate URL RATE SECS   GETs at RATE per second on one keep-alive connection; latency percentiles from the scheduled times
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
+//! mesh-testapp ext-authz ADDR        an HTTP external authorizer: 200 when `x-ext-authz: allow`, 403 with a body and
+//!                                      `x-ext-authz-check-result: denied` otherwise; paths with /slow wait 3 s first
 //! mesh-testapp file ADDR PATH          answer every HTTP GET with PATH's contents as they are now (a JWKS server); log each request
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
@@ -89,6 +91,7 @@ fn main() -> Result<()> {
         ["hbone-serve", cert, key, addr] => tokio_main(hbone::serve(cert, key, addr)),
         ["fake-kube", addr, table @ ..] => tokio_main(kube::serve(addr, table)),
         ["file", addr, path] => serve_file(addr, path),
+        ["ext-authz", addr] => ext_authz(addr),
         ["get", url] => request("GET", url),
         ["post", url] => request("POST", url),
         _ => bail!("usage: see the comment at the top of mesh-testapp.rs"),
@@ -195,6 +198,45 @@ fn serve(addrs: &[&str], http_name: Option<String>) -> Result<()> {
     std::io::stdout().flush()?;
     for h in handles {
         let _ = h.join();
+    }
+    Ok(())
+}
+
+fn ext_authz(addr: &str) -> Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!(
+        "{}",
+        json!({"event": "listening", "local": l.local_addr()?.to_string()})
+    );
+    std::io::stdout().flush()?;
+    for s in l.incoming().flatten() {
+        std::thread::spawn(move || -> Result<()> {
+            let mut s = s;
+            let mut r = BufReader::new(s.try_clone()?);
+            let mut line = String::new();
+            r.read_line(&mut line)?;
+            let headers = read_headers(&mut r)?;
+            println!(
+                "{}",
+                json!({"event": "check", "request": line.trim_end(), "headers": headers})
+            );
+            std::io::stdout().flush()?;
+            if line.contains("/slow") {
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            let allow = headers.get("x-ext-authz").and_then(|v| v.as_str()) == Some("allow");
+            let reply = if allow {
+                "HTTP/1.1 200 OK\r\nx-ext-authz-check-result: allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+            } else {
+                let body = "denied by ext_authz";
+                format!(
+                    "HTTP/1.1 403 Forbidden\r\nx-ext-authz-check-result: denied\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            s.write_all(reply.as_bytes())?;
+            Ok(())
+        });
     }
     Ok(())
 }

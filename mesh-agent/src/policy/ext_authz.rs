@@ -1,0 +1,335 @@
+//! The CUSTOM action: an external authorizer from Istio's MeshConfig
+//! `extensionProviders` (`--mesh-config`), asked by the destination's
+//! agent before DENY and ALLOW, as Envoy's HTTP `ext_authz` filter asks
+//! its service:
+//!
+//! * the check request has the original method and path (after
+//!   `pathPrefix`), no body, the `Host`, `Authorization` and the headers
+//!   `includeRequestHeadersInCheck` names, plus
+//!   `includeAdditionalHeadersInCheck`;
+//! * a 2xx answer allows, copying `headersToUpstreamOnAllow` to the request
+//!   (and `headersToDownstreamOnAllow` to the response); any other answer
+//!   denies with the service's status, body and `headersToDownstreamOnDeny`;
+//! * an unreachable service, or none within `timeout`, fails closed with
+//!   `statusOnError` (403 by default) unless `failOpen`.
+//!
+//! The service is reached in plaintext from the node: a Service of the
+//! registry (an endpoint chosen at random), else a DNS name or an address.
+//! `envoyExtAuthzGrpc` providers are reported, and a CUSTOM policy naming
+//! one fails closed.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, request::Parts};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+
+use crate::registry::Registry;
+
+/// The most body bytes of a denial passed on to the client.
+const MAX_DENY_BODY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {reason}")]
+    Read { path: String, reason: String },
+}
+
+/// The part of Istio's MeshConfig the agent reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MeshConfig {
+    pub extension_providers: Vec<ProviderSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderSpec {
+    pub name: String,
+    pub envoy_ext_authz_http: Option<HttpProvider>,
+    pub envoy_ext_authz_grpc: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpProvider {
+    pub service: String,
+    pub port: u16,
+    pub path_prefix: String,
+    #[serde(with = "go_duration")]
+    pub timeout: Option<Duration>,
+    pub fail_open: bool,
+    pub status_on_error: String,
+    pub include_request_headers_in_check: Vec<String>,
+    pub include_additional_headers_in_check: BTreeMap<String, String>,
+    pub headers_to_upstream_on_allow: Vec<String>,
+    pub headers_to_downstream_on_allow: Vec<String>,
+    pub headers_to_downstream_on_deny: Vec<String>,
+}
+
+mod go_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| {
+            s.parse::<crate::istio::common::Duration>()
+                .map(|d| d.get())
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
+    }
+}
+
+impl MeshConfig {
+    /// Reads a MeshConfig: the `istio` ConfigMap (its `data.mesh`), or the
+    /// MeshConfig YAML itself.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let fail = |reason: String| Error::Read {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        let mesh = match doc.get("kind").and_then(|k| k.as_str()) {
+            Some("ConfigMap") => {
+                let inner = doc
+                    .get("data")
+                    .and_then(|d| d.get("mesh"))
+                    .and_then(|m| m.as_str())
+                    .ok_or_else(|| fail("a ConfigMap without data.mesh".into()))?;
+                serde_yaml::from_str(inner).map_err(|e| fail(format!("data.mesh: {e}")))?
+            }
+            _ => doc,
+        };
+        let config: Self = serde_yaml::from_value(mesh).map_err(|e| fail(e.to_string()))?;
+        for p in &config.extension_providers {
+            if p.envoy_ext_authz_grpc.is_some() {
+                tracing::warn!(provider = %p.name, "mesh config: envoyExtAuthzGrpc is not supported yet; CUSTOM policies naming it deny every request they match");
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn http_provider(&self, name: &str) -> Option<&HttpProvider> {
+        self.extension_providers
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.envoy_ext_authz_http.as_ref())
+    }
+}
+
+/// What the authorizer decided.
+pub enum Outcome {
+    /// Allowed; headers for the request, and for its response.
+    Allow {
+        upstream: Vec<(HeaderName, HeaderValue)>,
+        downstream: Vec<(HeaderName, HeaderValue)>,
+    },
+    /// Denied: the answer for the client.
+    Deny {
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Bytes,
+    },
+}
+
+impl HttpProvider {
+    /// Asks the authorizer about the request `parts`.
+    pub async fn check(&self, parts: &Parts, registry: &Registry) -> Outcome {
+        let timeout = self.timeout.unwrap_or(Duration::from_millis(600));
+        match tokio::time::timeout(timeout, self.ask(parts, registry)).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => self.on_error(format!("{e}")),
+            Err(_) => self.on_error(format!("no answer within {timeout:?}")),
+        }
+    }
+
+    fn on_error(&self, why: String) -> Outcome {
+        tracing::warn!(service = %self.service, "ext_authz: {why}; {}", if self.fail_open { "allowing (failOpen)" } else { "denying" });
+        if self.fail_open {
+            return Outcome::Allow {
+                upstream: vec![],
+                downstream: vec![],
+            };
+        }
+        Outcome::Deny {
+            status: self
+                .status_on_error
+                .parse::<u16>()
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::FORBIDDEN),
+            headers: vec![],
+            body: Bytes::new(),
+        }
+    }
+
+    /// Where the service is: a Service of the registry, an address, or a
+    /// DNS name.
+    async fn target(&self, registry: &Registry) -> Result<SocketAddr, String> {
+        if let Ok(ip) = self.service.parse() {
+            return Ok(SocketAddr::new(ip, self.port));
+        }
+        for svc in registry.services_for_host(&self.service) {
+            let Some(port) = svc.port(self.port) else {
+                continue;
+            };
+            let ready: Vec<_> = svc
+                .endpoints
+                .iter()
+                .filter(|e| e.ready)
+                .filter_map(|e| Some(SocketAddr::new(e.address?, e.port_for(port))))
+                .collect();
+            if !ready.is_empty() {
+                return Ok(ready[fastrand::usize(..ready.len())]);
+            }
+        }
+        tokio::net::lookup_host((self.service.as_str(), self.port))
+            .await
+            .map_err(|e| format!("resolving {}: {e}", self.service))?
+            .next()
+            .ok_or_else(|| format!("{} has no address", self.service))
+    }
+
+    async fn ask(&self, parts: &Parts, registry: &Registry) -> Result<Outcome, String> {
+        let addr = self.target(registry).await?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut req = Request::builder()
+            .method(parts.method.clone())
+            .uri(format!("{}{path}", self.path_prefix))
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let h = req.headers_mut();
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            h.insert(http::header::HOST, v);
+        }
+        let mut names: Vec<&str> = vec!["authorization"];
+        names.extend(
+            self.include_request_headers_in_check
+                .iter()
+                .map(String::as_str),
+        );
+        for n in names {
+            for v in parts.headers.get_all(n) {
+                if let Ok(name) = HeaderName::from_bytes(n.as_bytes()) {
+                    h.append(name, v.clone());
+                }
+            }
+        }
+        for (k, v) in &self.include_additional_headers_in_check {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                h.insert(k, v);
+            }
+        }
+        h.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let pick =
+            |names: &[String]| -> Vec<(HeaderName, HeaderValue)> { pick_headers(&headers, names) };
+        if status.is_success() {
+            return Ok(Outcome::Allow {
+                upstream: pick(&self.headers_to_upstream_on_allow),
+                downstream: pick(&self.headers_to_downstream_on_allow),
+            });
+        }
+        let body = Limited::new(resp.into_body(), MAX_DENY_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok(Outcome::Deny {
+            status,
+            headers: pick(&self.headers_to_downstream_on_deny),
+            body,
+        })
+    }
+}
+
+fn pick_headers(h: &HeaderMap, names: &[String]) -> Vec<(HeaderName, HeaderValue)> {
+    names
+        .iter()
+        .filter_map(|n| HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).ok())
+        .flat_map(|n| h.get_all(&n).iter().map(move |v| (n.clone(), v.clone())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_istio_config_map_and_plain_mesh_config() {
+        let dir = std::env::temp_dir().join(format!("mesh-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cm = dir.join("cm.yaml");
+        std::fs::write(
+            &cm,
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    extensionProviders:\n    - name: authz\n      envoyExtAuthzHttp:\n        service: ext-authz.foo.svc.cluster.local\n        port: 8000\n        timeout: 250ms\n        includeRequestHeadersInCheck: [x-ext-authz]\n    - name: grpc\n      envoyExtAuthzGrpc: {service: g, port: 9000}\n",
+        )
+        .unwrap();
+        let m = MeshConfig::read(&cm).unwrap();
+        let p = m.http_provider("authz").unwrap();
+        assert_eq!(
+            (
+                p.port,
+                p.timeout,
+                p.include_request_headers_in_check.as_slice()
+            ),
+            (
+                8000,
+                Some(Duration::from_millis(250)),
+                &["x-ext-authz".to_string()][..]
+            )
+        );
+        assert!(m.http_provider("grpc").is_none());
+        let plain = dir.join("mesh.yaml");
+        std::fs::write(
+            &plain,
+            "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: 10.0.0.1, port: 80}}]\n",
+        )
+        .unwrap();
+        assert!(
+            MeshConfig::read(&plain)
+                .unwrap()
+                .http_provider("a")
+                .is_some()
+        );
+        std::fs::write(
+            &plain,
+            "extensionProviders: [{name: a, envoyExtAuthzHttp: {timeout: soon}}]\n",
+        )
+        .unwrap();
+        let e = MeshConfig::read(&plain).unwrap_err().to_string();
+        assert!(e.contains("mesh.yaml") && e.contains("soon"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
