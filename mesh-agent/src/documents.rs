@@ -343,6 +343,7 @@ fn istio_resource(
         Kind::RequestAuthentication => typed_spec!(RequestAuthentication),
         Kind::AuthorizationPolicy => typed_spec!(AuthorizationPolicy),
         Kind::Telemetry => typed_spec!(Telemetry),
+        Kind::EnvoyFilter => typed_spec!(EnvoyFilter),
     };
     let (spec, type_errors) = spec;
     let spec_path = |p: &str| {
@@ -713,8 +714,7 @@ fn to_json(
 
 /// Istio kinds this data plane knows of but does not read: accepted, with
 /// a warning, never mistaken for typos.
-const UNSUPPORTED_ISTIO_KINDS: [(&str, &str); 4] = [
-    ("networking.istio.io", "EnvoyFilter"),
+const UNSUPPORTED_ISTIO_KINDS: [(&str, &str); 3] = [
     ("networking.istio.io", "ProxyConfig"),
     ("networking.istio.io", "WorkloadGroup"),
     ("extensions.istio.io", "WasmPlugin"),

@@ -8,6 +8,7 @@
 //! [`validate`] checks them the way `istioctl validate` does.
 
 pub mod common;
+pub mod envoy_filter;
 pub mod networking;
 pub mod security;
 pub mod telemetry;
@@ -30,10 +31,11 @@ pub enum Kind {
     RequestAuthentication,
     AuthorizationPolicy,
     Telemetry,
+    EnvoyFilter,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
@@ -44,6 +46,7 @@ impl Kind {
         Kind::RequestAuthentication,
         Kind::AuthorizationPolicy,
         Kind::Telemetry,
+        Kind::EnvoyFilter,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Kind {
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::Telemetry => "Telemetry",
+            Kind::EnvoyFilter => "EnvoyFilter",
         }
     }
 
@@ -77,6 +81,9 @@ impl Kind {
 
     /// The API versions Istio serves for this kind.
     pub fn versions(self) -> &'static [&'static str] {
+        if self == Kind::EnvoyFilter {
+            return &["v1alpha3"];
+        }
         match self.group() {
             "security.istio.io" => &["v1", "v1beta1"],
             "telemetry.istio.io" => &["v1", "v1alpha1"],
@@ -129,6 +136,7 @@ pub enum Spec {
     RequestAuthentication(security::RequestAuthentication),
     AuthorizationPolicy(security::AuthorizationPolicy),
     Telemetry(telemetry::Telemetry),
+    EnvoyFilter(envoy_filter::EnvoyFilter),
 }
 
 impl Spec {
@@ -144,6 +152,7 @@ impl Spec {
             Spec::RequestAuthentication(_) => Kind::RequestAuthentication,
             Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Spec::Telemetry(_) => Kind::Telemetry,
+            Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
         }
     }
 
@@ -160,6 +169,7 @@ impl Spec {
             Spec::RequestAuthentication(s) => serde_json::to_value(s),
             Spec::AuthorizationPolicy(s) => serde_json::to_value(s),
             Spec::Telemetry(s) => serde_json::to_value(s),
+            Spec::EnvoyFilter(s) => serde_json::to_value(s),
         };
         r.unwrap_or_default()
     }

@@ -8,5 +8,6 @@ pub mod ext_authz;
 pub mod jwks;
 pub mod jwt;
 pub mod peer_auth;
+pub mod rate_limit;
 
 pub use peer_auth::{MtlsMode, PeerAuthentications};

@@ -93,6 +93,14 @@ pub enum Error {
     Resolve { host: String, reason: String },
     #[error("plaintext to port {port} refused: PeerAuthentication is STRICT for {pod}")]
     PlaintextRefused { port: u16, pod: String },
+    #[error(
+        "connection to {dst} of {pod} refused: over the local rate limit of EnvoyFilter {filter}"
+    )]
+    RateLimited {
+        dst: SocketAddr,
+        pod: String,
+        filter: String,
+    },
     #[error("connection to {dst} of {pod} denied by AuthorizationPolicy ({by})")]
     Denied {
         dst: SocketAddr,
@@ -121,6 +129,7 @@ impl Error {
             Error::HboneRefused { .. } => "hbone_refused",
             Error::PlaintextRefused { .. } => "plaintext_refused",
             Error::Denied { .. } => "rbac_denied",
+            Error::RateLimited { .. } => "rate_limited",
             Error::NoEndpoint { .. } => "no_healthy_upstream",
             Error::Overflow { .. } => "upstream_overflow",
             Error::Resolve { .. } => "dns",

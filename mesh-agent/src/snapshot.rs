@@ -25,6 +25,7 @@ use crate::{
         jwks::JwksStore,
         jwt::{self, Authenticator},
         peer_auth::Effective,
+        rate_limit::{FilterLimits, Limiter, Unit},
     },
     registry::{self, Registry, protocol::Protocol},
     workload::{Workload, WorkloadKey},
@@ -101,6 +102,9 @@ pub struct WorkloadPolicies {
     /// select it (absent: not declared, detected from the first bytes).
     #[serde(skip_serializing_if = "is_empty_map")]
     pub port_protocols: Arc<BTreeMap<u16, Protocol>>,
+    /// Its local rate limits (EnvoyFilter), each with its own bucket.
+    #[serde(skip_serializing_if = "is_empty_limits")]
+    pub rate_limits: Arc<Vec<Limiter>>,
     /// `Kind namespace/name` of each policy that selects the workload.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub telemetry: Vec<String>,
@@ -118,6 +122,10 @@ fn is_empty_map(m: &Arc<BTreeMap<u16, Protocol>>) -> bool {
     m.is_empty()
 }
 
+fn is_empty_limits(l: &Arc<Vec<Limiter>>) -> bool {
+    l.is_empty()
+}
+
 /// What the destination's agent decides a connection to one workload
 /// with.
 #[derive(Debug, Clone)]
@@ -125,13 +133,24 @@ pub struct InboundPolicy {
     pub authorization: Arc<WorkloadAuthz>,
     pub request_authentication: Arc<Authenticator>,
     pub port_protocols: Arc<BTreeMap<u16, Protocol>>,
+    pub rate_limits: Arc<Vec<Limiter>>,
 }
 
 impl InboundPolicy {
     /// Whether HTTP connections are decided per request (some policy
-    /// needs the request, or a RequestAuthentication applies).
+    /// needs the request, a RequestAuthentication or a request rate limit
+    /// applies).
     pub fn per_request(&self) -> bool {
-        self.authorization.per_request || !self.request_authentication.is_empty()
+        self.authorization.per_request
+            || !self.request_authentication.is_empty()
+            || self.limits(Unit::Requests).next().is_some()
+    }
+
+    /// The rate limits counting `unit`.
+    pub fn limits(&self, unit: Unit) -> impl Iterator<Item = &Limiter> {
+        self.rate_limits
+            .iter()
+            .filter(move |l| l.limit.unit == unit)
     }
 }
 
@@ -154,6 +173,8 @@ pub struct Snapshot {
     pub authorization_policies: Vec<Arc<authz::Policy>>,
     #[serde(skip)]
     pub jwt_rules: Vec<Arc<jwt::Rule>>,
+    #[serde(skip)]
+    pub rate_limit_filters: Vec<FilterLimits>,
     #[serde(skip)]
     pub root_namespace: String,
     /// For each workload on this node.
@@ -179,6 +200,7 @@ impl Snapshot {
             peer_authentications: PeerAuthentications::empty(&settings.root_namespace),
             authorization_policies: Vec::new(),
             jwt_rules: Vec::new(),
+            rate_limit_filters: Vec::new(),
             root_namespace: settings.root_namespace.clone(),
             policies: BTreeMap::new(),
             notes: Vec::new(),
@@ -201,6 +223,7 @@ impl Snapshot {
                 authorization: p.authorization.clone(),
                 request_authentication: p.request_authentication.clone(),
                 port_protocols: p.port_protocols.clone(),
+                rate_limits: p.rate_limits.clone(),
             },
             // Not indexed (enrolled from an older snapshot): resolve now.
             None => InboundPolicy {
@@ -215,6 +238,7 @@ impl Snapshot {
                     &self.root_namespace,
                 )),
                 port_protocols: Arc::default(),
+                rate_limits: Arc::new(limiters(&self.rate_limit_filters, w, &self.root_namespace)),
             },
         }
     }
@@ -286,6 +310,10 @@ pub fn build(
         .flat_map(|r| jwt::Rule::from_resource(r, &settings.jwks, settings.jwks_timeout))
         .map(Arc::new)
         .collect();
+    let rate_limit_filters: Vec<FilterLimits> = all
+        .iter()
+        .filter_map(|r| FilterLimits::from_resource(r))
+        .collect();
     let mut port_protocols = local_port_protocols(&registry, &settings.node_name);
     let policies = registry
         .on_node(&settings.node_name)
@@ -312,6 +340,7 @@ pub fn build(
                     &settings.root_namespace,
                 )),
                 port_protocols: Arc::new(port_protocols.remove(&w.key()).unwrap_or_default()),
+                rate_limits: Arc::new(limiters(&rate_limit_filters, w, &settings.root_namespace)),
                 telemetry: selecting(Kind::Telemetry),
             };
             (w.key(), p)
@@ -334,10 +363,20 @@ pub fn build(
         peer_authentications,
         authorization_policies,
         jwt_rules,
+        rate_limit_filters,
         root_namespace: settings.root_namespace.clone(),
         policies,
         notes: sources.iter().flat_map(|s| s.notes.clone()).collect(),
     })
+}
+
+/// A bucket of `w`'s own for each rate limit that applies to it.
+fn limiters(filters: &[FilterLimits], w: &Workload, root_namespace: &str) -> Vec<Limiter> {
+    filters
+        .iter()
+        .filter(|f| f.applies_to(w, root_namespace))
+        .flat_map(|f| f.limits.iter().map(|l| Limiter::new(&f.id, l.clone())))
+        .collect()
 }
 
 /// The declared protocol of each port of this node's workloads, from the

@@ -8,6 +8,7 @@ mod custom;
 mod jwt;
 mod l4;
 mod l7;
+mod rate_limit;
 
 use std::{path::PathBuf, time::Duration};
 

@@ -299,8 +299,32 @@ pub fn check(r: &Resource) -> Vec<Problem> {
         Spec::RequestAuthentication(s) => security::request_authentication(&mut c, s),
         Spec::AuthorizationPolicy(s) => security::authorization_policy(&mut c, s),
         Spec::Telemetry(s) => telemetry::check(&mut c, s),
+        Spec::EnvoyFilter(s) => envoy_filter(&mut c, s),
     }
     c.out
+}
+
+/// The local rate limits an EnvoyFilter sets must be readable; every
+/// other patch is reported once, as ignored.
+fn envoy_filter(c: &mut Check<'_>, s: &super::envoy_filter::EnvoyFilter) {
+    let mut ignored = Vec::new();
+    for (i, p) in s.config_patches.iter().enumerate() {
+        match crate::policy::rate_limit::parse_patch(p) {
+            Ok(Some(_)) => {}
+            Ok(None) => ignored.push(i.to_string()),
+            Err((field, why)) => c.err(format!("spec.configPatches[{i}].{field}"), why),
+        }
+    }
+    if !ignored.is_empty() {
+        let warn = format!(
+            "configPatches[{}] ignored: this data plane has no Envoy to patch (it reads the local rate limit filters alone)",
+            ignored.join(", ")
+        );
+        c.err("spec.configPatches", warn);
+        if let Some(p) = c.out.last_mut() {
+            p.severity = Severity::Warning;
+        }
+    }
 }
 
 fn targets(

@@ -183,7 +183,7 @@ async fn stream(
         Ok(a) => a,
         Err(e) => {
             ctx.metrics.proxy_error(Reporter::Destination, e.reason());
-            if matches!(e, Error::Denied { .. }) {
+            if matches!(e, Error::Denied { .. } | Error::RateLimited { .. }) {
                 // Counted and audited where it was decided.
                 tracing::debug!(pod = %arrival.pod.workload.key(), %peer, "hbone: {e}");
             } else {
@@ -192,6 +192,7 @@ async fn stream(
             return status(match e {
                 Error::Loop { .. } => StatusCode::BAD_REQUEST,
                 Error::Denied { .. } => StatusCode::FORBIDDEN,
+                Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             });
         }

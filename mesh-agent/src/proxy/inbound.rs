@@ -30,6 +30,7 @@ pub mod http;
 
 use super::{Error, PodContext, ProxyContext, copy, prefixed::Prefixed, sniff, socket};
 use crate::{
+    policy::rate_limit::{Admit, Unit},
     snapshot::{InboundPolicy, Snapshot},
     spiffe::SpiffeId,
     telemetry::metrics::{ConnLabels, Reporter},
@@ -88,6 +89,24 @@ impl Arrival {
                 });
             }
         }
+        for l in self.policy.limits(Unit::Connections) {
+            match l.admit() {
+                Admit::Yes => {}
+                Admit::OverNotEnforced => {
+                    ctx.metrics
+                        .rate_limited("connections", &l.filter, "over_not_enforced")
+                }
+                Admit::Refused => {
+                    ctx.metrics
+                        .rate_limited("connections", &l.filter, "refused");
+                    return Err(Error::RateLimited {
+                        dst: self.dst,
+                        pod: self.pod.workload.key().to_string(),
+                        filter: l.filter.clone(),
+                    });
+                }
+            }
+        }
         if !self.policy.per_request() {
             self.authorize_connection(ctx)?;
         }
@@ -133,7 +152,7 @@ pub async fn serve_plaintext(
             match plaintext(stream, peer, pod.clone(), &ctx).await {
                 Ok(()) => {}
                 // Denials are counted and audited where they are decided.
-                Err(e @ Error::Denied { .. }) => {
+                Err(e @ (Error::Denied { .. } | Error::RateLimited { .. })) => {
                     ctx.metrics.proxy_error(Reporter::Destination, e.reason());
                     tracing::debug!(pod = %pod.workload.key(), %peer, "inbound: {e}");
                 }

@@ -225,7 +225,9 @@ impl KubeSource {
             },
         ));
         for kind in Kind::ALL {
-            let gvk = GroupVersionKind::gvk(kind.group(), "v1", kind.name());
+            // The newest version each kind is served at (EnvoyFilter has
+            // only v1alpha3).
+            let gvk = GroupVersionKind::gvk(kind.group(), kind.versions()[0], kind.name());
             let ar = ApiResource::from_gvk_with_plural(&gvk, &kind.plural());
             let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
             let api_version = ar.api_version.clone();

@@ -215,6 +215,7 @@ pub struct Metrics {
     jwt_rejections: IntCounterVec,
     jwks_fetches: IntCounterVec,
     audit_dropped: IntCounter,
+    rate_limited: IntCounterVec,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     request_bytes: HistogramVec,
@@ -484,6 +485,12 @@ impl Metrics {
                 "Fetches of RequestAuthentication key sets (jwksUri), by result (ok, error).",
                 &["result"],
             )?,
+            rate_limited: counter_vec(
+                &registry,
+                "mesh_rate_limited_total",
+                "Requests and connections over a local rate limit (EnvoyFilter), by unit, filter and result (refused; over_not_enforced when filter_enforced let it through).",
+                &["unit", "filter", "result"],
+            )?,
             audit_dropped: {
                 let c = IntCounter::new(
                     "mesh_audit_dropped_total",
@@ -635,6 +642,12 @@ impl Metrics {
 
     pub fn jwt_rejected(&self, reason: &str) {
         self.jwt_rejections.with_label_values(&[reason]).inc();
+    }
+
+    pub fn rate_limited(&self, unit: &str, filter: &str, result: &str) {
+        self.rate_limited
+            .with_label_values(&[unit, filter, result])
+            .inc();
     }
 
     /// The counter of audit records dropped, for the audit writer.

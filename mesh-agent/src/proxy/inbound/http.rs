@@ -41,6 +41,7 @@ use crate::{
     policy::{
         authz::{HttpAttributes, matchers::normalize_path},
         ext_authz,
+        rate_limit::{Admit, Unit},
     },
     proxy::{
         ProxyContext,
@@ -217,6 +218,26 @@ impl Conn {
             .store
             .load()
             .inbound_policy(&self.arrival.pod.workload);
+        // Local rate limits first, as Istio inserts the filter first.
+        for l in policy.limits(Unit::Requests) {
+            match l.admit() {
+                Admit::Yes => {}
+                Admit::OverNotEnforced => {
+                    self.ctx
+                        .metrics
+                        .rate_limited("requests", &l.filter, "over_not_enforced")
+                }
+                Admit::Refused => {
+                    self.ctx
+                        .metrics
+                        .rate_limited("requests", &l.filter, "refused");
+                    let mut reply =
+                        LocalReply::new(StatusCode::TOO_MANY_REQUESTS, "RL", "local_rate_limited");
+                    reply.headers = l.limit.response_headers.clone();
+                    return Err(reply);
+                }
+            }
+        }
         let auth = match policy.request_authentication.authenticate(&mut parts).await {
             Ok(a) => a,
             Err(rejected) => {
