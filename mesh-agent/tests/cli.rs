@@ -170,27 +170,39 @@ spec: {}
 ";
 
 #[test]
-fn a_policy_the_agent_does_not_enforce_is_a_warning_and_strict_fails_on_it() {
+fn policies_are_enforced_and_what_cannot_apply_is_a_warning_strict_fails_on() {
+    // Enforced by the destination's agent: nothing to say.
     let (code, out, err) = validate_stdin(&[], DENY_ALL);
-    assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(
-        out,
-        "<stdin>:1: warning: AuthorizationPolicy shop/deny-all: spec: this AuthorizationPolicy is not enforced: traffic it would deny (everything its rules do not allow) is allowed\n"
-    );
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
     assert_eq!(
         err,
-        "validated 1 file: 1 document accepted, 0 errors, 1 warning, 0 notes\n"
+        "validated 1 file: 1 document accepted, 0 errors, 0 warnings, 0 notes\n"
     );
-    let (code, out, _) = validate_stdin(&["--strict"], DENY_ALL);
+    // Bound to a gateway: not applied here, said so.
+    let targeted = DENY_ALL.replace(
+        "spec: {}",
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: gw}}",
+    );
+    let (code, out, _) = validate_stdin(&[], &targeted);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        "<stdin>:1: warning: AuthorizationPolicy shop/deny-all: spec: this AuthorizationPolicy binds to a gateway or service (targetRef), which this data plane does not have: it is not applied\n"
+    );
+    let (code, out, _) = validate_stdin(&["--strict"], &targeted);
     assert_eq!(code, 1);
     assert!(
         out.contains(": error: ") && out.ends_with("(--strict)\n"),
         "{out}"
     );
-    let deny = DENY_ALL.replace("spec: {}", "spec: {action: DENY, rules: [{}]}");
-    let (_, out, _) = validate_stdin(&[], &deny);
+    // A condition on Envoy filter metadata fails closed, said so.
+    let experimental = DENY_ALL.replace(
+        "spec: {}",
+        "spec: {rules: [{when: [{key: \"experimental.envoy.filters.network.mysql_proxy[db.table]\", values: [x]}]}]}",
+    );
+    let (_, out, _) = validate_stdin(&[], &experimental);
     assert!(
-        out.ends_with("not enforced: traffic it would deny is allowed\n"),
+        out.contains("warning:") && out.contains("fails closed"),
         "{out}"
     );
 }
@@ -211,10 +223,11 @@ fn a_misspelt_kind_of_an_istio_group_is_an_error_with_a_suggestion() {
     // kind the mesh reads is a typo.
     let (code, out, _) = validate_stdin(
         &[],
-        "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: f}\nspec: {}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: v1\nkind: Servce\nmetadata: {name: s}\n",
+        "apiVersion: networking.istio.io/v1beta1\nkind: ProxyConfig\nmetadata: {name: f}\nspec: {}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: v1\nkind: Servce\nmetadata: {name: s}\n---\napiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: lua}\nspec: {configPatches: [{applyTo: HTTP_FILTER, patch: {value: {name: envoy.filters.http.lua}}}]}\n",
     );
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("warning: EnvoyFilter default/f: kind: EnvoyFilter is not supported by this data plane: it is ignored"), "{out}");
+    assert!(out.contains("warning: ProxyConfig default/f: kind: ProxyConfig is not supported by this data plane: it is ignored"), "{out}");
+    assert!(out.contains("warning: EnvoyFilter default/lua: spec.configPatches: configPatches[0] ignored: this data plane has no Envoy to patch"), "{out}");
     assert!(
         out.contains(
             "note: ConfigMap default/c: v1 ConfigMap is not configuration the mesh reads: skipped"

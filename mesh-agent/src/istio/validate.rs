@@ -42,6 +42,14 @@ impl Check<'_> {
         });
     }
 
+    /// A finding that does not refuse the resource but may surprise.
+    fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.err(path, message);
+        if let Some(p) = self.out.last_mut() {
+            p.severity = Severity::Warning;
+        }
+    }
+
     /// A finding that does not refuse the resource.
     fn note(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.err(path, message);
@@ -309,7 +317,7 @@ pub fn check(r: &Resource) -> Vec<Problem> {
 fn envoy_filter(c: &mut Check<'_>, s: &super::envoy_filter::EnvoyFilter) {
     let mut ignored = Vec::new();
     for (i, p) in s.config_patches.iter().enumerate() {
-        match crate::policy::rate_limit::parse_patch(p) {
+        match super::envoy_filter::parse_patch(p) {
             Ok(Some(_)) => {}
             Ok(None) => ignored.push(i.to_string()),
             Err((field, why)) => c.err(format!("spec.configPatches[{i}].{field}"), why),
@@ -320,10 +328,7 @@ fn envoy_filter(c: &mut Check<'_>, s: &super::envoy_filter::EnvoyFilter) {
             "configPatches[{}] ignored: this data plane has no Envoy to patch (it reads the local rate limit filters alone)",
             ignored.join(", ")
         );
-        c.err("spec.configPatches", warn);
-        if let Some(p) = c.out.last_mut() {
-            p.severity = Severity::Warning;
-        }
+        c.warn("spec.configPatches", warn);
     }
 }
 

@@ -369,6 +369,8 @@ enum Key {
     RemoteIp,
     SourceNamespace,
     SourcePrincipal,
+    /// `namespace/service-account` of the peer's identity.
+    SourceServiceAccount,
     AuthPrincipal,
     AuthAudiences,
     AuthPresenter,
@@ -391,6 +393,7 @@ impl Key {
             "remote.ip" => Self::RemoteIp,
             "source.namespace" => Self::SourceNamespace,
             "source.principal" => Self::SourcePrincipal,
+            "source.serviceAccount" => Self::SourceServiceAccount,
             "request.auth.principal" => Self::AuthPrincipal,
             "request.auth.audiences" => Self::AuthAudiences,
             "request.auth.presenter" => Self::AuthPresenter,
@@ -541,6 +544,13 @@ impl Rule {
     }
 }
 
+/// `namespace/service-account` of the peer's identity.
+fn service_account(a: &Attributes<'_>) -> Option<String> {
+    a.principal
+        .and_then(|p| p.split_once("/ns/"))
+        .map(|(_, rest)| rest.replacen("/sa/", "/", 1))
+}
+
 /// An HTTP-only field: checked against the request, or `tcp` without one.
 fn on_http(a: &Attributes<'_>, tcp: bool, f: impl Fn(&HttpAttributes<'_>) -> bool) -> bool {
     match a.http {
@@ -553,11 +563,7 @@ impl SourceMatch {
     fn matches(&self, a: &Attributes<'_>, tcp: bool) -> bool {
         let principal = a.principal.unwrap_or_default();
         let namespace = a.namespace.unwrap_or_default();
-        let service_account = a
-            .principal
-            .and_then(|p| p.split_once("/ns/"))
-            .map(|(_, rest)| rest.replacen("/sa/", "/", 1))
-            .unwrap_or_default();
+        let service_account = service_account(a).unwrap_or_default();
         self.principals.matches(|m| m.matches(principal))
             && self.namespaces.matches(|m| m.matches(namespace))
             && self.service_accounts.matches(|s| *s == service_account)
@@ -617,6 +623,10 @@ impl Condition {
             },
             Key::SourceNamespace => strs(&a.namespace.into_iter().collect::<Vec<_>>()),
             Key::SourcePrincipal => strs(&a.principal.into_iter().collect::<Vec<_>>()),
+            Key::SourceServiceAccount => {
+                let sa = service_account(a);
+                strs(&sa.as_deref().into_iter().collect::<Vec<_>>())
+            }
             Key::Sni => strs(&a.sni.into_iter().collect::<Vec<_>>()),
             Key::Header(name) => on_http(a, tcp, |h| {
                 let v: Vec<&str> = h

@@ -145,7 +145,7 @@ impl HttpProvider {
         let timeout = self.timeout.unwrap_or(Duration::from_millis(600));
         match tokio::time::timeout(timeout, self.ask(parts, registry)).await {
             Ok(Ok(o)) => o,
-            Ok(Err(e)) => self.on_error(format!("{e}")),
+            Ok(Err(e)) => self.on_error(e),
             Err(_) => self.on_error(format!("no answer within {timeout:?}")),
         }
     }

@@ -212,7 +212,9 @@ impl Rule {
                 Err(e) => Keys::Invalid(format!("jwks: {e}")),
             }
         } else if !j.jwks_uri.is_empty() {
-            Keys::Remote(jwks.get(&j.jwks_uri, fetch_timeout))
+            // The rule's own `timeout` bounds its fetches, else the agent's.
+            let timeout = j.timeout.as_ref().map_or(fetch_timeout, |d| d.get());
+            Keys::Remote(jwks.get(&j.jwks_uri, timeout))
         } else {
             Keys::Invalid("neither jwks nor jwksUri is set".into())
         };

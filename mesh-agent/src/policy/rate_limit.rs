@@ -15,162 +15,15 @@
 //!
 //! Any other patch is ignored: this data plane has no Envoy to patch.
 
-use std::{
-    collections::BTreeMap,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, sync::Mutex, time::Instant};
 
-use http::{HeaderName, HeaderValue};
 use serde::Serialize;
-use serde_json::Value;
 
+pub use crate::istio::envoy_filter::{Limit, Unit, parse_patch};
 use crate::{
     istio::{Resource, Spec},
     workload::Workload,
 };
-
-const HTTP_FILTER: &str = "envoy.filters.http.local_ratelimit";
-const NETWORK_FILTER: &str = "envoy.filters.network.local_ratelimit";
-
-/// What a rate limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Unit {
-    Requests,
-    Connections,
-}
-
-/// One rate limit, as configured.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Limit {
-    pub unit: Unit,
-    pub max_tokens: u64,
-    pub tokens_per_fill: u64,
-    #[serde(serialize_with = "as_text")]
-    pub fill_interval: Duration,
-    /// Fractions of 1.
-    pub enabled: f64,
-    pub enforced: f64,
-    #[serde(skip)]
-    pub response_headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_duration(*d))
-}
-
-/// A patch of an EnvoyFilter: `Ok(Some)` a local rate limit this data
-/// plane enforces, `Ok(None)` anything else (ignored), `Err` a rate limit
-/// it cannot read (the field and why).
-pub fn parse_patch(p: &Value) -> Result<Option<Limit>, (String, String)> {
-    let unit = match p["applyTo"].as_str() {
-        Some("HTTP_FILTER") => Unit::Requests,
-        Some("NETWORK_FILTER") => Unit::Connections,
-        _ => return Ok(None),
-    };
-    let value = &p["patch"]["value"];
-    let wanted = match unit {
-        Unit::Requests => HTTP_FILTER,
-        Unit::Connections => NETWORK_FILTER,
-    };
-    if value["name"].as_str() != Some(wanted) {
-        return Ok(None);
-    }
-    let err = |f: &str, why: &str| Err((f.to_owned(), why.to_owned()));
-    match p["match"]["context"].as_str() {
-        None | Some("SIDECAR_INBOUND") | Some("ANY") => {}
-        Some(other) => {
-            return err(
-                "match.context",
-                &format!("{other}: only SIDECAR_INBOUND (or ANY) applies to this data plane"),
-            );
-        }
-    }
-    // `typed_config` is a TypedStruct (`value` holds the config) or the
-    // config itself.
-    let typed = &value["typed_config"];
-    let config = if typed["value"].is_object() {
-        &typed["value"]
-    } else {
-        typed
-    };
-    let bucket = &config["token_bucket"];
-    if !bucket.is_object() {
-        return err("patch.value.typed_config.value.token_bucket", "required");
-    }
-    let number = |v: &Value| v.as_u64().or_else(|| v.as_str()?.parse().ok());
-    let Some(max_tokens) = number(&bucket["max_tokens"]).filter(|n| *n > 0) else {
-        return err("token_bucket.max_tokens", "a positive integer is required");
-    };
-    let tokens_per_fill = match &bucket["tokens_per_fill"] {
-        Value::Null => 1,
-        v => match number(v).filter(|n| *n > 0) {
-            Some(n) => n,
-            None => return err("token_bucket.tokens_per_fill", "a positive integer"),
-        },
-    };
-    let fill_interval = match bucket["fill_interval"]
-        .as_str()
-        .and_then(|s| s.parse::<crate::istio::common::Duration>().ok())
-        .map(|d| d.get())
-    {
-        Some(d) if d >= Duration::from_millis(50) => d,
-        _ => {
-            return err(
-                "token_bucket.fill_interval",
-                "a duration of at least 50ms (Envoy's minimum) is required",
-            );
-        }
-    };
-    let fraction = |v: &Value| -> Result<f64, (String, String)> {
-        if v.is_null() {
-            return Ok(1.0);
-        }
-        let d = &v["default_value"];
-        let num = number(&d["numerator"]).unwrap_or(0) as f64;
-        let den = match d["denominator"].as_str().unwrap_or("HUNDRED") {
-            "HUNDRED" => 100.0,
-            "TEN_THOUSAND" => 10_000.0,
-            "MILLION" => 1_000_000.0,
-            other => {
-                return Err((
-                    "default_value.denominator".into(),
-                    format!("{other}: HUNDRED, TEN_THOUSAND or MILLION"),
-                ));
-            }
-        };
-        Ok((num / den).clamp(0.0, 1.0))
-    };
-    // The network filter has no enabled/enforced shares: always on.
-    let (enabled, enforced) = match unit {
-        Unit::Requests => (
-            fraction(&config["filter_enabled"])?,
-            fraction(&config["filter_enforced"])?,
-        ),
-        Unit::Connections => (1.0, 1.0),
-    };
-    let response_headers = config["response_headers_to_add"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|h| {
-            let k = HeaderName::from_bytes(h["header"]["key"].as_str()?.as_bytes()).ok()?;
-            let v = HeaderValue::from_str(h["header"]["value"].as_str()?).ok()?;
-            Some((k, v))
-        })
-        .collect();
-    Ok(Some(Limit {
-        unit,
-        max_tokens,
-        tokens_per_fill,
-        fill_interval,
-        enabled,
-        enforced,
-        response_headers,
-    }))
-}
 
 /// The rate limits of an EnvoyFilter resource, with its scope.
 #[derive(Debug, Clone)]
@@ -294,61 +147,15 @@ impl Limiter {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-
-    /// The patch from Istio's "Enabling Rate Limits using Envoy" task.
-    fn istio_task_patch() -> Value {
-        serde_json::json!({
-            "applyTo": "HTTP_FILTER",
-            "match": {"context": "SIDECAR_INBOUND", "listener": {"filterChain": {"filter": {"name": "envoy.filters.network.http_connection_manager"}}}},
-            "patch": {"operation": "INSERT_BEFORE", "value": {
-                "name": "envoy.filters.http.local_ratelimit",
-                "typed_config": {
-                    "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-                    "type_url": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-                    "value": {
-                        "stat_prefix": "http_local_rate_limiter",
-                        "token_bucket": {"max_tokens": 4, "tokens_per_fill": 4, "fill_interval": "60s"},
-                        "filter_enabled": {"runtime_key": "local_rate_limit_enabled", "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-                        "filter_enforced": {"runtime_key": "local_rate_limit_enforced", "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-                        "response_headers_to_add": [{"append_action": "APPEND_IF_EXISTS_OR_ADD", "header": {"key": "x-local-rate-limit", "value": "true"}}],
-                    },
-                },
-            }},
-        })
-    }
-
-    #[test]
-    fn reads_istios_documented_shape() {
-        let l = parse_patch(&istio_task_patch()).unwrap().unwrap();
-        assert_eq!(
-            (l.unit, l.max_tokens, l.tokens_per_fill),
-            (Unit::Requests, 4, 4)
-        );
-        assert_eq!(l.fill_interval, Duration::from_secs(60));
-        assert_eq!((l.enabled, l.enforced), (1.0, 1.0));
-        assert_eq!(l.response_headers[0].0, "x-local-rate-limit");
-        let mut other = istio_task_patch();
-        other["patch"]["value"]["name"] = "envoy.filters.http.lua".into();
-        assert!(
-            parse_patch(&other).unwrap().is_none(),
-            "other filters are ignored"
-        );
-        let mut bad = istio_task_patch();
-        bad["patch"]["value"]["typed_config"]["value"]["token_bucket"]["fill_interval"] =
-            "1ms".into();
-        assert_eq!(
-            parse_patch(&bad).unwrap_err().0,
-            "token_bucket.fill_interval"
-        );
-        let mut outbound = istio_task_patch();
-        outbound["match"]["context"] = "SIDECAR_OUTBOUND".into();
-        assert_eq!(parse_patch(&outbound).unwrap_err().0, "match.context");
-    }
 
     #[test]
     fn the_bucket_refills_by_whole_intervals_up_to_its_size() {
-        let mut l = parse_patch(&istio_task_patch()).unwrap().unwrap();
+        let mut l = parse_patch(&crate::istio::envoy_filter::tests::istio_task_patch())
+            .unwrap()
+            .unwrap();
         l.max_tokens = 3;
         l.tokens_per_fill = 2;
         l.fill_interval = Duration::from_secs(1);

@@ -102,6 +102,12 @@ static DESTINATION_RULE: std::sync::LazyLock<Vec<&'static str>> = std::sync::Laz
 fn enforced(kind: Kind) -> &'static [&'static str] {
     match kind {
         Kind::PeerAuthentication => &["selector", "mtls", "portLevelMtls"],
+        // Decided by the destination's agent (`policy::authz`,
+        // `policy::jwt`, `policy::ext_authz`), tested in `tests/authz/`.
+        Kind::AuthorizationPolicy => &["selector", "rules", "action", "provider"],
+        Kind::RequestAuthentication => &["selector", "jwtRules"],
+        // Local rate limits; other patches are warned about by validation.
+        Kind::EnvoyFilter => &["workloadSelector", "configPatches", "priority"],
         // The service registry: where captured connections go.
         Kind::ServiceEntry => &[
             "hosts",
@@ -136,19 +142,20 @@ fn enforced(kind: Kind) -> &'static [&'static str] {
 /// What a resource of a kind the agent does not act on at all would have
 /// done, said plainly: the risk of believing it is in force.
 fn consequence(r: &Resource) -> Option<String> {
-    use crate::istio::security::AuthorizationAction as Action;
+    let targeted = match &r.spec {
+        Spec::AuthorizationPolicy(p) => p.target_ref.is_some() || !p.target_refs.is_empty(),
+        Spec::RequestAuthentication(p) => p.target_ref.is_some() || !p.target_refs.is_empty(),
+        Spec::EnvoyFilter(p) => !p.target_refs.is_empty(),
+        _ => false,
+    };
+    if targeted {
+        return Some(format!(
+            "this {} binds to a gateway or service (targetRef), which this data plane does not \
+             have: it is not applied",
+            r.kind().name()
+        ));
+    }
     let what = match &r.spec {
-        Spec::AuthorizationPolicy(p) => match p.action {
-            Some(Action::Deny) => "traffic it would deny is allowed",
-            Some(Action::Audit) => "nothing it matches is audited",
-            Some(Action::Custom) => "its external authorizer is never asked; everything is allowed",
-            // ALLOW, and ALLOW by default: with any ALLOW policy Istio denies
-            // what matches none, and `spec: {}` denies everything.
-            _ => "traffic it would deny (everything its rules do not allow) is allowed",
-        },
-        Spec::RequestAuthentication(_) => {
-            "tokens are not validated: requests with a missing or invalid JWT are accepted"
-        }
         Spec::Telemetry(_) => "metrics, access logs and tracing are not changed by it",
         Spec::Gateway(_) => "nothing listens for its servers",
         Spec::Sidecar(_) => "egress and ingress are not restricted by it",

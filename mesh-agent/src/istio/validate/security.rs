@@ -202,6 +202,16 @@ pub(super) fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicy) {
                     ),
                 );
             }
+            if cond.key.starts_with("experimental.envoy.filters.") {
+                c.warn(
+                    format!("{cp}.key"),
+                    format!(
+                        "{:?} reads Envoy filter metadata this data plane does not have: the rule \
+                         fails closed (an ALLOW rule never matches, a DENY rule always does)",
+                        cond.key
+                    ),
+                );
+            }
             if cond.values.is_empty() && cond.not_values.is_empty() {
                 c.err(&cp, "values or notValues is required");
             }

@@ -252,9 +252,10 @@ fn when_conditions() {
     let ns = plan(&ap(
         "a",
         "default",
-        "  rules:\n  - when:\n    - key: source.namespace\n      values: [prod]\n    - key: source.principal\n      notValues: [\"cluster.local/ns/prod/sa/bad\"]\n    - key: destination.ip\n      values: [\"10.0.0.2\"]",
+        "  rules:\n  - when:\n    - key: source.namespace\n      values: [prod]\n    - key: source.principal\n      notValues: [\"cluster.local/ns/prod/sa/bad\"]\n    - key: destination.ip\n      values: [\"10.0.0.2\"]\n    - key: source.serviceAccount\n      notValues: [\"prod/robot\"]",
     ));
     assert!(req("prod/good").allowed(&ns));
+    assert!(!req("prod/robot").allowed(&ns), "source.serviceAccount");
     assert!(!req("prod/bad").allowed(&ns));
     assert!(!req("dev/good").allowed(&ns));
 }
