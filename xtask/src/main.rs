@@ -160,7 +160,21 @@ fn bench(tools: &setup::Tools, quick: bool) -> Result<()> {
     let rounds = if quick { "10" } else { "40" };
     run(&["config-apply", "--rounds", rounds], "config-apply.json")?;
     let conns = if quick { "2000" } else { "10000" };
-    run(&["idle-soak", "--connections", conns], "idle-soak.json")
+    run(&["idle-soak", "--connections", conns], "idle-soak.json")?;
+    if quick {
+        return Ok(());
+    }
+    // The per-request decisions (routing, load balancing, authorization,
+    // JWT), in Criterion's own report.
+    status(tools.cargo().args([
+        "bench",
+        "-p",
+        "mesh-agent",
+        "--bench",
+        "decisions",
+        "--bench",
+        "policy",
+    ]))
 }
 
 /// Builds the agent and the test binaries; returns the output directory.

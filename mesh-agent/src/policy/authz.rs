@@ -25,7 +25,7 @@
 pub mod matchers;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -111,6 +111,13 @@ pub struct Policy {
     selector: Option<BTreeMap<String, String>>,
     #[serde(skip)]
     rules: Vec<Rule>,
+    /// The rules only some exact principals can match, by principal: a
+    /// request is checked against those of its own principal and the
+    /// others, not every rule (1,000 rules cost one lookup).
+    #[serde(skip)]
+    by_principal: HashMap<String, Vec<usize>>,
+    #[serde(skip)]
+    unindexed: Vec<usize>,
     /// Some rule needs the HTTP request to be decided.
     pub uses_http: bool,
     /// What cannot be applied, and how it fails closed.
@@ -155,6 +162,7 @@ impl Policy {
                 rule
             })
             .collect();
+        let (by_principal, unindexed) = index_by_principal(&rules);
         Some(Self {
             id: format!("{}/{}", r.metadata.namespace, r.metadata.name),
             action,
@@ -167,6 +175,8 @@ impl Policy {
             namespace: r.metadata.namespace.clone(),
             selector: s.selector.as_ref().map(|s| s.match_labels.clone()),
             uses_http: rules.iter().any(|r| r.uses_http),
+            by_principal,
+            unindexed,
             rules,
             problems,
         })
@@ -187,8 +197,58 @@ impl Policy {
         // HTTP-only fields on a non-HTTP connection: ALLOW never matches on
         // them, DENY and AUDIT ignore them (see the module comment).
         let tcp = self.action != Action::Allow;
-        self.rules.iter().any(|r| r.matches(a, tcp, self.action))
+        let rule = |i: &usize| self.rules[*i].matches(a, tcp, self.action);
+        if self.by_principal.is_empty() {
+            return self.rules.iter().any(|r| r.matches(a, tcp, self.action));
+        }
+        let indexed = a
+            .principal
+            .and_then(|p| self.by_principal.get(p))
+            .is_some_and(|rules| rules.iter().any(rule));
+        indexed || self.unindexed.iter().any(rule)
     }
+}
+
+/// Rules whose every source names exact principals can only match one of
+/// them: indexed by principal. The rest (and rules that cannot be
+/// applied) are checked always.
+fn index_by_principal(rules: &[Rule]) -> (HashMap<String, Vec<usize>>, Vec<usize>) {
+    let mut index: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut rest = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let exact: Option<Vec<&str>> = (r.broken.is_none() && !r.from.is_empty())
+            .then(|| {
+                r.from
+                    .iter()
+                    .map(|s| {
+                        (!s.principals.values.is_empty()).then(|| {
+                            s.principals
+                                .values
+                                .iter()
+                                .map(|m| match m {
+                                    Str::Exact(p) => Some(p.as_str()),
+                                    _ => None,
+                                })
+                                .collect::<Option<Vec<&str>>>()
+                        })?
+                    })
+                    .collect::<Option<Vec<Vec<&str>>>>()
+                    .map(|v| v.concat())
+            })
+            .flatten();
+        match exact {
+            Some(principals) => {
+                for p in principals {
+                    let rules = index.entry(p.to_owned()).or_default();
+                    if rules.last() != Some(&i) {
+                        rules.push(i);
+                    }
+                }
+            }
+            None => rest.push(i),
+        }
+    }
+    (index, rest)
 }
 
 /// The policies of one workload, in evaluation order.
@@ -563,10 +623,12 @@ impl SourceMatch {
     fn matches(&self, a: &Attributes<'_>, tcp: bool) -> bool {
         let principal = a.principal.unwrap_or_default();
         let namespace = a.namespace.unwrap_or_default();
-        let service_account = service_account(a).unwrap_or_default();
         self.principals.matches(|m| m.matches(principal))
             && self.namespaces.matches(|m| m.matches(namespace))
-            && self.service_accounts.matches(|s| *s == service_account)
+            && (!self.service_accounts.is_set() || {
+                let sa = service_account(a).unwrap_or_default();
+                self.service_accounts.matches(|s| *s == sa)
+            })
             && (self.ip_blocks.values.is_empty() || in_blocks(&self.ip_blocks.values, a.source_ip))
             && !in_blocks(&self.ip_blocks.not, a.source_ip)
             && (self.remote_ip_blocks.values.is_empty()

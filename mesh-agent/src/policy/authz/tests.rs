@@ -449,3 +449,24 @@ fn dry_run_and_audit_do_not_change_the_decision() {
     assert_eq!(v.audit.map(|p| p.id.as_str()), Some("default/audit"));
     assert!(req("").path("/x").decide(&p).audit.is_none());
 }
+
+#[test]
+fn the_principal_index_gives_the_same_answers_as_every_rule() {
+    // Exact principals (indexed), a wildcard (not), one rule naming two
+    // sources, and a rule without `from`.
+    let p = plan(&ap(
+        "a",
+        "default",
+        "  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/a/sa/x\"]}\n    to:\n    - operation: {paths: [\"/a\"]}\n  - from:\n    - source: {principals: [\"cluster.local/ns/b/*\"]}\n  - from:\n    - source: {principals: [\"cluster.local/ns/c/sa/x\"]}\n    - source: {principals: [\"cluster.local/ns/d/sa/x\"]}\n  - to:\n    - operation: {paths: [\"/open\"]}",
+    ));
+    assert!(req("a/x").path("/a").allowed(&p));
+    assert!(!req("a/x").path("/b").allowed(&p));
+    assert!(req("b/anything").allowed(&p));
+    assert!(req("c/x").allowed(&p) && req("d/x").allowed(&p));
+    assert!(!req("e/x").allowed(&p));
+    assert!(
+        req("e/x").path("/open").allowed(&p),
+        "the rule without from"
+    );
+    assert!(!req("").allowed(&p) && req("").path("/open").allowed(&p));
+}

@@ -8,7 +8,12 @@
 //! - **HBONE**: captured, to the server on node b (L4, mutual TLS between
 //!   the agents);
 //! - **L7**: captured, to a Service address with an HTTP port and a
-//!   VirtualService, so every request is routed by the agent, then HBONE.
+//!   VirtualService, so every request is routed by the agent, then HBONE;
+//! - **L7 + policy**: the same to another Service, whose server on node b
+//!   has an AuthorizationPolicy of 10 ALLOW rules (the request matches the
+//!   last: a request principal and a path) and a RequestAuthentication
+//!   (RS256, inline keys): every request carries a JWT, verified and
+//!   authorized by the destination's agent.
 //!
 //! Every captured path runs twice, with the same-node fast path (sock_ops +
 //! sk_msg) off and on, switched on both agents between cases.
@@ -32,6 +37,7 @@ enum Path {
     SameNode,
     Hbone,
     L7,
+    L7Policy,
 }
 
 /// A path with the fast path off or on.
@@ -45,7 +51,7 @@ const fn case(path: Path, fast: bool) -> Case {
     Case { path, fast }
 }
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 8] = [
     case(Path::Direct, false),
     case(Path::SameNode, false),
     case(Path::SameNode, true),
@@ -53,6 +59,7 @@ const CASES: [Case; 7] = [
     case(Path::Hbone, true),
     case(Path::L7, false),
     case(Path::L7, true),
+    case(Path::L7Policy, false),
 ];
 
 impl Case {
@@ -65,6 +72,7 @@ impl Case {
             (Path::Hbone, true) => "cross-node HBONE (mTLS), fast path",
             (Path::L7, false) => "cross-node L7 + HBONE",
             (Path::L7, true) => "cross-node L7 + HBONE, fast path",
+            (Path::L7Policy, _) => "cross-node L7 + HBONE + authz (10 rules) + JWT",
         }
     }
 
@@ -73,7 +81,7 @@ impl Case {
         match self.path {
             Path::Direct => 0.0,
             Path::SameNode => 1.0,
-            Path::Hbone | Path::L7 => 2.0,
+            Path::Hbone | Path::L7 | Path::L7Policy => 2.0,
         }
     }
 }
@@ -110,9 +118,13 @@ struct Bench<'a> {
     agents: [&'a Agent; 2],
     local: &'a Pod,
     remote: &'a Pod,
+    /// The JWT every request of the policy case carries.
+    token: String,
 }
 
 const VIP: &str = "10.96.0.100";
+/// The Service of the guarded server (the policy case).
+const SECURE_VIP: &str = "10.96.0.101";
 
 impl Bench<'_> {
     fn http_url(&self, p: Path) -> String {
@@ -120,7 +132,13 @@ impl Bench<'_> {
             Path::Direct | Path::Hbone => format!("http://{}/", self.remote.v4(8080)),
             Path::SameNode => format!("http://{}/", self.local.v4(8080)),
             Path::L7 => format!("http://{VIP}:80/"),
+            Path::L7Policy => format!("http://{SECURE_VIP}:80/api/items"),
         }
+    }
+
+    /// The `Authorization` header of the policy case.
+    fn auth_header(&self, p: Path) -> Option<String> {
+        (p == Path::L7Policy).then(|| format!("Authorization: Bearer {}", self.token))
     }
 
     /// The HTTP/2 (prior knowledge) server's URL.
@@ -129,6 +147,7 @@ impl Bench<'_> {
             Path::Direct | Path::Hbone => format!("http://{}/", self.remote.v4(8081)),
             Path::SameNode => format!("http://{}/", self.local.v4(8081)),
             Path::L7 => format!("http://{VIP}:81/"),
+            Path::L7Policy => format!("http://{SECURE_VIP}:81/api/items"),
         }
     }
 
@@ -144,7 +163,7 @@ impl Bench<'_> {
         match p {
             Path::Direct | Path::Hbone => Some(self.remote.ip4.to_string()),
             Path::SameNode => Some(self.local.ip4.to_string()),
-            Path::L7 => None,
+            Path::L7 | Path::L7Policy => None,
         }
     }
 
@@ -165,11 +184,13 @@ impl Bench<'_> {
     fn h2load(&self, p: Path, secs: u64) -> f64 {
         let url = self.h2_url(p);
         let d = secs.to_string();
-        let out = output(self.command(
-            p,
-            &self.h2load,
-            &["-D", &d, "-c", "32", "-m", "10", "-t", "2", &url],
-        ));
+        let auth = self.auth_header(p);
+        let mut args = vec!["-D", &d, "-c", "32", "-m", "10", "-t", "2"];
+        if let Some(h) = &auth {
+            args.extend(["-H", h]);
+        }
+        args.push(&url);
+        let out = output(self.command(p, &self.h2load, &args));
         let field = |line: &str, key: &str| {
             out.lines()
                 .find(|l| l.trim_start().starts_with(line))
@@ -188,6 +209,10 @@ impl Bench<'_> {
         let mut args = vec!["-t2", "-c32", "-d", &d];
         if new_connection_each {
             args.extend(["-H", "Connection: close"]);
+        }
+        let auth = self.auth_header(p);
+        if let Some(h) = &auth {
+            args.extend(["-H", h]);
         }
         args.push(&url);
         let before = self.agent_cpu();
@@ -216,7 +241,12 @@ impl Bench<'_> {
     fn latency(&self, p: Path, secs: u64) -> (f64, f64, f64) {
         let url = self.http_url(p);
         let s = secs.to_string();
-        let out = output(self.command(p, &sys::testapp_bin(), &["fixed-rate", &url, "2000", &s]));
+        let auth = self.auth_header(p);
+        let mut args = vec!["fixed-rate", &url, "2000", &s];
+        if let Some(h) = &auth {
+            args.push(h);
+        }
+        let out = output(self.command(p, &sys::testapp_bin(), &args));
         let v: Value = out
             .lines()
             .rev()
@@ -300,8 +330,10 @@ pub fn run(env: &Env, quick: bool) -> DataPathResult {
     let client = env.pod(&a, "client");
     let local = server(env, &a, "local");
     let remote = server(env, &b, "remote");
+    let mut guarded = server(env, &b, "guarded");
+    guarded.labels = [("app".to_string(), "guarded".to_string())].into();
     let fabric = env.connect_nodes(&[&a, &b]);
-    let registry = [&client, &local, &remote];
+    let registry = [&client, &local, &remote, &guarded];
     // New-connection loads leave tens of thousands of sockets in TIME_WAIT;
     // without reuse, finding a free port slows every later connect and the
     // case that runs later in the sequence pays for the earlier ones.
@@ -311,6 +343,7 @@ pub fn run(env: &Env, quick: bool) -> DataPathResult {
         &client.netns,
         &local.netns,
         &remote.netns,
+        &guarded.netns,
     ] {
         sys::sysctl(
             ns,
@@ -339,6 +372,8 @@ pub fn run(env: &Env, quick: bool) -> DataPathResult {
             {"route": [{"destination": {"host": "web"}}]}]},
     });
     std::fs::write(config.join("web.yaml"), format!("{svc}\n---\n{vs}\n")).expect("config");
+    let (policy_docs, token) = policy_case();
+    std::fs::write(config.join("secure.yaml"), policy_docs).expect("config");
     let opts = |node: &Node| {
         let mut args = ca.agent_args(node);
         args.extend(["--config".into(), config.display().to_string()]);
@@ -364,6 +399,7 @@ pub fn run(env: &Env, quick: bool) -> DataPathResult {
         agents: [&agent_a, &agent_b],
         local: &local,
         remote: &remote,
+        token,
     };
 
     let mut samples: Vec<[Vec<f64>; METRICS]> = CASES.iter().map(|_| Default::default()).collect();
@@ -411,6 +447,45 @@ pub fn run(env: &Env, quick: bool) -> DataPathResult {
         rss_idle_anon_mb,
         rss_peak_mb,
     }
+}
+
+/// The guarded server's Service, its AuthorizationPolicy of 10 ALLOW
+/// rules (the request matches the last) and RequestAuthentication; a
+/// token for its requests.
+fn policy_case() -> (String, String) {
+    use mesh_tests::jwt::{self, Key};
+    let key = Key::rsa("bench", jsonwebtoken::Algorithm::RS256);
+    let iss = "https://issuer.bench";
+    let token = key.sign(&jwt::claims(iss, "bench-user", "guarded"));
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "secure", "namespace": "default"},
+        "spec": {"clusterIP": SECURE_VIP, "selector": {"app": "guarded"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                           {"name": "http2", "port": 81, "targetPort": 8081}]},
+    });
+    let mut rules: Vec<Value> = (0..9)
+        .map(|i| {
+            json!({"from": [{"source": {"principals": [format!("cluster.local/ns/team-{i}/sa/app")]}}],
+                   "to": [{"operation": {"paths": [format!("/team-{i}/*")], "methods": ["GET", "POST"]}}]})
+        })
+        .collect();
+    rules.push(json!({
+        "from": [{"source": {"requestPrincipals": [format!("{iss}/*")]}}],
+        "to": [{"operation": {"paths": ["/api/*"], "methods": ["GET"]}}],
+    }));
+    let authz = json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "guarded", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "guarded"}}, "rules": rules},
+    });
+    let authn = json!({
+        "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+        "metadata": {"name": "guarded", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "guarded"}},
+                 "jwtRules": [{"issuer": iss, "audiences": ["guarded"], "jwks": jwt::jwks(&[&key])}]},
+    });
+    (format!("{svc}\n---\n{authz}\n---\n{authn}\n"), token)
 }
 
 /// Indexes of each case's samples.

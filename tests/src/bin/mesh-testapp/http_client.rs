@@ -124,14 +124,15 @@ pub(super) fn http_burst(url: &str, n: usize, headers: &[&str]) -> Result<()> {
 /// Open-loop load: request `i` is due at `i / rate` s; its latency runs
 /// from then (not from when it was sent), so a stall counts for every
 /// request it delays. One keep-alive connection.
-pub(super) fn fixed_rate(url: &str, rate: u64, secs: u64) -> Result<()> {
+pub(super) fn fixed_rate(url: &str, rate: u64, secs: u64, headers: &[&str]) -> Result<()> {
     let (hostport, path) = split_url(url)?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let s = TcpStream::connect_timeout(&hostport.parse()?, TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     let mut w = s.try_clone()?;
     let mut r = BufReader::new(Patient::new(s));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n{extra}\r\n");
     let total = rate * secs;
     let start = std::time::Instant::now();
     let mut latencies = Vec::with_capacity(total as usize);

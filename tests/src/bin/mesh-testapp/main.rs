@@ -21,7 +21,7 @@
 //! mesh-testapp stream ADDR BYTES      send BYTES of a position-keyed pattern to an echo server in writes of 1 B to 1 MiB, read the echo with pauses, check every byte
 //! mesh-testapp raw ADDR BYTES [UNTIL]   send BYTES as they are, print what comes back until the peer closes (or UNTIL arrived)
 //! mesh-testapp http-burst URL N [NAME:VALUE | --method=M]...   N requests at once, one connection each; count answers and flags
-//! mesh-testapp fixed-rate URL RATE SECS   GETs at RATE per second on one keep-alive connection; latency percentiles from the scheduled times
+//! mesh-testapp fixed-rate URL RATE SECS [NAME:VALUE]...   GETs at RATE per second on one keep-alive connection; latency percentiles from the scheduled times
 //! mesh-testapp watch-get URL UNTIL     GET URL every millisecond until UNTIL; print each change of server (`http NAME`) with its time
 //! mesh-testapp ext-authz ADDR        an HTTP external authorizer: 200 when `x-ext-authz: allow`, 403 with a body and
 //!                                      `x-ext-authz-check-result: denied` otherwise; paths with /slow wait 3 s first
@@ -84,7 +84,9 @@ fn main() -> Result<()> {
         ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
         ["http-burst", url, n, headers @ ..] => http_burst(url, n.parse()?, headers),
-        ["fixed-rate", url, rate, secs] => fixed_rate(url, rate.parse()?, secs.parse()?),
+        ["fixed-rate", url, rate, secs, headers @ ..] => {
+            fixed_rate(url, rate.parse()?, secs.parse()?, headers)
+        }
         ["hbone-connect", cert, key, target, authority, payload] => {
             tokio_main(hbone::connect(cert, key, target, authority, payload))
         }
