@@ -38,19 +38,27 @@ fn web() -> Workload {
     }
 }
 
-/// One ALLOW policy of `n` rules; rule `i` lets `team-i` in, on its path
-/// (L7) or its port (L4).
+/// One ALLOW policy of `n` rules; rule `i` lets `team-i` in (by its
+/// principal, or by its namespace when `by_namespace`: rules the principal
+/// index cannot narrow), on its path (L7) or its port (L4).
 fn plan(n: usize, l7: bool) -> WorkloadAuthz {
+    plan_by(n, l7, false)
+}
+
+fn plan_by(n: usize, l7: bool, by_namespace: bool) -> WorkloadAuthz {
     let rules: String = (0..n)
         .map(|i| {
+            let from = if by_namespace {
+                format!("{{namespaces: [team-{i}]}}")
+            } else {
+                format!("{{principals: [cluster.local/ns/team-{i}/sa/app]}}")
+            };
             let to = if l7 {
                 format!("{{paths: [\"/team-{i}/*\"], methods: [GET]}}")
             } else {
                 format!("{{ports: [\"{}\"]}}", 8000 + i)
             };
-            format!(
-                "  - from: [{{source: {{principals: [cluster.local/ns/team-{i}/sa/app]}}}}]\n    to: [{{operation: {to}}}]\n"
-            )
+            format!("  - from: [{{source: {from}}}]\n    to: [{{operation: {to}}}]\n")
         })
         .collect();
     let yaml = format!(
@@ -104,6 +112,13 @@ fn authorization(c: &mut Criterion) {
         c.bench_function(&format!("authz L4: last of {n} rules"), |b| {
             b.iter(|| l4.decide(black_box(&connection)).allowed)
         });
+        // Rules by namespace: no index, every rule is looked at.
+        let linear = plan_by(n, true, true);
+        assert!(linear.decide(&request).allowed);
+        c.bench_function(
+            &format!("authz L7: last of {n} namespace rules (no index)"),
+            |b| b.iter(|| linear.decide(black_box(&request)).allowed),
+        );
     }
 }
 

@@ -97,6 +97,16 @@ fn connection_rules_decide_before_any_byte_reaches_the_app() {
         "ALLOW with methods, TCP port"
     );
     assert_eq!(m.status("/x", &[]), 200, "ALLOW with methods, HTTP port");
+    // The same with a second operation by port: a TCP connection to a port
+    // no Service declares is detected as not HTTP and allowed by it, over
+    // HBONE and in plaintext alike.
+    m.apply(&[policy(
+        "get-or-echo",
+        json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}, {"operation": {"ports": ["9000"]}}]}]}),
+    )]);
+    assert!(m.echo(&m.client, &pod_echo), "undeclared port, HBONE");
+    assert!(m.echo(&m.outsider, &pod_echo), "undeclared port, plaintext");
+    assert_eq!(m.status("/x", &[]), 200);
 }
 
 #[test]

@@ -29,6 +29,7 @@ fn openssl(args: &[&str], input: Option<&[u8]>) -> Vec<u8> {
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("the openssl tool (package openssl) generates the tests' RSA keys");
     let mut stdin = child.stdin.take().unwrap();
@@ -37,7 +38,11 @@ fn openssl(args: &[&str], input: Option<&[u8]>) -> Vec<u8> {
     }
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "openssl {args:?} failed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 

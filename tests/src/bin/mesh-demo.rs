@@ -54,6 +54,38 @@ spec:
         - {destination: {host: httpbin, subset: v2}, weight: 10}
 ";
 
+/// What the server's agent decides (`JWKS` is replaced by the demo's key).
+const POLICY_YAML: &str = "\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: httpbin, namespace: default}
+spec:
+  selector: {matchLabels: {app: server}}
+  jwtRules:
+    - issuer: https://issuer.demo
+      jwks: 'JWKS'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  # ports too: on a TCP port a DENY ignores its HTTP fields (as Istio)
+  rules: [{to: [{operation: {ports: [\"8080\"], paths: [\"/admin/*\"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: httpbin, namespace: default}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules:
+    - from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]
+      to: [{operation: {notPaths: [\"/api/*\"]}}, {operation: {ports: [\"9000\"]}}]
+    - from: [{source: {requestPrincipals: [\"https://issuer.demo/*\"]}}]
+      to: [{operation: {paths: [\"/api/*\"]}}]
+";
+
 /// A canary split with a typo'd weight.
 const BROKEN_YAML: &str = "\
 apiVersion: networking.istio.io/v1
@@ -318,6 +350,69 @@ fn run(env: &Env, hold: bool) {
     );
     curl(&client, "http://10.96.0.80:8000/");
     std::fs::remove_file(&broken).unwrap();
+
+    step(
+        "5b. Who may do what, decided by the server's own agent: a DENY rule, and an API that needs a JWT",
+    );
+    let key = mesh_tests::jwt::Key::rsa("demo", jsonwebtoken::Algorithm::RS256);
+    let token = key.sign(&mesh_tests::jwt::claims(
+        "https://issuer.demo",
+        "alice",
+        "httpbin",
+    ));
+    let policy_yaml = POLICY_YAML.replace("JWKS", &mesh_tests::jwt::jwks(&[&key]));
+    for l in policy_yaml.lines().filter(|l| !l.contains("jwks:")) {
+        println!("  | {l}");
+    }
+    let version_b = version(&agent_b);
+    std::fs::write(config.join("policy.yaml"), &policy_yaml).unwrap();
+    sys::wait_until(Duration::from_secs(5), || version(&agent_b) > version_b);
+    curl(&client, "http://10.96.0.80:8000/admin/users");
+    curl(&client, "http://10.96.0.80:8000/api/orders");
+    let bearer = format!("Authorization: Bearer {token}");
+    shell(
+        "[in pod client] curl -s -H 'Authorization: Bearer <a token from https://issuer.demo>' http://10.96.0.80:8000/api/orders",
+        &mut client.command(
+            &sys::which("curl").expect("curl"),
+            &[
+                "-s",
+                "--max-time",
+                "10",
+                "-w",
+                "(HTTP %{http_code})\\n",
+                "-H",
+                &bearer,
+                "http://10.96.0.80:8000/api/orders",
+            ],
+        ),
+    );
+    let forged = format!(
+        "Authorization: Bearer {}",
+        mesh_tests::jwt::tampered(&token)
+    );
+    shell(
+        "[in pod client] curl -s -H 'Authorization: Bearer <the same token, one character changed>' http://10.96.0.80:8000/api/orders",
+        &mut client.command(
+            &sys::which("curl").expect("curl"),
+            &[
+                "-s",
+                "--max-time",
+                "10",
+                "-w",
+                "(HTTP %{http_code})\\n",
+                "-H",
+                &forged,
+                "http://10.96.0.80:8000/api/orders",
+            ],
+        ),
+    );
+    println!("  node-b's decisions (mesh_authz_decisions_total, mesh_jwt_rejections_total):");
+    for l in agent_b.metrics().0.lines().filter(|l| {
+        (l.starts_with("mesh_authz_decisions_total") || l.starts_with("mesh_jwt_rejections_total"))
+            && !l.ends_with(" 0")
+    }) {
+        println!("    {l}");
+    }
 
     step("6. A long-lived connection, so the maps have something to show");
     let held = client.spawn_app(env, &["hold", &server.v4(9000), "600"]);
