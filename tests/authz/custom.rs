@@ -81,4 +81,12 @@ fn an_external_authorizer_allows_denies_and_fails_closed() {
     assert_eq!(m.status("/open/slow", &[]), 200, "failOpen");
     // A provider the MeshConfig does not define: denied.
     assert_eq!(m.status("/missing", &["x-ext-authz: allow"]), 403);
+    // A TCP connection a CUSTOM policy matches cannot be asked about: it
+    // is refused (the policies' HTTP fields ignored, as a DENY's).
+    let n = checks().len();
+    assert!(
+        !m.echo(&m.client, &m.web.v4(9000)),
+        "CUSTOM on TCP fails closed"
+    );
+    assert_eq!(checks().len(), n, "the authorizer is not asked");
 }

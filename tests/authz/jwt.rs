@@ -86,6 +86,7 @@ fn tokens_are_verified_at_the_destination() {
         ),
         ("audience", k1.sign(&with("aud", "other".into()))),
         ("malformed", "not-a-token".into()),
+        ("unknown_key", k1.sign_as("k9", &good)),
         ("too_large", k1.sign(&with("pad", "x".repeat(9000).into()))),
     ];
     for (reason, token) in cases {

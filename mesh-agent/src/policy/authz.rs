@@ -21,6 +21,9 @@
 //!   does; `/config_dump` and the log say which.
 //! * `istio.io/dry-run: "true"`: evaluated, logged and counted as what
 //!   would have happened, never enforced.
+//! * CUSTOM asks an HTTP authorizer (`policy::ext_authz`) per request; on
+//!   a connection that is not HTTP it cannot, and a CUSTOM policy that
+//!   matches the connection denies it.
 
 pub mod matchers;
 
@@ -174,7 +177,8 @@ impl Policy {
                 .is_some_and(|v| v.eq_ignore_ascii_case("true")),
             namespace: r.metadata.namespace.clone(),
             selector: s.selector.as_ref().map(|s| s.match_labels.clone()),
-            uses_http: rules.iter().any(|r| r.uses_http),
+            // CUSTOM asks an HTTP authorizer: it needs the request.
+            uses_http: action == Action::Custom || rules.iter().any(|r| r.uses_http),
             by_principal,
             unindexed,
             rules,
@@ -349,6 +353,13 @@ impl WorkloadAuthz {
                 .filter(live)
                 .filter(move |p| p.action == action)
         };
+        // An HTTP authorizer cannot be asked about a connection that is not
+        // HTTP: a CUSTOM policy matching one denies it (fails closed).
+        if a.http.is_none()
+            && let Some(p) = of(Action::Custom).find(|p| p.matches(a))
+        {
+            return (false, Some(Action::Custom), Some(p));
+        }
         if let Some(p) = of(Action::Deny).find(|p| p.matches(a)) {
             return (false, Some(Action::Deny), Some(p));
         }

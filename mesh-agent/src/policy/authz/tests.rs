@@ -330,6 +330,13 @@ fn deny_beats_allow_and_custom_comes_first() {
     };
     assert_eq!(attrs_path("/ext"), Some(Some("authz".into())));
     assert_eq!(attrs_path("/x"), None);
+    // On TCP the authorizer cannot be asked: a matching CUSTOM denies.
+    assert!(p.per_request);
+    let v = req("").tcp().decide(&p);
+    assert_eq!(
+        (v.allowed, v.action, v.policy.map(|p| p.id.as_str())),
+        (false, Some(Action::Custom), Some("default/ext"))
+    );
 }
 
 #[test]
