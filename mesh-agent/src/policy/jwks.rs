@@ -133,6 +133,11 @@ impl Jwks {
         Some(keys)
     }
 
+    /// The cached keys, without fetching.
+    pub fn cached(&self) -> Option<Arc<JwkSet>> {
+        self.keys.load_full()
+    }
+
     /// Fetches again for a key ID the cache does not hold, unless a fetch
     /// finished moments ago; the keys after it.
     pub async fn refresh_for_unknown_key(self: &Arc<Self>) -> Option<Arc<JwkSet>> {

@@ -19,7 +19,7 @@
 //!   unless `forwardOriginalToken`; `outputPayloadToHeader` and
 //!   `outputClaimToHeaders` add headers for the application.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use base64::Engine;
 use http::{HeaderName, HeaderValue, request::Parts};
@@ -161,6 +161,29 @@ pub struct Rule {
     pub selector: Option<std::collections::BTreeMap<String, String>>,
     #[serde(skip)]
     namespace: String,
+    /// Tokens verified already, with the key set that verified them: a
+    /// token seen again costs a lookup, not a signature check, until it
+    /// expires or the keys change (as Envoy's JWT cache).
+    #[serde(skip)]
+    verified: std::sync::Mutex<HashMap<String, Verified>>,
+}
+
+/// The most tokens one rule remembers; then it starts over.
+const VERIFIED_CACHE: usize = 1024;
+
+#[derive(Debug)]
+struct Verified {
+    auth: Arc<Authenticated>,
+    /// `exp`, if the token has one.
+    expires: Option<u64>,
+    /// The key set it was verified with (compared by address).
+    keys: Arc<JwkSet>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Rule {
@@ -235,6 +258,7 @@ impl Rule {
                 .collect(),
             selector: s.selector.as_ref().map(|s| s.match_labels.clone()),
             namespace: r.metadata.namespace.clone(),
+            verified: Default::default(),
         }
     }
 
@@ -253,6 +277,45 @@ impl Rule {
             Keys::Remote(j) => j.keys().await.ok_or(Rejected::NoKeys),
             Keys::Invalid(_) => Err(Rejected::NoKeys),
         }
+    }
+
+    /// The key set now, without fetching.
+    fn keys_now(&self) -> Option<Arc<JwkSet>> {
+        match &self.keys {
+            Keys::Inline(set) => Some(set.clone()),
+            Keys::Remote(j) => j.cached(),
+            Keys::Invalid(_) => None,
+        }
+    }
+
+    /// Verifies `token`, or finds it verified already with the same keys
+    /// and not expired since.
+    async fn verify_cached(&self, token: &str) -> Result<Arc<Authenticated>, Rejected> {
+        let cache = || self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(keys) = self.keys_now()
+            && let Some(v) = cache().get(token)
+            && Arc::ptr_eq(&v.keys, &keys)
+            && v.expires.is_none_or(|exp| now_secs() <= exp + LEEWAY_SECS)
+        {
+            return Ok(v.auth.clone());
+        }
+        let auth = Arc::new(self.verify(token).await?);
+        if let Some(keys) = self.keys_now() {
+            let mut c = cache();
+            if c.len() >= VERIFIED_CACHE {
+                c.clear();
+            }
+            let expires = auth.claims.get("exp").and_then(|e| e.as_u64());
+            c.insert(
+                token.to_owned(),
+                Verified {
+                    auth: auth.clone(),
+                    expires,
+                    keys,
+                },
+            );
+        }
+        Ok(auth)
     }
 
     /// Verifies `token` (whose issuer is this rule's).
@@ -400,12 +463,15 @@ impl Authenticator {
 
     /// Validates the request's token, if it has one, and applies the
     /// header rules of the issuer that signed it. `Ok(None)`: no token.
-    pub async fn authenticate(&self, parts: &mut Parts) -> Result<Option<Authenticated>, Rejected> {
+    pub async fn authenticate(
+        &self,
+        parts: &mut Parts,
+    ) -> Result<Option<Arc<Authenticated>>, Rejected> {
         let Some(found) = self.find(parts)? else {
             return Ok(None);
         };
         let rule = found.rule.ok_or(Rejected::UnknownIssuer)?;
-        let auth = rule.verify(&found.token).await?;
+        let auth = rule.verify_cached(&found.token).await?;
         if !rule.forward_original_token
             && let Location::Header { name, .. } = &found.location
         {

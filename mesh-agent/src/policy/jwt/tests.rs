@@ -57,7 +57,7 @@ fn parts(headers: &[(&str, &str)], uri: &str) -> Parts {
     b.body(()).unwrap().into_parts().0
 }
 
-async fn check(a: &Authenticator, token: &str) -> Result<Option<Authenticated>, Rejected> {
+async fn check(a: &Authenticator, token: &str) -> Result<Option<Arc<Authenticated>>, Rejected> {
     let mut p = parts(&[("authorization", &format!("Bearer {token}"))], "/");
     a.authenticate(&mut p).await
 }
@@ -269,6 +269,9 @@ async fn remote_keys_are_fetched_cached_and_rotated() {
         Err(Rejected::UnknownKey)
     );
     assert_eq!(hits.load(Ordering::SeqCst), 2);
+    // The k1 token verified (and remembered) before is not taken from the
+    // cache once k1 left the key set (Ed25519 signs alike: the same token).
+    assert_eq!(check(&a, &k1.sign(&c)).await, Err(Rejected::UnknownKey));
     // A second rule naming the URI shares the cache.
     let b = rules(&format!("  - issuer: {ISS}\n    jwksUri: {uri}\n"), &store);
     assert!(check(&b, &k2.sign(&c)).await.unwrap().is_some());
@@ -301,4 +304,27 @@ async fn a_failed_fetch_keeps_the_last_keys_and_is_counted() {
         &store,
     );
     assert_eq!(check(&none, &k1.sign(&c)).await, Err(Rejected::NoKeys));
+}
+
+#[tokio::test]
+async fn a_verified_token_is_remembered_until_it_expires() {
+    let key = Key::ed25519("k");
+    let store = store();
+    let a = rules(&inline(&[&key], ""), &store);
+    // Expired 59 s ago: still inside the 60 s of skew, for a moment.
+    let mut claims = mint::claims(ISS, "erin", "web");
+    claims["exp"] = mint::now_plus(-59).into();
+    let t = key.sign(&claims);
+    let first = check(&a, &t).await.unwrap().unwrap();
+    let again = check(&a, &t).await.unwrap().unwrap();
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "the second check is the cached result"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        check(&a, &t).await,
+        Err(Rejected::Expired),
+        "not past its expiry"
+    );
 }

@@ -68,6 +68,7 @@ where
 {
     let conn = Arc::new(Conn {
         peer: arrival.peer(),
+        policy: std::sync::Mutex::new((arrival.snap.version, arrival.policy.clone())),
         arrival,
         ctx,
         app: tokio::sync::Mutex::new(App::Idle(Some(app))),
@@ -105,6 +106,9 @@ struct Conn {
     arrival: Arc<Arrival>,
     ctx: Arc<ProxyContext>,
     peer: Peer,
+    /// The workload's policy and the snapshot version it is from: looked
+    /// up again only when the configuration changed.
+    policy: std::sync::Mutex<(u64, InboundPolicy)>,
     app: tokio::sync::Mutex<App>,
 }
 
@@ -213,11 +217,7 @@ impl Conn {
         let (mut parts, body) = req.into_parts();
         // The policy in force now, not when the connection opened: a
         // change applies to the next request.
-        let policy = self
-            .ctx
-            .store
-            .load()
-            .inbound_policy(&self.arrival.pod.workload);
+        let policy = self.current_policy();
         // Local rate limits first, as Istio inserts the filter first.
         for l in policy.limits(Unit::Requests) {
             match l.admit() {
@@ -264,14 +264,14 @@ impl Conn {
             .unwrap_or_default();
         let path = normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
         let downstream = self
-            .custom(&policy, &mut parts, &authority, &path, auth.as_ref())
+            .custom(&policy, &mut parts, &authority, &path, auth.as_deref())
             .await?;
         let h = HttpAttributes {
             method: parts.method.as_str(),
             authority: &authority,
             path: &path,
             headers: &parts.headers,
-            auth: auth.as_ref(),
+            auth: auth.as_deref(),
         };
         let attrs = self.arrival.attributes(&self.peer, Some(&h));
         let verdict = policy.authorization.decide(&attrs);
@@ -320,6 +320,19 @@ impl Conn {
             resp.headers_mut().append(k, v);
         }
         Ok(resp)
+    }
+
+    /// The workload's policy in the snapshot in force.
+    fn current_policy(&self) -> InboundPolicy {
+        let snap = self.ctx.store.load();
+        let mut p = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        if p.0 != snap.version {
+            *p = (
+                snap.version,
+                snap.inbound_policy(&self.arrival.pod.workload),
+            );
+        }
+        p.1.clone()
     }
 
     /// The CUSTOM action: asks the external authorizer when a CUSTOM
