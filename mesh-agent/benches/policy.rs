@@ -4,7 +4,9 @@
 //! - AuthorizationPolicy evaluation with 1, 100 and 1,000 rules, L7 (a
 //!   request) and L4 (a connection), the request matching only the last
 //!   rule (the worst case);
-//! - JWT verification per algorithm with the key cached (inline JWKS).
+//! - JWT verification per algorithm with the key cached (inline JWKS): a
+//!   token seen before (the verified-token cache) and first sight of each
+//!   token (the signature checked).
 
 use std::{hint::black_box, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -38,20 +40,30 @@ fn web() -> Workload {
     }
 }
 
-/// One ALLOW policy of `n` rules; rule `i` lets `team-i` in (by its
-/// principal, or by its namespace when `by_namespace`: rules the principal
-/// index cannot narrow), on its path (L7) or its port (L4).
-fn plan(n: usize, l7: bool) -> WorkloadAuthz {
-    plan_by(n, l7, false)
+/// Who a rule names.
+#[derive(Clone, Copy)]
+enum By {
+    Principal,
+    Namespace,
+    /// A principal prefix: rules the index cannot narrow.
+    PrincipalPrefix,
 }
 
-fn plan_by(n: usize, l7: bool, by_namespace: bool) -> WorkloadAuthz {
+/// One ALLOW policy of `n` rules; rule `i` lets `team-i` in (as `by`
+/// says), on its path (L7) or its port (L4).
+fn plan(n: usize, l7: bool) -> WorkloadAuthz {
+    plan_by(n, l7, By::Principal)
+}
+
+fn plan_by(n: usize, l7: bool, by: By) -> WorkloadAuthz {
     let rules: String = (0..n)
         .map(|i| {
-            let from = if by_namespace {
-                format!("{{namespaces: [team-{i}]}}")
-            } else {
-                format!("{{principals: [cluster.local/ns/team-{i}/sa/app]}}")
+            let from = match by {
+                By::Principal => format!("{{principals: [cluster.local/ns/team-{i}/sa/app]}}"),
+                By::Namespace => format!("{{namespaces: [team-{i}]}}"),
+                By::PrincipalPrefix => {
+                    format!("{{principals: [\"cluster.local/ns/team-{i}/*\"]}}")
+                }
             };
             let to = if l7 {
                 format!("{{paths: [\"/team-{i}/*\"], methods: [GET]}}")
@@ -112,13 +124,16 @@ fn authorization(c: &mut Criterion) {
         c.bench_function(&format!("authz L4: last of {n} rules"), |b| {
             b.iter(|| l4.decide(black_box(&connection)).allowed)
         });
-        // Rules by namespace: no index, every rule is looked at.
-        let linear = plan_by(n, true, true);
-        assert!(linear.decide(&request).allowed);
-        c.bench_function(
-            &format!("authz L7: last of {n} namespace rules (no index)"),
-            |b| b.iter(|| linear.decide(black_box(&request)).allowed),
-        );
+        for (by, what) in [
+            (By::Namespace, "namespace rules"),
+            (By::PrincipalPrefix, "principal-prefix rules (not indexed)"),
+        ] {
+            let p = plan_by(n, true, by);
+            assert!(p.decide(&request).allowed);
+            c.bench_function(&format!("authz L7: last of {n} {what}"), |b| {
+                b.iter(|| p.decide(black_box(&request)).allowed)
+            });
+        }
     }
 }
 
@@ -148,23 +163,48 @@ fn jwt(c: &mut Criterion) {
             .map(Arc::new)
             .collect();
         let auth = Authenticator { rules };
+        let request = |token: &str| {
+            http::Request::get("/")
+                .header("authorization", format!("Bearer {token}"))
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        // A token seen before: the verified-token cache.
         let token = key.sign(&mint::claims("https://issuer", "user", "web"));
-        let (mut parts, _) = http::Request::get("/")
-            .header("authorization", format!("Bearer {token}"))
-            .body(())
-            .unwrap()
-            .into_parts();
+        let mut parts = request(&token);
         assert!(
             rt.block_on(auth.authenticate(&mut parts))
                 .unwrap()
                 .is_some()
         );
-        c.bench_function(&format!("JWT verify {:?} (cached key)", key.alg), |b| {
+        c.bench_function(&format!("JWT {:?}: a token seen before", key.alg), |b| {
             b.iter(|| {
                 rt.block_on(auth.authenticate(black_box(&mut parts)))
                     .is_ok()
             })
         });
+        // First sight of each token (twice the cache's size, in turn): the
+        // signature is checked every time.
+        let mut fresh: Vec<_> = (0..2048)
+            .map(|i| {
+                let mut c = mint::claims("https://issuer", "user", "web");
+                c["jti"] = i.into();
+                request(&key.sign(&c))
+            })
+            .collect();
+        let mut next = 0;
+        c.bench_function(
+            &format!("JWT {:?}: first sight (signature check)", key.alg),
+            |b| {
+                b.iter(|| {
+                    next = (next + 1) % fresh.len();
+                    rt.block_on(auth.authenticate(black_box(&mut fresh[next])))
+                        .is_ok()
+                })
+            },
+        );
     }
 }
 

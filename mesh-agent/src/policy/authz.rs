@@ -114,13 +114,11 @@ pub struct Policy {
     selector: Option<BTreeMap<String, String>>,
     #[serde(skip)]
     rules: Vec<Rule>,
-    /// The rules only some exact principals can match, by principal: a
-    /// request is checked against those of its own principal and the
-    /// others, not every rule (1,000 rules cost one lookup).
+    /// The rules by the principal or namespace they need: a request is
+    /// checked against those of its peer and the others, not every rule
+    /// (1,000 rules cost two lookups).
     #[serde(skip)]
-    by_principal: HashMap<String, Vec<usize>>,
-    #[serde(skip)]
-    unindexed: Vec<usize>,
+    index: RuleIndex,
     /// Some rule needs the HTTP request to be decided.
     pub uses_http: bool,
     /// What cannot be applied, and how it fails closed.
@@ -165,7 +163,7 @@ impl Policy {
                 rule
             })
             .collect();
-        let (by_principal, unindexed) = index_by_principal(&rules);
+        let index = RuleIndex::new(&rules);
         Some(Self {
             id: format!("{}/{}", r.metadata.namespace, r.metadata.name),
             action,
@@ -179,8 +177,7 @@ impl Policy {
             selector: s.selector.as_ref().map(|s| s.match_labels.clone()),
             // CUSTOM asks an HTTP authorizer: it needs the request.
             uses_http: action == Action::Custom || rules.iter().any(|r| r.uses_http),
-            by_principal,
-            unindexed,
+            index,
             rules,
             problems,
         })
@@ -201,58 +198,84 @@ impl Policy {
         // HTTP-only fields on a non-HTTP connection: ALLOW never matches on
         // them, DENY and AUDIT ignore them (see the module comment).
         let tcp = self.action != Action::Allow;
-        let rule = |i: &usize| self.rules[*i].matches(a, tcp, self.action);
-        if self.by_principal.is_empty() {
-            return self.rules.iter().any(|r| r.matches(a, tcp, self.action));
-        }
-        let indexed = a
-            .principal
-            .and_then(|p| self.by_principal.get(p))
-            .is_some_and(|rules| rules.iter().any(rule));
-        indexed || self.unindexed.iter().any(rule)
+        self.index
+            .any(a, |i| self.rules[*i].matches(a, tcp, self.action))
     }
 }
 
-/// Rules whose every source names exact principals can only match one of
-/// them: indexed by principal. The rest (and rules that cannot be
-/// applied) are checked always.
-fn index_by_principal(rules: &[Rule]) -> (HashMap<String, Vec<usize>>, Vec<usize>) {
-    let mut index: HashMap<String, Vec<usize>> = HashMap::new();
-    let mut rest = Vec::new();
-    for (i, r) in rules.iter().enumerate() {
-        let exact: Option<Vec<&str>> = (r.broken.is_none() && !r.from.is_empty())
-            .then(|| {
-                r.from
-                    .iter()
-                    .map(|s| {
-                        (!s.principals.values.is_empty()).then(|| {
-                            s.principals
-                                .values
-                                .iter()
-                                .map(|m| match m {
-                                    Str::Exact(p) => Some(p.as_str()),
-                                    _ => None,
-                                })
-                                .collect::<Option<Vec<&str>>>()
-                        })?
-                    })
-                    .collect::<Option<Vec<Vec<&str>>>>()
-                    .map(|v| v.concat())
-            })
-            .flatten();
-        match exact {
-            Some(principals) => {
-                for p in principals {
-                    let rules = index.entry(p.to_owned()).or_default();
-                    if rules.last() != Some(&i) {
-                        rules.push(i);
-                    }
-                }
+/// Rules whose every source names exact principals (or else exact
+/// namespaces) can only match a peer with one of them: indexed by it. The
+/// rest (and rules that cannot be applied) are checked always.
+#[derive(Debug, Default)]
+struct RuleIndex {
+    by_principal: HashMap<String, Vec<usize>>,
+    by_namespace: HashMap<String, Vec<usize>>,
+    rest: Vec<usize>,
+}
+
+impl RuleIndex {
+    fn new(rules: &[Rule]) -> Self {
+        let mut ix = Self::default();
+        for (i, r) in rules.iter().enumerate() {
+            let applicable = r.broken.is_none() && !r.from.is_empty();
+            if let Some(ps) = applicable
+                .then(|| exact_values(r, |s| &s.principals))
+                .flatten()
+            {
+                add(&mut ix.by_principal, ps, i);
+            } else if let Some(ns) = applicable
+                .then(|| exact_values(r, |s| &s.namespaces))
+                .flatten()
+            {
+                add(&mut ix.by_namespace, ns, i);
+            } else {
+                ix.rest.push(i);
             }
-            None => rest.push(i),
+        }
+        ix
+    }
+
+    /// Whether any rule a peer of `a`'s identity could match does.
+    fn any(&self, a: &Attributes<'_>, rule: impl Fn(&usize) -> bool) -> bool {
+        let of = |m: &HashMap<String, Vec<usize>>, k: Option<&str>| {
+            k.and_then(|k| m.get(k))
+                .is_some_and(|v| v.iter().any(&rule))
+        };
+        of(&self.by_principal, a.principal)
+            || of(&self.by_namespace, a.namespace)
+            || self.rest.iter().any(&rule)
+    }
+}
+
+/// The exact values `field` of every source of `r` lists, if every source
+/// lists some and all are exact.
+fn exact_values<'r>(
+    r: &'r Rule,
+    field: impl Fn(&SourceMatch) -> &Field<Str>,
+) -> Option<Vec<&'r str>> {
+    let mut out = Vec::new();
+    for s in &r.from {
+        let f = field(s);
+        if f.values.is_empty() {
+            return None;
+        }
+        for m in &f.values {
+            match m {
+                Str::Exact(v) => out.push(v.as_str()),
+                _ => return None,
+            }
         }
     }
-    (index, rest)
+    Some(out)
+}
+
+fn add(index: &mut HashMap<String, Vec<usize>>, keys: Vec<&str>, rule: usize) {
+    for k in keys {
+        let rules = index.entry(k.to_owned()).or_default();
+        if rules.last() != Some(&rule) {
+            rules.push(rule);
+        }
+    }
 }
 
 /// The policies of one workload, in evaluation order.

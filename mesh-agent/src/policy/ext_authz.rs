@@ -140,10 +140,10 @@ pub enum Outcome {
 }
 
 impl HttpProvider {
-    /// Asks the authorizer about the request `parts`.
-    pub async fn check(&self, parts: &Parts, registry: &Registry) -> Outcome {
+    /// Asks the authorizer about the request `parts` (for `authority`).
+    pub async fn check(&self, parts: &Parts, authority: &str, registry: &Registry) -> Outcome {
         let timeout = self.timeout.unwrap_or(Duration::from_millis(600));
-        match tokio::time::timeout(timeout, self.ask(parts, registry)).await {
+        match tokio::time::timeout(timeout, self.ask(parts, authority, registry)).await {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => self.on_error(e),
             Err(_) => self.on_error(format!("no answer within {timeout:?}")),
@@ -197,7 +197,12 @@ impl HttpProvider {
             .ok_or_else(|| format!("{} has no address", self.service))
     }
 
-    async fn ask(&self, parts: &Parts, registry: &Registry) -> Result<Outcome, String> {
+    async fn ask(
+        &self,
+        parts: &Parts,
+        authority: &str,
+        registry: &Registry,
+    ) -> Result<Outcome, String> {
         let addr = self.target(registry).await?;
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -213,19 +218,7 @@ impl HttpProvider {
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
         let h = req.headers_mut();
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
-        if let Ok(v) = HeaderValue::from_str(&authority) {
+        if let Ok(v) = HeaderValue::from_str(authority) {
             h.insert(http::header::HOST, v);
         }
         let mut names: Vec<&str> = vec!["authorization"];

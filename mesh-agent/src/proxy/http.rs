@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-mod actions;
+pub(in crate::proxy) mod actions;
 mod decide;
 pub(in crate::proxy) mod metered;
 mod replay;
@@ -88,6 +88,17 @@ pub async fn serve(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.route(req).await) }
     });
+    if let Err(e) = server()
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(%peer, "http: connection ended: {e}");
+    }
+}
+
+/// The HTTP/1.1 and HTTP/2 server the agent terminates clients with (the
+/// source's L7 path and the destination's per-request policy alike).
+pub(in crate::proxy) fn server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -98,12 +109,7 @@ pub async fn serve(
     builder
         .http2()
         .max_header_list_size(MAX_HEADER_BYTES as u32);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
-        tracing::debug!(%peer, "http: connection ended: {e}");
-    }
+    builder
 }
 
 /// One client connection: what decides its requests, and the upstream

@@ -369,42 +369,31 @@ fn run(env: &Env, hold: bool) {
     sys::wait_until(Duration::from_secs(5), || version(&agent_b) > version_b);
     curl(&client, "http://10.96.0.80:8000/admin/users");
     curl(&client, "http://10.96.0.80:8000/api/orders");
-    let bearer = format!("Authorization: Bearer {token}");
-    shell(
-        "[in pod client] curl -s -H 'Authorization: Bearer <a token from https://issuer.demo>' http://10.96.0.80:8000/api/orders",
-        &mut client.command(
-            &sys::which("curl").expect("curl"),
-            &[
-                "-s",
-                "--max-time",
-                "10",
-                "-w",
-                "(HTTP %{http_code})\\n",
-                "-H",
-                &bearer,
-                "http://10.96.0.80:8000/api/orders",
-            ],
-        ),
-    );
-    let forged = format!(
-        "Authorization: Bearer {}",
-        mesh_tests::jwt::tampered(&token)
-    );
-    shell(
-        "[in pod client] curl -s -H 'Authorization: Bearer <the same token, one character changed>' http://10.96.0.80:8000/api/orders",
-        &mut client.command(
-            &sys::which("curl").expect("curl"),
-            &[
-                "-s",
-                "--max-time",
-                "10",
-                "-w",
-                "(HTTP %{http_code})\\n",
-                "-H",
-                &forged,
-                "http://10.96.0.80:8000/api/orders",
-            ],
-        ),
+    // The token is long: shown by what it is.
+    let with_token = |what: &str, token: &str| {
+        let header = format!("Authorization: Bearer {token}");
+        let url = "http://10.96.0.80:8000/api/orders";
+        shell(
+            &format!("[in pod client] curl -s -H 'Authorization: Bearer <{what}>' {url}"),
+            &mut client.command(
+                &sys::which("curl").expect("curl"),
+                &[
+                    "-s",
+                    "--max-time",
+                    "10",
+                    "-w",
+                    "(HTTP %{http_code})\\n",
+                    "-H",
+                    &header,
+                    url,
+                ],
+            ),
+        );
+    };
+    with_token("a token from https://issuer.demo", &token);
+    with_token(
+        "the same token, one character changed",
+        &mesh_tests::jwt::tampered(&token),
     );
     println!("  node-b's decisions (mesh_authz_decisions_total, mesh_jwt_rejections_total):");
     for l in agent_b.metrics().0.lines().filter(|l| {

@@ -476,4 +476,18 @@ fn the_principal_index_gives_the_same_answers_as_every_rule() {
         "the rule without from"
     );
     assert!(!req("").allowed(&p) && req("").path("/open").allowed(&p));
+    // Namespaces: indexed too, beside principals.
+    let ns = plan(&ap(
+        "n",
+        "default",
+        "  rules:\n  - from:\n    - source: {namespaces: [prod]}\n    to:\n    - operation: {paths: [\"/p\"]}\n  - from:\n    - source: {principals: [\"cluster.local/ns/dev/sa/x\"]}\n  - from:\n    - source: {namespaces: [\"qa-*\"]}",
+    ));
+    assert!(req("prod/any").path("/p").allowed(&ns));
+    assert!(!req("prod/any").path("/q").allowed(&ns));
+    assert!(req("dev/x").allowed(&ns) && !req("dev/y").allowed(&ns));
+    assert!(
+        req("qa-1/z").allowed(&ns),
+        "a wildcard namespace: not indexed"
+    );
+    assert!(!req("stage/z").allowed(&ns));
 }

@@ -20,7 +20,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -45,18 +45,12 @@ use crate::{
     },
     proxy::{
         ProxyContext,
-        http::{Body, FLAGS_HEADER, full, metered::Metered, send::prepare},
+        http::{Body, FLAGS_HEADER, actions, full, metered::Metered, send::prepare},
     },
     registry::protocol::Protocol,
     snapshot::InboundPolicy,
     telemetry::metrics::RequestOutcome,
 };
-
-/// The most header bytes a request may carry (as outbound).
-const MAX_HEADER_BYTES: usize = 64 * 1024;
-
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The body Envoy's RBAC filter answers a denied request with.
 pub const DENIED_BODY: &str = "RBAC: access denied";
@@ -77,16 +71,7 @@ where
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
-    if let Err(e) = builder
+    if let Err(e) = crate::proxy::http::server()
         .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await
     {
@@ -250,18 +235,7 @@ impl Conn {
                 ));
             }
         };
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
+        let authority = actions::authority(&parts.uri, &parts.headers);
         let path = normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
         let downstream = self
             .custom(&policy, &mut parts, &authority, &path, auth.as_deref())
@@ -380,7 +354,7 @@ impl Conn {
             ));
         };
         let registry = self.ctx.store.load();
-        match p.check(parts, &registry.registry).await {
+        match p.check(parts, authority, &registry.registry).await {
             ext_authz::Outcome::Allow {
                 upstream,
                 downstream,
