@@ -107,7 +107,6 @@ fn authorization(c: &mut Criterion) {
             source_ip: "10.0.0.1".parse().unwrap(),
             remote_ip: "10.0.0.1".parse().unwrap(),
             destination: "10.0.0.2:8080".parse().unwrap(),
-            sni: None,
             http: Some(&h),
         };
         assert!(l7.decide(&request).allowed);

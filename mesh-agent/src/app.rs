@@ -150,6 +150,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         dataplane_mode_label: config.dataplane_mode_label.clone(),
         jwks: Arc::new(jwks),
         jwks_timeout: config.jwks_fetch_timeout,
+        limiters: Arc::default(),
     };
     let store = Arc::new(Store::new(Snapshot::empty(&settings)));
     let maps = loaded.maps();

@@ -25,7 +25,7 @@ use crate::{
         jwks::JwksStore,
         jwt::{self, Authenticator},
         peer_auth::Effective,
-        rate_limit::{FilterLimits, Limiter, Unit},
+        rate_limit::{FilterLimits, Limiter, Limiters, Unit},
     },
     registry::{self, Registry, protocol::Protocol},
     workload::{Workload, WorkloadKey},
@@ -65,6 +65,8 @@ pub struct Settings {
     pub jwks: Arc<JwksStore>,
     /// How long a JWKS fetch may take.
     pub jwks_timeout: std::time::Duration,
+    /// The rate-limit buckets, kept across snapshots.
+    pub limiters: Arc<Limiters>,
 }
 
 impl Settings {
@@ -83,6 +85,7 @@ impl Settings {
             dataplane_mode_label: dataplane_mode_label.into(),
             jwks: Arc::new(JwksStore::offline()),
             jwks_timeout: std::time::Duration::from_secs(5),
+            limiters: Arc::default(),
         }
     }
 }
@@ -104,7 +107,7 @@ pub struct WorkloadPolicies {
     pub port_protocols: Arc<BTreeMap<u16, Protocol>>,
     /// Its local rate limits (EnvoyFilter), each with its own bucket.
     #[serde(skip_serializing_if = "is_empty_limits")]
-    pub rate_limits: Arc<Vec<Limiter>>,
+    pub rate_limits: Arc<Vec<Arc<Limiter>>>,
     /// `Kind namespace/name` of each policy that selects the workload.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub telemetry: Vec<String>,
@@ -122,7 +125,7 @@ fn is_empty_map(m: &Arc<BTreeMap<u16, Protocol>>) -> bool {
     m.is_empty()
 }
 
-fn is_empty_limits(l: &Arc<Vec<Limiter>>) -> bool {
+fn is_empty_limits(l: &Arc<Vec<Arc<Limiter>>>) -> bool {
     l.is_empty()
 }
 
@@ -133,7 +136,7 @@ pub struct InboundPolicy {
     pub authorization: Arc<WorkloadAuthz>,
     pub request_authentication: Arc<Authenticator>,
     pub port_protocols: Arc<BTreeMap<u16, Protocol>>,
-    pub rate_limits: Arc<Vec<Limiter>>,
+    pub rate_limits: Arc<Vec<Arc<Limiter>>>,
 }
 
 impl InboundPolicy {
@@ -150,6 +153,7 @@ impl InboundPolicy {
     pub fn limits(&self, unit: Unit) -> impl Iterator<Item = &Limiter> {
         self.rate_limits
             .iter()
+            .map(|l| &**l)
             .filter(move |l| l.limit.unit == unit)
     }
 }
@@ -176,6 +180,8 @@ pub struct Snapshot {
     #[serde(skip)]
     pub rate_limit_filters: Vec<FilterLimits>,
     #[serde(skip)]
+    pub limiters: Arc<Limiters>,
+    #[serde(skip)]
     pub root_namespace: String,
     /// For each workload on this node.
     pub policies: BTreeMap<WorkloadKey, WorkloadPolicies>,
@@ -201,6 +207,7 @@ impl Snapshot {
             authorization_policies: Vec::new(),
             jwt_rules: Vec::new(),
             rate_limit_filters: Vec::new(),
+            limiters: settings.limiters.clone(),
             root_namespace: settings.root_namespace.clone(),
             policies: BTreeMap::new(),
             notes: Vec::new(),
@@ -238,7 +245,12 @@ impl Snapshot {
                     &self.root_namespace,
                 )),
                 port_protocols: Arc::default(),
-                rate_limits: Arc::new(limiters(&self.rate_limit_filters, w, &self.root_namespace)),
+                rate_limits: Arc::new(limiters(
+                    &self.rate_limit_filters,
+                    &self.limiters,
+                    w,
+                    &self.root_namespace,
+                )),
             },
         }
     }
@@ -340,7 +352,12 @@ pub fn build(
                     &settings.root_namespace,
                 )),
                 port_protocols: Arc::new(port_protocols.remove(&w.key()).unwrap_or_default()),
-                rate_limits: Arc::new(limiters(&rate_limit_filters, w, &settings.root_namespace)),
+                rate_limits: Arc::new(limiters(
+                    &rate_limit_filters,
+                    &settings.limiters,
+                    w,
+                    &settings.root_namespace,
+                )),
                 telemetry: selecting(Kind::Telemetry),
             };
             (w.key(), p)
@@ -364,6 +381,7 @@ pub fn build(
         authorization_policies,
         jwt_rules,
         rate_limit_filters,
+        limiters: settings.limiters.clone(),
         root_namespace: settings.root_namespace.clone(),
         policies,
         notes: sources.iter().flat_map(|s| s.notes.clone()).collect(),
@@ -371,11 +389,23 @@ pub fn build(
 }
 
 /// A bucket of `w`'s own for each rate limit that applies to it.
-fn limiters(filters: &[FilterLimits], w: &Workload, root_namespace: &str) -> Vec<Limiter> {
+fn limiters(
+    filters: &[FilterLimits],
+    store: &Limiters,
+    w: &Workload,
+    root_namespace: &str,
+) -> Vec<Arc<Limiter>> {
+    let key = w.key().to_string();
     filters
         .iter()
         .filter(|f| f.applies_to(w, root_namespace))
-        .flat_map(|f| f.limits.iter().map(|l| Limiter::new(&f.id, l.clone())))
+        .flat_map(|f| {
+            f.limits
+                .iter()
+                .enumerate()
+                .map(|(i, l)| store.get(&key, &f.id, i, l))
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 

@@ -59,6 +59,12 @@ fn a_burst_gets_the_bucket_and_the_rest_429() {
         ],
     );
     assert_eq!(refused, 15.0);
+    // Another resource changing keeps the bucket (still empty).
+    m.apply(&[
+        http_limit(5, 5, "60s"),
+        policy("all", json!({"rules": [{}]})),
+    ]);
+    assert_eq!(m.status("/after-change", &[]), 429, "the bucket was kept");
 
     // The configured rate over ten seconds: 10 per second (a bucket of 10
     // refilled by 10 every second), offered 20 per second.

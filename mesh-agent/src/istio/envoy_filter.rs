@@ -64,6 +64,19 @@ fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> 
     s.collect_str(&humantime::format_duration(*d))
 }
 
+impl Limit {
+    /// The same limit, as configured (a bucket carries over).
+    pub fn same_as(&self, o: &Limit) -> bool {
+        self.unit == o.unit
+            && self.max_tokens == o.max_tokens
+            && self.tokens_per_fill == o.tokens_per_fill
+            && self.fill_interval == o.fill_interval
+            && self.enabled == o.enabled
+            && self.enforced == o.enforced
+            && self.response_headers == o.response_headers
+    }
+}
+
 /// A patch of an EnvoyFilter: `Ok(Some)` a local rate limit this data
 /// plane enforces, `Ok(None)` anything else (ignored), `Err` a rate limit
 /// it cannot read (the field and why).

@@ -81,7 +81,6 @@ pub struct Attributes<'a> {
     /// proxy in front of it.
     pub remote_ip: IpAddr,
     pub destination: SocketAddr,
-    pub sni: Option<&'a str>,
     /// The request, on an HTTP connection.
     pub http: Option<&'a HttpAttributes<'a>>,
 }
@@ -168,11 +167,12 @@ impl Policy {
             id: format!("{}/{}", r.metadata.namespace, r.metadata.name),
             action,
             provider: s.provider.as_ref().map(|p| p.name.clone()),
+            // Go's `strconv.ParseBool` spellings of true, as Istio reads it.
             dry_run: r
                 .metadata
                 .annotations
                 .get(DRY_RUN_ANNOTATION)
-                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+                .is_some_and(|v| ["1", "t", "T", "TRUE", "true", "True"].contains(&v.as_str())),
             namespace: r.metadata.namespace.clone(),
             selector: s.selector.as_ref().map(|s| s.match_labels.clone()),
             // CUSTOM asks an HTTP authorizer: it needs the request.
@@ -249,10 +249,7 @@ impl RuleIndex {
 
 /// The exact values `field` of every source of `r` lists, if every source
 /// lists some and all are exact.
-fn exact_values<'r>(
-    r: &'r Rule,
-    field: impl Fn(&SourceMatch) -> &Field<Str>,
-) -> Option<Vec<&'r str>> {
+fn exact_values(r: &Rule, field: impl Fn(&SourceMatch) -> &Field<Str>) -> Option<Vec<&str>> {
     let mut out = Vec::new();
     for s in &r.from {
         let f = field(s);
@@ -471,7 +468,6 @@ enum Key {
     AuthClaims(Vec<String>),
     DestinationIp,
     DestinationPort,
-    Sni,
 }
 
 impl Key {
@@ -493,7 +489,15 @@ impl Key {
             "request.auth.presenter" => Self::AuthPresenter,
             "destination.ip" => Self::DestinationIp,
             "destination.port" => Self::DestinationPort,
-            "connection.sni" => Self::Sni,
+            // The destination's agent terminates no TLS a client named:
+            // there is no SNI to compare, and a rule on it fails closed.
+            "connection.sni" => {
+                return Err(
+                    "when: connection.sni is not available to this data plane (no TLS a client \
+                     named a server for ends here)"
+                        .into(),
+                );
+            }
             _ => {
                 if let Some(mut h) = bracketed("request.headers")
                     && h.len() == 1
@@ -723,15 +727,26 @@ impl Condition {
                 let sa = service_account(a);
                 strs(&sa.as_deref().into_iter().collect::<Vec<_>>())
             }
-            Key::Sni => strs(&a.sni.into_iter().collect::<Vec<_>>()),
-            Key::Header(name) => on_http(a, tcp, |h| {
-                let v: Vec<&str> = h
-                    .headers
-                    .get_all(name.as_str())
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .collect();
-                strs(&v)
+            Key::Header(name) => on_http(a, tcp, |h| match name.as_str() {
+                // Pseudo-headers, and Host as HTTP/2 carries it.
+                ":authority" | "host" => strs(&[h.authority]),
+                ":path" => strs(&[h.path]),
+                ":method" => strs(&[h.method]),
+                _ => {
+                    // Repeated headers are one value joined by commas, as
+                    // Envoy sees them: no value can be matched on its own.
+                    let v: Vec<&str> = h
+                        .headers
+                        .get_all(name.as_str())
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    if v.is_empty() {
+                        strs(&[])
+                    } else {
+                        strs(&[v.join(",").as_str()])
+                    }
+                }
             }),
             Key::AuthPrincipal => on_http(a, tcp, |h| {
                 strs(

@@ -7,7 +7,7 @@
 //!   `pathPrefix`), no body, the `Host`, `Authorization` and the headers
 //!   `includeRequestHeadersInCheck` names, plus
 //!   `includeAdditionalHeadersInCheck`;
-//! * a 2xx answer allows, copying `headersToUpstreamOnAllow` to the request
+//! * a 200 answer allows, copying `headersToUpstreamOnAllow` to the request
 //!   (and `headersToDownstreamOnAllow` to the response); any other answer
 //!   denies with the service's status, body and `headersToDownstreamOnDeny`;
 //! * an unreachable service, or none within `timeout`, fails closed with
@@ -248,7 +248,8 @@ impl HttpProvider {
         let headers = resp.headers().clone();
         let pick =
             |names: &[String]| -> Vec<(HeaderName, HeaderValue)> { pick_headers(&headers, names) };
-        if status.is_success() {
+        // Envoy's HTTP authorization service allows on 200 alone.
+        if status == StatusCode::OK {
             return Ok(Outcome::Allow {
                 upstream: pick(&self.headers_to_upstream_on_allow),
                 downstream: pick(&self.headers_to_downstream_on_allow),

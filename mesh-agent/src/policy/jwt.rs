@@ -295,17 +295,24 @@ impl Rule {
         if let Some(keys) = self.keys_now()
             && let Some(v) = cache().get(token)
             && Arc::ptr_eq(&v.keys, &keys)
-            && v.expires.is_none_or(|exp| now_secs() <= exp + LEEWAY_SECS)
+            && v.expires
+                .is_none_or(|exp| now_secs() <= exp.saturating_add(LEEWAY_SECS))
         {
             return Ok(v.auth.clone());
         }
-        let auth = Arc::new(self.verify(token).await?);
-        if let Some(keys) = self.keys_now() {
+        let (auth, keys) = self.verify(token).await?;
+        let auth = Arc::new(auth);
+        // `exp` as jsonwebtoken read it (a number, possibly fractional);
+        // a token whose `exp` is something else is not remembered.
+        let expires = match auth.claims.get("exp") {
+            None => Some(None),
+            Some(e) => e.as_f64().filter(|f| *f >= 0.0).map(|f| Some(f as u64)),
+        };
+        if let Some(expires) = expires {
             let mut c = cache();
             if c.len() >= VERIFIED_CACHE {
                 c.clear();
             }
-            let expires = auth.claims.get("exp").and_then(|e| e.as_u64());
             c.insert(
                 token.to_owned(),
                 Verified {
@@ -318,8 +325,9 @@ impl Rule {
         Ok(auth)
     }
 
-    /// Verifies `token` (whose issuer is this rule's).
-    async fn verify(&self, token: &str) -> Result<Authenticated, Rejected> {
+    /// Verifies `token` (whose issuer is this rule's); the key set that
+    /// verified it.
+    async fn verify(&self, token: &str) -> Result<(Authenticated, Arc<JwkSet>), Rejected> {
         // A header naming an algorithm the library does not know (`none`)
         // fails to decode: say which algorithm was refused.
         let header = jsonwebtoken::decode_header(token).map_err(|_| match alg_text(token) {
@@ -352,6 +360,8 @@ impl Rule {
             v.validate_aud = false;
         } else {
             v.set_audience(&self.audiences);
+            // Without this, a token with no `aud` at all would pass.
+            v.required_spec_claims.insert("aud".into());
         }
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
@@ -359,6 +369,7 @@ impl Rule {
                 K::ExpiredSignature => Rejected::Expired,
                 K::ImmatureSignature => Rejected::NotYetValid,
                 K::InvalidAudience => Rejected::Audience,
+                K::MissingRequiredClaim(c) if c == "aud" => Rejected::Audience,
                 K::InvalidIssuer => Rejected::UnknownIssuer,
                 K::InvalidAlgorithm => Rejected::Algorithm(format!("{:?}", header.alg)),
                 K::InvalidSignature => Rejected::Signature,
@@ -367,7 +378,7 @@ impl Rule {
         })?;
         let claims = data.claims;
         let text = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-        Ok(Authenticated {
+        let auth = Authenticated {
             principal: format!(
                 "{}/{}",
                 text("iss").unwrap_or_default(),
@@ -376,7 +387,8 @@ impl Rule {
             audiences: claims.get("aud").map(scalar_texts).unwrap_or_default(),
             presenter: text("azp"),
             claims,
-        })
+        };
+        Ok((auth, set))
     }
 }
 
@@ -467,6 +479,16 @@ impl Authenticator {
         &self,
         parts: &mut Parts,
     ) -> Result<Option<Arc<Authenticated>>, Rejected> {
+        // The headers the rules write are the mesh's to write: a client's
+        // own `x-jwt-sub: admin` never reaches the application.
+        for r in &self.rules {
+            if let Some(h) = &r.output_payload_to_header {
+                parts.headers.remove(h);
+            }
+            for (h, _) in &r.output_claim_to_headers {
+                parts.headers.remove(h);
+            }
+        }
         let Some(found) = self.find(parts)? else {
             return Ok(None);
         };

@@ -11,11 +11,16 @@
 //! * `filter_enabled` / `filter_enforced`: the share of requests the
 //!   bucket sees, and the share of those over the limit that are refused
 //!   (the others are only counted);
-//! * a bucket starts full and is rebuilt when its EnvoyFilter changes.
+//! * a bucket starts full, and is kept across configuration changes that
+//!   leave its limit as it was ([`Limiters`]).
 //!
 //! Any other patch is ignored: this data plane has no Envoy to patch.
 
-use std::{collections::BTreeMap, sync::Mutex, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, Weak},
+    time::Instant,
+};
 
 use serde::Serialize;
 
@@ -88,6 +93,31 @@ struct Bucket {
     last_fill: Instant,
 }
 
+/// The buckets in use, kept across snapshots: a configuration change that
+/// leaves a limit as it was (any other resource changing, a pod coming)
+/// keeps its bucket; only a changed limit starts full.
+#[derive(Debug, Default)]
+pub struct Limiters {
+    live: Mutex<HashMap<(String, String, usize), Weak<Limiter>>>,
+}
+
+impl Limiters {
+    /// The bucket of `workload` for limit `index` of `filter`.
+    pub fn get(&self, workload: &str, filter: &str, index: usize, limit: &Limit) -> Arc<Limiter> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (workload.to_owned(), filter.to_owned(), index);
+        if let Some(l) = live.get(&key).and_then(Weak::upgrade)
+            && l.limit.same_as(limit)
+        {
+            return l;
+        }
+        live.retain(|_, w| w.strong_count() > 0);
+        let l = Arc::new(Limiter::new(filter, limit.clone()));
+        live.insert(key, Arc::downgrade(&l));
+        l
+    }
+}
+
 /// What a limiter says about one request or connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
@@ -150,6 +180,23 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_bucket_outlives_snapshots_while_its_limit_stays() {
+        let l = parse_patch(&crate::istio::envoy_filter::tests::istio_task_patch())
+            .unwrap()
+            .unwrap();
+        let store = Limiters::default();
+        let a = store.get("default/web", "ns/f", 0, &l);
+        assert!(Arc::ptr_eq(&a, &store.get("default/web", "ns/f", 0, &l)));
+        assert!(!Arc::ptr_eq(&a, &store.get("default/api", "ns/f", 0, &l)));
+        let mut changed = l.clone();
+        changed.max_tokens += 1;
+        assert!(!Arc::ptr_eq(
+            &a,
+            &store.get("default/web", "ns/f", 0, &changed)
+        ));
+    }
 
     #[test]
     fn the_bucket_refills_by_whole_intervals_up_to_its_size() {

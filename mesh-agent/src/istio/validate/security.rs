@@ -202,6 +202,14 @@ pub(super) fn authorization_policy(c: &mut Check<'_>, s: &AuthorizationPolicy) {
                     ),
                 );
             }
+            if cond.key == "connection.sni" {
+                c.warn(
+                    format!("{cp}.key"),
+                    "connection.sni: no TLS a client named a server for ends at the destination's \
+                     agent, so there is no SNI to compare: the rule fails closed (an ALLOW rule \
+                     never matches, a DENY rule always does)",
+                );
+            }
             if cond.key.starts_with("experimental.envoy.filters.") {
                 c.warn(
                     format!("{cp}.key"),

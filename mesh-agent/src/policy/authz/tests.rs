@@ -82,7 +82,6 @@ impl Req {
             source_ip: self.ip,
             remote_ip: self.ip,
             destination: SocketAddr::new("10.0.0.2".parse().unwrap(), self.port),
-            sni: None,
             http: self.http.then_some(&h),
         };
         p.decide(&a)
@@ -323,7 +322,6 @@ fn deny_beats_allow_and_custom_comes_first() {
             source_ip: r.ip,
             remote_ip: r.ip,
             destination: SocketAddr::new(r.ip, 80),
-            sni: None,
             http: Some(&h),
         };
         p.custom(&a).map(|p| p.provider.clone())

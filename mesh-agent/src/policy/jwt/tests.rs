@@ -150,6 +150,15 @@ async fn bad_tokens_are_refused_with_their_reason() {
             key.sign_as("k9", &good),
             Rejected::UnknownKey,
         ),
+        (
+            "no aud while audiences are required",
+            key.sign(&{
+                let mut c = good.clone();
+                c.as_object_mut().unwrap().remove("aud");
+                c
+            }),
+            Rejected::Audience,
+        ),
         ("malformed", "abc.def".into(), Rejected::Malformed),
         ("not base64", "a.b.c".into(), Rejected::Malformed),
     ];
@@ -173,6 +182,10 @@ async fn no_token_passes_and_locations_and_headers_apply() {
     let extra = "    fromHeaders: [{name: x-jwt, prefix: \"Token \"}]\n    fromParams: [tok]\n    fromCookies: [session]\n    outputPayloadToHeader: x-jwt-payload\n    outputClaimToHeaders: [{header: x-sub, claim: sub}]\n";
     let a = rules(&inline(&[&key], extra), &store);
     assert_eq!(a.authenticate(&mut parts(&[], "/")).await, Ok(None));
+    // A client's own claim headers are removed, token or not.
+    let mut p = parts(&[("x-sub", "admin"), ("x-jwt-payload", "e30")], "/");
+    assert_eq!(a.authenticate(&mut p).await, Ok(None));
+    assert!(p.headers.get("x-sub").is_none() && p.headers.get("x-jwt-payload").is_none());
     let t = key.sign(&mint::claims(ISS, "bob", "web"));
     // The default location is replaced by the ones given.
     let mut p = parts(&[("authorization", &format!("Bearer {t}"))], "/");
@@ -326,5 +339,15 @@ async fn a_verified_token_is_remembered_until_it_expires() {
         check(&a, &t).await,
         Err(Rejected::Expired),
         "not past its expiry"
+    );
+    // A fractional `exp` is an expiry too.
+    claims["exp"] = serde_json::json!(mint::now_plus(-59) as f64 - 0.5);
+    let t = key.sign(&claims);
+    assert!(check(&a, &t).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        check(&a, &t).await,
+        Err(Rejected::Expired),
+        "fractional exp"
     );
 }

@@ -49,7 +49,6 @@ impl Arrival {
             source_ip: self.peer.ip(),
             remote_ip: self.peer.ip(),
             destination: self.dst,
-            sni: None,
             http,
         }
     }

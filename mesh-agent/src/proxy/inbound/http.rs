@@ -45,7 +45,7 @@ use crate::{
     },
     proxy::{
         ProxyContext,
-        http::{Body, FLAGS_HEADER, actions, full, metered::Metered, send::prepare},
+        http::{Body, FLAGS_HEADER, full, metered::Metered, send::prepare},
     },
     registry::protocol::Protocol,
     snapshot::InboundPolicy,
@@ -179,6 +179,16 @@ impl Conn {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
         let h2 = req.version() == Version::HTTP_2;
+        // `Upgrade: h2c` is not passed on (as outbound): the connection
+        // would become HTTP/2 to the application and leave these checks.
+        if req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+        {
+            req.headers_mut().remove(header::UPGRADE);
+            req.headers_mut().remove("http2-settings");
+        }
         let client_upgrade = (!h2 && req.headers().contains_key(header::UPGRADE))
             .then(|| hyper::upgrade::on(&mut req));
         let request_bytes = Arc::new(AtomicU64::new(0));
@@ -235,8 +245,21 @@ impl Conn {
                 ));
             }
         };
-        let authority = actions::authority(&parts.uri, &parts.headers);
+        let authority = one_authority(&parts)?;
+        // Policy sees the normalized path, and so does the application:
+        // nothing it routes on can differ from what was decided.
         let path = normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+        if parts.uri.path() != path {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            let mut u = parts.uri.clone().into_parts();
+            u.path_and_query = pq.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(u) {
+                parts.uri = uri;
+            }
+        }
         let downstream = self
             .custom(&policy, &mut parts, &authority, &path, auth.as_deref())
             .await?;
@@ -461,5 +484,63 @@ impl Conn {
                 .with_labels(&self.ctx, |l| self.ctx.metrics.request_done(l, &outcome));
         });
         Response::from_parts(parts, body.boxed())
+    }
+}
+
+/// The request's authority: the URI's or the one `Host` header; a request
+/// naming two (an absolute URI and another Host, or two Hosts) is refused,
+/// so that policy decides on the name the application serves.
+fn one_authority(parts: &http::request::Parts) -> Result<String, LocalReply> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next().map(|h| h.to_str().unwrap_or_default());
+    let bad = |why: &str| LocalReply::new(StatusCode::BAD_REQUEST, "DPE", why.to_owned());
+    if hosts.next().is_some() {
+        return Err(bad("more than one Host header"));
+    }
+    match (parts.uri.authority().map(|a| a.as_str()), host) {
+        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => {
+            Err(bad("the request's authority and its Host header differ"))
+        }
+        (Some(a), _) => Ok(a.to_owned()),
+        (None, Some(h)) => Ok(h.to_owned()),
+        (None, None) => Ok(String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, hosts: &[&str]) -> http::request::Parts {
+        let mut b = Request::get(uri);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn a_request_names_one_authority() {
+        assert_eq!(
+            one_authority(&parts("/x", &["web:80"])).ok().as_deref(),
+            Some("web:80")
+        );
+        assert_eq!(
+            one_authority(&parts("http://web:80/x", &["WEB:80"]))
+                .ok()
+                .as_deref(),
+            Some("web:80")
+        );
+        assert_eq!(
+            one_authority(&parts("http://web/x", &[])).ok().as_deref(),
+            Some("web")
+        );
+        for (uri, hosts) in [
+            ("http://allowed.example/admin", &["secret.internal"][..]),
+            ("/x", &["a", "b"][..]),
+        ] {
+            let e = one_authority(&parts(uri, hosts)).err().expect("refused");
+            assert_eq!((e.status, e.flag), (StatusCode::BAD_REQUEST, "DPE"));
+        }
     }
 }
