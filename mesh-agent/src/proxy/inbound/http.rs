@@ -539,7 +539,7 @@ mod tests {
             ("http://allowed.example/admin", &["secret.internal"][..]),
             ("/x", &["a", "b"][..]),
         ] {
-            let e = one_authority(&parts(uri, hosts)).err().expect("refused");
+            let e = one_authority(&parts(uri, hosts)).expect_err("refused");
             assert_eq!((e.status, e.flag), (StatusCode::BAD_REQUEST, "DPE"));
         }
     }
