@@ -112,6 +112,24 @@ pub(in crate::proxy) fn server() -> hyper_util::server::conn::auto::Builder<Toki
     builder
 }
 
+/// The client's HTTP/1.1 upgrade (WebSocket), if it asks for one.
+/// `Upgrade: h2c` is not passed on (as Envoy): the connection would leave
+/// the agent's routing, and its checks, for good.
+pub(in crate::proxy) fn client_upgrade(
+    req: &mut Request<Incoming>,
+    h2: bool,
+) -> Option<hyper::upgrade::OnUpgrade> {
+    if req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+    {
+        req.headers_mut().remove(header::UPGRADE);
+        req.headers_mut().remove("http2-settings");
+    }
+    (!h2 && req.headers().contains_key(header::UPGRADE)).then(|| hyper::upgrade::on(req))
+}
+
 /// One client connection: what decides its requests, and the upstream
 /// connections it reuses (one per endpoint).
 struct Conn {
@@ -220,35 +238,21 @@ impl Conn {
                 reply.into_response()
             }
         };
-        let (parts, body) = resp.into_parts();
-        let code = parts.status.as_u16();
-        let text = |name: &str| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_owned()
-        };
-        let (flags, grpc_status) = (text(FLAGS_HEADER), text("grpc-status"));
         let served = served.into_inner().unwrap_or_default();
         let conn = self.clone();
-        let body = metered::Metered::recording(body, move |response_bytes, trailer_status| {
+        metered::when_done(resp, move |f| {
             drop(in_flight);
-            // gRPC puts its status in the trailers, or in the headers of a
-            // trailers-only response.
-            let grpc_status = trailer_status.unwrap_or(grpc_status);
             if let Some(line) = line {
                 // Envoy's default access log fields, as one line.
                 tracing::info!(
                     target: "mesh::access",
                     pod = %conn.pod.workload.key(),
-                    code,
-                    flags = %flags,
+                    code = f.code,
+                    flags = %f.flags,
                     duration_ms = started.elapsed().as_millis() as u64,
                     upstream = served.as_ref().map_or("-", |s| s.service.hostname.as_str()),
                     bytes_received = request_bytes.load(Ordering::Relaxed),
-                    bytes_sent = response_bytes,
+                    bytes_sent = f.response_bytes,
                     "{line}"
                 );
             }
@@ -256,16 +260,15 @@ impl Conn {
                 served,
                 &RequestOutcome {
                     protocol: if grpc { "grpc" } else { "http" },
-                    code,
-                    grpc_status: if grpc { &grpc_status } else { "-" },
-                    flags: &flags,
+                    code: f.code,
+                    grpc_status: if grpc { &f.grpc_status } else { "-" },
+                    flags: &f.flags,
                     duration: started.elapsed(),
                     request_bytes: request_bytes.load(Ordering::Relaxed),
-                    response_bytes,
+                    response_bytes: f.response_bytes,
                 },
             );
-        });
-        Response::from_parts(parts, body.boxed())
+        })
     }
 
     /// Records a finished request with Istio's labels (reporter: source).
@@ -348,18 +351,7 @@ impl Conn {
         let mut req = req;
         // An HTTP/1.1 upgrade (WebSocket): once the upstream agrees, the
         // two connections are joined byte for byte.
-        // `Upgrade: h2c` is not passed on (as Envoy): the connection would
-        // leave the agent's routing for good.
-        if req
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
-        {
-            req.headers_mut().remove(header::UPGRADE);
-            req.headers_mut().remove("http2-settings");
-        }
-        let client_upgrade = (!client_h2 && req.headers().contains_key(header::UPGRADE))
-            .then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = client_upgrade(&mut req, client_h2);
         let (mut parts, body) = req.into_parts();
         // HTTP/2 carries the authority in the URI: keep it as Host too, so
         // that a path rewrite (which leaves an origin-form URI) loses

@@ -107,3 +107,43 @@ impl Drop for Metered {
         }
     }
 }
+
+/// What a response said once its last byte went, for its metrics.
+pub struct Finished {
+    pub code: u16,
+    /// The response flag of a reply the agent made, else `-`.
+    pub flags: String,
+    /// gRPC's status, from the trailers or the headers of a trailers-only
+    /// response; `-` when none.
+    pub grpc_status: String,
+    pub response_bytes: u64,
+}
+
+/// `resp` with its body metered: `done` learns how it ended once the body
+/// is done with (the source's L7 path and the destination's alike).
+pub fn when_done(
+    resp: http::Response<Body>,
+    done: impl FnOnce(Finished) + Send + Sync + 'static,
+) -> http::Response<Body> {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = resp.into_parts();
+    let code = parts.status.as_u16();
+    let text = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let (flags, grpc_status) = (text(super::FLAGS_HEADER), text("grpc-status"));
+    let body = Metered::recording(body, move |response_bytes, trailer_status| {
+        done(Finished {
+            code,
+            flags,
+            grpc_status: trailer_status.unwrap_or(grpc_status),
+            response_bytes,
+        })
+    });
+    http::Response::from_parts(parts, body.boxed())
+}

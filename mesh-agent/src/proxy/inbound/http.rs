@@ -45,7 +45,11 @@ use crate::{
     },
     proxy::{
         ProxyContext,
-        http::{Body, FLAGS_HEADER, full, metered::Metered, send::prepare},
+        http::{
+            Body, FLAGS_HEADER, full,
+            metered::{self, Metered},
+            send::prepare,
+        },
     },
     registry::protocol::Protocol,
     snapshot::InboundPolicy,
@@ -179,18 +183,7 @@ impl Conn {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
         let h2 = req.version() == Version::HTTP_2;
-        // `Upgrade: h2c` is not passed on (as outbound): the connection
-        // would become HTTP/2 to the application and leave these checks.
-        if req
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
-        {
-            req.headers_mut().remove(header::UPGRADE);
-            req.headers_mut().remove("http2-settings");
-        }
-        let client_upgrade = (!h2 && req.headers().contains_key(header::UPGRADE))
-            .then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = crate::proxy::http::client_upgrade(&mut req, h2);
         let request_bytes = Arc::new(AtomicU64::new(0));
         let resp = match self
             .decide_and_send(req, h2, client_upgrade, &request_bytes)
@@ -458,32 +451,19 @@ impl Conn {
         started: Instant,
         request_bytes: Arc<AtomicU64>,
     ) -> Response<Body> {
-        let (parts, body) = resp.into_parts();
-        let code = parts.status.as_u16();
-        let text = |name: &str| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_owned()
-        };
-        let (flags, grpc_status) = (text(FLAGS_HEADER), text("grpc-status"));
-        let body = Metered::recording(body, move |response_bytes, trailer_status| {
-            let grpc_status = trailer_status.unwrap_or(grpc_status);
+        metered::when_done(resp, move |f| {
             let outcome = RequestOutcome {
                 protocol: if grpc { "grpc" } else { "http" },
-                code,
-                grpc_status: if grpc { &grpc_status } else { "-" },
-                flags: &flags,
+                code: f.code,
+                grpc_status: if grpc { &f.grpc_status } else { "-" },
+                flags: &f.flags,
                 duration: started.elapsed(),
                 request_bytes: request_bytes.load(Ordering::Relaxed),
-                response_bytes,
+                response_bytes: f.response_bytes,
             };
             self.arrival
                 .with_labels(&self.ctx, |l| self.ctx.metrics.request_done(l, &outcome));
-        });
-        Response::from_parts(parts, body.boxed())
+        })
     }
 }
 
