@@ -84,6 +84,38 @@ fn a_burst_gets_the_bucket_and_the_rest_429() {
         "accepted {ok} of 200 in 10 s at 10/s: {v}"
     );
 
+    // Istio's per-route example: the filter enabled without a bucket, and
+    // a bucket of 3 merged into the routes of vhost `inbound|http|8080`;
+    // another port of the workload is not limited.
+    let mut per_route = http_limit(3, 3, "60s");
+    let enable = per_route["spec"]["configPatches"][0].clone();
+    let mut enable = enable;
+    enable["patch"]["value"]["typed_config"]["value"] =
+        json!({"stat_prefix": "http_local_rate_limiter"});
+    let mut route = json!({
+        "applyTo": "HTTP_ROUTE",
+        "match": {"context": "SIDECAR_INBOUND",
+                  "routeConfiguration": {"vhost": {"name": "inbound|http|8080", "route": {"action": "ANY"}}}},
+        "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": {}}},
+    });
+    route["patch"]["value"]["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"] =
+        per_route["spec"]["configPatches"][0]["patch"]["value"]["typed_config"].clone();
+    per_route["spec"]["configPatches"] = json!([enable, route]);
+    m.apply(&[per_route]);
+    let v = m.client.run_app(&["http-count", &url, "10"]).json();
+    assert_eq!(
+        v["answers"],
+        json!({"hello from web": 3, "HTTP 429": 7}),
+        "{v}"
+    );
+    let other = format!("http://{}/other-port", m.web.v4(7000));
+    let v = m.client.run_app(&["http-count", &other, "10"]).json();
+    assert_eq!(
+        v["answers"],
+        json!({"hello from web": 10}),
+        "port 7000: {v}"
+    );
+
     // Connections: `envoy.filters.network.local_ratelimit`, two per minute.
     let mut tcp = http_limit(2, 2, "60s");
     let patch = &mut tcp["spec"]["configPatches"][0];

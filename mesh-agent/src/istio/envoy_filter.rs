@@ -58,6 +58,10 @@ pub struct Limit {
     pub enforced: f64,
     #[serde(skip)]
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The port of an `HTTP_ROUTE` limit (its vhost `inbound|http|PORT`);
+    /// `None`: every request of the workload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -74,6 +78,12 @@ impl Limit {
             && self.enabled == o.enabled
             && self.enforced == o.enforced
             && self.response_headers == o.response_headers
+            && self.port == o.port
+    }
+
+    /// Whether the limit counts a request (connection) to `port`.
+    pub fn covers(&self, port: u16) -> bool {
+        self.port.is_none_or(|p| p == port)
     }
 }
 
@@ -81,6 +91,9 @@ impl Limit {
 /// plane enforces, `Ok(None)` anything else (ignored), `Err` a rate limit
 /// it cannot read (the field and why).
 pub fn parse_patch(p: &Value) -> Result<Option<Limit>, (String, String)> {
+    if p["applyTo"].as_str() == Some("HTTP_ROUTE") {
+        return parse_route_patch(p);
+    }
     let unit = match p["applyTo"].as_str() {
         Some("HTTP_FILTER") => Unit::Requests,
         Some("NETWORK_FILTER") => Unit::Connections,
@@ -94,24 +107,83 @@ pub fn parse_patch(p: &Value) -> Result<Option<Limit>, (String, String)> {
     if value["name"].as_str() != Some(wanted) {
         return Ok(None);
     }
-    let err = |f: &str, why: &str| Err((f.to_owned(), why.to_owned()));
-    match p["match"]["context"].as_str() {
-        None | Some("SIDECAR_INBOUND") | Some("ANY") => {}
-        Some(other) => {
-            return err(
-                "match.context",
-                &format!("{other}: only SIDECAR_INBOUND (or ANY) applies to this data plane"),
-            );
-        }
+    inbound_context(p)?;
+    let config = typed_value(&value["typed_config"]);
+    // The filter without a bucket only enables the per-route limits of
+    // `HTTP_ROUTE` patches (Istio's per-route example).
+    if unit == Unit::Requests && config["token_bucket"].is_null() {
+        return Ok(None);
     }
-    // `typed_config` is a TypedStruct (`value` holds the config) or the
-    // config itself.
-    let typed = &value["typed_config"];
-    let config = if typed["value"].is_object() {
+    limit_of(config, unit, None)
+}
+
+/// Only the inbound side (the destination's agent) applies here.
+fn inbound_context(p: &Value) -> Result<(), (String, String)> {
+    match p["match"]["context"].as_str() {
+        None | Some("SIDECAR_INBOUND") | Some("ANY") => Ok(()),
+        Some(other) => Err((
+            "match.context".into(),
+            format!("{other}: only SIDECAR_INBOUND (or ANY) applies to this data plane"),
+        )),
+    }
+}
+
+/// Whether a patch is the bucket-less `HTTP_FILTER` that enables per-route
+/// limits: read, not ignored.
+pub fn enables_route_limits(p: &Value) -> bool {
+    p["applyTo"].as_str() == Some("HTTP_FILTER")
+        && p["patch"]["value"]["name"].as_str() == Some(HTTP_FILTER)
+        && typed_value(&p["patch"]["value"]["typed_config"])["token_bucket"].is_null()
+}
+
+/// Whether an `HTTP_ROUTE` limit has `descriptors` (not enforced: its
+/// route's bucket applies to every request).
+pub fn has_descriptors(p: &Value) -> bool {
+    !typed_value(&p["patch"]["value"]["typed_per_filter_config"][HTTP_FILTER])["descriptors"]
+        .is_null()
+}
+
+/// `typed_config` as a TypedStruct (`value` holds the config) or the
+/// config itself.
+fn typed_value(typed: &Value) -> &Value {
+    if typed["value"].is_object() {
         &typed["value"]
     } else {
         typed
+    }
+}
+
+/// Istio's per-route local rate limit: an `HTTP_ROUTE` patch merging
+/// `typed_per_filter_config` into the routes of vhost `inbound|http|PORT`.
+fn parse_route_patch(p: &Value) -> Result<Option<Limit>, (String, String)> {
+    let per_filter = &p["patch"]["value"]["typed_per_filter_config"][HTTP_FILTER];
+    if per_filter.is_null() {
+        return Ok(None);
+    }
+    let err = |f: &str, why: &str| Err((f.to_owned(), why.to_owned()));
+    inbound_context(p)?;
+    let vhost = p["match"]["routeConfiguration"]["vhost"]["name"]
+        .as_str()
+        .unwrap_or_default();
+    let Some(port) = vhost
+        .strip_prefix("inbound|http|")
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        return err(
+            "match.routeConfiguration.vhost.name",
+            &format!("{vhost:?}: inbound|http|PORT is required (the inbound port it limits)"),
+        );
     };
+    limit_of(typed_value(per_filter), Unit::Requests, Some(port))
+}
+
+/// A LocalRateLimit configuration's bucket and shares.
+fn limit_of(
+    config: &Value,
+    unit: Unit,
+    port: Option<u16>,
+) -> Result<Option<Limit>, (String, String)> {
+    let err = |f: &str, why: &str| Err((f.to_owned(), why.to_owned()));
     let bucket = &config["token_bucket"];
     if !bucket.is_object() {
         return err("patch.value.typed_config.value.token_bucket", "required");
@@ -185,6 +257,7 @@ pub fn parse_patch(p: &Value) -> Result<Option<Limit>, (String, String)> {
         enabled,
         enforced,
         response_headers,
+        port,
     }))
 }
 
@@ -212,6 +285,37 @@ pub(crate) mod tests {
                 },
             }},
         })
+    }
+
+    #[test]
+    fn reads_istios_per_route_example() {
+        let enable = serde_json::json!({
+            "applyTo": "HTTP_FILTER",
+            "match": {"context": "SIDECAR_INBOUND", "listener": {"filterChain": {"filter": {"name": "envoy.filters.network.http_connection_manager"}}}},
+            "patch": {"operation": "INSERT_BEFORE", "value": {"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+                "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                "type_url": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                "value": {"stat_prefix": "http_local_rate_limiter"}}}},
+        });
+        assert!(parse_patch(&enable).unwrap().is_none() && enables_route_limits(&enable));
+        let mut route = serde_json::json!({
+            "applyTo": "HTTP_ROUTE",
+            "match": {"context": "SIDECAR_INBOUND", "routeConfiguration": {"vhost": {"name": "inbound|http|9080", "route": {"action": "ANY"}}}},
+            "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": {"envoy.filters.http.local_ratelimit": {
+                "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                "type_url": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                "value": {"stat_prefix": "http_local_rate_limiter",
+                          "token_bucket": {"max_tokens": 4, "tokens_per_fill": 4, "fill_interval": "60s"}}}}}},
+        });
+        let l = parse_patch(&route).unwrap().unwrap();
+        assert_eq!((l.port, l.max_tokens), (Some(9080), 4));
+        assert!(l.covers(9080) && !l.covers(8080));
+        assert!(!has_descriptors(&route));
+        route["match"]["routeConfiguration"]["vhost"]["name"] = "outbound|80||web".into();
+        assert_eq!(
+            parse_patch(&route).unwrap_err().0,
+            "match.routeConfiguration.vhost.name"
+        );
     }
 
     #[test]

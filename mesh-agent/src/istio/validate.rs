@@ -318,7 +318,15 @@ fn envoy_filter(c: &mut Check<'_>, s: &super::envoy_filter::EnvoyFilter) {
     let mut ignored = Vec::new();
     for (i, p) in s.config_patches.iter().enumerate() {
         match super::envoy_filter::parse_patch(p) {
-            Ok(Some(_)) => {}
+            Ok(Some(_)) => {
+                if super::envoy_filter::has_descriptors(p) {
+                    c.warn(
+                        format!("spec.configPatches[{i}]"),
+                        "descriptors are not enforced: the route's token bucket counts every request",
+                    );
+                }
+            }
+            Ok(None) if super::envoy_filter::enables_route_limits(p) => {}
             Ok(None) => ignored.push(i.to_string()),
             Err((field, why)) => c.err(format!("spec.configPatches[{i}].{field}"), why),
         }

@@ -207,7 +207,11 @@ impl Conn {
         // change applies to the next request.
         let policy = self.current_policy();
         // Local rate limits first, as Istio inserts the filter first.
-        for l in policy.limits(Unit::Requests) {
+        let port = self.arrival.dst.port();
+        for l in policy
+            .limits(Unit::Requests)
+            .filter(|l| l.limit.covers(port))
+        {
             match l.admit() {
                 Admit::Yes => {}
                 Admit::OverNotEnforced => {
