@@ -258,15 +258,7 @@ impl Conn {
             }
             conn.record(
                 served,
-                &RequestOutcome {
-                    protocol: if grpc { "grpc" } else { "http" },
-                    code: f.code,
-                    grpc_status: if grpc { &f.grpc_status } else { "-" },
-                    flags: &f.flags,
-                    duration: started.elapsed(),
-                    request_bytes: request_bytes.load(Ordering::Relaxed),
-                    response_bytes: f.response_bytes,
-                },
+                &f.outcome(grpc, started, request_bytes.load(Ordering::Relaxed)),
             );
         })
     }

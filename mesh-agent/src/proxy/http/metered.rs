@@ -119,6 +119,27 @@ pub struct Finished {
     pub response_bytes: u64,
 }
 
+impl Finished {
+    /// The request's outcome for Istio's request metrics: `grpc` when the
+    /// client spoke gRPC, `started` when its first byte came.
+    pub fn outcome(
+        &self,
+        grpc: bool,
+        started: std::time::Instant,
+        request_bytes: u64,
+    ) -> crate::telemetry::metrics::RequestOutcome<'_> {
+        crate::telemetry::metrics::RequestOutcome {
+            protocol: if grpc { "grpc" } else { "http" },
+            code: self.code,
+            grpc_status: if grpc { &self.grpc_status } else { "-" },
+            flags: &self.flags,
+            duration: started.elapsed(),
+            request_bytes,
+            response_bytes: self.response_bytes,
+        }
+    }
+}
+
 /// `resp` with its body metered: `done` learns how it ended once the body
 /// is done with (the source's L7 path and the destination's alike).
 pub fn when_done(

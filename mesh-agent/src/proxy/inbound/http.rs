@@ -53,7 +53,6 @@ use crate::{
     },
     registry::protocol::Protocol,
     snapshot::InboundPolicy,
-    telemetry::metrics::RequestOutcome,
 };
 
 /// The body Envoy's RBAC filter answers a denied request with.
@@ -456,15 +455,7 @@ impl Conn {
         request_bytes: Arc<AtomicU64>,
     ) -> Response<Body> {
         metered::when_done(resp, move |f| {
-            let outcome = RequestOutcome {
-                protocol: if grpc { "grpc" } else { "http" },
-                code: f.code,
-                grpc_status: if grpc { &f.grpc_status } else { "-" },
-                flags: &f.flags,
-                duration: started.elapsed(),
-                request_bytes: request_bytes.load(Ordering::Relaxed),
-                response_bytes: f.response_bytes,
-            };
+            let outcome = f.outcome(grpc, started, request_bytes.load(Ordering::Relaxed));
             self.arrival
                 .with_labels(&self.ctx, |l| self.ctx.metrics.request_done(l, &outcome));
         })
