@@ -472,7 +472,7 @@ fn stream(addr: &str, total: u64) -> Result<()> {
     const SIZES: [usize; 6] = [1, 7, 1000, 16 << 10, 64 << 10, 1 << 20];
     const PAUSE_EVERY: u64 = 64 << 20;
     let s = dial(addr)?;
-    let mut w = s.try_clone()?;
+    let mut w = Patient::new(s.try_clone()?);
     let started = std::time::Instant::now();
     let writer = std::thread::spawn(move || -> Result<()> {
         let mut buf = vec![0u8; 1 << 20];
@@ -484,7 +484,7 @@ fn stream(addr: &str, total: u64) -> Result<()> {
             sent += n as u64;
             i += 1;
         }
-        w.shutdown(Shutdown::Write)?;
+        w.s.shutdown(Shutdown::Write)?;
         Ok(())
     });
     let mut r = Patient::new(s);
@@ -636,9 +636,11 @@ fn hold_many(addr: &str, n: usize, until: &Until) -> Result<()> {
     Ok(())
 }
 
-/// A blocking socket that reads again when a read returns EAGAIN early:
-/// Linux does that on sockets in a sockmap (the mesh's fast path) when a
-/// wakeup finds nothing to read. A real read timeout still fails.
+/// A blocking socket that reads (or writes) again when a call returns EAGAIN
+/// early: Linux does that on sockets in a sockmap (the mesh's fast path) when
+/// a wakeup finds nothing to read, and on a send racing the socket's removal
+/// from the map (the fast path switched off mid-stream). A real timeout
+/// still fails.
 struct Patient {
     s: TcpStream,
     /// Reads that returned EAGAIN early.
@@ -665,5 +667,26 @@ impl Read for Patient {
                 r => return r,
             }
         }
+    }
+}
+
+impl Write for Patient {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let started = std::time::Instant::now();
+        loop {
+            match self.s.write(buf) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && started.elapsed() < TIMEOUT =>
+                {
+                    self.spurious += 1
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
     }
 }
