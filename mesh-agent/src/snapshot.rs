@@ -156,6 +156,21 @@ impl InboundPolicy {
             .map(|l| &**l)
             .filter(move |l| l.limit.unit == unit)
     }
+
+    /// The request limits of a request to `port`: the per-route ones of
+    /// its vhost (`inbound|http|PORT`) if any, else the filter's own — a
+    /// route's `typed_per_filter_config` replaces the filter's
+    /// configuration in Envoy, it does not add to it.
+    pub fn request_limits(&self, port: u16) -> impl Iterator<Item = &Limiter> {
+        let per_route = self
+            .limits(Unit::Requests)
+            .any(|l| l.limit.port == Some(port));
+        self.limits(Unit::Requests)
+            .filter(move |l| match l.limit.port {
+                Some(p) => p == port,
+                None => !per_route,
+            })
+    }
 }
 
 /// One immutable, compiled configuration.

@@ -141,3 +141,75 @@ fn a_burst_gets_the_bucket_and_the_rest_429() {
     );
     assert_eq!(refused, 1.0);
 }
+
+/// Envoy's descriptors, in Istio's per-route form: the route's
+/// `rate_limits` turn each request into descriptors (`:path` as `PATH`, a
+/// matching `x-user` header as `header_match=bob`), and the descriptors
+/// listed in the route's limit get buckets of their own; other requests
+/// take from the route's default bucket.
+#[test]
+fn descriptors_give_paths_and_users_their_own_buckets() {
+    let m = mesh("authz-ratelimit-descriptors", &[]);
+    let mut f = http_limit(1, 1, "60s");
+    let mut enable = f["spec"]["configPatches"][0].clone();
+    enable["patch"]["value"]["typed_config"]["value"] =
+        json!({"stat_prefix": "http_local_rate_limiter"});
+    let vhost = json!({"context": "SIDECAR_INBOUND",
+        "routeConfiguration": {"vhost": {"name": "inbound|http|8080", "route": {"action": "ANY"}}}});
+    let limit = json!({
+        "applyTo": "HTTP_ROUTE", "match": vhost,
+        "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": {"envoy.filters.http.local_ratelimit": {
+            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+            "type_url": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "value": {
+                "stat_prefix": "http_local_rate_limiter",
+                "token_bucket": {"max_tokens": 6, "tokens_per_fill": 6, "fill_interval": "60s"},
+                "always_consume_default_token_bucket": false,
+                "descriptors": [
+                    {"entries": [{"key": "PATH", "value": "/slow"}],
+                     "token_bucket": {"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "60s"}},
+                    {"entries": [{"key": "header_match", "value": "bob"}],
+                     "token_bucket": {"max_tokens": 1, "tokens_per_fill": 1, "fill_interval": "60s"}},
+                ],
+                "response_headers_to_add": [{"append": false, "header": {"key": "x-local-rate-limit", "value": "true"}}],
+            },
+        }}}},
+    });
+    // The route's rate_limits in a patch of their own, as often written.
+    let rules = json!({
+        "applyTo": "HTTP_ROUTE", "match": vhost,
+        "patch": {"operation": "MERGE", "value": {"route": {"rate_limits": [
+            {"actions": [{"request_headers": {"header_name": ":path", "descriptor_key": "PATH"}}]},
+            {"actions": [{"header_value_match": {"descriptor_value": "bob",
+                "headers": [{"name": "x-user", "string_match": {"exact": "bob"}}]}}]},
+        ]}}},
+    });
+    f["spec"]["configPatches"] = json!([enable, limit, rules]);
+    m.apply(&[f]);
+    let count = |path: &str, headers: &[&str]| {
+        let url = format!("http://{VIP}:80{path}");
+        let mut args = vec!["http-count", &url, "4"];
+        args.extend_from_slice(headers);
+        m.client.run_app(&args).json()["answers"].clone()
+    };
+    assert_eq!(
+        count("/slow", &[]),
+        json!({"hello from web": 2, "HTTP 429": 2}),
+        "/slow has a bucket of 2"
+    );
+    assert_eq!(
+        count("/alice", &["x-user: alice"]),
+        json!({"hello from web": 4}),
+        "no descriptor matches: the default bucket (6)"
+    );
+    assert_eq!(
+        count("/bob", &["x-user: bob"]),
+        json!({"hello from web": 1, "HTTP 429": 3}),
+        "x-user: bob has a bucket of 1"
+    );
+    assert_eq!(
+        count("/other", &[]),
+        json!({"hello from web": 2, "HTTP 429": 2}),
+        "the default bucket had 2 left: the descriptors' requests did not take from it"
+    );
+}

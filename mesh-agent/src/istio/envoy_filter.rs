@@ -15,6 +15,12 @@ use super::{
     networking::{WorkloadLabels, spec},
 };
 
+mod descriptors;
+pub use descriptors::{
+    BucketSpec, DescriptorLimit, Entries, FieldError, RateLimitRule, RequestFacts,
+};
+use descriptors::{parse_descriptors, parse_rate_limits};
+
 spec! {
     pub struct EnvoyFilter {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,10 +55,10 @@ pub enum Unit {
 #[serde(rename_all = "camelCase")]
 pub struct Limit {
     pub unit: Unit,
-    pub max_tokens: u64,
-    pub tokens_per_fill: u64,
-    #[serde(serialize_with = "as_text")]
-    pub fill_interval: Duration,
+    /// The default bucket: requests no descriptor matches (and, with
+    /// `always_consume_default_token_bucket`, every request).
+    #[serde(flatten)]
+    pub bucket: BucketSpec,
     /// Fractions of 1.
     pub enabled: f64,
     pub enforced: f64,
@@ -62,6 +68,20 @@ pub struct Limit {
     /// `None`: every request of the workload.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Descriptors with a bucket of their own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub descriptors: Vec<DescriptorLimit>,
+    /// What makes a request's descriptors: the route's `rate_limits` (or
+    /// the filter's own).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitRule>,
+    pub always_consume_default: bool,
+    /// The filter's `stage`: only `rate_limits` of that stage apply.
+    #[serde(skip)]
+    stage: u64,
+    /// Everything it was read from: equal sources, the same limit.
+    #[serde(skip)]
+    source: Value,
 }
 
 fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -72,32 +92,95 @@ impl Limit {
     /// The same limit, as configured (a bucket carries over).
     pub fn same_as(&self, o: &Limit) -> bool {
         self.unit == o.unit
-            && self.max_tokens == o.max_tokens
-            && self.tokens_per_fill == o.tokens_per_fill
-            && self.fill_interval == o.fill_interval
-            && self.enabled == o.enabled
-            && self.enforced == o.enforced
-            && self.response_headers == o.response_headers
             && self.port == o.port
+            && self.bucket == o.bucket
+            && self.source == o.source
     }
 
     /// Whether the limit counts a request (connection) to `port`.
     pub fn covers(&self, port: u16) -> bool {
         self.port.is_none_or(|p| p == port)
     }
+
+    /// The descriptors of a request, for the descriptors with a bucket;
+    /// none when no descriptor has one (nothing to match).
+    pub fn request_descriptors(&self, req: &RequestFacts<'_>) -> Vec<Entries> {
+        if self.descriptors.is_empty() {
+            return Vec::new();
+        }
+        self.rate_limits
+            .iter()
+            .filter(|r| r.port.is_none_or(|p| p == req.port))
+            .filter_map(|r| r.descriptor(req))
+            .collect()
+    }
 }
 
-/// A patch of an EnvoyFilter: `Ok(Some)` a local rate limit this data
-/// plane enforces, `Ok(None)` anything else (ignored), `Err` a rate limit
-/// it cannot read (the field and why).
-pub fn parse_patch(p: &Value) -> Result<Option<Limit>, (String, String)> {
+/// What one patch of an EnvoyFilter is to this data plane.
+#[derive(Debug)]
+pub enum PatchUse {
+    /// A local rate limit, enforced.
+    Limit(Limit),
+    /// The bucket-less `HTTP_FILTER` that enables per-route limits.
+    EnablesRouteLimits,
+    /// An `HTTP_ROUTE` patch adding `rate_limits` alone: they make the
+    /// descriptors of the limits on that port.
+    RouteRules,
+    /// Anything else: this data plane has no Envoy to patch.
+    Ignored,
+}
+
+/// Every patch of an EnvoyFilter, in order: `Err` is a rate limit this
+/// data plane cannot read (the field and why). The `rate_limits` of
+/// route-only patches are added to the request limits on their port.
+pub fn read_patches(patches: &[Value]) -> Vec<Result<PatchUse, FieldError>> {
+    let mut out: Vec<_> = patches.iter().map(read_patch).collect();
+    let route_rules: Vec<(u16, &Value)> = patches
+        .iter()
+        .zip(&out)
+        .filter(|(_, u)| matches!(u, Ok(PatchUse::RouteRules)))
+        .filter_map(|(p, _)| {
+            Some((
+                route_port(p).ok()?,
+                &p["patch"]["value"]["route"]["rate_limits"],
+            ))
+        })
+        .collect();
+    for u in &mut out {
+        let Ok(PatchUse::Limit(l)) = u else { continue };
+        if l.unit != Unit::Requests {
+            continue;
+        }
+        for (port, written) in &route_rules {
+            if !l.covers(*port) {
+                continue;
+            }
+            // Read once already (as a RouteRules patch): cannot fail here.
+            if let Ok(mut rules) = parse_rate_limits(written, "", Some(l.stage), Some(*port)) {
+                l.rate_limits.append(&mut rules);
+                l.source["route_rules"][port.to_string()] = (*written).clone();
+            }
+        }
+    }
+    out
+}
+
+/// A patch alone: `Ok(Some)` a limit it sets.
+pub fn parse_patch(p: &Value) -> Result<Option<Limit>, FieldError> {
+    read_patch(p).map(|u| match u {
+        PatchUse::Limit(l) => Some(l),
+        _ => None,
+    })
+}
+
+fn read_patch(p: &Value) -> Result<PatchUse, FieldError> {
     if p["applyTo"].as_str() == Some("HTTP_ROUTE") {
-        return parse_route_patch(p);
+        return read_route_patch(p);
     }
     let unit = match p["applyTo"].as_str() {
         Some("HTTP_FILTER") => Unit::Requests,
         Some("NETWORK_FILTER") => Unit::Connections,
-        _ => return Ok(None),
+        _ => return Ok(PatchUse::Ignored),
     };
     let value = &p["patch"]["value"];
     let wanted = match unit {
@@ -105,20 +188,20 @@ pub fn parse_patch(p: &Value) -> Result<Option<Limit>, (String, String)> {
         Unit::Connections => NETWORK_FILTER,
     };
     if value["name"].as_str() != Some(wanted) {
-        return Ok(None);
+        return Ok(PatchUse::Ignored);
     }
     inbound_context(p)?;
     let config = typed_value(&value["typed_config"]);
     // The filter without a bucket only enables the per-route limits of
     // `HTTP_ROUTE` patches (Istio's per-route example).
     if unit == Unit::Requests && config["token_bucket"].is_null() {
-        return Ok(None);
+        return Ok(PatchUse::EnablesRouteLimits);
     }
-    limit_of(config, unit, None)
+    limit_of(config, unit, None, &Value::Null).map(PatchUse::Limit)
 }
 
 /// Only the inbound side (the destination's agent) applies here.
-fn inbound_context(p: &Value) -> Result<(), (String, String)> {
+fn inbound_context(p: &Value) -> Result<(), FieldError> {
     match p["match"]["context"].as_str() {
         None | Some("SIDECAR_INBOUND") | Some("ANY") => Ok(()),
         Some(other) => Err((
@@ -126,21 +209,6 @@ fn inbound_context(p: &Value) -> Result<(), (String, String)> {
             format!("{other}: only SIDECAR_INBOUND (or ANY) applies to this data plane"),
         )),
     }
-}
-
-/// Whether a patch is the bucket-less `HTTP_FILTER` that enables per-route
-/// limits: read, not ignored.
-pub fn enables_route_limits(p: &Value) -> bool {
-    p["applyTo"].as_str() == Some("HTTP_FILTER")
-        && p["patch"]["value"]["name"].as_str() == Some(HTTP_FILTER)
-        && typed_value(&p["patch"]["value"]["typed_config"])["token_bucket"].is_null()
-}
-
-/// Whether an `HTTP_ROUTE` limit has `descriptors` (not enforced: its
-/// route's bucket applies to every request).
-pub fn has_descriptors(p: &Value) -> bool {
-    !typed_value(&p["patch"]["value"]["typed_per_filter_config"][HTTP_FILTER])["descriptors"]
-        .is_null()
 }
 
 /// `typed_config` as a TypedStruct (`value` holds the config) or the
@@ -153,50 +221,57 @@ fn typed_value(typed: &Value) -> &Value {
     }
 }
 
-/// Istio's per-route local rate limit: an `HTTP_ROUTE` patch merging
-/// `typed_per_filter_config` into the routes of vhost `inbound|http|PORT`.
-fn parse_route_patch(p: &Value) -> Result<Option<Limit>, (String, String)> {
-    let per_filter = &p["patch"]["value"]["typed_per_filter_config"][HTTP_FILTER];
-    if per_filter.is_null() {
-        return Ok(None);
-    }
-    let err = |f: &str, why: &str| Err((f.to_owned(), why.to_owned()));
-    inbound_context(p)?;
+/// The inbound port of an `HTTP_ROUTE` patch: its vhost `inbound|http|PORT`.
+fn route_port(p: &Value) -> Result<u16, FieldError> {
     let vhost = p["match"]["routeConfiguration"]["vhost"]["name"]
         .as_str()
         .unwrap_or_default();
-    let Some(port) = vhost
+    vhost
         .strip_prefix("inbound|http|")
         .and_then(|p| p.parse::<u16>().ok())
-    else {
-        return err(
-            "match.routeConfiguration.vhost.name",
-            &format!("{vhost:?}: inbound|http|PORT is required (the inbound port it limits)"),
-        );
-    };
-    limit_of(typed_value(per_filter), Unit::Requests, Some(port))
+        .ok_or_else(|| {
+            (
+                "match.routeConfiguration.vhost.name".to_owned(),
+                format!("{vhost:?}: inbound|http|PORT is required (the inbound port it limits)"),
+            )
+        })
 }
 
-/// A LocalRateLimit configuration's bucket and shares.
-fn limit_of(
-    config: &Value,
-    unit: Unit,
-    port: Option<u16>,
-) -> Result<Option<Limit>, (String, String)> {
-    let err = |f: &str, why: &str| Err((f.to_owned(), why.to_owned()));
-    let bucket = &config["token_bucket"];
+/// Istio's per-route local rate limit: an `HTTP_ROUTE` patch merging
+/// `typed_per_filter_config` (and the route's `rate_limits`, which make
+/// the descriptors) into the routes of vhost `inbound|http|PORT`.
+fn read_route_patch(p: &Value) -> Result<PatchUse, FieldError> {
+    let value = &p["patch"]["value"];
+    let per_filter = &value["typed_per_filter_config"][HTTP_FILTER];
+    let rules = &value["route"]["rate_limits"];
+    if per_filter.is_null() && rules.is_null() {
+        return Ok(PatchUse::Ignored);
+    }
+    inbound_context(p)?;
+    let port = route_port(p)?;
+    if per_filter.is_null() {
+        parse_rate_limits(rules, "patch.value.route.rate_limits", None, Some(port))?;
+        return Ok(PatchUse::RouteRules);
+    }
+    limit_of(typed_value(per_filter), Unit::Requests, Some(port), rules).map(PatchUse::Limit)
+}
+
+/// A token bucket: `max_tokens`, `tokens_per_fill` (default 1),
+/// `fill_interval` (at least 50 ms, Envoy's minimum).
+fn bucket_of(bucket: &Value, at: &str) -> Result<BucketSpec, FieldError> {
+    let err = |f: &str, why: &str| Err((format!("{at}.{f}"), why.to_owned()));
     if !bucket.is_object() {
-        return err("patch.value.typed_config.value.token_bucket", "required");
+        return Err((at.to_owned(), "required".to_owned()));
     }
     let number = |v: &Value| v.as_u64().or_else(|| v.as_str()?.parse().ok());
     let Some(max_tokens) = number(&bucket["max_tokens"]).filter(|n| *n > 0) else {
-        return err("token_bucket.max_tokens", "a positive integer is required");
+        return err("max_tokens", "a positive integer is required");
     };
     let tokens_per_fill = match &bucket["tokens_per_fill"] {
         Value::Null => 1,
         v => match number(v).filter(|n| *n > 0) {
             Some(n) => n,
-            None => return err("token_bucket.tokens_per_fill", "a positive integer"),
+            None => return err("tokens_per_fill", "a positive integer"),
         },
     };
     let fill_interval = match bucket["fill_interval"]
@@ -207,12 +282,29 @@ fn limit_of(
         Some(d) if d >= Duration::from_millis(50) => d,
         _ => {
             return err(
-                "token_bucket.fill_interval",
+                "fill_interval",
                 "a duration of at least 50ms (Envoy's minimum) is required",
             );
         }
     };
-    let fraction = |v: &Value| -> Result<f64, (String, String)> {
+    Ok(BucketSpec {
+        max_tokens,
+        tokens_per_fill,
+        fill_interval,
+    })
+}
+
+/// A LocalRateLimit configuration: its buckets and shares; `route_rules`
+/// are the `rate_limits` of the route it is merged into.
+fn limit_of(
+    config: &Value,
+    unit: Unit,
+    port: Option<u16>,
+    route_rules: &Value,
+) -> Result<Limit, FieldError> {
+    let bucket = bucket_of(&config["token_bucket"], "token_bucket")?;
+    let number = |v: &Value| v.as_u64().or_else(|| v.as_str()?.parse().ok());
+    let fraction = |v: &Value| -> Result<f64, FieldError> {
         if v.is_null() {
             return Ok(1.0);
         }
@@ -231,7 +323,7 @@ fn limit_of(
         };
         Ok((num / den).clamp(0.0, 1.0))
     };
-    // The network filter has no enabled/enforced shares: always on.
+    // The network filter has no enabled/enforced shares nor descriptors.
     let (enabled, enforced) = match unit {
         Unit::Requests => (
             fraction(&config["filter_enabled"])?,
@@ -249,16 +341,42 @@ fn limit_of(
             Some((k, v))
         })
         .collect();
-    Ok(Some(Limit {
+    let (descriptors, rate_limits, stage) = match unit {
+        Unit::Requests => {
+            let stage = number(&config["stage"]).unwrap_or(0);
+            let descriptors =
+                parse_descriptors(&config["descriptors"], bucket.fill_interval, bucket_of)?;
+            // The filter's own `rate_limits` (newer Envoy) replace the
+            // route's.
+            let rules = if config["rate_limits"].is_null() {
+                parse_rate_limits(
+                    route_rules,
+                    "patch.value.route.rate_limits",
+                    Some(stage),
+                    port,
+                )?
+            } else {
+                parse_rate_limits(&config["rate_limits"], "rate_limits", Some(stage), port)?
+            };
+            (descriptors, rules, stage)
+        }
+        Unit::Connections => (Vec::new(), Vec::new(), 0),
+    };
+    Ok(Limit {
         unit,
-        max_tokens,
-        tokens_per_fill,
-        fill_interval,
+        bucket,
         enabled,
         enforced,
         response_headers,
         port,
-    }))
+        descriptors,
+        rate_limits,
+        always_consume_default: config["always_consume_default_token_bucket"]
+            .as_bool()
+            .unwrap_or(true),
+        stage,
+        source: serde_json::json!({"config": config, "route": route_rules}),
+    })
 }
 
 #[cfg(test)]
@@ -297,7 +415,10 @@ pub(crate) mod tests {
                 "type_url": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
                 "value": {"stat_prefix": "http_local_rate_limiter"}}}},
         });
-        assert!(parse_patch(&enable).unwrap().is_none() && enables_route_limits(&enable));
+        assert!(matches!(
+            read_patch(&enable),
+            Ok(PatchUse::EnablesRouteLimits)
+        ));
         let mut route = serde_json::json!({
             "applyTo": "HTTP_ROUTE",
             "match": {"context": "SIDECAR_INBOUND", "routeConfiguration": {"vhost": {"name": "inbound|http|9080", "route": {"action": "ANY"}}}},
@@ -308,9 +429,9 @@ pub(crate) mod tests {
                           "token_bucket": {"max_tokens": 4, "tokens_per_fill": 4, "fill_interval": "60s"}}}}}},
         });
         let l = parse_patch(&route).unwrap().unwrap();
-        assert_eq!((l.port, l.max_tokens), (Some(9080), 4));
+        assert_eq!((l.port, l.bucket.max_tokens), (Some(9080), 4));
         assert!(l.covers(9080) && !l.covers(8080));
-        assert!(!has_descriptors(&route));
+        assert!(l.descriptors.is_empty() && l.rate_limits.is_empty());
         route["match"]["routeConfiguration"]["vhost"]["name"] = "outbound|80||web".into();
         assert_eq!(
             parse_patch(&route).unwrap_err().0,
@@ -322,10 +443,10 @@ pub(crate) mod tests {
     fn reads_istios_documented_shape() {
         let l = parse_patch(&istio_task_patch()).unwrap().unwrap();
         assert_eq!(
-            (l.unit, l.max_tokens, l.tokens_per_fill),
+            (l.unit, l.bucket.max_tokens, l.bucket.tokens_per_fill),
             (Unit::Requests, 4, 4)
         );
-        assert_eq!(l.fill_interval, Duration::from_secs(60));
+        assert_eq!(l.bucket.fill_interval, Duration::from_secs(60));
         assert_eq!((l.enabled, l.enforced), (1.0, 1.0));
         assert_eq!(l.response_headers[0].0, "x-local-rate-limit");
         let mut other = istio_task_patch();
@@ -344,5 +465,46 @@ pub(crate) mod tests {
         let mut outbound = istio_task_patch();
         outbound["match"]["context"] = "SIDECAR_OUTBOUND".into();
         assert_eq!(parse_patch(&outbound).unwrap_err().0, "match.context");
+    }
+
+    /// Envoy's descriptor example, the Istio way: the filter on, a route
+    /// patch with the per-route bucket and its descriptors, and another
+    /// adding the route's `rate_limits` (merged into the same routes).
+    #[test]
+    fn route_rate_limits_make_the_descriptors_of_the_limits_on_their_port() {
+        let route = |value: Value| {
+            serde_json::json!({
+                "applyTo": "HTTP_ROUTE",
+                "match": {"context": "SIDECAR_INBOUND", "routeConfiguration": {"vhost": {"name": "inbound|http|8080", "route": {"action": "ANY"}}}},
+                "patch": {"operation": "MERGE", "value": value},
+            })
+        };
+        let limit = route(
+            serde_json::json!({"typed_per_filter_config": {HTTP_FILTER: {"value": {
+                "token_bucket": {"max_tokens": 10, "fill_interval": "60s"},
+                "descriptors": [{"entries": [{"key": "PATH", "value": "/slow"}],
+                                 "token_bucket": {"max_tokens": 1, "fill_interval": "60s"}}],
+            }}}}),
+        );
+        let rules = route(serde_json::json!({"route": {"rate_limits": [
+            {"actions": [{"request_headers": {"header_name": ":path", "descriptor_key": "PATH"}}]}]}}));
+        let read = read_patches(&[limit.clone(), rules.clone()]);
+        assert!(matches!(read[1], Ok(PatchUse::RouteRules)));
+        let Ok(PatchUse::Limit(l)) = &read[0] else {
+            panic!("{read:?}")
+        };
+        assert_eq!(l.descriptors.len(), 1);
+        assert_eq!(l.rate_limits.len(), 1, "the other patch's rate_limits");
+        let alone = parse_patch(&limit).unwrap().unwrap();
+        assert!(alone.rate_limits.is_empty());
+        assert!(!alone.same_as(l), "the rules are part of the limit");
+        let mut bad = rules;
+        bad["patch"]["value"]["route"]["rate_limits"][0]["actions"][0] =
+            serde_json::json!({"query_parameters": {}});
+        let e = read_patches(&[limit, bad]).remove(1).unwrap_err();
+        assert_eq!(
+            e.0,
+            "patch.value.route.rate_limits[0].actions[0].query_parameters"
+        );
     }
 }

@@ -315,19 +315,12 @@ pub fn check(r: &Resource) -> Vec<Problem> {
 /// The local rate limits an EnvoyFilter sets must be readable; every
 /// other patch is reported once, as ignored.
 fn envoy_filter(c: &mut Check<'_>, s: &super::envoy_filter::EnvoyFilter) {
+    use super::envoy_filter::{PatchUse, read_patches};
     let mut ignored = Vec::new();
-    for (i, p) in s.config_patches.iter().enumerate() {
-        match super::envoy_filter::parse_patch(p) {
-            Ok(Some(_)) => {
-                if super::envoy_filter::has_descriptors(p) {
-                    c.warn(
-                        format!("spec.configPatches[{i}]"),
-                        "descriptors are not enforced: the route's token bucket counts every request",
-                    );
-                }
-            }
-            Ok(None) if super::envoy_filter::enables_route_limits(p) => {}
-            Ok(None) => ignored.push(i.to_string()),
+    for (i, u) in read_patches(&s.config_patches).into_iter().enumerate() {
+        match u {
+            Ok(PatchUse::Ignored) => ignored.push(i.to_string()),
+            Ok(_) => {}
             Err((field, why)) => c.err(format!("spec.configPatches[{i}].{field}"), why),
         }
     }

@@ -90,7 +90,7 @@ impl Arrival {
             }
         }
         for l in self.policy.limits(Unit::Connections) {
-            match l.admit() {
+            match l.admit(&[]) {
                 Admit::Yes => {}
                 Admit::OverNotEnforced => {
                     ctx.metrics

@@ -41,7 +41,7 @@ use crate::{
     policy::{
         authz::{HttpAttributes, matchers::normalize_path},
         ext_authz,
-        rate_limit::{Admit, Unit},
+        rate_limit::{Admit, RequestFacts},
     },
     proxy::{
         ProxyContext,
@@ -207,11 +207,21 @@ impl Conn {
         let policy = self.current_policy();
         // Local rate limits first, as Istio inserts the filter first.
         let port = self.arrival.dst.port();
-        for l in policy
-            .limits(Unit::Requests)
-            .filter(|l| l.limit.covers(port))
-        {
-            match l.admit() {
+        for l in policy.request_limits(port) {
+            let descriptors = l.limit.request_descriptors(&RequestFacts {
+                method: parts.method.as_str(),
+                path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+                authority: parts
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
+                    .unwrap_or_default(),
+                headers: &parts.headers,
+                remote: self.arrival.peer.ip(),
+                port,
+            });
+            match l.admit(&descriptors) {
                 Admit::Yes => {}
                 Admit::OverNotEnforced => {
                     self.ctx
