@@ -148,7 +148,8 @@ pub fn read_patches(patches: &[Value]) -> Vec<Result<PatchUse, FieldError>> {
         .collect();
     for u in &mut out {
         let Ok(PatchUse::Limit(l)) = u else { continue };
-        if l.unit != Unit::Requests {
+        // The filter's own `rate_limits` (newer Envoy) replace the route's.
+        if l.unit != Unit::Requests || !l.source["config"]["rate_limits"].is_null() {
             continue;
         }
         for (port, written) in &route_rules {
