@@ -516,29 +516,6 @@ impl Metrics {
         Ok(m)
     }
 
-    /// Records a finished HTTP request.
-    pub fn request_done(&self, labels: &ConnLabels<'_>, o: &RequestOutcome<'_>) {
-        let [tcp @ .., _, _, security] = labels.values();
-        let code = o.code.to_string();
-        let tail = [o.protocol, o.flags, security.as_str(), &code, o.grpc_status].map(String::from);
-        let values: Vec<String> = tcp.into_iter().chain(tail).collect();
-        // Over the cap: counted as an overflow, not recorded.
-        let Some(_series) = self.http_series.enter(&values) else {
-            return;
-        };
-        let v: Vec<&str> = values.iter().map(String::as_str).collect();
-        self.requests.with_label_values(&v).inc();
-        self.request_duration
-            .with_label_values(&v)
-            .observe(o.duration.as_secs_f64() * 1000.0);
-        self.request_bytes
-            .with_label_values(&v)
-            .observe(o.request_bytes as f64);
-        self.response_bytes
-            .with_label_values(&v)
-            .observe(o.response_bytes as f64);
-    }
-
     /// Exports the kernel programs' counters and map sizes on every scrape.
     pub fn register_ebpf(&self, maps: Arc<Maps>) -> Result<(), Error> {
         self.registry
@@ -706,6 +683,9 @@ fn direction(r: Reporter) -> &'static str {
         Reporter::Destination => "inbound",
     }
 }
+
+mod requests;
+pub use requests::RequestRecorder;
 
 #[cfg(test)]
 mod tests;

@@ -53,6 +53,7 @@ use crate::{
     },
     registry::protocol::Protocol,
     snapshot::InboundPolicy,
+    telemetry::metrics::RequestRecorder,
 };
 
 /// The body Envoy's RBAC filter answers a denied request with.
@@ -63,24 +64,42 @@ pub async fn serve<C>(arrival: Arc<Arrival>, client: C, app: TcpStream, ctx: Arc
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (driver, driven) = tokio::sync::oneshot::channel::<AppDriver>();
     let conn = Arc::new(Conn {
         peer: arrival.peer(),
+        recorder: arrival.with_labels(&ctx, RequestRecorder::new),
         policy: std::sync::Mutex::new((arrival.snap.version, arrival.policy.clone())),
         arrival,
         ctx,
         app: tokio::sync::Mutex::new(App::Idle(Some(app))),
+        driver: std::sync::Mutex::new(Some(driver)),
     });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
-    if let Err(e) = crate::proxy::http::server()
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await
-    {
-        tracing::debug!("inbound http: connection ended: {e}");
-    }
+    let served = async {
+        if let Err(e) = crate::proxy::http::server()
+            .serve_connection_with_upgrades(TokioIo::new(client), service)
+            .await
+        {
+            tracing::debug!("inbound http: connection ended: {e}");
+        }
+    };
+    // An HTTP/1.1 application connection is driven in this task, beside
+    // the client's: one request at a time, its I/O wakes the task that
+    // waits for the response rather than another one. It ends once the
+    // client's side is done and drops its sender.
+    let app_side = async {
+        if let Ok(d) = driven.await {
+            d.await
+        }
+    };
+    tokio::join!(served, app_side);
 }
+
+/// What drives the application connection (hyper's client connection).
+type AppDriver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The connection to the application, opened before the first request
 /// and spoken as the client speaks.
@@ -98,6 +117,10 @@ struct Conn {
     /// up again only when the configuration changed.
     policy: std::sync::Mutex<(u64, InboundPolicy)>,
     app: tokio::sync::Mutex<App>,
+    /// The connection's request series (its labels are fixed).
+    recorder: RequestRecorder,
+    /// Where the application connection's driver goes, once opened.
+    driver: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<AppDriver>>>,
 }
 
 /// A response the agent makes itself.
@@ -428,13 +451,17 @@ impl Conn {
                 let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                     .await
                     .map_err(|e| failed(e.to_string()))?;
+                // Spawned: its streams are many, and a task of its own
+                // lets them run beside the client's connection.
                 tokio::spawn(c);
                 App::H2(s)
             } else {
                 let (s, c) = hyper::client::conn::http1::handshake(io)
                     .await
                     .map_err(|e| failed(e.to_string()))?;
-                tokio::spawn(c.with_upgrades());
+                self.drive(Box::pin(async move {
+                    let _ = c.with_upgrades().await;
+                }));
                 App::H1(s)
             };
         }
@@ -456,6 +483,22 @@ impl Conn {
         sent.map_err(|e| failed(e.to_string()))
     }
 
+    /// Hands the application connection's driver to the connection's
+    /// task (spawned instead if that task no longer takes it).
+    fn drive(&self, d: AppDriver) {
+        let slot = self.driver.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match slot {
+            Some(tx) => {
+                if let Err(d) = tx.send(d) {
+                    tokio::spawn(d);
+                }
+            }
+            None => {
+                tokio::spawn(d);
+            }
+        }
+    }
+
     /// Records the request's metrics once its response body is done.
     fn metered(
         self: Arc<Self>,
@@ -466,8 +509,7 @@ impl Conn {
     ) -> Response<Body> {
         metered::when_done(resp, move |f| {
             let outcome = f.outcome(grpc, started, request_bytes.load(Ordering::Relaxed));
-            self.arrival
-                .with_labels(&self.ctx, |l| self.ctx.metrics.request_done(l, &outcome));
+            self.ctx.metrics.request_done_on(&self.recorder, &outcome);
         })
     }
 }

@@ -171,3 +171,54 @@ fn a_source_known_only_by_identity_keeps_its_namespace() {
     }
     drop(c);
 }
+
+/// A connection's recorder gives the series `request_done` gives, once
+/// per outcome, and holds them while it lives.
+#[test]
+fn a_connections_recorder_records_what_request_done_records() {
+    let m = Metrics::new().unwrap();
+    let (src, dst) = (wl("client", &[]), wl("web", &[]));
+    let outcome = |code: u16, flags| RequestOutcome {
+        protocol: "http",
+        code,
+        grpc_status: "-",
+        flags,
+        duration: std::time::Duration::from_millis(3),
+        request_bytes: 10,
+        response_bytes: 20,
+    };
+    let rec = RequestRecorder::new(&labels(&src, Some(&dst)));
+    for _ in 0..3 {
+        m.request_done_on(&rec, &outcome(200, "-"));
+    }
+    m.request_done_on(&rec, &outcome(403, "RBAC"));
+    let direct = Metrics::new().unwrap();
+    for _ in 0..3 {
+        direct.request_done(&labels(&src, Some(&dst)), &outcome(200, "-"));
+    }
+    direct.request_done(&labels(&src, Some(&dst)), &outcome(403, "RBAC"));
+    let requests = |m: &Metrics| {
+        let mut v: Vec<String> = m
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    };
+    let got = requests(&m);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got, requests(&direct));
+    assert!(
+        got.iter()
+            .any(|l| l.contains("response_code=\"200\"") && l.ends_with(" 3"))
+    );
+    // Held by the connection: a sweep keeps them even once the workloads
+    // are gone.
+    let empty = crate::testing::snapshot("workloads: []\n").registry;
+    assert_eq!(m.sweep_series(&empty), 0);
+    drop(rec);
+    assert!(m.sweep_series(&empty) > 0);
+    assert!(requests(&m).is_empty());
+}
