@@ -288,17 +288,24 @@ impl Rule {
         }
     }
 
+    /// `token` as this rule verified it before, if it did with the keys
+    /// it has now and the token has not expired since.
+    fn remembered(&self, token: &str) -> Option<Arc<Authenticated>> {
+        let keys = self.keys_now()?;
+        let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let v = cache.get(token)?;
+        (Arc::ptr_eq(&v.keys, &keys)
+            && v.expires
+                .is_none_or(|exp| now_secs() <= exp.saturating_add(LEEWAY_SECS)))
+        .then(|| v.auth.clone())
+    }
+
     /// Verifies `token`, or finds it verified already with the same keys
     /// and not expired since.
     async fn verify_cached(&self, token: &str) -> Result<Arc<Authenticated>, Rejected> {
         let cache = || self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(keys) = self.keys_now()
-            && let Some(v) = cache().get(token)
-            && Arc::ptr_eq(&v.keys, &keys)
-            && v.expires
-                .is_none_or(|exp| now_secs() <= exp.saturating_add(LEEWAY_SECS))
-        {
-            return Ok(v.auth.clone());
+        if let Some(auth) = self.remembered(token) {
+            return Ok(auth);
         }
         let (auth, keys) = self.verify(token).await?;
         let auth = Arc::new(auth);
@@ -456,6 +463,8 @@ struct Found<'r> {
     token: String,
     location: Location,
     rule: Option<&'r Rule>,
+    /// The rule verified the token before (its cache said so).
+    remembered: Option<Arc<Authenticated>>,
 }
 
 impl Authenticator {
@@ -493,7 +502,10 @@ impl Authenticator {
             return Ok(None);
         };
         let rule = found.rule.ok_or(Rejected::UnknownIssuer)?;
-        let auth = rule.verify_cached(&found.token).await?;
+        let auth = match found.remembered {
+            Some(a) => a,
+            None => rule.verify_cached(&found.token).await?,
+        };
         if !rule.forward_original_token
             && let Location::Header { name, .. } = &found.location
         {
@@ -529,6 +541,22 @@ impl Authenticator {
                 if token.len() > MAX_TOKEN_BYTES {
                     return Err(Rejected::TooLarge(token.len()));
                 }
+                // A token a rule verified before is that rule's (its `iss`
+                // was checked): no need to decode it to find the rule, nor
+                // to look it up again.
+                let known = self
+                    .rules
+                    .iter()
+                    .filter(|r| r.locations.contains(loc))
+                    .find_map(|r| Some((&**r, r.remembered(&token)?)));
+                if let Some((rule, auth)) = known {
+                    return Ok(Some(Found {
+                        token,
+                        location: loc.clone(),
+                        rule: Some(rule),
+                        remembered: Some(auth),
+                    }));
+                }
                 let issuer = unverified_issuer(&token).ok_or(Rejected::Malformed)?;
                 let rule = self
                     .rules
@@ -539,6 +567,7 @@ impl Authenticator {
                     token,
                     location: loc.clone(),
                     rule,
+                    remembered: None,
                 }));
             }
         }
