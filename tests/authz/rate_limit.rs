@@ -164,6 +164,8 @@ fn descriptors_give_paths_and_users_their_own_buckets() {
             "value": {
                 "stat_prefix": "http_local_rate_limiter",
                 "token_bucket": {"max_tokens": 6, "tokens_per_fill": 6, "fill_interval": "60s"},
+                "filter_enabled": {"runtime_key": "local_rate_limit_enabled", "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                "filter_enforced": {"runtime_key": "local_rate_limit_enforced", "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
                 "always_consume_default_token_bucket": false,
                 "descriptors": [
                     {"entries": [{"key": "PATH", "value": "/slow"}],

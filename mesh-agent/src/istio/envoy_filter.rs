@@ -62,8 +62,17 @@ pub struct Limit {
     /// Fractions of 1.
     pub enabled: f64,
     pub enforced: f64,
+    /// The status of a refused request (`status`, default 429).
+    pub status: u16,
     #[serde(skip)]
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Added to a request over the limit that is let through
+    /// (`request_headers_to_add_when_not_enforced`).
+    #[serde(skip)]
+    pub request_headers_not_enforced: Vec<(HeaderName, HeaderValue)>,
+    /// Fields set that this data plane does not enforce.
+    #[serde(skip)]
+    pub not_enforced: Vec<&'static str>,
     /// The port of an `HTTP_ROUTE` limit (its vhost `inbound|http|PORT`);
     /// `None`: every request of the workload.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -120,7 +129,7 @@ impl Limit {
 #[derive(Debug)]
 pub enum PatchUse {
     /// A local rate limit, enforced.
-    Limit(Limit),
+    Limit(Box<Limit>),
     /// The bucket-less `HTTP_FILTER` that enables per-route limits.
     EnablesRouteLimits,
     /// An `HTTP_ROUTE` patch adding `rate_limits` alone: they make the
@@ -169,7 +178,7 @@ pub fn read_patches(patches: &[Value]) -> Vec<Result<PatchUse, FieldError>> {
 /// A patch alone: `Ok(Some)` a limit it sets.
 pub fn parse_patch(p: &Value) -> Result<Option<Limit>, FieldError> {
     read_patch(p).map(|u| match u {
-        PatchUse::Limit(l) => Some(l),
+        PatchUse::Limit(l) => Some(*l),
         _ => None,
     })
 }
@@ -198,7 +207,7 @@ fn read_patch(p: &Value) -> Result<PatchUse, FieldError> {
     if unit == Unit::Requests && config["token_bucket"].is_null() {
         return Ok(PatchUse::EnablesRouteLimits);
     }
-    limit_of(config, unit, None, &Value::Null).map(PatchUse::Limit)
+    limit_of(config, unit, None, &Value::Null).map(|l| PatchUse::Limit(Box::new(l)))
 }
 
 /// Only the inbound side (the destination's agent) applies here.
@@ -254,7 +263,8 @@ fn read_route_patch(p: &Value) -> Result<PatchUse, FieldError> {
         parse_rate_limits(rules, "patch.value.route.rate_limits", None, Some(port))?;
         return Ok(PatchUse::RouteRules);
     }
-    limit_of(typed_value(per_filter), Unit::Requests, Some(port), rules).map(PatchUse::Limit)
+    limit_of(typed_value(per_filter), Unit::Requests, Some(port), rules)
+        .map(|l| PatchUse::Limit(Box::new(l)))
 }
 
 /// A token bucket: `max_tokens`, `tokens_per_fill` (default 1),
@@ -305,9 +315,12 @@ fn limit_of(
 ) -> Result<Limit, FieldError> {
     let bucket = bucket_of(&config["token_bucket"], "token_bucket")?;
     let number = |v: &Value| v.as_u64().or_else(|| v.as_str()?.parse().ok());
+    // Absent, a share is 0 % in Envoy ("for safety"): a filter without
+    // `filter_enabled` limits nothing, one without `filter_enforced` only
+    // counts.
     let fraction = |v: &Value| -> Result<f64, FieldError> {
         if v.is_null() {
-            return Ok(1.0);
+            return Ok(0.0);
         }
         let d = &v["default_value"];
         let num = number(&d["numerator"]).unwrap_or(0) as f64;
@@ -332,16 +345,43 @@ fn limit_of(
         ),
         Unit::Connections => (1.0, 1.0),
     };
-    let response_headers = config["response_headers_to_add"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|h| {
-            let k = HeaderName::from_bytes(h["header"]["key"].as_str()?.as_bytes()).ok()?;
-            let v = HeaderValue::from_str(h["header"]["value"].as_str()?).ok()?;
-            Some((k, v))
-        })
-        .collect();
+    let status = match &config["status"]["code"] {
+        Value::Null => 429,
+        v => match status_code(v) {
+            Some(c) => c,
+            None => {
+                return Err((
+                    "status.code".into(),
+                    format!("{v}: an HTTP status from 400 to 599 (a number or Envoy's name)"),
+                ));
+            }
+        },
+    };
+    // What this data plane does not do, for `validate` to say.
+    let mut not_enforced = Vec::new();
+    for (field, set) in [
+        (
+            "local_rate_limit_per_downstream_connection",
+            config["local_rate_limit_per_downstream_connection"] == true,
+        ),
+        (
+            "local_cluster_rate_limit",
+            !config["local_cluster_rate_limit"].is_null(),
+        ),
+        (
+            "enable_x_ratelimit_headers",
+            config["enable_x_ratelimit_headers"] == "DRAFT_VERSION_03",
+        ),
+        (
+            "rate_limited_as_resource_exhausted",
+            config["rate_limited_as_resource_exhausted"] == true,
+        ),
+        ("vh_rate_limits", !config["vh_rate_limits"].is_null()),
+    ] {
+        if set {
+            not_enforced.push(field);
+        }
+    }
     let (descriptors, rate_limits, stage) = match unit {
         Unit::Requests => {
             let stage = number(&config["stage"]).unwrap_or(0);
@@ -368,7 +408,12 @@ fn limit_of(
         bucket,
         enabled,
         enforced,
-        response_headers,
+        status,
+        response_headers: headers_of(&config["response_headers_to_add"]),
+        request_headers_not_enforced: headers_of(
+            &config["request_headers_to_add_when_not_enforced"],
+        ),
+        not_enforced,
         port,
         descriptors,
         rate_limits,
@@ -378,6 +423,39 @@ fn limit_of(
         stage,
         source: serde_json::json!({"config": config, "route": route_rules}),
     })
+}
+
+/// A `HeaderValueOption` list's headers.
+fn headers_of(v: &Value) -> Vec<(HeaderName, HeaderValue)> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| {
+            let k = HeaderName::from_bytes(h["header"]["key"].as_str()?.as_bytes()).ok()?;
+            let v = HeaderValue::from_str(h["header"]["value"].as_str()?).ok()?;
+            Some((k, v))
+        })
+        .collect()
+}
+
+/// An `HttpStatus` code: a number, or the name of Envoy's `StatusCode`
+/// enum for the common ones.
+fn status_code(v: &Value) -> Option<u16> {
+    let n = v.as_u64().or_else(|| {
+        Some(match v.as_str()? {
+            "BadRequest" => 400,
+            "Unauthorized" => 401,
+            "Forbidden" => 403,
+            "NotFound" => 404,
+            "TooManyRequests" => 429,
+            "InternalServerError" => 500,
+            "BadGateway" => 502,
+            "ServiceUnavailable" => 503,
+            "GatewayTimeout" => 504,
+            s => s.parse().ok()?,
+        })
+    })?;
+    u16::try_from(n).ok().filter(|c| (400..600).contains(c))
 }
 
 #[cfg(test)]
@@ -507,5 +585,31 @@ pub(crate) mod tests {
             e.0,
             "patch.value.route.rate_limits[0].actions[0].query_parameters"
         );
+    }
+
+    /// Envoy's defaults and the other fields of LocalRateLimit.
+    #[test]
+    fn absent_shares_are_zero_and_the_extras_are_read() {
+        let mut p = istio_task_patch();
+        let c = &mut p["patch"]["value"]["typed_config"]["value"];
+        let o = c.as_object_mut().unwrap();
+        o.remove("filter_enabled");
+        o.remove("filter_enforced");
+        c["status"] = serde_json::json!({"code": "ServiceUnavailable"});
+        c["request_headers_to_add_when_not_enforced"] = serde_json::json!([{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD", "header": {"key": "x-over-limit", "value": "1"}}]);
+        c["local_rate_limit_per_downstream_connection"] = true.into();
+        let l = parse_patch(&p).unwrap().unwrap();
+        assert_eq!((l.enabled, l.enforced, l.status), (0.0, 0.0, 503));
+        assert_eq!(l.request_headers_not_enforced[0].0, "x-over-limit");
+        assert_eq!(
+            l.not_enforced,
+            ["local_rate_limit_per_downstream_connection"]
+        );
+        assert_eq!(
+            parse_patch(&istio_task_patch()).unwrap().unwrap().status,
+            429
+        );
+        p["patch"]["value"]["typed_config"]["value"]["status"] = serde_json::json!({"code": 200});
+        assert_eq!(parse_patch(&p).unwrap_err().0, "status.code");
     }
 }

@@ -320,6 +320,19 @@ fn envoy_filter(c: &mut Check<'_>, s: &super::envoy_filter::EnvoyFilter) {
     for (i, u) in read_patches(&s.config_patches).into_iter().enumerate() {
         match u {
             Ok(PatchUse::Ignored) => ignored.push(i.to_string()),
+            Ok(PatchUse::Limit(l)) => {
+                let at = format!("spec.configPatches[{i}]");
+                if l.unit == super::envoy_filter::Unit::Requests {
+                    if l.enabled == 0.0 {
+                        c.warn(&at, "limits nothing: filter_enabled is absent or 0 % (Envoy's default is 0 %)");
+                    } else if l.enforced == 0.0 {
+                        c.warn(&at, "refuses nothing: filter_enforced is absent or 0 % (Envoy's default is 0 %); requests over the limit are only counted");
+                    }
+                }
+                for f in &l.not_enforced {
+                    c.warn(format!("{at}.{f}"), "accepted, not enforced");
+                }
+            }
             Ok(_) => {}
             Err((field, why)) => c.err(format!("spec.configPatches[{i}].{field}"), why),
         }

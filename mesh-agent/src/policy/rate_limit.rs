@@ -60,7 +60,7 @@ impl FilterLimits {
         let limits: Vec<Limit> = read_patches(&s.config_patches)
             .into_iter()
             .filter_map(|u| match u {
-                Ok(PatchUse::Limit(l)) => Some(l),
+                Ok(PatchUse::Limit(l)) => Some(*l),
                 _ => None,
             })
             .collect();

@@ -241,7 +241,11 @@ pub fn parse_rate_limits(
     let mut out = Vec::new();
     for (i, r) in list.iter().enumerate() {
         let at = format!("{field}[{i}]");
-        if stage.is_some_and(|s| r["stage"].as_u64().unwrap_or(0) != s) {
+        // Another stage's, or switched off by a runtime key (the local
+        // filter skips any entry with a `disable_key`).
+        if stage.is_some_and(|s| r["stage"].as_u64().unwrap_or(0) != s)
+            || r["disable_key"].as_str().is_some_and(|k| !k.is_empty())
+        {
             continue;
         }
         let Some(actions) = r["actions"].as_array().filter(|a| !a.is_empty()) else {
@@ -478,13 +482,18 @@ mod tests {
                     "headers": [{"name": ":method", "exact_match": "GET"}]}}]},
                 {"actions": [{"remote_address": {}}, {"destination_cluster": {}}]},
                 {"stage": 1, "actions": [{"generic_key": {"descriptor_value": "other stage"}}]},
+                {"disable_key": "off", "actions": [{"generic_key": {"descriptor_value": "disabled"}}]},
             ]),
             "route.rate_limits",
             Some(0),
             Some(8080),
         )
         .unwrap();
-        assert_eq!(rules.len(), 5, "the stage-1 entry is not this filter's");
+        assert_eq!(
+            rules.len(),
+            5,
+            "the stage-1 entry is not this filter's, nor a disabled one"
+        );
         let mut h = HeaderMap::new();
         let r = facts("/admin/x?y=1", &h);
         let got: Vec<Option<Entries>> = rules.iter().map(|x| x.descriptor(&r)).collect();

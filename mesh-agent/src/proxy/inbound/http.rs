@@ -249,14 +249,18 @@ impl Conn {
                 Admit::OverNotEnforced => {
                     self.ctx
                         .metrics
-                        .rate_limited("requests", &l.filter, "over_not_enforced")
+                        .rate_limited("requests", &l.filter, "over_not_enforced");
+                    for (k, v) in &l.limit.request_headers_not_enforced {
+                        parts.headers.append(k, v.clone());
+                    }
                 }
                 Admit::Refused => {
                     self.ctx
                         .metrics
                         .rate_limited("requests", &l.filter, "refused");
-                    let mut reply =
-                        LocalReply::new(StatusCode::TOO_MANY_REQUESTS, "RL", "local_rate_limited");
+                    let status = StatusCode::from_u16(l.limit.status)
+                        .unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+                    let mut reply = LocalReply::new(status, "RL", "local_rate_limited");
                     reply.headers = l.limit.response_headers.clone();
                     return Err(reply);
                 }
