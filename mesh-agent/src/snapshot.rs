@@ -411,17 +411,30 @@ fn limiters(
     root_namespace: &str,
 ) -> Vec<Arc<Limiter>> {
     let key = w.key().to_string();
-    filters
+    let applying: Vec<&FilterLimits> = filters
         .iter()
         .filter(|f| f.applies_to(w, root_namespace))
-        .flat_map(|f| {
-            f.limits
-                .iter()
-                .enumerate()
-                .map(|(i, l)| store.get(&key, &f.id, i, l))
-                .collect::<Vec<_>>()
-        })
-        .collect()
+        .collect();
+    let mut out = Vec::new();
+    for f in &applying {
+        // Route `rate_limits` from the workload's other EnvoyFilters (a
+        // resource's own are in its limits already).
+        let others: Vec<_> = applying
+            .iter()
+            .filter(|g| g.id != f.id)
+            .flat_map(|g| g.route_rules.iter().cloned())
+            .collect();
+        for (i, l) in f.limits.iter().enumerate() {
+            if others.is_empty() {
+                out.push(store.get(&key, &f.id, i, l));
+            } else {
+                let mut l = l.clone();
+                l.add_route_rules(&others);
+                out.push(store.get(&key, &f.id, i, &l));
+            }
+        }
+    }
+    out
 }
 
 /// The declared protocol of each port of this node's workloads, from the

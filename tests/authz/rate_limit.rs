@@ -143,7 +143,8 @@ fn a_burst_gets_the_bucket_and_the_rest_429() {
 }
 
 /// Envoy's descriptors, in Istio's per-route form: the route's
-/// `rate_limits` turn each request into descriptors (`:path` as `PATH`, a
+/// `rate_limits` (here from another EnvoyFilter) turn each request into
+/// descriptors (`:path` as `PATH`, a
 /// matching `x-user` header as `header_match=bob`), and the descriptors
 /// listed in the route's limit get buckets of their own; other requests
 /// take from the route's default bucket.
@@ -186,8 +187,13 @@ fn descriptors_give_paths_and_users_their_own_buckets() {
                 "headers": [{"name": "x-user", "string_match": {"exact": "bob"}}]}}]},
         ]}}},
     });
-    f["spec"]["configPatches"] = json!([enable, limit, rules]);
-    m.apply(&[f]);
+    f["spec"]["configPatches"] = json!([enable, limit]);
+    // Envoy merges every HTTP_ROUTE patch into the route, whichever
+    // EnvoyFilter it comes from.
+    let mut r = http_limit(1, 1, "60s");
+    r["metadata"]["name"] = "web-ratelimit-rules".into();
+    r["spec"]["configPatches"] = json!([rules]);
+    m.apply(&[f, r]);
     let count = |path: &str, headers: &[&str]| {
         let url = format!("http://{VIP}:80{path}");
         let mut args = vec!["http-count", &url, "4"];
@@ -198,6 +204,11 @@ fn descriptors_give_paths_and_users_their_own_buckets() {
         count("/slow", &[]),
         json!({"hello from web": 2, "HTTP 429": 2}),
         "/slow has a bucket of 2"
+    );
+    assert_eq!(
+        count("/./slow", &[]),
+        json!({"HTTP 429": 4}),
+        "the path is normalized before it makes a descriptor"
     );
     assert_eq!(
         count("/alice", &["x-user: alice"]),

@@ -73,6 +73,10 @@ pub struct Limit {
     /// Fields set that this data plane does not enforce.
     #[serde(skip)]
     pub not_enforced: Vec<&'static str>,
+    /// `rate_limits` entries left out (an action this data plane does not
+    /// have), with why.
+    #[serde(skip)]
+    pub skipped_rules: Vec<FieldError>,
     /// The port of an `HTTP_ROUTE` limit (its vhost `inbound|http|PORT`);
     /// `None`: every request of the workload.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,9 +123,31 @@ impl Limit {
         }
         self.rate_limits
             .iter()
-            .filter(|r| r.port.is_none_or(|p| p == req.port))
+            .filter(|r| r.stage == self.stage && r.port.is_none_or(|p| p == req.port))
             .filter_map(|r| r.descriptor(req))
             .collect()
+    }
+
+    /// Takes the `rate_limits` that route-only patches add to the routes
+    /// this limit counts (Envoy merges every patch into the route, from
+    /// any EnvoyFilter), unless the filter has `rate_limits` of its own,
+    /// which replace the route's.
+    pub fn add_route_rules(&mut self, rules: &[RateLimitRule]) {
+        if self.unit != Unit::Requests || !self.source["config"]["rate_limits"].is_null() {
+            return;
+        }
+        for r in rules {
+            if r.port.is_some_and(|p| self.covers(p)) {
+                self.rate_limits.push(r.clone());
+                let added = &mut self.source["added"];
+                if !added.is_array() {
+                    *added = Value::Array(Vec::new());
+                }
+                if let Value::Array(a) = added {
+                    a.push(serde_json::json!({"port": r.port, "rule": r}));
+                }
+            }
+        }
     }
 }
 
@@ -133,8 +159,12 @@ pub enum PatchUse {
     /// The bucket-less `HTTP_FILTER` that enables per-route limits.
     EnablesRouteLimits,
     /// An `HTTP_ROUTE` patch adding `rate_limits` alone: they make the
-    /// descriptors of the limits on that port.
-    RouteRules,
+    /// descriptors of the limits on that port; `skipped`, entries left
+    /// out (and why).
+    RouteRules {
+        rules: Vec<RateLimitRule>,
+        skipped: Vec<FieldError>,
+    },
     /// Anything else: this data plane has no Envoy to patch.
     Ignored,
 }
@@ -144,35 +174,24 @@ pub enum PatchUse {
 /// route-only patches are added to the request limits on their port.
 pub fn read_patches(patches: &[Value]) -> Vec<Result<PatchUse, FieldError>> {
     let mut out: Vec<_> = patches.iter().map(read_patch).collect();
-    let route_rules: Vec<(u16, &Value)> = patches
-        .iter()
-        .zip(&out)
-        .filter(|(_, u)| matches!(u, Ok(PatchUse::RouteRules)))
-        .filter_map(|(p, _)| {
-            Some((
-                route_port(p).ok()?,
-                &p["patch"]["value"]["route"]["rate_limits"],
-            ))
-        })
-        .collect();
+    let rules = route_rules(&out);
     for u in &mut out {
-        let Ok(PatchUse::Limit(l)) = u else { continue };
-        // The filter's own `rate_limits` (newer Envoy) replace the route's.
-        if l.unit != Unit::Requests || !l.source["config"]["rate_limits"].is_null() {
-            continue;
-        }
-        for (port, written) in &route_rules {
-            if !l.covers(*port) {
-                continue;
-            }
-            // Read once already (as a RouteRules patch): cannot fail here.
-            if let Ok(mut rules) = parse_rate_limits(written, "", Some(l.stage), Some(*port)) {
-                l.rate_limits.append(&mut rules);
-                l.source["route_rules"][port.to_string()] = (*written).clone();
-            }
+        if let Ok(PatchUse::Limit(l)) = u {
+            l.add_route_rules(&rules);
         }
     }
     out
+}
+
+/// The rules of the route-only patches among `read`.
+pub fn route_rules(read: &[Result<PatchUse, FieldError>]) -> Vec<RateLimitRule> {
+    read.iter()
+        .filter_map(|u| match u {
+            Ok(PatchUse::RouteRules { rules, .. }) => Some(rules.iter().cloned()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// A patch alone: `Ok(Some)` a limit it sets.
@@ -257,12 +276,18 @@ fn read_route_patch(p: &Value) -> Result<PatchUse, FieldError> {
     if per_filter.is_null() && rules.is_null() {
         return Ok(PatchUse::Ignored);
     }
+    if per_filter.is_null() {
+        // Route `rate_limits` alone may be for a global rate limit service
+        // or another proxy: only those of an inbound vhost are read.
+        let (Ok(()), Ok(port)) = (inbound_context(p), route_port(p)) else {
+            return Ok(PatchUse::Ignored);
+        };
+        let (rules, skipped) =
+            parse_rate_limits(rules, "patch.value.route.rate_limits", Some(port))?;
+        return Ok(PatchUse::RouteRules { rules, skipped });
+    }
     inbound_context(p)?;
     let port = route_port(p)?;
-    if per_filter.is_null() {
-        parse_rate_limits(rules, "patch.value.route.rate_limits", None, Some(port))?;
-        return Ok(PatchUse::RouteRules);
-    }
     limit_of(typed_value(per_filter), Unit::Requests, Some(port), rules)
         .map(|l| PatchUse::Limit(Box::new(l)))
 }
@@ -382,7 +407,7 @@ fn limit_of(
             not_enforced.push(field);
         }
     }
-    let (descriptors, rate_limits, stage) = match unit {
+    let (descriptors, (rate_limits, skipped_rules), stage) = match unit {
         Unit::Requests => {
             let stage = number(&config["stage"]).unwrap_or(0);
             let descriptors =
@@ -390,18 +415,13 @@ fn limit_of(
             // The filter's own `rate_limits` (newer Envoy) replace the
             // route's.
             let rules = if config["rate_limits"].is_null() {
-                parse_rate_limits(
-                    route_rules,
-                    "patch.value.route.rate_limits",
-                    Some(stage),
-                    port,
-                )?
+                parse_rate_limits(route_rules, "patch.value.route.rate_limits", port)?
             } else {
-                parse_rate_limits(&config["rate_limits"], "rate_limits", Some(stage), port)?
+                parse_rate_limits(&config["rate_limits"], "rate_limits", port)?
             };
             (descriptors, rules, stage)
         }
-        Unit::Connections => (Vec::new(), Vec::new(), 0),
+        Unit::Connections => (Vec::new(), Default::default(), 0),
     };
     Ok(Limit {
         unit,
@@ -414,6 +434,7 @@ fn limit_of(
             &config["request_headers_to_add_when_not_enforced"],
         ),
         not_enforced,
+        skipped_rules,
         port,
         descriptors,
         rate_limits,
@@ -568,7 +589,7 @@ pub(crate) mod tests {
         let rules = route(serde_json::json!({"route": {"rate_limits": [
             {"actions": [{"request_headers": {"header_name": ":path", "descriptor_key": "PATH"}}]}]}}));
         let read = read_patches(&[limit.clone(), rules.clone()]);
-        assert!(matches!(read[1], Ok(PatchUse::RouteRules)));
+        assert!(matches!(read[1], Ok(PatchUse::RouteRules { .. })));
         let Ok(PatchUse::Limit(l)) = &read[0] else {
             panic!("{read:?}")
         };
@@ -577,14 +598,36 @@ pub(crate) mod tests {
         let alone = parse_patch(&limit).unwrap().unwrap();
         assert!(alone.rate_limits.is_empty());
         assert!(!alone.same_as(l), "the rules are part of the limit");
-        let mut bad = rules;
+        // Two rules patches on one port: a change to either is a change.
+        let limit_of = |patches: &[Value]| match read_patches(patches).remove(0) {
+            Ok(PatchUse::Limit(l)) => *l,
+            other => panic!("{other:?}"),
+        };
+        let mut changed = rules.clone();
+        changed["patch"]["value"]["route"]["rate_limits"][0]["actions"][0]["request_headers"]["descriptor_key"] =
+            "OTHER".into();
+        let two = limit_of(&[limit.clone(), rules.clone(), rules.clone()]);
+        assert_eq!(two.rate_limits.len(), 2);
+        assert!(!two.same_as(&limit_of(&[limit.clone(), changed, rules.clone()])));
+        let mut bad = rules.clone();
         bad["patch"]["value"]["route"]["rate_limits"][0]["actions"][0] =
             serde_json::json!({"query_parameters": {}});
-        let e = read_patches(&[limit, bad]).remove(1).unwrap_err();
+        let Ok(PatchUse::RouteRules {
+            rules: kept,
+            skipped,
+        }) = read_patches(&[limit, bad]).remove(1)
+        else {
+            panic!("route rules")
+        };
+        assert!(kept.is_empty());
         assert_eq!(
-            e.0,
+            skipped[0].0,
             "patch.value.route.rate_limits[0].actions[0].query_parameters"
         );
+        // Rules for another proxy's routes are not this data plane's.
+        let mut outbound = rules;
+        outbound["match"]["context"] = "SIDECAR_OUTBOUND".into();
+        assert!(matches!(read_patch(&outbound), Ok(PatchUse::Ignored)));
     }
 
     /// Envoy's defaults and the other fields of LocalRateLimit.

@@ -332,6 +332,14 @@ fn envoy_filter(c: &mut Check<'_>, s: &super::envoy_filter::EnvoyFilter) {
                 for f in &l.not_enforced {
                     c.warn(format!("{at}.{f}"), "accepted, not enforced");
                 }
+                for (f, why) in &l.skipped_rules {
+                    c.warn(format!("{at}.{f}"), why);
+                }
+            }
+            Ok(PatchUse::RouteRules { skipped, .. }) => {
+                for (f, why) in skipped {
+                    c.warn(format!("spec.configPatches[{i}].{f}"), why);
+                }
             }
             Ok(_) => {}
             Err((field, why)) => c.err(format!("spec.configPatches[{i}].{field}"), why),

@@ -544,11 +544,21 @@ impl Authenticator {
                 // A token a rule verified before is that rule's (its `iss`
                 // was checked): no need to decode it to find the rule, nor
                 // to look it up again.
+                // Only from the rule its issuer picks here: rules (and
+                // their caches) are shared by workloads, and another
+                // workload's rule of the same issuer may accept what this
+                // one's refuses (another audience).
                 let known = self
                     .rules
                     .iter()
                     .filter(|r| r.locations.contains(loc))
-                    .find_map(|r| Some((&**r, r.remembered(&token)?)));
+                    .find_map(|r| Some((&**r, r.remembered(&token)?)))
+                    .filter(|(r, _)| {
+                        self.rules
+                            .iter()
+                            .find(|x| x.issuer == r.issuer && x.locations.contains(loc))
+                            .is_some_and(|x| std::ptr::eq(&**x, *r))
+                    });
                 if let Some((rule, auth)) = known {
                     return Ok(Some(Found {
                         token,

@@ -31,7 +31,8 @@ use serde::Serialize;
 
 use crate::istio::envoy_filter::PatchUse;
 pub use crate::istio::envoy_filter::{
-    BucketSpec, Entries, Limit, RequestFacts, Unit, parse_patch, read_patches,
+    BucketSpec, Entries, Limit, RateLimitRule, RequestFacts, Unit, parse_patch, read_patches,
+    route_rules,
 };
 use crate::{
     istio::{Resource, Spec},
@@ -45,6 +46,9 @@ pub struct FilterLimits {
     namespace: String,
     selector: BTreeMap<String, String>,
     pub limits: Vec<Limit>,
+    /// The `rate_limits` its route-only patches add: Envoy merges them
+    /// into the routes whichever EnvoyFilter sets the limit.
+    pub route_rules: Vec<RateLimitRule>,
 }
 
 impl FilterLimits {
@@ -57,14 +61,17 @@ impl FilterLimits {
         }
         // A limit that cannot be read is left out (validation rejects it);
         // the others of the resource still apply.
-        let limits: Vec<Limit> = read_patches(&s.config_patches)
+        let read = read_patches(&s.config_patches);
+        let route_rules = route_rules(&read);
+        let limits: Vec<Limit> = read
             .into_iter()
             .filter_map(|u| match u {
                 Ok(PatchUse::Limit(l)) => Some(*l),
                 _ => None,
             })
             .collect();
-        (!limits.is_empty()).then(|| Self {
+        (!limits.is_empty() || !route_rules.is_empty()).then(|| Self {
+            route_rules,
             id: format!("{}/{}", r.metadata.namespace, r.metadata.name),
             namespace: r.metadata.namespace.clone(),
             selector: s

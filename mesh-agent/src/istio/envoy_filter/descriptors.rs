@@ -59,6 +59,9 @@ pub struct RateLimitRule {
     written: Value,
     #[serde(skip)]
     actions: Vec<Action>,
+    /// Only a filter of the same `stage` uses it.
+    #[serde(skip)]
+    pub stage: u64,
     /// The inbound port whose routes carry it (`None`: every port).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
@@ -100,20 +103,38 @@ pub struct RequestFacts<'a> {
 }
 
 impl RequestFacts<'_> {
-    /// A header's value, pseudo-headers included; repeated headers joined
-    /// by `,` as Envoy does.
-    fn header(&self, name: &str) -> Option<String> {
-        match name {
-            ":path" => return Some(self.path.to_owned()),
-            ":method" => return Some(self.method.to_owned()),
-            ":authority" => return Some(self.authority.to_owned()),
-            ":scheme" => return Some("http".to_owned()),
-            _ => {}
+    fn pseudo(&self, name: &str) -> Option<String> {
+        Some(match name {
+            ":path" => self.path.to_owned(),
+            ":method" => self.method.to_owned(),
+            ":authority" => self.authority.to_owned(),
+            ":scheme" => "http".to_owned(),
+            _ => return None,
+        })
+    }
+
+    /// A header's value for a matcher, pseudo-headers included: repeated
+    /// headers joined by `,`, as Envoy's header matchers see them.
+    fn joined(&self, name: &str) -> Option<String> {
+        if let Some(v) = self.pseudo(name) {
+            return Some(v);
         }
         let mut values = self.headers.get_all(name).iter().peekable();
         values.peek()?;
-        let joined: Vec<&str> = values.map(|v| v.to_str().unwrap_or_default()).collect();
+        let joined: Vec<String> = values
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
         Some(joined.join(","))
+    }
+
+    /// A header's first value, as Envoy's `request_headers` action takes
+    /// it (a repeated header does not make another descriptor).
+    fn first(&self, name: &str) -> Option<String> {
+        if let Some(v) = self.pseudo(name) {
+            return Some(v);
+        }
+        let v = self.headers.get(name)?;
+        Some(String::from_utf8_lossy(v.as_bytes()).into_owned())
     }
 }
 
@@ -128,7 +149,7 @@ impl RateLimitRule {
                     header,
                     key,
                     skip_if_absent,
-                } => match req.header(header) {
+                } => match req.first(header) {
                     Some(v) => out.push((key.clone(), v)),
                     None if *skip_if_absent => {}
                     None => return None,
@@ -183,7 +204,7 @@ enum ValueMatch {
 impl HeaderMatcher {
     fn matches(&self, req: &RequestFacts<'_>) -> bool {
         let value = req
-            .header(&self.name)
+            .joined(&self.name)
             .or_else(|| self.missing_as_empty.then(String::new));
         let Some(v) = value else {
             // Absent: only a presence test can match (`present_match:
@@ -223,47 +244,65 @@ fn text<'a>(v: &'a Value, field: &str) -> Result<&'a str, FieldError> {
     }
 }
 
-/// A `rate_limits` list (a route's, or the filter's own): the entries of
-/// `stage` only, as Envoy applies them (`None`: all, to check them).
+/// A `rate_limits` list (a route's, or the filter's own), every stage:
+/// the rules, and the entries left out, each with why — one with an
+/// action this data plane does not have makes no descriptor here (it may
+/// serve a global rate limit service, which has no place on this data
+/// plane either); one with a `disable_key` is skipped, as Envoy's local
+/// filter does.
 pub fn parse_rate_limits(
     v: &Value,
     field: &str,
-    stage: Option<u64>,
     port: Option<u16>,
-) -> Result<Vec<RateLimitRule>, FieldError> {
+) -> Result<(Vec<RateLimitRule>, Vec<FieldError>), FieldError> {
     let Some(list) = v.as_array() else {
         return if v.is_null() {
-            Ok(Vec::new())
+            Ok((Vec::new(), Vec::new()))
         } else {
             err(field, "a list is required")
         };
     };
-    let mut out = Vec::new();
+    let (mut out, mut skipped) = (Vec::new(), Vec::new());
     for (i, r) in list.iter().enumerate() {
         let at = format!("{field}[{i}]");
-        // Another stage's, or switched off by a runtime key (the local
-        // filter skips any entry with a `disable_key`).
-        if stage.is_some_and(|s| r["stage"].as_u64().unwrap_or(0) != s)
-            || r["disable_key"].as_str().is_some_and(|k| !k.is_empty())
-        {
+        if r["disable_key"].as_str().is_some_and(|k| !k.is_empty()) {
             continue;
         }
         let Some(actions) = r["actions"].as_array().filter(|a| !a.is_empty()) else {
             return err(format!("{at}.actions"), "at least one action is required");
         };
-        let actions = actions
+        let actions: Result<Vec<Action>, FieldError> = actions
             .iter()
             .enumerate()
             .map(|(j, a)| action(a, &format!("{at}.actions[{j}]")))
-            .collect::<Result<_, _>>()?;
+            .collect();
+        let actions = match actions {
+            Ok(a) => a,
+            Err(e) if e.1.starts_with(UNSUPPORTED) => {
+                skipped.push(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let stage = match &r["stage"] {
+            Value::Null => 0,
+            s => match s.as_u64().or_else(|| s.as_str()?.parse().ok()) {
+                Some(n) => n,
+                None => return err(format!("{at}.stage"), "a number from 0 to 10"),
+            },
+        };
         out.push(RateLimitRule {
             written: r["actions"].clone(),
             actions,
+            stage,
             port,
         });
     }
-    Ok(out)
+    Ok((out, skipped))
 }
+
+/// How an action this data plane does not have is reported.
+const UNSUPPORTED: &str = "not supported by this data plane";
 
 fn action(a: &Value, at: &str) -> Result<Action, FieldError> {
     let Some((kind, v)) = a.as_object().and_then(|o| o.iter().next()) else {
@@ -326,7 +365,9 @@ fn action(a: &Value, at: &str) -> Result<Action, FieldError> {
         other => {
             return err(
                 format!("{at}.{other}"),
-                "not supported by this data plane (request_headers, generic_key, header_value_match, remote_address and destination_cluster are)",
+                format!(
+                    "{UNSUPPORTED} (request_headers, generic_key, header_value_match, remote_address and destination_cluster are): the entry makes no descriptor"
+                ),
             );
         }
     })
@@ -485,15 +526,12 @@ mod tests {
                 {"disable_key": "off", "actions": [{"generic_key": {"descriptor_value": "disabled"}}]},
             ]),
             "route.rate_limits",
-            Some(0),
             Some(8080),
         )
-        .unwrap();
-        assert_eq!(
-            rules.len(),
-            5,
-            "the stage-1 entry is not this filter's, nor a disabled one"
-        );
+        .unwrap()
+        .0;
+        assert_eq!(rules.len(), 6, "a disabled entry is skipped");
+        assert_eq!(rules[5].stage, 1);
         let mut h = HeaderMap::new();
         let r = facts("/admin/x?y=1", &h);
         let got: Vec<Option<Entries>> = rules.iter().map(|x| x.descriptor(&r)).collect();
@@ -520,7 +558,24 @@ mod tests {
         );
         h.append("x-user", "a".parse().unwrap());
         h.append("x-user", "b".parse().unwrap());
-        assert_eq!(rules[1].descriptor(&facts("/", &h)), e(&[("user", "a,b")]));
+        assert_eq!(
+            rules[1].descriptor(&facts("/", &h)),
+            e(&[("user", "a")]),
+            "request_headers takes the first value"
+        );
+        // Unsupported actions: the entry is left out, with why.
+        let (rules, skipped) = parse_rate_limits(
+            &json!([{"actions": [{"masked_remote_address": {}}]},
+                    {"actions": [{"generic_key": {"descriptor_value": "x"}}]}]),
+            "rate_limits",
+            None,
+        )
+        .unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            skipped[0].0,
+            "rate_limits[0].actions[0].masked_remote_address"
+        );
     }
 
     #[test]

@@ -351,3 +351,37 @@ async fn a_verified_token_is_remembered_until_it_expires() {
         "fractional exp"
     );
 }
+
+/// Rules are shared by workloads, and so are their caches: a token
+/// another workload's rule verified (its audience) is not taken here,
+/// where the issuer's first rule wants another audience.
+#[tokio::test]
+async fn a_token_remembered_by_another_workloads_rule_is_decided_by_this_ones() {
+    let key = Key::ed25519("k");
+    let store = store();
+    let both = rules(
+        &format!(
+            "{}  - issuer: {ISS}\n    audiences: [api]\n    jwks: '{}'\n",
+            inline(&[&key], ""),
+            mint::jwks(&[&key])
+        ),
+        &store,
+    );
+    let (web_rule, api_rule) = (both.rules[0].clone(), both.rules[1].clone());
+    let api_only = Authenticator {
+        rules: vec![api_rule.clone()],
+    };
+    let web_first = Authenticator {
+        rules: vec![web_rule, api_rule],
+    };
+    let t = key.sign(&mint::claims(ISS, "frank", "api"));
+    assert!(
+        check(&api_only, &t).await.unwrap().is_some(),
+        "audience api"
+    );
+    assert_eq!(
+        check(&web_first, &t).await,
+        Err(Rejected::Audience),
+        "the issuer's first rule here wants audience web"
+    );
+}

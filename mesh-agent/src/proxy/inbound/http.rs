@@ -228,18 +228,30 @@ impl Conn {
         // The policy in force now, not when the connection opened: a
         // change applies to the next request.
         let policy = self.current_policy();
+        // Policy sees the normalized path, and so does the application:
+        // nothing it routes on can differ from what was decided. Before the
+        // rate limits too, as Envoy normalizes before any filter: `/./x`
+        // must not escape a limit on `/x`.
+        let authority = one_authority(&parts)?;
+        let path = normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+        if parts.uri.path() != path {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            let mut u = parts.uri.clone().into_parts();
+            u.path_and_query = pq.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(u) {
+                parts.uri = uri;
+            }
+        }
         // Local rate limits first, as Istio inserts the filter first.
         let port = self.arrival.dst.port();
         for l in policy.request_limits(port) {
             let descriptors = l.limit.request_descriptors(&RequestFacts {
                 method: parts.method.as_str(),
                 path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-                authority: parts
-                    .uri
-                    .authority()
-                    .map(|a| a.as_str())
-                    .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
-                    .unwrap_or_default(),
+                authority: &authority,
                 headers: &parts.headers,
                 remote: self.arrival.peer.ip(),
                 port,
@@ -278,21 +290,6 @@ impl Conn {
                 ));
             }
         };
-        let authority = one_authority(&parts)?;
-        // Policy sees the normalized path, and so does the application:
-        // nothing it routes on can differ from what was decided.
-        let path = normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
-        if parts.uri.path() != path {
-            let pq = match parts.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.clone(),
-            };
-            let mut u = parts.uri.clone().into_parts();
-            u.path_and_query = pq.parse().ok();
-            if let Ok(uri) = http::Uri::from_parts(u) {
-                parts.uri = uri;
-            }
-        }
         let downstream = self
             .custom(&policy, &mut parts, &authority, &path, auth.as_deref())
             .await?;
