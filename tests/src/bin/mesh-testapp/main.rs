@@ -643,7 +643,7 @@ fn hold_many(addr: &str, n: usize, until: &Until) -> Result<()> {
 /// still fails.
 struct Patient {
     s: TcpStream,
-    /// Reads that returned EAGAIN early.
+    /// Calls that returned EAGAIN early.
     spurious: u64,
 }
 
@@ -651,13 +651,15 @@ impl Patient {
     fn new(s: TcpStream) -> Self {
         Self { s, spurious: 0 }
     }
-}
 
-impl Read for Patient {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+    /// Runs `op` again while it returns EAGAIN early (before TIMEOUT).
+    fn retry<T>(
+        &mut self,
+        mut op: impl FnMut(&mut TcpStream) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
         let started = std::time::Instant::now();
         loop {
-            match self.s.read(buf) {
+            match op(&mut self.s) {
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         && started.elapsed() < TIMEOUT =>
@@ -670,20 +672,15 @@ impl Read for Patient {
     }
 }
 
+impl Read for Patient {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.retry(|s| s.read(buf))
+    }
+}
+
 impl Write for Patient {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let started = std::time::Instant::now();
-        loop {
-            match self.s.write(buf) {
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && started.elapsed() < TIMEOUT =>
-                {
-                    self.spurious += 1
-                }
-                r => return r,
-            }
-        }
+        self.retry(|s| s.write(buf))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
