@@ -1,7 +1,7 @@
 //! `networking.istio.io/v1alpha3` EnvoyFilter: patches to Envoy's
 //! configuration, kept as written. This data plane has no Envoy to patch;
 //! it reads the one shape Istio documents for local rate limiting
-//! ([`parse_patch`], enforced by `policy::rate_limit`) and reports every
+//! ([`read_patches`], enforced by `policy::rate_limit`) and reports every
 //! other patch as ignored.
 
 use std::time::Duration;
@@ -195,6 +195,7 @@ pub fn route_rules(read: &[Result<PatchUse, FieldError>]) -> Vec<RateLimitRule> 
 }
 
 /// A patch alone: `Ok(Some)` a limit it sets.
+#[cfg(test)]
 pub fn parse_patch(p: &Value) -> Result<Option<Limit>, FieldError> {
     read_patch(p).map(|u| match u {
         PatchUse::Limit(l) => Some(*l),
@@ -299,7 +300,6 @@ fn bucket_of(bucket: &Value, at: &str) -> Result<BucketSpec, FieldError> {
     if !bucket.is_object() {
         return Err((at.to_owned(), "required".to_owned()));
     }
-    let number = |v: &Value| v.as_u64().or_else(|| v.as_str()?.parse().ok());
     let Some(max_tokens) = number(&bucket["max_tokens"]).filter(|n| *n > 0) else {
         return err("max_tokens", "a positive integer is required");
     };
@@ -339,7 +339,6 @@ fn limit_of(
     route_rules: &Value,
 ) -> Result<Limit, FieldError> {
     let bucket = bucket_of(&config["token_bucket"], "token_bucket")?;
-    let number = |v: &Value| v.as_u64().or_else(|| v.as_str()?.parse().ok());
     // Absent, a share is 0 % in Envoy ("for safety"): a filter without
     // `filter_enabled` limits nothing, one without `filter_enforced` only
     // counts.
@@ -444,6 +443,11 @@ fn limit_of(
         stage,
         source: serde_json::json!({"config": config, "route": route_rules}),
     })
+}
+
+/// A protobuf integer as JSON has it: a number, or (64-bit) a string.
+fn number(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| v.as_str()?.parse().ok())
 }
 
 /// A `HeaderValueOption` list's headers.

@@ -31,8 +31,7 @@ use serde::Serialize;
 
 use crate::istio::envoy_filter::PatchUse;
 pub use crate::istio::envoy_filter::{
-    BucketSpec, Entries, Limit, RateLimitRule, RequestFacts, Unit, parse_patch, read_patches,
-    route_rules,
+    BucketSpec, Entries, Limit, RateLimitRule, RequestFacts, Unit, read_patches, route_rules,
 };
 use crate::{
     istio::{Resource, Spec},
@@ -241,6 +240,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::istio::envoy_filter::parse_patch;
 
     #[test]
     fn a_bucket_outlives_snapshots_while_its_limit_stays() {

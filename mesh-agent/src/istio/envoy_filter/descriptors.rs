@@ -286,7 +286,7 @@ pub fn parse_rate_limits(
         };
         let stage = match &r["stage"] {
             Value::Null => 0,
-            s => match s.as_u64().or_else(|| s.as_str()?.parse().ok()) {
+            s => match super::number(s) {
                 Some(n) => n,
                 None => return err(format!("{at}.stage"), "a number from 0 to 10"),
             },

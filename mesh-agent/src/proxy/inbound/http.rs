@@ -247,24 +247,23 @@ impl Conn {
         }
         // Local rate limits first, as Istio inserts the filter first.
         let port = self.arrival.dst.port();
+        let mut not_enforced_headers = Vec::new();
+        let facts = RequestFacts {
+            method: parts.method.as_str(),
+            path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            authority: &authority,
+            headers: &parts.headers,
+            remote: self.arrival.peer.ip(),
+            port,
+        };
         for l in policy.request_limits(port) {
-            let descriptors = l.limit.request_descriptors(&RequestFacts {
-                method: parts.method.as_str(),
-                path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-                authority: &authority,
-                headers: &parts.headers,
-                remote: self.arrival.peer.ip(),
-                port,
-            });
-            match l.admit(&descriptors) {
+            match l.admit(&l.limit.request_descriptors(&facts)) {
                 Admit::Yes => {}
                 Admit::OverNotEnforced => {
                     self.ctx
                         .metrics
                         .rate_limited("requests", &l.filter, "over_not_enforced");
-                    for (k, v) in &l.limit.request_headers_not_enforced {
-                        parts.headers.append(k, v.clone());
-                    }
+                    not_enforced_headers.extend(l.limit.request_headers_not_enforced.iter());
                 }
                 Admit::Refused => {
                     self.ctx
@@ -277,6 +276,9 @@ impl Conn {
                     return Err(reply);
                 }
             }
+        }
+        for (k, v) in not_enforced_headers {
+            parts.headers.append(k.clone(), v.clone());
         }
         let auth = match policy.request_authentication.authenticate(&mut parts).await {
             Ok(a) => a,

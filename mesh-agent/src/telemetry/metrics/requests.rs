@@ -106,14 +106,12 @@ impl Metrics {
     /// Records a finished request of a connection whose labels are fixed,
     /// through its [`RequestRecorder`].
     pub fn request_done_on(&self, r: &RequestRecorder, o: &RequestOutcome<'_>) {
-        let key = (
-            o.code,
-            o.protocol.to_owned(),
-            o.flags.to_owned(),
-            o.grpc_status.to_owned(),
-        );
         let mut cache = r.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, h)) = cache.iter().find(|(k, _)| *k == key) {
+        // Compared in place: the key is built only for a new outcome.
+        let known = cache.iter().find(|((code, protocol, flags, grpc), _)| {
+            *code == o.code && protocol == o.protocol && flags == o.flags && grpc == o.grpc_status
+        });
+        if let Some((_, h)) = known {
             h.record(o);
             return;
         }
@@ -122,6 +120,12 @@ impl Metrics {
         };
         h.record(o);
         if cache.len() < RequestRecorder::MAX_OUTCOMES {
+            let key = (
+                o.code,
+                o.protocol.to_owned(),
+                o.flags.to_owned(),
+                o.grpc_status.to_owned(),
+            );
             cache.push((key, h));
         }
     }
