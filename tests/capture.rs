@@ -185,7 +185,7 @@ fn pod_to_pod_on_one_node_passes_both_directions_of_the_agent() {
     assert_eq!(r["received"], "both ways");
     assert_eq!(r["peer"], server.v4(7000));
     assert!(
-        echo.accepted()[0]["peer"]
+        echo.wait_accepted(1, Duration::from_secs(5))[0]["peer"]
             .as_str()
             .unwrap()
             .starts_with("127.0.0.6:")
@@ -279,7 +279,10 @@ fn inbound_excluded_port_bypasses_the_agent() {
     outsider
         .run_app(&["connect", &server.v4(5432), "direct"])
         .json();
-    let peer = echo.accepted()[0]["peer"].as_str().unwrap().to_owned();
+    let peer = echo.wait_accepted(1, Duration::from_secs(5))[0]["peer"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(
         peer.starts_with(&format!("{}:", outsider.ip4)),
         "the app should see the client itself, saw {peer}"
