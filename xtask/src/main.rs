@@ -5,6 +5,7 @@
 //! seconds when nothing is.
 
 mod setup;
+mod vm;
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -49,11 +50,16 @@ enum Task {
         action: Option<DemoAction>,
     },
     /// Lints, then every test tier (unit, in-process, namespaced root tests),
-    /// then `bench --quick` (figures reported, not asserted).
+    /// then the capture, mTLS and lifecycle tests in a VM on Debian 12's
+    /// kernel (`vm-test`), then `bench --quick` (figures reported, not
+    /// asserted).
     Test {
         /// Skip `cargo fmt --check` and `cargo clippy`.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the VM tier.
+        #[arg(long)]
+        no_vm: bool,
         /// Skip the quick benchmark at the end (and its release build).
         #[arg(long)]
         no_bench: bool,
@@ -63,6 +69,31 @@ enum Task {
     },
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
+    /// The namespaced tests inside QEMU on other kernels (root): by
+    /// default the capture, mTLS and lifecycle tests on Debian 12's 6.1
+    /// kernel, fetched and cached under ~/.cache/mesh-dev/kernels.
+    VmTest {
+        /// Show the cached kernels and exit.
+        #[arg(long)]
+        list: bool,
+        /// Every namespaced test on every cached kernel (Debian 12's and
+        /// the newest Debian kernel fetched first).
+        #[arg(long)]
+        all: bool,
+        /// A kernel to boot: a bzImage (modules built in), or a directory
+        /// unpacked as `dpkg -x` leaves a kernel package. Repeatable.
+        #[arg(long)]
+        kernel: Vec<PathBuf>,
+        /// A test binary to run (capture, mtls, l7, ...). Repeatable.
+        #[arg(long = "test")]
+        tests: Vec<String>,
+        /// Seconds one test may take in the guest.
+        #[arg(long, default_value_t = 300)]
+        test_timeout: u64,
+        /// Substrings of the test names to run.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        filters: Vec<String>,
+    },
     /// Benchmarks on release builds (root): the data path (direct, same
     /// node, HBONE, L7, each with the fast path off and on) side by side,
     /// how long a configuration change takes to reach the data plane, and
@@ -115,6 +146,7 @@ fn main() -> Result<()> {
         }
         Task::Test {
             no_lint,
+            no_vm,
             no_bench,
             args,
         } => {
@@ -128,12 +160,37 @@ fn main() -> Result<()> {
             t.env("MESH_AGENT_BIN", dir.join("mesh-agent"));
             status(&mut t)?;
             // A filtered run is a developer's loop, not the suite.
-            if no_bench || !args.is_empty() {
+            if !args.is_empty() {
+                return Ok(());
+            }
+            if !no_vm {
+                vm::run(&tools, &dir, vm::Request::readme())?;
+            }
+            if no_bench {
                 return Ok(());
             }
             bench(&tools, true)
         }
         Task::Lint => lint(&tools),
+        Task::VmTest { list: true, .. } => vm::list(),
+        Task::VmTest {
+            list: false,
+            all,
+            kernel,
+            tests,
+            test_timeout,
+            filters,
+        } => {
+            let bins = build(&tools, false)?;
+            let req = vm::Request {
+                kernels: kernel,
+                all,
+                tests,
+                filters,
+                test_timeout,
+            };
+            vm::run(&tools, &bins, req)
+        }
         Task::Bench { quick } => bench(&tools, quick),
     }
 }

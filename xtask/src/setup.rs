@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 pub const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
-const PACKAGES: [(&str, &str); 8] = [
+const PACKAGES: [(&str, &str); 10] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
@@ -25,6 +25,9 @@ const PACKAGES: [(&str, &str); 8] = [
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
     ("h2load", "nghttp2-client"),
+    // `cargo xtask vm-test`: the guest and its init.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
 ];
 
 /// Where the installed tools are.
