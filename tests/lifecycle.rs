@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use mesh_tests::{Agent, AgentOptions, Env, kernel, sys::wait_until};
+use mesh_tests::{
+    Agent, AgentOptions, Env, kernel,
+    sys::{self, wait_until},
+};
 
 use kernel::CAPTURE_PROGRAMS;
 
@@ -195,6 +198,48 @@ fn keep_pins_fails_closed_and_the_next_agent_adopts_the_maps() {
         ),
         3.0
     );
+}
+
+/// A killed agent (SIGKILL: no shutdown ran) leaves its pods captured and
+/// its pins behind; `mesh-agent uninstall` (a preStop hook's or a cleanup
+/// Job's) detaches everything, as bpftool sees it.
+#[test]
+fn uninstall_after_a_killed_agent_leaves_nothing_in_the_kernel() {
+    let env = Env::new("uninstall");
+    let node = env.node("node");
+    let client = env.pod(&node, "client");
+    let server = env.pod(&node, "server");
+    server.spawn_app(&env, &["echo", &server.v4(9000)]);
+    let mut agent = Agent::start(&env, &node, &[&client, &server], AgentOptions::default());
+    client.run_app(&["connect", &server.v4(9000)]).json();
+    assert!(!agent.stop_with("KILL").success());
+    kernel::assert_captured(&client);
+    kernel::assert_captured(&server);
+    assert!(agent.pin_dir.join("mesh_stats").exists());
+
+    let uninstall = || {
+        let out = std::process::Command::new(sys::agent_bin())
+            .arg("uninstall")
+            .arg("--bpffs-dir")
+            .arg(&agent.pin_dir)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "uninstall failed: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        said
+    };
+    let said = uninstall();
+    // Six links per pod: five on its cgroup, sk_lookup's on its netns.
+    assert!(said.contains("removed 12 link(s) of 2 pod(s)"), "{said}");
+    kernel::assert_released(&client);
+    kernel::assert_released(&server);
+    assert!(!agent.pin_dir.exists(), "pin directory left behind");
+    // Again: nothing left, nothing to fail on.
+    assert!(uninstall().contains("removed 0 link(s) of 0 pod(s) and 0 map pin(s)"));
 }
 
 #[test]

@@ -203,7 +203,11 @@ fn fast_path(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes
         (&Method::POST | &Method::PUT, Some(v @ ("true" | "false"))) => {
             let on = v == "true";
             if let Err(e) = state.maps.set_fast_path(on) {
-                return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+                let status = match e {
+                    crate::ebpf::Error::FastPathUnavailable(_) => StatusCode::CONFLICT,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                return text(status, e.to_string());
             }
             tracing::info!(on, "fast path switched");
             on

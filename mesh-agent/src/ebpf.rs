@@ -4,6 +4,7 @@
 //! With `sys`, the only module that uses `unsafe` (inside aya's macros).
 
 mod attach;
+mod features;
 mod loader;
 mod log;
 mod maps;
@@ -11,7 +12,7 @@ mod maps;
 use std::{io, path::PathBuf};
 
 pub use attach::PodLinks;
-pub use loader::{Loaded, ProgramInfo, remove_pins};
+pub use loader::{Loaded, ProgramInfo, Removed, remove_pins, uninstall};
 pub use log::forward_logs;
 pub use maps::{MapEntries, Maps, addr_from_map, map_addr};
 
@@ -54,6 +55,16 @@ pub enum Error {
         chain(.0)
     )]
     Load(#[source] aya::EbpfError),
+    /// A program the kernel refused for want of a feature it is too old
+    /// for (or was built without).
+    #[error("this kernel (Linux {release}) lacks {feature}, which eBPF program {program} needs")]
+    Unsupported {
+        program: &'static str,
+        feature: features::Feature,
+        release: String,
+    },
+    #[error("the same-node fast path is unavailable on this kernel: {0}")]
+    FastPathUnavailable(String),
     /// `reason` is one line; the verifier's full log is logged at debug level.
     #[error("the kernel refused eBPF program {name}: {reason}")]
     Program { name: &'static str, reason: String },

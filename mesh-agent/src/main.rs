@@ -29,6 +29,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(config) => run(*config),
         Command::Ca { command } => ca_command(command),
+        Command::Uninstall { bpffs_dir } => match mesh_agent::ebpf::uninstall(&bpffs_dir) {
+            Ok(removed) => {
+                println!("{removed}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-agent: error: {e}");
+                ExitCode::from(EX_SOFTWARE)
+            }
+        },
         Command::Analyze {
             paths,
             failure_threshold,

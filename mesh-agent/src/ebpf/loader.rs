@@ -15,7 +15,7 @@ use aya::{
 use serde::Serialize;
 
 use super::{
-    Error, OBJECT,
+    Error, OBJECT, features,
     maps::{Maps, PINNED},
 };
 use crate::{config::Config, sys};
@@ -32,7 +32,7 @@ pub(super) enum Hook {
 }
 
 /// Every program in the object, by the name `bpftool prog list` shows.
-pub(super) const PROGRAMS: [(&str, Hook); 7] = [
+pub(crate) const PROGRAMS: [(&str, Hook); 7] = [
     ("mesh_connect4", Hook::Cgroup),
     ("mesh_connect6", Hook::Cgroup),
     ("mesh_getpeer4", Hook::Cgroup),
@@ -105,43 +105,51 @@ impl Loaded {
         let mut bpf = loader.load(OBJECT).map_err(Error::Load)?;
 
         let mut programs = Vec::new();
+        let mut fast_path_missing = None;
         for (name, _) in PROGRAMS {
             let prog = bpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
             let perr = |source: aya::programs::ProgramError| {
                 tracing::debug!(program = name, "load failed: {source}");
-                Error::Program {
-                    name,
-                    reason: super::summarize(&source),
-                }
+                refused(name, &source)
             };
             let info = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => load_one::<CgroupSockAddr>(p, perr)?,
-                aya::programs::Program::SockOps(p) => load_one::<SockOps>(p, perr)?,
-                aya::programs::Program::SkLookup(p) => load_one::<SkLookup>(p, perr)?,
-                aya::programs::Program::SkMsg(p) => load_one::<SkMsg>(p, perr)?,
+                aya::programs::Program::CgroupSockAddr(p) => load_one::<CgroupSockAddr>(p, perr),
+                aya::programs::Program::SockOps(p) => load_one::<SockOps>(p, perr),
+                aya::programs::Program::SkLookup(p) => load_one::<SkLookup>(p, perr),
+                aya::programs::Program::SkMsg(p) => load_one::<SkMsg>(p, perr),
                 other => unreachable!("unexpected program type {:?} for {name}", other.prog_type()),
             };
-            programs.push(ProgramInfo { name, id: info });
+            match info {
+                Ok(id) => programs.push(ProgramInfo { name, id }),
+                // The fast path is an optimisation: without it, same-node
+                // bytes take loopback TCP. Said at start-up (app.rs).
+                Err(e) if features::optional(name) => fast_path_missing = Some(e.to_string()),
+                Err(e) => return Err(e),
+            }
         }
-        let maps = Maps::take(&mut bpf)?;
-        // The attachment lives with this process: a restarted agent attaches
-        // its own program to the adopted map, replacing this one.
-        let sk_msg: &mut SkMsg = bpf
-            .program_mut("mesh_sk_msg")
-            .ok_or(Error::MissingProgram("mesh_sk_msg"))?
-            .try_into()
-            .map_err(|source| Error::Attach {
-                program: "mesh_sk_msg",
-                target: pin_dir.join("mesh_fast_socks"),
-                source,
-            })?;
-        sk_msg
-            .attach(maps.fast_socks_fd())
-            .map_err(|source| Error::Attach {
-                program: "mesh_sk_msg",
-                target: pin_dir.join("mesh_fast_socks"),
-                source,
-            })?;
+        let mut maps = Maps::take(&mut bpf)?;
+        if let Some(why) = fast_path_missing {
+            maps.set_fast_path_missing(why);
+        } else {
+            // The attachment lives with this process: a restarted agent
+            // attaches its own program to the adopted map, replacing this one.
+            let sk_msg: &mut SkMsg = bpf
+                .program_mut("mesh_sk_msg")
+                .ok_or(Error::MissingProgram("mesh_sk_msg"))?
+                .try_into()
+                .map_err(|source| Error::Attach {
+                    program: "mesh_sk_msg",
+                    target: pin_dir.join("mesh_fast_socks"),
+                    source,
+                })?;
+            sk_msg
+                .attach(maps.fast_socks_fd())
+                .map_err(|source| Error::Attach {
+                    program: "mesh_sk_msg",
+                    target: pin_dir.join("mesh_fast_socks"),
+                    source,
+                })?;
+        }
         maps.configure(cfg)?;
         Ok(Self {
             bpf,
@@ -185,6 +193,49 @@ impl Loaded {
         Ok(())
     }
 
+    /// Lets `sock_ops` see the agent's own sockets, whether or not the fast path
+    /// starts on (it can be switched at run time). The fast path is an
+    /// optimisation: where it cannot work, say why and carry on without it.
+    pub fn attach_fast_path(&mut self, config: &Config) {
+        if let Some(why) = self.maps().fast_path_unavailable() {
+            // Said whether or not it was asked for: the operator may turn it
+            // on at run time and should know beforehand that it cannot be.
+            tracing::warn!("fast path unavailable, running without it: {why}");
+            if let Err(e) = self.maps().set_fast_path(false) {
+                tracing::warn!("cannot turn the fast path off: {e}");
+            }
+            return;
+        }
+        let own = config.agent_cgroup.clone().or_else(|| {
+            crate::discover::own_cgroup(&config.cgroup_root, config.pod_uid.as_deref())
+        });
+        let problem = match own {
+            None => "the agent's own cgroup is unknown or the root cgroup (set --agent-cgroup or \
+                     MESH_POD_UID)"
+                .to_string(),
+            Some(cg) => match self.attach_agent_cgroup(&cg) {
+                Ok(()) => {
+                    let state = if config.fast_path {
+                        "on"
+                    } else {
+                        "off (--fast-path)"
+                    };
+                    tracing::info!(cgroup = %cg.display(), "fast path {state}");
+                    return;
+                }
+                Err(e) => e.to_string(),
+            },
+        };
+        if !config.fast_path {
+            tracing::debug!("fast path unavailable: {problem}");
+            return;
+        }
+        tracing::warn!("fast path off: {problem}");
+        if let Err(e) = self.maps().set_fast_path(false) {
+            tracing::warn!("cannot turn the fast path off: {e}");
+        }
+    }
+
     /// Map pins this agent created rather than adopted.
     pub fn created_pins(&self) -> &[PathBuf] {
         &self.created
@@ -220,6 +271,73 @@ pub fn unpin_maps(pin_dir: &Path) {
     remove_pins(pin_dir, &all);
 }
 
+/// What `uninstall` removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub dir: PathBuf,
+    /// Pods whose links were pinned.
+    pub pods: usize,
+    /// Link pins: each one's removal detached its program (nothing else
+    /// holds a link once its agent is gone).
+    pub links: usize,
+    pub maps: usize,
+}
+
+impl std::fmt::Display for Removed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "removed {} link(s) of {} pod(s) and {} map pin(s) under {}",
+            self.links,
+            self.pods,
+            self.maps,
+            self.dir.display()
+        )
+    }
+}
+
+/// Unpins every link and map an agent left under `pin_dir`, whichever
+/// agent (version) made them: links are found by walking `links/`, maps by
+/// listing the directory, not from this agent's own list. Refuses a
+/// directory that is not on bpffs, so it never deletes ordinary files.
+pub fn uninstall(pin_dir: &Path) -> Result<Removed, Error> {
+    let mut removed = Removed {
+        dir: pin_dir.to_path_buf(),
+        ..Removed::default()
+    };
+    if !pin_dir.exists() {
+        return Ok(removed);
+    }
+    if sys::fs_magic(pin_dir).ok() != Some(sys::BPF_FS_MAGIC) {
+        return Err(Error::NotBpffs {
+            path: pin_dir.into(),
+        });
+    }
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Pin { path, source }
+    };
+    let links = pin_dir.join("links");
+    if let Ok(pods) = fs::read_dir(&links) {
+        for pod in pods.flatten() {
+            let dir = pod.path();
+            for link in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+                fs::remove_file(link.path()).map_err(io_err(&link.path()))?;
+                removed.links += 1;
+            }
+            fs::remove_dir(&dir).map_err(io_err(&dir))?;
+            removed.pods += 1;
+        }
+        fs::remove_dir(&links).map_err(io_err(&links))?;
+    }
+    for e in fs::read_dir(pin_dir).map_err(io_err(pin_dir))?.flatten() {
+        fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
+        removed.maps += 1;
+    }
+    fs::remove_dir(pin_dir).map_err(io_err(pin_dir))?;
+    Ok(removed)
+}
+
 /// Removes `pins`, then `pin_dir` and its `links/` if nothing else is left.
 pub fn remove_pins(pin_dir: &Path, pins: &[PathBuf]) {
     for p in pins {
@@ -250,6 +368,34 @@ fn load_one<P: Loadable>(
 ) -> Result<u32, Error> {
     p.load_prog().map_err(&err)?;
     p.prog_id().map_err(err)
+}
+
+/// Why the kernel refused program `name`: a feature it lacks, named with
+/// the release that has it, or else the verifier's own verdict.
+fn refused(name: &'static str, source: &aya::programs::ProgramError) -> Error {
+    let (log, type_unknown) = match source {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let einval = io_error.raw_os_error() == Some(libc::EINVAL);
+            let unknown = einval && log.trim().is_empty();
+            (log, unknown)
+        }
+        _ => (String::new(), false),
+    };
+    match features::missing(name, &log, type_unknown) {
+        Some(feature) => Error::Unsupported {
+            program: name,
+            feature,
+            release: features::kernel_release(),
+        },
+        None => Error::Program {
+            name,
+            reason: super::summarize(source),
+        },
+    }
 }
 
 /// The pin directory, or its nearest existing parent, must be on bpffs.

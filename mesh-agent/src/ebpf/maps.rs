@@ -75,6 +75,8 @@ pub struct Maps {
     pod_ips: Mutex<HashMap<MapData, Addr, u32>>,
     stats: PerCpuArray<MapData, ProgStats>,
     fast_socks: SockHash<MapData, ConnKey>,
+    /// Why the fast path cannot run on this kernel, if it cannot.
+    fast_path_missing: Option<String>,
 }
 
 /// How many entries the connection-tracking maps hold (for `/metrics`).
@@ -111,6 +113,7 @@ impl Maps {
             pod_ips: Mutex::new(typed!("mesh_pod_ips")),
             stats: typed!("mesh_stats"),
             fast_socks: typed!("mesh_fast_socks"),
+            fast_path_missing: None,
         })
     }
 
@@ -169,6 +172,9 @@ impl Maps {
     /// flag on every message; a socket that was redirecting falls back to
     /// TCP, which keeps byte order).
     pub fn set_fast_path(&self, on: bool) -> Result<(), Error> {
+        if let (true, Some(why)) = (on, &self.fast_path_missing) {
+            return Err(Error::FastPathUnavailable(why.clone()));
+        }
         let mut m = self.config.lock().expect("map lock");
         let mut mc = m.get(&0, 0).map_err(map_err("mesh_config"))?;
         mc.flags = if on {
@@ -177,6 +183,16 @@ impl Maps {
             mc.flags & !FLAG_FAST_PATH
         };
         m.set(0, mc, 0).map_err(map_err("mesh_config"))
+    }
+
+    /// Why the fast path cannot run on this kernel (its program was
+    /// refused), if it cannot.
+    pub fn fast_path_unavailable(&self) -> Option<&str> {
+        self.fast_path_missing.as_deref()
+    }
+
+    pub(super) fn set_fast_path_missing(&mut self, why: String) {
+        self.fast_path_missing = Some(why);
     }
 
     /// Whether the fast path is on.
