@@ -95,6 +95,12 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     } else {
         None
     };
+    let config = match &kube_client {
+        Some(client) if config.locality.is_empty() => {
+            kube::with_node_locality(config, client).await
+        }
+        _ => config,
+    };
 
     // Signals first: from here on, an interrupt must lead to a clean exit.
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
@@ -121,7 +127,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         armed: true,
     };
     let _log_task = ebpf::forward_logs(&mut loaded);
-    attach_fast_path(&config, &mut loaded);
+    loaded.attach_fast_path(&config);
     metrics.register_ebpf(loaded.maps())?;
 
     let identities = identities(&config, &metrics)?;
@@ -326,41 +332,6 @@ const HEAP_TRIM_ABOVE: usize = 4 << 20;
 
 /// How often series of departed workloads and services are removed.
 const SERIES_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Lets `sock_ops` see the agent's own sockets, whether or not the fast path
-/// starts on (it can be switched at run time). The fast path is an
-/// optimisation: where it cannot work, say why and carry on without it.
-fn attach_fast_path(config: &Config, loaded: &mut Loaded) {
-    let own = config
-        .agent_cgroup
-        .clone()
-        .or_else(|| crate::discover::own_cgroup(&config.cgroup_root, config.pod_uid.as_deref()));
-    let problem = match own {
-        None => "the agent's own cgroup is unknown or the root cgroup (set --agent-cgroup or \
-                 MESH_POD_UID)"
-            .to_string(),
-        Some(cg) => match loaded.attach_agent_cgroup(&cg) {
-            Ok(()) => {
-                let state = if config.fast_path {
-                    "on"
-                } else {
-                    "off (--fast-path)"
-                };
-                tracing::info!(cgroup = %cg.display(), "fast path {state}");
-                return;
-            }
-            Err(e) => e.to_string(),
-        },
-    };
-    if !config.fast_path {
-        tracing::debug!("fast path unavailable: {problem}");
-        return;
-    }
-    tracing::warn!("fast path off: {problem}");
-    if let Err(e) = loaded.maps().set_fast_path(false) {
-        tracing::warn!("cannot turn the fast path off: {e}");
-    }
-}
 
 fn identities(
     config: &Config,

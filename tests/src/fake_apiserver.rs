@@ -10,6 +10,8 @@
 //! * `expire` answers open watches with `410 Gone` (and refuses watches from
 //!   older versions) — the client must list again; `drop_watches` closes
 //!   them — the client must watch again from the last version it saw.
+//! * `GET <collection>/<name>` reads one object of a cluster-scoped
+//!   collection (the agent reads its own Node).
 //! * Field selectors `a.b=x` and `a.b!=x` are honoured unless
 //!   `ignore_field_selectors` is set (a server that misbehaves).
 
@@ -348,6 +350,19 @@ fn handle(
         path: path.clone(),
         query: q.clone(),
     });
+    // One cluster-scoped object (`GET /api/v1/nodes/NAME`).
+    if !s.collections.contains_key(&path)
+        && let Some((collection, name)) = path.rsplit_once('/')
+        && let Some(objects) = s.collections.get(collection)
+    {
+        return match objects.get(name) {
+            Some(o) => json_response(StatusCode::OK, o),
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                &status(404, "NotFound", &format!("{name} not found")),
+            ),
+        };
+    }
     let Some(objects) = s.collections.get(&path) else {
         return json_response(
             StatusCode::NOT_FOUND,

@@ -22,7 +22,7 @@ use std::{
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, PodSpec, PodStatus, Service},
+    core::v1::{Namespace, Node, Pod, PodSpec, PodStatus, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -122,6 +122,51 @@ enum Converted {
 /// The client for the cluster the agent runs in (or KUBECONFIG's).
 pub async fn client() -> Result<Client, Error> {
     Client::try_default().await.map_err(Error::Config)
+}
+
+/// This node's locality from its Node object's labels, as
+/// `region/zone/subzone` (`topology.kubernetes.io/region` and `zone`,
+/// Istio's `topology.istio.io/subzone`); `None` when it has no region.
+pub async fn node_locality(client: &Client, node: &str) -> Result<Option<String>, kube::Error> {
+    let n = Api::<Node>::all(client.clone()).get(node).await?;
+    Ok(locality_from_labels(&n.metadata.labels.unwrap_or_default()))
+}
+
+fn locality_from_labels(labels: &BTreeMap<String, String>) -> Option<String> {
+    let region = labels.get("topology.kubernetes.io/region")?;
+    let label = |k: &str| labels.get(k).map(String::as_str).unwrap_or_default();
+    let l = format!(
+        "{region}/{}/{}",
+        label("topology.kubernetes.io/zone"),
+        label("topology.istio.io/subzone")
+    );
+    Some(l.trim_end_matches('/').to_owned())
+}
+
+/// `--locality` from this node's Node object, when not given: a DaemonSet
+/// cannot put a node's labels in its pods' environment, and locality-aware
+/// load balancing needs it. A node that cannot be read (no `get` on nodes)
+/// leaves the locality unknown, said once, not fatal.
+pub async fn with_node_locality(
+    config: Arc<crate::config::Config>,
+    client: &Client,
+) -> Arc<crate::config::Config> {
+    match node_locality(client, &config.node_name).await {
+        Ok(Some(locality)) => {
+            tracing::info!(node = %config.node_name, %locality, "locality from the node's topology labels");
+            let mut with = (*config).clone();
+            with.locality = locality;
+            Arc::new(with)
+        }
+        Ok(None) => {
+            tracing::info!(node = %config.node_name, "the node has no topology.kubernetes.io/region label: locality unknown");
+            config
+        }
+        Err(e) => {
+            tracing::warn!(node = %config.node_name, "cannot read the node's topology labels: {e} (locality unknown; set --locality)");
+            config
+        }
+    }
 }
 
 impl KubeSource {
@@ -473,5 +518,37 @@ fn apply<K: Resource, F: Fn(K) -> Converted>(
             }
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locality_comes_from_the_topology_labels() {
+        let labels = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let l = labels(&[
+            ("topology.kubernetes.io/region", "eu-west-1"),
+            ("topology.kubernetes.io/zone", "eu-west-1a"),
+        ]);
+        assert_eq!(
+            locality_from_labels(&l).as_deref(),
+            Some("eu-west-1/eu-west-1a")
+        );
+        let l = labels(&[
+            ("topology.kubernetes.io/region", "r"),
+            ("topology.kubernetes.io/zone", "z"),
+            ("topology.istio.io/subzone", "s"),
+        ]);
+        assert_eq!(locality_from_labels(&l).as_deref(), Some("r/z/s"));
+        assert_eq!(
+            locality_from_labels(&labels(&[("topology.kubernetes.io/zone", "z")])),
+            None
+        );
     }
 }
