@@ -155,7 +155,7 @@ impl Env {
         for pid in self.agents.lock().unwrap().drain(..) {
             // SIGTERM lets the agent detach and unpin on its own.
             sys::signal(pid, "TERM");
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + crate::sys::scaled(Duration::from_secs(10));
             while pid_alive(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }

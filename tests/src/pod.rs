@@ -308,6 +308,7 @@ impl AppResult {
 
 /// Waits for `child`, killing it (by PID) after `timeout`.
 pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
+    let timeout = sys::scaled(timeout);
     let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
     let t_out = std::thread::spawn(move || {
         let mut v = Vec::new();
@@ -373,7 +374,7 @@ impl App {
 
     /// Waits for a line matching `pred`; panics after `timeout`.
     pub fn wait_for(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + sys::scaled(timeout);
         loop {
             if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
                 return v.clone();

@@ -97,7 +97,7 @@ pub fn sysctl(netns: &str, settings: &[&str]) {
 /// (false). For state that has no event to await: a metric, a map's size,
 /// a log line. Callers assert on the result with their own message.
 pub fn wait_until(timeout: std::time::Duration, done: impl Fn() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = std::time::Instant::now() + scaled(timeout);
     loop {
         if done() {
             return true;
@@ -107,6 +107,23 @@ pub fn wait_until(timeout: std::time::Duration, done: impl Fn() -> bool) -> bool
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// A harness timeout, stretched by `MESH_TEST_TIMEOUT_SCALE` (a whole
+/// number, default 1): `cargo xtask vm-test` sets it where the guest's CPU
+/// is emulated and everything runs several times slower. Timeouts bound
+/// waits for events; they never measure speed, so stretching them changes
+/// no verdict, only how long a failure takes to show.
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    static SCALE: OnceLock<u32> = OnceLock::new();
+    let k = *SCALE.get_or_init(|| {
+        std::env::var("MESH_TEST_TIMEOUT_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|k| *k >= 1)
+            .unwrap_or(1)
+    });
+    d * k
 }
 
 /// A binary next to the running test executable (`target/<profile>/`).

@@ -213,6 +213,9 @@ fn runner(plan: &[Planned], bins: &Path, timeout: u64) -> String {
     let mut s = format!(
         r#"export HOME=/tmp/home PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export RUST_BACKTRACE=1 MESH_AGENT_BIN='{agent}' MESH_TESTAPP_BIN='{app}'
+# The guest's CPU is emulated: the harness's waits for events last longer
+# (tests/src/sys.rs, `scaled`); no test measures speed.
+export MESH_TEST_TIMEOUT_SCALE=4
 mkdir -p "$HOME"
 failed=0
 run() {{
