@@ -134,6 +134,51 @@ impl Agent {
         agent
     }
 
+    /// Starts `program args…` as an agent on `node` exactly as given (no
+    /// flag of the harness's added): in its own cgroup and the node's
+    /// network namespace, with `vars` as its environment's additions, and
+    /// waits until it is ready. `program` may be a wrapper (`setpriv`)
+    /// whose arguments end with the agent binary. `pin_dir` is where the
+    /// given flags pin.
+    pub fn start_command(
+        env: &Env,
+        node: &Node,
+        program: &[String],
+        vars: &[(String, String)],
+        pin_dir: PathBuf,
+    ) -> Self {
+        let cgroup = env.cgroup.join(format!("agent-{}", node.name));
+        fs::create_dir_all(&cgroup).unwrap();
+        let log_path = env.dir.join(format!("agent-{}.log", node.index));
+        let log = fs::File::create(&log_path).unwrap();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"cg=$1; shift; echo $$ > "$cg/cgroup.procs" && exec "$@""#)
+            .arg("sh")
+            .arg(&cgroup)
+            .arg("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .arg("--")
+            .args(program)
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mesh-agent");
+        let tracked = env.track_agent(child.id());
+        let mut agent = Self {
+            child: Some(child),
+            tracked,
+            node: node.clone(),
+            workloads: PathBuf::new(),
+            pin_dir,
+            log_path,
+        };
+        agent.wait_ready(false);
+        agent
+    }
+
     /// Runs an agent that is expected to fail at startup; returns its exit
     /// status and stderr.
     pub fn run_expecting_exit(
@@ -174,7 +219,7 @@ impl Agent {
         } else {
             "http://127.0.0.1:15021/healthz/ready"
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + sys::scaled(Duration::from_secs(30));
         loop {
             if let Some(status) = self
                 .child
@@ -283,13 +328,20 @@ impl Agent {
 
     /// Sends `signal` (e.g. "INT") and waits for the exit (SIGKILL after 15 s).
     pub fn stop_with(&mut self, signal: &str) -> ExitStatus {
+        self.stop_within(signal, Duration::from_secs(15))
+    }
+
+    /// Sends `signal` and waits for the exit at most `grace` (then SIGKILL,
+    /// and a panic), as the kubelet does with a pod's termination grace
+    /// period.
+    pub fn stop_within(&mut self, signal: &str, grace: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");
         let pid = child.id();
         sys::signal(pid, signal);
         // Reaped below: forget the PID so it is never signalled again.
         let forget =
             |tracked: &std::sync::Mutex<Vec<u32>>| tracked.lock().unwrap().retain(|p| *p != pid);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + sys::scaled(grace);
         loop {
             if let Some(s) = child.try_wait().unwrap() {
                 forget(&self.tracked);
@@ -299,7 +351,11 @@ impl Agent {
                 let _ = child.kill();
                 let _ = child.wait();
                 forget(&self.tracked);
-                panic!("mesh-agent ignored SIG{signal} for 15s:\n{}", self.log());
+                panic!(
+                    "mesh-agent ignored SIG{signal} for {}s:\n{}",
+                    grace.as_secs(),
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -4,6 +4,7 @@
 //! nightly with rust-src, bpf-linker, Debian packages, bpffs) and takes
 //! seconds when nothing is.
 
+mod chart;
 mod setup;
 mod vm;
 
@@ -69,6 +70,9 @@ enum Task {
     },
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
+    /// Render the Helm chart (deploy/chart) with its default values into
+    /// the files `kubectl apply -k deploy/` applies.
+    Chart,
     /// The namespaced tests inside QEMU on other kernels (root): by
     /// default the capture, mTLS and lifecycle tests on Debian 12's 6.1
     /// kernel, fetched and cached under ~/.cache/mesh-dev/kernels.
@@ -172,6 +176,7 @@ fn main() -> Result<()> {
             bench(&tools, true)
         }
         Task::Lint => lint(&tools),
+        Task::Chart => chart::write(&root().join("deploy")),
         Task::VmTest { list: true, .. } => vm::list(),
         Task::VmTest {
             list: false,
