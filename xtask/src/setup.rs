@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 pub const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
-const PACKAGES: [(&str, &str); 10] = [
+const PACKAGES: [(&str, &str); 11] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
@@ -28,6 +28,8 @@ const PACKAGES: [(&str, &str); 10] = [
     // `cargo xtask vm-test`: the guest and its init.
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
+    // Debian's kernel modules are xz-compressed from 6.12 on.
+    ("xz", "xz-utils"),
 ];
 
 /// Where the installed tools are.

@@ -7,7 +7,11 @@
 //! `cpio` and `gzip`: a few dozen lines, no tools to install, and the
 //! kernel takes an uncompressed archive as it is.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -81,11 +85,18 @@ fn pad4(out: &mut Vec<u8>) {
     }
 }
 
-/// The `.ko` files to load, dependencies first, found under `modules`
-/// (the kernel's `lib/modules/<release>`). A wanted module the kernel
-/// does not have as a file is taken to be built in.
-pub fn modules_in_order(modules: &Path, wanted: &[&str]) -> Result<Vec<PathBuf>> {
-    let mut files = std::collections::HashMap::new();
+/// A module to load: its file name in the archive (`name.ko`) and its
+/// bytes, uncompressed.
+pub struct Module {
+    pub file: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The modules to load, dependencies first, found under `modules` (the
+/// kernel's `lib/modules/<release>`). A wanted module the kernel does not
+/// have as a file is taken to be built in.
+pub fn modules_in_order(modules: &Path, wanted: &[&str]) -> Result<Vec<Module>> {
+    let mut files = HashMap::new();
     index(modules, &mut files)?;
     let mut order = Vec::new();
     for name in wanted {
@@ -94,30 +105,52 @@ pub fn modules_in_order(modules: &Path, wanted: &[&str]) -> Result<Vec<PathBuf>>
     Ok(order)
 }
 
-fn index(dir: &Path, files: &mut std::collections::HashMap<String, PathBuf>) -> Result<()> {
+fn index(dir: &Path, files: &mut HashMap<String, PathBuf>) -> Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
         let p = e?.path();
         if p.is_dir() {
             index(&p, files)?;
         } else if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
-            if let Some(stem) = name.strip_suffix(".ko") {
+            let stem = [".ko", ".ko.xz", ".ko.zst"]
+                .iter()
+                .find_map(|ext| name.strip_suffix(ext));
+            if let Some(stem) = stem {
                 // modinfo names use `_` where file names may use `-`.
                 files.insert(stem.replace('-', "_"), p.clone());
-            } else if name.ends_with(".ko.xz") || name.ends_with(".ko.zst") {
-                bail!(
-                    "{}: compressed modules are not supported (busybox insmod loads plain .ko files)",
-                    p.display()
-                );
             }
         }
     }
     Ok(())
 }
 
+/// A module file's bytes, decompressed when the distribution compresses
+/// its modules (Debian does from 6.12 on, with xz): busybox's `insmod`
+/// loads plain ELF only.
+fn read_module(path: &Path) -> Result<Vec<u8>> {
+    let tool = match path.extension().and_then(|e| e.to_str()) {
+        Some("xz") => "xz",
+        Some("zst") => "zstd",
+        _ => return Ok(std::fs::read(path)?),
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .with_context(|| format!("{tool} (to decompress {})", path.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} -dc {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
 fn visit(
     name: &str,
-    files: &std::collections::HashMap<String, PathBuf>,
-    order: &mut Vec<PathBuf>,
+    files: &HashMap<String, PathBuf>,
+    order: &mut Vec<Module>,
     depth: usize,
 ) -> Result<()> {
     if depth > 32 {
@@ -126,14 +159,15 @@ fn visit(
     let Some(path) = files.get(name) else {
         return Ok(()); // built in
     };
-    if order.contains(path) {
+    let file = format!("{name}.ko");
+    if order.iter().any(|m| m.file == file) {
         return Ok(());
     }
-    let bytes = std::fs::read(path)?;
+    let bytes = read_module(path)?;
     for dep in depends(&bytes) {
         visit(&dep, files, order, depth + 1)?;
     }
-    order.push(path.clone());
+    order.push(Module { file, bytes });
     Ok(())
 }
 
