@@ -94,6 +94,9 @@ enum Task {
         /// Seconds one test may take in the guest.
         #[arg(long, default_value_t = 300)]
         test_timeout: u64,
+        /// The guest's memory, in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
         /// Substrings of the test names to run.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filters: Vec<String>,
@@ -184,6 +187,7 @@ fn main() -> Result<()> {
             kernel,
             tests,
             test_timeout,
+            memory,
             filters,
         } => {
             let bins = build(&tools, false)?;
@@ -193,6 +197,7 @@ fn main() -> Result<()> {
                 tests,
                 filters,
                 test_timeout,
+                memory,
             };
             vm::run(&tools, &bins, req)
         }

@@ -41,6 +41,8 @@ pub struct Request {
     pub filters: Vec<String>,
     /// Seconds one test may take.
     pub test_timeout: u64,
+    /// The guest's memory, in MiB.
+    pub memory: u32,
 }
 
 impl Request {
@@ -52,6 +54,7 @@ impl Request {
             tests: Vec::new(),
             filters: Vec::new(),
             test_timeout: 300,
+            memory: 2048,
         }
     }
 }
@@ -109,6 +112,7 @@ pub fn run(tools: &Tools, bins: &Path, req: Request) -> Result<()> {
         let limits = qemu::Limits {
             boot: Duration::from_secs(180),
             quiet: Duration::from_secs(req.test_timeout + 60),
+            memory_mib: req.memory,
         };
         let report = qemu::boot(k, &initrd, &log, &limits, plan.len())?;
         reports.push((k.release.clone(), report, log));
@@ -131,13 +135,16 @@ struct Planned {
 /// Builds the test binaries and lists their tests (on the host: the same
 /// binaries list the same tests), skipping `#[ignore]`d ones.
 fn plan(tools: &Tools, wanted: &[String], filters: &[String]) -> Result<Vec<Planned>> {
+    // The same package selection as `cargo xtask test`'s run, so the
+    // binaries it just built are reused rather than rebuilt with other
+    // feature unification.
     let mut c = tools.cargo();
     c.args([
         "test",
+        "--workspace",
+        "--exclude",
+        "mesh-ebpf",
         "--no-run",
-        "-p",
-        "mesh-tests",
-        "--tests",
         "--message-format=json-render-diagnostics",
     ]);
     let out = c.output().context("cargo test --no-run")?;
@@ -156,9 +163,13 @@ fn plan(tools: &Tools, wanted: &[String], filters: &[String]) -> Result<Vec<Plan
         else {
             continue;
         };
+        // The namespaced tier: mesh-tests' integration tests.
         let is_test = v["target"]["kind"]
             .as_array()
-            .is_some_and(|k| k.iter().any(|k| k == "test"));
+            .is_some_and(|k| k.iter().any(|k| k == "test"))
+            && v["manifest_path"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("tests/Cargo.toml"));
         let all = wanted.is_empty();
         if is_test && (all || wanted.iter().any(|w| w == name)) {
             exes.push((name.to_owned(), PathBuf::from(exe)));
@@ -274,14 +285,13 @@ fn build_initramfs(k: &kernels::Kernel, script: &str, out: &Path) -> Result<()> 
         },
     ];
     let mut names = Vec::new();
-    for m in &modules {
-        let name = m.file_name().unwrap().to_string_lossy().into_owned();
+    for m in modules {
         entries.push(Entry::File {
-            path: format!("modules/{name}"),
+            path: format!("modules/{}", m.file),
             mode: 0o644,
-            data: std::fs::read(m)?,
+            data: m.bytes,
         });
-        names.push(name);
+        names.push(m.file);
     }
     entries.push(Entry::File {
         path: "init".into(),

@@ -19,6 +19,7 @@ pub struct Limits {
     /// The longest silence on the console after boot (a test's timeout
     /// is enforced in the guest; this catches a hung guest).
     pub quiet: Duration,
+    pub memory_mib: u32,
 }
 
 /// What one guest reported.
@@ -89,11 +90,8 @@ fn boot_with(
     } else {
         c.args(["-accel", "tcg", "-cpu", "max"]);
     }
+    c.args(["-smp", "2", "-m", &limits.memory_mib.to_string()]);
     c.args([
-        "-smp",
-        "2",
-        "-m",
-        "2048",
         "-no-reboot",
         "-nodefaults",
         "-no-user-config",
