@@ -264,6 +264,24 @@ fn a_policy_change_applies_under_load_without_failing_allowed_requests() {
     ]);
     // Applied: the very next request is decided by the new policy.
     assert_denied(&m.get("/blocked", &[]), "the new DENY");
+    // The load goes on under the new policy: more of its requests are let
+    // through after the change (counted by the destination) before it
+    // stops — whatever the machine's speed.
+    let allowed = || {
+        m.agent_b
+            .metrics()
+            .try_value(
+                "istio_requests_total",
+                &[("reporter", "destination"), ("response_code", "200")],
+            )
+            .unwrap_or(0.0)
+    };
+    let at_change = allowed();
+    assert!(
+        wait_until(Duration::from_secs(10), || allowed() >= at_change + 5.0),
+        "the load stalled after the change: {:?}",
+        load.lines()
+    );
     std::fs::write(&stop, "").unwrap();
     let done = load.wait_for(|l| l["event"] == "done", Duration::from_secs(10));
     assert_eq!(done["failures"], 0, "{done}: {:?}", load.lines());
@@ -273,5 +291,4 @@ fn a_policy_change_applies_under_load_without_failing_allowed_requests() {
         .filter(|l| l["event"] == "answer")
         .collect();
     assert_eq!(answers.len(), 1, "one answer throughout: {answers:?}");
-    assert!(done["requests"].as_u64().unwrap_or(0) > 10, "{done}");
 }
