@@ -9,7 +9,9 @@
 //! labelled for the mesh is enrolled from the API and talks across nodes
 //! over mutual TLS; the node's topology labels give the agent its
 //! locality. A flag renamed in the agent, a mount or a capability missing
-//! from the manifest fails this test.
+//! from the manifest fails this test. Not reproduced here: the container
+//! runtime's AppArmor and seccomp profiles, its read-only root and masked
+//! /proc, a cgroup namespace.
 
 use std::{
     collections::BTreeMap,
@@ -56,6 +58,18 @@ fn strings(v: &Value) -> Vec<String> {
 struct Mapping(Vec<(String, String)>);
 
 impl Mapping {
+    /// `value` mapped, where an absolute path no mount covers fails the
+    /// test: it would point at this machine's own files.
+    fn apply_checked(&self, value: &str) -> String {
+        let mapped = self.apply(value);
+        let path = value.split_once('=').map_or(value, |(_, v)| v);
+        assert!(
+            !path.starts_with('/') || mapped != value,
+            "{value}: a path no volume mount (or test mapping) covers"
+        );
+        mapped
+    }
+
     /// `value` with a mapped path prefix (a whole path component) or
     /// address replaced; `--flag=value` maps its value.
     fn apply(&self, value: &str) -> String {
@@ -105,7 +119,7 @@ fn environment(container: &Value, map: &Mapping, fields: &[(&str, &str)]) -> Vec
         .into_iter()
         .map(|(name, v)| {
             let value = match v {
-                Ok(value) => map.apply(&value),
+                Ok(value) => map.apply_checked(&value),
                 Err(field) => fields
                     .iter()
                     .find(|(f, _)| *f == field)
@@ -293,7 +307,7 @@ fn the_daemonset_and_the_ca_deployment_run_as_written() {
             "--",
         ])
         .arg(sys::agent_bin())
-        .args(strings(&ca["args"]).iter().map(|a| ca_map.apply(a)))
+        .args(strings(&ca["args"]).iter().map(|a| ca_map.apply_checked(a)))
         .env(&kube_env.0, &kube_env.1)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -334,7 +348,7 @@ fn the_daemonset_and_the_ca_deployment_run_as_written() {
         );
         let mut program = confinement(&ds);
         program.push(sys::agent_bin().display().to_string());
-        program.extend(strings(&ds["args"]).iter().map(|a| map.apply(a)));
+        program.extend(strings(&ds["args"]).iter().map(|a| map.apply_checked(a)));
         let mut vars = environment(
             &ds,
             &map,

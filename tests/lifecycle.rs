@@ -201,8 +201,8 @@ fn keep_pins_fails_closed_and_the_next_agent_adopts_the_maps() {
 }
 
 /// A killed agent (SIGKILL: no shutdown ran) leaves its pods captured and
-/// its pins behind; `mesh-agent uninstall` (a preStop hook's or a cleanup
-/// Job's) detaches everything, as bpftool sees it.
+/// its pins behind; `mesh-agent uninstall` (a cleanup Job's, once the
+/// DaemonSet is gone) detaches everything, as bpftool sees it.
 #[test]
 fn uninstall_after_a_killed_agent_leaves_nothing_in_the_kernel() {
     let env = Env::new("uninstall");
@@ -217,13 +217,16 @@ fn uninstall_after_a_killed_agent_leaves_nothing_in_the_kernel() {
     kernel::assert_captured(&server);
     assert!(agent.pin_dir.join("mesh_stats").exists());
 
-    let uninstall = || {
-        let out = std::process::Command::new(sys::agent_bin())
+    let run = || {
+        std::process::Command::new(sys::agent_bin())
             .arg("uninstall")
             .arg("--bpffs-dir")
             .arg(&agent.pin_dir)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let uninstall = || {
+        let out = run();
         let said = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
@@ -232,6 +235,17 @@ fn uninstall_after_a_killed_agent_leaves_nothing_in_the_kernel() {
         );
         said
     };
+    // Something not an agent's in the directory (a mistaken --bpffs-dir):
+    // refused, and nothing removed.
+    let other = agent.pin_dir.join("other");
+    std::fs::create_dir(&other).unwrap();
+    let out = run();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unexpected entry"),
+        "{out:?}"
+    );
+    kernel::assert_captured(&client);
+    std::fs::remove_dir(&other).unwrap();
     let said = uninstall();
     // Six links per pod: five on its cgroup, sk_lookup's on its netns.
     assert!(said.contains("removed 12 link(s) of 2 pod(s)"), "{said}");

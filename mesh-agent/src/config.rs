@@ -84,9 +84,10 @@ pub enum Command {
         command: CaCommand,
     },
     /// Detach every program from every pod and remove every pin an agent
-    /// left under --bpffs-dir, a crashed or killed one's included (for a
-    /// preStop hook or a cleanup Job). Run it when no agent runs there: a
-    /// running agent holds its own attachments until it exits.
+    /// left under --bpffs-dir, a crashed or killed one's included (after
+    /// the DaemonSet is deleted: a cleanup Job, or `kubectl debug node`).
+    /// Run it when no agent runs there: a running agent holds its own
+    /// attachments until it exits.
     Uninstall {
         /// Directory on bpffs where the agents pin maps and links.
         #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]

@@ -86,11 +86,13 @@ fn per_try_timeouts_retry_until_the_attempts_run_out_urx() {
     let w = web_routes(
         "l7-per-try",
         json!([{"name": "per-try",
-                "retries": {"attempts": 2, "perTryTimeout": "200ms", "retryOn": "5xx"},
+                "retries": {"attempts": 2, "perTryTimeout": "1s", "retryOn": "5xx"},
                 "route": to("v1")}]),
         &[],
     );
-    let r = w.one("/stuck", &["x-delay-ms: 3000"]);
+    // A try's budget long enough for the request to reach the upstream
+    // on an emulated CPU too (200 ms was not, in the VM tier).
+    let r = w.one("/stuck", &["x-delay-ms: 10000"]);
     assert_eq!(
         (status(&r), last_header(&r, "x-mesh-response-flags")),
         (504, "URX"),

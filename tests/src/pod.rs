@@ -269,8 +269,10 @@ impl AppResult {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mesh-testapp");
+        // A bound on a hung app, not a speed check: the longest loads
+        // (10,000 requests) take half of it on an emulated CPU.
         Self {
-            output: wait_with_timeout(child, Duration::from_secs(60)),
+            output: wait_with_timeout(child, Duration::from_secs(120)),
         }
     }
 

@@ -92,7 +92,7 @@ enum Task {
         #[arg(long = "test")]
         tests: Vec<String>,
         /// Seconds one test may take in the guest.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 600)]
         test_timeout: u64,
         /// The guest's memory, in MiB.
         #[arg(long, default_value_t = 2048)]

@@ -121,9 +121,12 @@ impl Loaded {
             };
             match info {
                 Ok(id) => programs.push(ProgramInfo { name, id }),
-                // The fast path is an optimisation: without it, same-node
-                // bytes take loopback TCP. Said at start-up (app.rs).
-                Err(e) if features::optional(name) => fast_path_missing = Some(e.to_string()),
+                // The fast path is an optimisation: on a kernel without
+                // what it needs, same-node bytes take loopback TCP (said at
+                // start-up). Any other refusal is a bug, and fatal.
+                Err(e @ Error::Unsupported { .. }) if features::optional(name) => {
+                    fast_path_missing = Some(e.to_string())
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -298,8 +301,11 @@ impl std::fmt::Display for Removed {
 
 /// Unpins every link and map an agent left under `pin_dir`, whichever
 /// agent (version) made them: links are found by walking `links/`, maps by
-/// listing the directory, not from this agent's own list. Refuses a
-/// directory that is not on bpffs, so it never deletes ordinary files.
+/// listing the directory (every agent names its maps `mesh_*`), not from
+/// this agent's own list. Refuses a directory that is not on bpffs, a
+/// symbolic link anywhere, and a directory holding anything else (another
+/// program's pins, say `--bpffs-dir /sys/fs/bpf` by mistake) — before
+/// removing anything.
 pub fn uninstall(pin_dir: &Path) -> Result<Removed, Error> {
     let mut removed = Removed {
         dir: pin_dir.to_path_buf(),
@@ -317,21 +323,52 @@ pub fn uninstall(pin_dir: &Path) -> Result<Removed, Error> {
         let path = path.to_path_buf();
         move |source| Error::Pin { path, source }
     };
-    let links = pin_dir.join("links");
-    if let Ok(pods) = fs::read_dir(&links) {
-        for pod in pods.flatten() {
-            let dir = pod.path();
-            for link in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
-                fs::remove_file(link.path()).map_err(io_err(&link.path()))?;
-                removed.links += 1;
+    let foreign = |path: &Path, what: &str| Error::Pin {
+        path: path.to_path_buf(),
+        source: io::Error::other(format!(
+            "{what}: not an agent's pin; nothing was removed (is --bpffs-dir the agent's own directory?)"
+        )),
+    };
+    // What to remove, checked in full first.
+    let (mut maps, mut pods) = (Vec::new(), Vec::new());
+    for e in fs::read_dir(pin_dir).map_err(io_err(pin_dir))?.flatten() {
+        let (path, kind) = (e.path(), e.file_type().map_err(io_err(&e.path()))?);
+        let name = e.file_name().to_string_lossy().into_owned();
+        if kind.is_file() && name.starts_with("mesh_") {
+            maps.push(path);
+        } else if kind.is_dir() && name == "links" {
+            for pod in fs::read_dir(&path).map_err(io_err(&path))?.flatten() {
+                let (dir, kind) = (pod.path(), pod.file_type().map_err(io_err(&pod.path()))?);
+                if !kind.is_dir() {
+                    return Err(foreign(&dir, "not a pod's link directory"));
+                }
+                let mut links = Vec::new();
+                for link in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+                    if !link.file_type().map_err(io_err(&link.path()))?.is_file() {
+                        return Err(foreign(&link.path(), "not a pinned link"));
+                    }
+                    links.push(link.path());
+                }
+                pods.push((dir, links));
             }
-            fs::remove_dir(&dir).map_err(io_err(&dir))?;
-            removed.pods += 1;
+        } else {
+            return Err(foreign(&path, "unexpected entry"));
         }
+    }
+    for (dir, links) in pods {
+        for link in links {
+            fs::remove_file(&link).map_err(io_err(&link))?;
+            removed.links += 1;
+        }
+        fs::remove_dir(&dir).map_err(io_err(&dir))?;
+        removed.pods += 1;
+    }
+    let links = pin_dir.join("links");
+    if links.exists() {
         fs::remove_dir(&links).map_err(io_err(&links))?;
     }
-    for e in fs::read_dir(pin_dir).map_err(io_err(pin_dir))?.flatten() {
-        fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
+    for map in maps {
+        fs::remove_file(&map).map_err(io_err(&map))?;
         removed.maps += 1;
     }
     fs::remove_dir(pin_dir).map_err(io_err(pin_dir))?;

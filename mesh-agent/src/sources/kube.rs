@@ -145,28 +145,61 @@ fn locality_from_labels(labels: &BTreeMap<String, String>) -> Option<String> {
 
 /// `--locality` from this node's Node object, when not given: a DaemonSet
 /// cannot put a node's labels in its pods' environment, and locality-aware
-/// load balancing needs it. A node that cannot be read (no `get` on nodes)
-/// leaves the locality unknown, said once, not fatal.
+/// load balancing needs it. Asked a few times (an API server that is
+/// briefly away at node boot must not cost the agent its locality for
+/// life; the watches wait for it anyway); a node that cannot be read (no
+/// `get` on nodes) leaves the locality unknown, said once, not fatal.
 pub async fn with_node_locality(
     config: Arc<crate::config::Config>,
     client: &Client,
 ) -> Arc<crate::config::Config> {
-    match node_locality(client, &config.node_name).await {
+    let node = config.node_name.as_str();
+    if node.is_empty() {
+        return config;
+    }
+    let mut wait = std::time::Duration::from_millis(500);
+    let mut attempt = 1;
+    let result = loop {
+        match node_locality(client, node).await {
+            Err(e) if attempt < LOCALITY_ATTEMPTS && !is_refusal(&e) => {
+                tracing::debug!(node, attempt, "cannot read the node yet: {e}");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            other => break other,
+        }
+    };
+    match result {
         Ok(Some(locality)) => {
-            tracing::info!(node = %config.node_name, %locality, "locality from the node's topology labels");
+            tracing::info!(node, %locality, "locality from the node's topology labels");
             let mut with = (*config).clone();
             with.locality = locality;
             Arc::new(with)
         }
         Ok(None) => {
-            tracing::info!(node = %config.node_name, "the node has no topology.kubernetes.io/region label: locality unknown");
+            tracing::info!(
+                node,
+                "the node has no topology.kubernetes.io/region label: locality unknown"
+            );
             config
         }
         Err(e) => {
-            tracing::warn!(node = %config.node_name, "cannot read the node's topology labels: {e} (locality unknown; set --locality)");
+            tracing::warn!(
+                node,
+                "cannot read the node's topology labels: {e} (locality unknown; set --locality)"
+            );
             config
         }
     }
+}
+
+/// Tries of the Node read: 0.5 + 1 + 2 + 4 s between them.
+const LOCALITY_ATTEMPTS: u32 = 5;
+
+/// An answer that will not change by asking again (forbidden, not found).
+fn is_refusal(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(r) if (400..500).contains(&r.code))
 }
 
 impl KubeSource {

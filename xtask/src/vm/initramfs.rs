@@ -107,8 +107,11 @@ pub fn modules_in_order(modules: &Path, wanted: &[&str]) -> Result<Vec<Module>> 
 
 fn index(dir: &Path, files: &mut HashMap<String, PathBuf>) -> Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
-        let p = e?.path();
-        if p.is_dir() {
+        let e = e?;
+        let p = e.path();
+        // Not through symbolic links (`build`, `source` point at the
+        // kernel's headers, possibly on the host).
+        if e.file_type()?.is_dir() {
             index(&p, files)?;
         } else if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
             let stem = [".ko", ".ko.xz", ".ko.zst"]

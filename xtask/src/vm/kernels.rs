@@ -74,7 +74,12 @@ fn from_tree(dir: &Path) -> Result<Kernel> {
         })
         .next()
         .with_context(|| format!("{}: no boot/vmlinuz-*", boot.display()))?;
-    let modules = dir.join("lib/modules").join(&release);
+    // Debian puts them in lib/modules; merged-/usr packages in usr/lib.
+    let modules = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| dir.join(d).join(&release))
+        .find(|m| m.is_dir())
+        .unwrap_or_else(|| dir.join("lib/modules").join(&release));
     Ok(Kernel {
         bzimage: boot.join(format!("vmlinuz-{release}")),
         modules: modules.is_dir().then_some(modules),

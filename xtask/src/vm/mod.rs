@@ -53,7 +53,7 @@ impl Request {
             all: false,
             tests: Vec::new(),
             filters: Vec::new(),
-            test_timeout: 300,
+            test_timeout: 600,
             memory: 2048,
         }
     }
@@ -96,6 +96,16 @@ pub fn run(tools: &Tools, bins: &Path, req: Request) -> Result<()> {
         ([], false) => DEFAULT_TESTS.iter().map(|s| s.to_string()).collect(),
         (t, _) => t.to_vec(),
     };
+    // The guest mounts tmpfs over these: binaries there are out of its sight.
+    for hidden in ["/tmp", "/run", "/var/tmp"] {
+        if bins.starts_with(hidden) {
+            bail!(
+                "the test binaries are under {hidden} ({}), which the guest covers with tmpfs: \
+                 set CARGO_TARGET_DIR elsewhere",
+                bins.display()
+            );
+        }
+    }
     let plan = plan(tools, &wanted, &req.filters)?;
     if plan.is_empty() {
         bail!("no test matches {:?} in {wanted:?}", req.filters);
@@ -169,7 +179,7 @@ fn plan(tools: &Tools, wanted: &[String], filters: &[String]) -> Result<Vec<Plan
             .is_some_and(|k| k.iter().any(|k| k == "test"))
             && v["manifest_path"]
                 .as_str()
-                .is_some_and(|m| m.ends_with("tests/Cargo.toml"));
+                .is_some_and(|m| Path::new(m) == crate::root().join("tests/Cargo.toml"));
         let all = wanted.is_empty();
         if is_test && (all || wanted.iter().any(|w| w == name)) {
             exes.push((name.to_owned(), PathBuf::from(exe)));
@@ -223,7 +233,7 @@ fn list_tests(exe: &Path, ignored: bool) -> Result<Vec<String>> {
 fn runner(plan: &[Planned], bins: &Path, timeout: u64) -> String {
     let mut s = format!(
         r#"export HOME=/tmp/home PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export RUST_BACKTRACE=1 MESH_AGENT_BIN='{agent}' MESH_TESTAPP_BIN='{app}'
+export RUST_BACKTRACE=1 MESH_AGENT_BIN={agent} MESH_TESTAPP_BIN={app}
 # The guest's CPU is emulated: the harness's waits for events last longer
 # (tests/src/sys.rs, `scaled`); no test measures speed.
 export MESH_TEST_TIMEOUT_SCALE=4
@@ -236,7 +246,7 @@ run() {{
     secs=$(( $(date +%s) - start ))
     if [ $rc -eq 0 ] && grep -q "test result: ok. 1 passed" /tmp/test.log; then
         r=ok
-    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    elif [ $rc -eq 124 ] || {{ [ $rc -eq 137 ] && [ $secs -ge {timeout} ]; }}; then
         r=TIMEOUT
     else
         r=FAILED
@@ -250,19 +260,24 @@ run() {{
     echo "MESH-VM-TEST $2 $3 $r $secs"
 }}
 "#,
-        agent = bins.join("mesh-agent").display(),
-        app = bins.join("mesh-testapp").display(),
+        agent = sh_quote(&bins.join("mesh-agent").display().to_string()),
+        app = sh_quote(&bins.join("mesh-testapp").display().to_string()),
     );
     for p in plan {
         s.push_str(&format!(
-            "run '{}' {} '{}'\n",
-            p.exe.display(),
-            p.target,
-            p.name
+            "run {} {} {}\n",
+            sh_quote(&p.exe.display().to_string()),
+            sh_quote(&p.target),
+            sh_quote(&p.name)
         ));
     }
     s.push_str("exit $failed\n");
     s
+}
+
+/// `s` as one shell word.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 fn build_initramfs(k: &kernels::Kernel, script: &str, out: &Path) -> Result<()> {
@@ -343,5 +358,26 @@ fn print_table(reports: &[(String, qemu::Report, PathBuf)]) {
         if r.failures() > 0 {
             println!("{release}: console log {}", log.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_survive_quotes_and_spaces() {
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        let plan = [Planned {
+            exe: "/t/it's dir/capture-1".into(),
+            target: "capture".into(),
+            name: "mod::a_test".into(),
+        }];
+        let s = runner(&plan, Path::new("/t/debug"), 300);
+        assert!(
+            s.contains(r"run '/t/it'\''s dir/capture-1' 'capture' 'mod::a_test'"),
+            "{s}"
+        );
     }
 }

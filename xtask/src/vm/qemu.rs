@@ -58,6 +58,16 @@ fn kvm_usable() -> bool {
         })
 }
 
+/// QEMU, killed and reaped when dropped.
+struct Guest(std::process::Child);
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn boot(
     k: &Kernel,
     initrd: &Path,
@@ -111,19 +121,32 @@ fn boot_with(
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    let mut child = c
+    let child = c
         .spawn()
         .context("qemu-system-x86_64 (Debian's qemu-system-x86; `cargo xtask setup`)")?;
+    // Killed on every way out, an early error's included.
+    let mut guest = Guest(child);
     let mut file = std::fs::File::create(log)?;
     let (tx, rx) = mpsc::channel::<String>();
-    let stdout = child.stdout.take().expect("piped");
+    let stdout = guest.0.stdout.take().expect("piped");
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
+        // Bytes, not UTF-8 lines: a test's output may hold anything.
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+            let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+            buf.clear();
             if tx.send(line).is_err() {
                 break;
             }
         }
+    });
+    // Drained as it comes, so a chatty QEMU never blocks on a full pipe.
+    let mut stderr = guest.0.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
     });
     let start = Instant::now();
     let mut r = Report::default();
@@ -144,8 +167,7 @@ fn boot_with(
             // QEMU exited (the guest powered off, or crashed).
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        // The console adds carriage returns.
-        let line = line.trim_end_matches('\r');
+        let line = line.as_str();
         writeln!(file, "{line}")?;
         // The test's output may end without a newline: the end marker
         // then follows its last line.
@@ -187,13 +209,12 @@ fn boot_with(
             _ => {}
         }
     }
-    let _ = child.kill();
-    let out = child.wait_with_output()?;
+    drop(guest);
+    let stderr = errors.join().unwrap_or_default();
     r.elapsed = start.elapsed();
     let seen = r.passed.len() + r.failed.len() + r.timed_out.len();
     r.not_run = planned.saturating_sub(seen);
     if r.not_run > 0 && r.error.is_none() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
         r.error = Some(if booted {
             format!("the guest stopped with {} test(s) not run", r.not_run)
         } else {
