@@ -91,8 +91,10 @@ fn per_try_timeouts_retry_until_the_attempts_run_out_urx() {
         &[],
     );
     // A try's budget long enough for the request to reach the upstream
-    // on an emulated CPU too (200 ms was not, in the VM tier).
-    let r = w.one("/stuck", &["x-delay-ms: 10000"]);
+    // on an emulated CPU too (200 ms was not, in the VM tier), and still
+    // short of the upstream's delay; the upstream logs each request when
+    // its delay is over.
+    let r = w.one("/stuck", &["x-delay-ms: 3000"]);
     assert_eq!(
         (status(&r), last_header(&r, "x-mesh-response-flags")),
         (504, "URX"),

@@ -63,21 +63,28 @@ pub fn write_workloads(path: &std::path::Path, pods: &[&Pod]) {
     fs::rename(&tmp, path).unwrap();
 }
 
+/// `sh … nsenter … --`: what follows runs in `cgroup` and in `node`'s
+/// network namespace, where an agent runs.
+fn in_agent_place(cgroup: &std::path::Path, node: &Node) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(r#"cg=$1; shift; echo $$ > "$cg/cgroup.procs" && exec "$@""#)
+        .arg("sh")
+        .arg(cgroup)
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
+        .arg("--");
+    c
+}
+
 /// The agent runs in a cgroup of its own under the test's, as in its
 /// DaemonSet pod, so the fast path can attach `sock_ops` there.
 fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOptions) -> Command {
     let cgroup = env.cgroup.join(format!("agent-{}", node.name));
     fs::create_dir_all(&cgroup)
         .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
-    let mut c = Command::new("sh");
-    c.arg("-c")
-        .arg(r#"cg=$1; shift; echo $$ > "$cg/cgroup.procs" && exec "$@""#)
-        .arg("sh")
-        .arg(&cgroup)
-        .arg("nsenter")
-        .arg(format!("--net=/run/netns/{}", node.netns))
-        .arg("--")
-        .arg(sys::agent_bin())
+    let mut c = in_agent_place(&cgroup, node);
+    c.arg(sys::agent_bin())
         .arg("run")
         .arg("--config")
         .arg(workloads)
@@ -151,14 +158,7 @@ impl Agent {
         fs::create_dir_all(&cgroup).unwrap();
         let log_path = env.dir.join(format!("agent-{}.log", node.index));
         let log = fs::File::create(&log_path).unwrap();
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"cg=$1; shift; echo $$ > "$cg/cgroup.procs" && exec "$@""#)
-            .arg("sh")
-            .arg(&cgroup)
-            .arg("nsenter")
-            .arg(format!("--net=/run/netns/{}", node.netns))
-            .arg("--")
+        let child = in_agent_place(&cgroup, node)
             .args(program)
             .envs(vars.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
