@@ -115,42 +115,29 @@ impl Mapping {
 
 /// The container's environment, mapped; `fieldRef`s from `fields`.
 fn environment(container: &Value, map: &Mapping, fields: &[(&str, &str)]) -> Vec<(String, String)> {
-    strings_of_env(container)
-        .into_iter()
-        .map(|(name, v)| {
-            let value = match v {
-                Ok(value) => map.apply_checked(&value),
-                Err(field) => fields
-                    .iter()
-                    .find(|(f, _)| *f == field)
-                    .unwrap_or_else(|| panic!("env {name}: field {field} has no test value"))
-                    .1
-                    .to_owned(),
+    let Some(env) = container["env"].as_sequence() else {
+        return Vec::new();
+    };
+    env.iter()
+        .map(|v| {
+            let name = v["name"].as_str().unwrap().to_owned();
+            let value = match v["value"].as_str() {
+                Some(value) => map.apply_checked(value),
+                None => {
+                    let field = v["valueFrom"]["fieldRef"]["fieldPath"]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("env {name}: neither value nor fieldRef"));
+                    fields
+                        .iter()
+                        .find(|(f, _)| *f == field)
+                        .unwrap_or_else(|| panic!("env {name}: field {field} has no test value"))
+                        .1
+                        .to_owned()
+                }
             };
             (name, value)
         })
         .collect()
-}
-
-fn strings_of_env(container: &Value) -> Vec<(String, Result<String, String>)> {
-    container["env"]
-        .as_sequence()
-        .map(|e| {
-            e.iter()
-                .map(|v| {
-                    let name = v["name"].as_str().unwrap().to_owned();
-                    let value = match v["value"].as_str() {
-                        Some(s) => Ok(s.to_owned()),
-                        None => Err(v["valueFrom"]["fieldRef"]["fieldPath"]
-                            .as_str()
-                            .unwrap_or_else(|| panic!("env {name}: neither value nor fieldRef"))
-                            .to_owned()),
-                    };
-                    (name, value)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// `setpriv` arguments that give a root process exactly the capabilities

@@ -119,26 +119,9 @@ impl Agent {
     pub fn start(env: &Env, node: &Node, pods: &[&Pod], opts: AgentOptions) -> Self {
         let workloads = env.dir.join(format!("workloads-{}.yaml", node.index));
         write_workloads(&workloads, pods);
-        let log_path = env.dir.join(format!("agent-{}.log", node.index));
-        let log = fs::File::create(&log_path).unwrap();
-        let child = command(env, node, &workloads, &opts)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn mesh-agent");
-        let tracked = env.track_agent(child.id());
         let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| env.pin_dir(node));
-        let mut agent = Self {
-            child: Some(child),
-            tracked,
-            node: node.clone(),
-            workloads,
-            pin_dir,
-            log_path,
-        };
-        agent.wait_ready(opts.unready);
-        agent
+        let cmd = command(env, node, &workloads, &opts);
+        Self::spawn(env, node, cmd, workloads, pin_dir, opts.unready)
     }
 
     /// Starts `program args…` as an agent on `node` exactly as given (no
@@ -156,11 +139,25 @@ impl Agent {
     ) -> Self {
         let cgroup = env.cgroup.join(format!("agent-{}", node.name));
         fs::create_dir_all(&cgroup).unwrap();
+        let mut cmd = in_agent_place(&cgroup, node);
+        cmd.args(program).envs(vars.iter().map(|(k, v)| (k, v)));
+        Self::spawn(env, node, cmd, PathBuf::new(), pin_dir, false)
+    }
+
+    /// Runs `cmd` (an agent) with its log in the environment's directory,
+    /// tracked for cleanup, and waits until it is ready (or, `unready`,
+    /// serving).
+    fn spawn(
+        env: &Env,
+        node: &Node,
+        mut cmd: Command,
+        workloads: PathBuf,
+        pin_dir: PathBuf,
+        unready: bool,
+    ) -> Self {
         let log_path = env.dir.join(format!("agent-{}.log", node.index));
         let log = fs::File::create(&log_path).unwrap();
-        let child = in_agent_place(&cgroup, node)
-            .args(program)
-            .envs(vars.iter().map(|(k, v)| (k, v)))
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -171,11 +168,11 @@ impl Agent {
             child: Some(child),
             tracked,
             node: node.clone(),
-            workloads: PathBuf::new(),
+            workloads,
             pin_dir,
             log_path,
         };
-        agent.wait_ready(false);
+        agent.wait_ready(unready);
         agent
     }
 
