@@ -1,12 +1,17 @@
 //! The same-node fast path on the real kernel: `sock_ops` files both ends of
-//! each application ⇄ agent connection inside a pod, `sk_msg` moves the
-//! bytes between them. Proof: a capture on each pod's `lo` sees the
-//! connections open and close but carry no payload, while 1 GB goes through
-//! intact; switched off, the same capture sees the bytes.
+//! each application ⇄ agent connection inside a pod, `sk_msg` moves what the
+//! application sends straight into the agent's socket; what the agent sends
+//! back takes TCP. Proof: a capture on each pod's `lo` sees the application
+//! → agent direction carry no payload while the agent → application
+//! direction carries every byte, the echo arrives intact, and a writer whose
+//! reader stops is held by flow control, as it would be without the mesh.
 //!
-//! The test app's `stream` reads again when a blocking read returns EAGAIN
-//! with nothing to read: Linux does that on sockets in a sockmap, which is
-//! why the fast path is opt-in (`--fast-path true`).
+//! The applications here are blocking clients and servers, but their reads
+//! retry an early EAGAIN (counted in the report): Linux returns one from a
+//! blocking read on any socket in a sockmap when a wakeup finds nothing to
+//! read (`tcp_bpf_recvmsg`), and an application's socket must be in one for
+//! `sk_msg` to see what it sends. That is why the fast path is opt-in. Their
+//! writes must never see one.
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
@@ -39,25 +44,56 @@ fn stream_captured(
 
 type Flows = HashMap<(SocketAddr, SocketAddr), u64>;
 
-/// Payload bytes on the flows with an end matching `end`, and how many such
-/// directions the capture saw at all.
-fn payload_where(flows: &Flows, end: impl Fn(&SocketAddr) -> bool) -> (u64, usize) {
+/// Payload bytes on the flows from an address matching `from` to one
+/// matching `to`, and how many such flows the capture saw.
+fn payload(
+    flows: &Flows,
+    from: impl Fn(&SocketAddr) -> bool,
+    to: impl Fn(&SocketAddr) -> bool,
+) -> (u64, usize) {
     let hits: Vec<u64> = flows
         .iter()
-        .filter(|((s, d), _)| end(s) || end(d))
+        .filter(|((s, d), _)| from(s) && to(d))
         .map(|(_, b)| *b)
         .collect();
     (hits.iter().sum(), hits.len())
 }
 
-/// Flows of the client's connection to the agent's outbound listener.
-fn on_port(flows: &Flows, port: u16) -> (u64, usize) {
-    payload_where(flows, |a| a.port() == port)
+const OUTBOUND: u16 = 15001;
+const AGENT_SRC: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+
+/// The client's connection to the agent's outbound listener: (client →
+/// agent, agent → client).
+fn client_agent(flows: &Flows) -> ((u64, usize), (u64, usize)) {
+    let agent = |a: &SocketAddr| a.port() == OUTBOUND;
+    let app = |a: &SocketAddr| a.port() != OUTBOUND;
+    (payload(flows, app, agent), payload(flows, agent, app))
 }
 
-/// Flows of the agent's connection (from its loopback source) to the app.
-fn from_agent(flows: &Flows) -> (u64, usize) {
-    payload_where(flows, |a| a.ip() == std::net::Ipv4Addr::new(127, 0, 0, 6))
+/// The agent's connection (from its loopback source) to the server:
+/// (server → agent, agent → server).
+fn server_agent(flows: &Flows) -> ((u64, usize), (u64, usize)) {
+    let agent = |a: &SocketAddr| a.ip() == AGENT_SRC;
+    let app = |a: &SocketAddr| a.ip() != AGENT_SRC;
+    (payload(flows, app, agent), payload(flows, agent, app))
+}
+
+fn fast_path_events(agent: &Agent, outcome: &str) -> f64 {
+    agent.metrics().value(
+        "mesh_ebpf_program_events_total",
+        &[("program", "sk_msg"), ("outcome", outcome)],
+    )
+}
+
+/// Asserts that a stream report shows every byte back, in order, through
+/// blocking writes that never returned EAGAIN early or failed.
+fn assert_clean(r: &Value, bytes: u64) {
+    assert_eq!(r["intact"], true, "{r}");
+    assert_eq!(r["received"].as_u64(), Some(bytes), "{r}");
+    assert_eq!(
+        r["write_eagain"], 0,
+        "a blocking write returned EAGAIN: {r}"
+    );
 }
 
 /// A node with a client pod and an echo server pod, both enrolled by an
@@ -102,69 +138,113 @@ fn same_node_bytes_skip_the_loopback_stack_and_arrive_intact() {
         agent,
     } = same_node("fast-path");
 
-    // 1 GB each way: application → agent in the client pod, agent → echo
-    // server in the server pod, and the echo all the way back.
-    let (r, on_client, on_server) = stream_captured(&env, &client, &server, &dst, GIB);
-    assert_eq!(r["intact"], true, "{r}");
-    assert_eq!(r["received"].as_u64(), Some(GIB), "{r}");
+    // Under one window (`mesh_common::fast::FAST_WINDOW`), so every byte the
+    // applications send is redirected whatever the agent's pace: application
+    // → agent in the client pod, and the echo server → agent in the server
+    // pod. The agent's bytes to each application take TCP.
+    let small = 768u64 << 10;
+    let (r, on_client, on_server) = stream_captured(&env, &client, &server, &dst, small);
+    assert_clean(&r, small);
+    let (to_agent, from_agent) = client_agent(&on_client);
+    assert!(
+        to_agent.1 >= 1 && from_agent.1 >= 1,
+        "no client ⇄ agent connection on the client pod's lo: {on_client:?}"
+    );
+    assert_eq!(
+        to_agent.0, 0,
+        "client → agent payload crossed the client pod's lo: {on_client:?}"
+    );
+    assert!(
+        from_agent.0 >= small,
+        "the agent's bytes to the client did not take TCP: {on_client:?}"
+    );
+    let (to_agent, from_agent) = server_agent(&on_server);
+    assert!(
+        to_agent.1 >= 1 && from_agent.1 >= 1,
+        "no agent ⇄ server connection on the server pod's lo: {on_server:?}"
+    );
+    assert_eq!(
+        to_agent.0, 0,
+        "server → agent payload crossed the server pod's lo: {on_server:?}"
+    );
+    assert!(
+        from_agent.0 >= small,
+        "the agent's bytes to the server did not take TCP: {on_server:?}"
+    );
+    assert!(
+        fast_path_events(&agent, "redirected") > 0.0,
+        "sk_msg redirected nothing"
+    );
+
+    // 1 GB each way, as fast as the applications go: whatever the agent's
+    // pace, every byte arrives, in order, with no error.
+    let r = client.run_app(&["stream", &dst, &GIB.to_string()]).json();
+    assert_clean(&r, GIB);
     assert!(
         r["pauses"].as_u64() > Some(0),
         "the reader never paused: {r}"
     );
+    assert_eq!(fast_path_events(&agent, "errors"), 0.0);
 
-    let (bytes, dirs) = on_port(&on_client, 15001);
-    assert!(
-        dirs >= 2,
-        "no client ⇄ agent connection on the client pod's lo: {on_client:?}"
-    );
-    assert_eq!(
-        bytes, 0,
-        "payload crossed the client pod's lo: {on_client:?}"
-    );
-    let (bytes, dirs) = from_agent(&on_server);
-    assert!(
-        dirs >= 2,
-        "no agent ⇄ server connection on the server pod's lo: {on_server:?}"
-    );
-    assert_eq!(
-        bytes, 0,
-        "payload crossed the server pod's lo: {on_server:?}"
-    );
+    // Sockets leave the maps with their connections.
+    for map in ["mesh_fast_socks", "mesh_fast_apps"] {
+        assert!(
+            wait_until(Duration::from_secs(5), || agent
+                .metrics()
+                .value("mesh_ebpf_map_entries", &[("map", map)])
+                == 0.0),
+            "fast-path sockets left behind in {map} after the connections closed"
+        );
+    }
 
-    let m = agent.metrics();
-    let redirected = m.value(
-        "mesh_ebpf_program_events_total",
-        &[("program", "sk_msg"), ("outcome", "redirected")],
-    );
-    assert!(redirected > 0.0, "sk_msg redirected nothing");
-    assert_eq!(
-        m.value(
-            "mesh_ebpf_program_events_total",
-            &[("program", "sk_msg"), ("outcome", "errors")]
-        ),
-        0.0
-    );
-    // Sockets leave the map with their connections.
-    assert!(
-        wait_until(Duration::from_secs(5), || agent
-            .metrics()
-            .value("mesh_ebpf_map_entries", &[("map", "mesh_fast_socks")])
-            == 0.0),
-        "fast-path sockets left behind after the connections closed"
-    );
-
-    // Switched off, the same capture sees every byte on both `lo`s: the
-    // capture above could have seen them.
+    // Switched off, the same capture sees the applications' bytes on both
+    // `lo`s: the capture above could have seen them.
     let off = agent
         .try_post("http://127.0.0.1:15000/fast_path?enabled=false")
         .expect("switch the fast path off");
     assert!(off.contains("off"), "{off}");
-    let small = 8u64 << 20;
     let (r, on_client, on_server) = stream_captured(&env, &client, &server, &dst, small);
-    assert_eq!(r["intact"], true, "{r}");
+    assert_clean(&r, small);
     // At least every byte (a retransmitted segment counts twice).
-    assert!(on_port(&on_client, 15001).0 >= 2 * small, "{on_client:?}");
-    assert!(from_agent(&on_server).0 >= 2 * small, "{on_server:?}");
+    assert!(client_agent(&on_client).0.0 >= small, "{on_client:?}");
+    assert!(server_agent(&on_server).0.0 >= small, "{on_server:?}");
+}
+
+/// A server that never reads: the client's writes must stop once the
+/// buffers on the way are full, as without the mesh, instead of queueing
+/// without bound in the agent's socket (where the kernel would end them
+/// with `ENOMEM` once the machine's TCP memory ran out).
+#[test]
+fn a_reader_that_stops_holds_the_writer_back() {
+    let env = Env::new("fast-path-stall");
+    let node = env.node("node");
+    let client = env.pod(&node, "client");
+    let server = env.pod(&node, "server");
+    let dst = server.v4(9000);
+    server.spawn_app(&env, &["sink", &dst]);
+    let agent = Agent::start(
+        &env,
+        &node,
+        &[&client, &server],
+        AgentOptions::args(&["--fast-path", "true"]),
+    );
+    let r = client
+        .run_app(&["flood", &dst, &GIB.to_string(), "3"])
+        .json();
+    assert_eq!(r["stalled"], true, "the writes never stopped: {r}");
+    // The buffers on the way: both TCP connections' send and receive
+    // buffers (a few MiB each at most), the agent's copy buffer, and one
+    // fast-path window.
+    let written = r["written"].as_u64().expect("written");
+    assert!(
+        written < 64 << 20,
+        "{written} bytes went in before the writer was held: {r}"
+    );
+    assert!(
+        fast_path_events(&agent, "redirected") > 0.0,
+        "sk_msg redirected nothing"
+    );
+    assert_eq!(fast_path_events(&agent, "errors"), 0.0);
 }
 
 /// Switching the fast path off while a connection is streaming moves its
@@ -191,16 +271,12 @@ fn switching_off_mid_stream_keeps_the_bytes_in_order() {
         streaming.join().expect("stream thread")
     });
     let r = r.json();
-    assert_eq!(r["intact"], true, "{r}");
+    assert_clean(&r, 4 * GIB / 10);
     assert!(
         r["secs"].as_f64() > Some(0.3),
         "the stream ended before the switch: {r}"
     );
-    let m = agent.metrics();
-    let passed = m.value(
-        "mesh_ebpf_program_events_total",
-        &[("program", "sk_msg"), ("outcome", "passed")],
-    );
+    let passed = fast_path_events(&agent, "passed");
     assert!(
         passed > 0.0,
         "the switch came after the stream ended; nothing was tested"

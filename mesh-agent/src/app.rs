@@ -2,7 +2,7 @@
 //! the enrolled pods in step with the sources, and take everything down
 //! again on SIGTERM/SIGINT.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -168,6 +168,9 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         identities,
         pool,
     );
+    if maps.fast_path_unavailable().is_none() {
+        ctx.fast_credit = Some(maps.clone());
+    }
     if let Some(path) = &config.mesh_config {
         ctx.mesh = crate::policy::ext_authz::MeshConfig::read(path)?;
     }
@@ -391,6 +394,16 @@ impl crate::proxy::OriginalDestinations for ebpf::Maps {
         local: std::net::SocketAddr,
     ) -> Option<std::net::SocketAddr> {
         ebpf::Maps::original_destination(self, netns_cookie, peer, local)
+    }
+}
+
+/// Fast-path credit goes to the kernel's `mesh_fast_read` map.
+impl crate::proxy::app_stream::FastPathCredit for ebpf::Maps {
+    fn read(&self, netns_cookie: u64, local: SocketAddr, peer: SocketAddr, total: u64) {
+        self.fast_path_read(netns_cookie, local, peer, total);
+    }
+    fn closed(&self, netns_cookie: u64, local: SocketAddr, peer: SocketAddr) {
+        self.fast_path_closed(netns_cookie, local, peer);
     }
 }
 

@@ -2,6 +2,7 @@
 //! destination) and inbound plaintext (client → agent in the destination pod
 //! → app).
 
+pub mod app_stream;
 pub mod cluster;
 pub mod copy;
 pub mod destination;
@@ -179,6 +180,9 @@ pub struct ProxyContext {
     pub audit: crate::telemetry::audit::Audit,
     /// Istio's MeshConfig (`--mesh-config`): the CUSTOM action's providers.
     pub mesh: crate::policy::ext_authz::MeshConfig,
+    /// Where the agent reports reads from applications' fast-path sockets;
+    /// `None` where the fast path cannot run.
+    pub fast_credit: Option<Arc<dyn app_stream::FastPathCredit>>,
 }
 
 impl ProxyContext {
@@ -196,6 +200,7 @@ impl ProxyContext {
         Self {
             audit,
             mesh: Default::default(),
+            fast_credit: None,
             config,
             capture,
             metrics,

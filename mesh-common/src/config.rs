@@ -27,8 +27,8 @@ const _: () = assert!(core::mem::size_of::<MeshConfig>() == 20);
 
 crate::user_pod!(MeshConfig);
 
-/// [`MeshConfig::flags`]: splice same-node socket pairs in the kernel
-/// (`sock_ops` files them in `mesh_fast_socks`, `sk_msg` redirects).
+/// [`MeshConfig::flags`]: splice application → agent bytes on the same
+/// node in the kernel (`sock_ops` files the sockets, `sk_msg` redirects).
 pub const FLAG_FAST_PATH: u16 = 1;
 
 /// Source address the agent uses for its IPv4 connections to the

@@ -14,11 +14,12 @@ pub mod addr;
 pub mod capture;
 pub mod config;
 pub mod exclusion;
+pub mod fast;
 pub mod stats;
 
 /// Version of the shared map layouts. A new agent refuses to adopt pinned maps
 /// whose key or value sizes differ from its own (see `mesh-agent::ebpf::maps`).
-pub const MAP_ABI_VERSION: u32 = 2;
+pub const MAP_ABI_VERSION: u32 = 3;
 
 /// Implements `aya::Pod` for map types when built for user space.
 macro_rules! user_pod {

@@ -13,9 +13,10 @@
 /// * `sk_lookup`: `redirected` = assigned to the agent's inbound listener;
 ///   `passed` = left to the normal socket lookup; `errors` also counts
 ///   connections refused because the pod's listener was missing (fail closed).
-/// * `sk_msg`: `redirected` = messages spliced into the peer socket;
-///   `passed` = messages left to TCP (peer not filed, or the socket settled
-///   on TCP); `errors` = no per-socket state could be allocated.
+/// * `sk_msg`: `redirected` = application messages spliced into the agent's
+///   socket; `passed` = messages left to TCP (peer not filed, fast path off,
+///   the credit window overrun, or the socket settled on TCP earlier);
+///   `errors` = no per-socket state could be allocated.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ProgStats {

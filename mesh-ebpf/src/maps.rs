@@ -9,6 +9,7 @@ use mesh_common::{
     addr::Addr,
     capture::{ConnKey, OrigDst},
     config::MeshConfig,
+    fast::FastState,
     stats::{PROG_COUNT, ProgStats},
 };
 
@@ -42,16 +43,31 @@ pub static INBOUND: SockHash<Addr, 4096> = SockHash::new();
 #[btf_map(name = "mesh_pod_ips")]
 pub static POD_IPS: HashMap<Addr, u32, 4096> = HashMap::new();
 
-/// Same-node socket pairs for the fast path: each socket filed under its own
-/// connection (netns cookie, local, remote), so `sk_msg` finds a socket's
-/// peer under the reversed key. Entries leave with their sockets.
+/// The fast path's redirect targets: the agent's own ends of application ⇄
+/// agent connections inside pods, each filed under its connection (netns
+/// cookie, local, remote), so `sk_msg` finds them under the sender's reversed
+/// key. No program is attached to this map: the agent's sockets send through
+/// TCP as usual. Entries leave with their sockets.
 #[btf_map(name = "mesh_fast_socks")]
 pub static FAST_SOCKS: SockHash<ConnKey, 65536> = SockHash::new();
 
-/// Per-socket fast-path decision (`fast_path::UNDECIDED` …), freed with the
-/// socket. Pinned, so a restarted agent's programs keep earlier decisions.
+/// The applications' ends of those connections, filed only so that `sk_msg`
+/// (attached to this map) runs on what they send. Never a redirect target:
+/// an application only ever receives through TCP.
+#[btf_map(name = "mesh_fast_apps")]
+pub static FAST_APPS: SockHash<ConnKey, 65536> = SockHash::new();
+
+/// Per-application-socket fast-path record, freed with the socket. Pinned,
+/// so a restarted agent's programs keep earlier decisions.
 #[btf_map(name = "mesh_fast_state")]
-pub static FAST_STATE: SkStorage<u32> = SkStorage::new();
+pub static FAST_STATE: SkStorage<FastState> = SkStorage::new();
+
+/// Agent socket (its `mesh_fast_socks` key) → bytes the agent has read from
+/// it, written by the agent every `FAST_CREDIT_EVERY` bytes. LRU: an entry
+/// the agent could not remove ages out; a missing one only means "no credit"
+/// and sends the application to TCP, which is always safe.
+#[btf_map(name = "mesh_fast_read")]
+pub static FAST_READ: LruHashMap<ConnKey, u64, 65536> = LruHashMap::new();
 
 /// Per-program counters, indexed by `mesh_common::stats::PROG_*`.
 #[btf_map(name = "mesh_stats")]

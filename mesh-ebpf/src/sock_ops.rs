@@ -3,12 +3,13 @@
 //! `accept()`); when it closes, remove both records so the maps do not grow.
 //!
 //! With the fast path on, it also files both ends of every application ⇄
-//! agent connection inside a pod in `mesh_fast_socks`, for `sk_msg`: the
-//! application's captured connect and the agent's socket accepted on the
-//! outbound listener; the agent's connection from its loopback source
-//! (`127.0.0.6`, `::6`) and the application's socket that accepted it. The
-//! agent's ends are seen because the agent attaches this program to its own
-//! cgroup too.
+//! agent connection inside a pod, for `sk_msg`: the agent's ends (its socket
+//! accepted on the outbound listener, its connection from its loopback
+//! source `127.0.0.6`/`::6`) in `mesh_fast_socks`, the redirect targets; the
+//! applications' ends (the captured connect, the socket that accepted the
+//! agent's connection) in `mesh_fast_apps`, whose `sk_msg` program redirects
+//! what they send. The agent's ends are seen because the agent attaches this
+//! program to its own cgroup too.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -17,6 +18,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE, bpf_sock_ops,
     },
+    btf_maps::SockHash,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
@@ -31,7 +33,7 @@ use mesh_common::{
 
 use crate::{
     ctx::{load, load_ip6, v4_word_to_addr},
-    maps::{CONN_DST, FAST_SOCKS, ORIG_DST, Outcome, config, count},
+    maps::{CONN_DST, FAST_APPS, FAST_SOCKS, ORIG_DST, Outcome, config, count},
 };
 
 const AGENT_SRC_V4: Addr = from_v4_octets(AGENT_INBOUND_SRC_V4);
@@ -65,17 +67,19 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
             if let Some(orig) = unsafe { ORIG_DST.get(cookie).copied() } {
                 CONN_DST.insert(key, orig, 0)?;
                 count(PROG_SOCK_OPS, Outcome::Redirected);
-                file_fast(ctx, key)?;
+                file_fast(ctx, &FAST_APPS, key)?;
             } else if is_agent_src(&key.src_addr) {
-                file_fast(ctx, key)?;
+                file_fast(ctx, &FAST_SOCKS, key)?;
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let key = conn_key(ctx);
             let outbound_listener = config().is_some_and(|c| key.src_port == c.outbound_port)
                 && (key.src_addr == LOOPBACK_V4 || key.src_addr == LOOPBACK_V6);
-            if outbound_listener || is_agent_src(&key.dst_addr) {
-                file_fast(ctx, key)?;
+            if outbound_listener {
+                file_fast(ctx, &FAST_SOCKS, key)?;
+            } else if is_agent_src(&key.dst_addr) {
+                file_fast(ctx, &FAST_APPS, key)?;
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
@@ -90,14 +94,18 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Files this socket for `sk_msg` when the fast path is on.
+/// Files this socket in `map` for `sk_msg` when the fast path is on.
 #[inline(always)]
-fn file_fast(ctx: &SockOpsContext, mut key: ConnKey) -> Result<(), i32> {
+fn file_fast(
+    ctx: &SockOpsContext,
+    map: &SockHash<ConnKey, 65536>,
+    mut key: ConnKey,
+) -> Result<(), i32> {
     if !config().is_some_and(|c| c.flags & FLAG_FAST_PATH != 0) {
         return Ok(());
     }
     // SAFETY: `ctx.ops` is the program's context, which the helper takes.
-    FAST_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY.into())
+    map.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY.into())
 }
 
 /// Whether `a` is the agent's loopback source for connections to applications.

@@ -142,14 +142,14 @@ impl Loaded {
                 .try_into()
                 .map_err(|source| Error::Attach {
                     program: "mesh_sk_msg",
-                    target: pin_dir.join("mesh_fast_socks"),
+                    target: pin_dir.join("mesh_fast_apps"),
                     source,
                 })?;
             sk_msg
-                .attach(maps.fast_socks_fd())
+                .attach(maps.fast_apps_fd())
                 .map_err(|source| Error::Attach {
                     program: "mesh_sk_msg",
-                    target: pin_dir.join("mesh_fast_socks"),
+                    target: pin_dir.join("mesh_fast_apps"),
                     source,
                 })?;
         }

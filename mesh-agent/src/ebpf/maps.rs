@@ -15,6 +15,7 @@ use mesh_common::{
     capture::{ConnKey, OrigDst},
     config::{FLAG_FAST_PATH, MeshConfig},
     exclusion::{EXCLUDE_INBOUND, EXCLUDE_OUTBOUND},
+    fast::FastState,
     stats::{PROG_COUNT, PROG_NAMES, ProgStats},
 };
 use serde::Serialize;
@@ -25,7 +26,7 @@ use crate::config::{Cidr, Config};
 /// Name, key size, value size and capacity of every map the agent pins. A
 /// pinned map that differs belongs to an incompatible agent and is not
 /// adopted.
-pub(super) const PINNED: [(&str, usize, usize, u32); 10] = [
+pub(super) const PINNED: [(&str, usize, usize, u32); 12] = [
     ("mesh_config", 4, size_of::<MeshConfig>(), 1),
     ("mesh_orig_dst", 8, size_of::<OrigDst>(), 65536),
     (
@@ -41,9 +42,24 @@ pub(super) const PINNED: [(&str, usize, usize, u32); 10] = [
     ("mesh_pod_ips", 16, 4, 4096),
     ("mesh_stats", 4, size_of::<ProgStats>(), PROG_COUNT),
     ("mesh_fast_socks", size_of::<ConnKey>(), 4, 65536),
+    ("mesh_fast_apps", size_of::<ConnKey>(), 4, 65536),
     // Socket storage has no capacity of its own.
-    ("mesh_fast_state", 4, 4, 0),
+    ("mesh_fast_state", 4, size_of::<FastState>(), 0),
+    ("mesh_fast_read", size_of::<ConnKey>(), 8, 65536),
 ];
+
+/// The key of the connection `src` → `dst` in the namespace `netns_cookie`,
+/// as `sock_ops` files it.
+fn conn_key(netns_cookie: u64, src: SocketAddr, dst: SocketAddr) -> ConnKey {
+    ConnKey {
+        netns_cookie,
+        src_addr: map_addr(src.ip()),
+        dst_addr: map_addr(dst.ip()),
+        src_port: src.port(),
+        dst_port: dst.port(),
+        _pad: 0,
+    }
+}
 
 /// The map form of an IP address.
 pub fn map_addr(ip: IpAddr) -> Addr {
@@ -75,6 +91,9 @@ pub struct Maps {
     pod_ips: Mutex<HashMap<MapData, Addr, u32>>,
     stats: PerCpuArray<MapData, ProgStats>,
     fast_socks: SockHash<MapData, ConnKey>,
+    fast_apps: SockHash<MapData, ConnKey>,
+    /// Bytes the agent has read from each of its fast-path sockets.
+    fast_read: Mutex<HashMap<MapData, ConnKey, u64>>,
     /// Why the fast path cannot run on this kernel, if it cannot.
     fast_path_missing: Option<String>,
 }
@@ -84,8 +103,10 @@ pub struct Maps {
 pub struct MapEntries {
     pub orig_dst: usize,
     pub conn_dst: usize,
-    /// Sockets filed for the fast path.
+    /// The agent's sockets filed for the fast path (redirect targets).
     pub fast_socks: usize,
+    /// The applications' sockets filed for the fast path (senders).
+    pub fast_apps: usize,
 }
 
 fn take(bpf: &mut aya::Ebpf, name: &'static str) -> Result<Map, Error> {
@@ -113,6 +134,8 @@ impl Maps {
             pod_ips: Mutex::new(typed!("mesh_pod_ips")),
             stats: typed!("mesh_stats"),
             fast_socks: typed!("mesh_fast_socks"),
+            fast_apps: typed!("mesh_fast_apps"),
+            fast_read: Mutex::new(typed!("mesh_fast_read")),
             fast_path_missing: None,
         })
     }
@@ -201,9 +224,33 @@ impl Maps {
         m.get(&0, 0).is_ok_and(|mc| mc.flags & FLAG_FAST_PATH != 0)
     }
 
-    /// The fast path's socket map, for attaching `sk_msg`.
-    pub(super) fn fast_socks_fd(&self) -> &aya::maps::sock::SockMapFd {
-        self.fast_socks.fd()
+    /// The applications' fast-path sockets, for attaching `sk_msg`.
+    pub(super) fn fast_apps_fd(&self) -> &aya::maps::sock::SockMapFd {
+        self.fast_apps.fd()
+    }
+
+    /// Reports that the agent has read `total` bytes from its socket `local`
+    /// ⇄ `peer` in the network namespace `netns_cookie`: credit for the
+    /// application's sender (see `mesh_common::fast`). A failed update only
+    /// sends that application to TCP.
+    pub fn fast_path_read(
+        &self,
+        netns_cookie: u64,
+        local: SocketAddr,
+        peer: SocketAddr,
+        total: u64,
+    ) {
+        let key = conn_key(netns_cookie, local, peer);
+        let mut m = self.fast_read.lock().expect("map lock");
+        if let Err(e) = m.insert(key, total, 0) {
+            tracing::debug!("fast path: cannot record a read: {e}");
+        }
+    }
+
+    /// Forgets the credit of a closed socket.
+    pub fn fast_path_closed(&self, netns_cookie: u64, local: SocketAddr, peer: SocketAddr) {
+        let key = conn_key(netns_cookie, local, peer);
+        let _ = self.fast_read.lock().expect("map lock").remove(&key);
     }
 
     /// Where a captured connection was going, by the connection as the
@@ -214,14 +261,7 @@ impl Maps {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Option<SocketAddr> {
-        let key = ConnKey {
-            netns_cookie,
-            src_addr: map_addr(peer.ip()),
-            dst_addr: map_addr(local.ip()),
-            src_port: peer.port(),
-            dst_port: local.port(),
-            _pad: 0,
-        };
+        let key = conn_key(netns_cookie, peer, local);
         let orig = self.conn_dst.get(&key, 0).ok()?;
         Some(SocketAddr::new(addr_from_map(&orig.addr), orig.port))
     }
@@ -276,6 +316,7 @@ impl Maps {
             orig_dst: self.orig_dst.keys().filter(Result::is_ok).count(),
             conn_dst: self.conn_dst.keys().filter(Result::is_ok).count(),
             fast_socks: self.fast_socks.keys().filter(Result::is_ok).count(),
+            fast_apps: self.fast_apps.keys().filter(Result::is_ok).count(),
         }
     }
 }

@@ -25,7 +25,6 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, V
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 
 pub(in crate::proxy) mod actions;
 mod decide;
@@ -59,7 +58,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves one captured connection as HTTP until the client closes it.
 #[allow(clippy::too_many_arguments)] // one captured connection's context
 pub async fn serve(
-    stream: TcpStream,
+    stream: super::app_stream::AppStream,
     peer: SocketAddr,
     dst: SocketAddr,
     pod: Arc<PodContext>,

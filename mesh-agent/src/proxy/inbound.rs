@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 pub mod authorize;
 pub mod http;
 
-use super::{Error, PodContext, ProxyContext, copy, prefixed::Prefixed, sniff, socket};
+use super::{
+    Error, PodContext, ProxyContext, app_stream::AppStream, copy, prefixed::Prefixed, sniff, socket,
+};
 use crate::{
     policy::rate_limit::{Admit, Unit},
     snapshot::{InboundPolicy, Snapshot},
@@ -192,20 +194,22 @@ async fn plaintext(
 }
 
 /// Connects to the application at the address the client was going to.
-pub async fn connect_app(arrival: &Arrival, ctx: &ProxyContext) -> Result<TcpStream, Error> {
+pub async fn connect_app(arrival: &Arrival, ctx: &ProxyContext) -> Result<AppStream, Error> {
     let dst = arrival.dst;
     if ctx.is_own_listener(&arrival.snap, dst) {
         return Err(Error::Loop { dst });
     }
     let name = arrival.pod.workload.key().to_string();
-    socket::connect(
+    let app = socket::connect(
         &arrival.pod.netns,
         &name,
         dst,
         socket::Source::AgentLoopback,
         &ctx.config,
     )
-    .await
+    .await?;
+    let cookie = arrival.pod.netns_cookie;
+    Ok(AppStream::new(app, cookie, ctx.fast_credit.as_ref()))
 }
 
 /// Carries an admitted connection to the application: as HTTP decided
@@ -213,7 +217,7 @@ pub async fn connect_app(arrival: &Arrival, ctx: &ProxyContext) -> Result<TcpStr
 /// connection speaks HTTP; else byte for byte, counted with the
 /// destination's labels (after the connection-level decision, if it was
 /// left for now).
-pub async fn serve<C>(arrival: Arrival, client: C, app: TcpStream, ctx: &Arc<ProxyContext>)
+pub async fn serve<C>(arrival: Arrival, client: C, app: AppStream, ctx: &Arc<ProxyContext>)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -272,7 +276,7 @@ impl Arrival {
 /// Relays byte for byte until either side closes, or a configuration
 /// change means the connection may no longer stay (`known_tcp`: the
 /// connection was seen not to be HTTP).
-async fn relay<C>(arrival: &Arrival, client: C, app: TcpStream, ctx: &ProxyContext, known_tcp: bool)
+async fn relay<C>(arrival: &Arrival, client: C, app: AppStream, ctx: &ProxyContext, known_tcp: bool)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {

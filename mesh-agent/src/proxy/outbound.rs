@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Error, PodContext, ProxyContext,
+    app_stream::AppStream,
     cluster::{self, Admission, Cluster, HashInput},
     copy,
     destination::Destination,
@@ -244,6 +245,7 @@ async fn handle(
     pod: &Arc<PodContext>,
     ctx: &Arc<ProxyContext>,
 ) -> Result<(), Error> {
+    let stream = AppStream::new(stream, pod.netns_cookie, ctx.fast_credit.as_ref());
     // One snapshot for the connection's whole life.
     let snap = ctx.store.load();
     let dst = match original_destination(&stream, peer, pod, ctx, &snap) {
@@ -346,7 +348,7 @@ fn original_destination(
 /// Relays the application's connection and `upstream`, counting into the
 /// connection's metrics.
 async fn carry<U>(
-    stream: TcpStream,
+    stream: AppStream,
     upstream: U,
     labels: &ConnLabels<'_>,
     pod: &PodContext,

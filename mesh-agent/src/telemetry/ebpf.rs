@@ -104,6 +104,7 @@ impl Collector for EbpfCollector {
             sample(&[("map", "mesh_orig_dst")], e.orig_dst as f64, false),
             sample(&[("map", "mesh_conn_dst")], e.conn_dst as f64, false),
             sample(&[("map", "mesh_fast_socks")], e.fast_socks as f64, false),
+            sample(&[("map", "mesh_fast_apps")], e.fast_apps as f64, false),
         ];
         vec![
             family(

@@ -28,10 +28,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
     Arrival,
@@ -45,6 +42,7 @@ use crate::{
     },
     proxy::{
         ProxyContext,
+        app_stream::AppStream,
         http::{
             Body, FLAGS_HEADER, full,
             metered::{self, Metered},
@@ -60,7 +58,7 @@ use crate::{
 pub const DENIED_BODY: &str = "RBAC: access denied";
 
 /// Serves one inbound connection as HTTP until either side closes it.
-pub async fn serve<C>(arrival: Arc<Arrival>, client: C, app: TcpStream, ctx: Arc<ProxyContext>)
+pub async fn serve<C>(arrival: Arc<Arrival>, client: C, app: AppStream, ctx: Arc<ProxyContext>)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -104,7 +102,7 @@ type AppDriver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
 /// The connection to the application, opened before the first request
 /// and spoken as the client speaks.
 enum App {
-    Idle(Option<TcpStream>),
+    Idle(Option<AppStream>),
     H1(hyper::client::conn::http1::SendRequest<Body>),
     H2(hyper::client::conn::http2::SendRequest<Body>),
 }

@@ -11,6 +11,7 @@
 //! mesh-testapp hold ADDR SECS          connect and keep the connection open
 //! mesh-testapp listen ADDR             bind and listen, then wait (holds a port)
 //! mesh-testapp sink ADDR               accept connections, greet each with one byte, keep them open, never read
+//! mesh-testapp flood ADDR BYTES SECS   write up to BYTES in 1 MiB blocking writes until one blocks SECS (stalled); report how far it got
 //! mesh-testapp hold-many ADDR N UNTIL  open N connections to a sink (each greeted end to end), hold them until UNTIL, close them
 //! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
@@ -80,6 +81,7 @@ fn main() -> Result<()> {
         ["grpc-call", url, n] => tokio_main(h2::grpc_call(url, n.parse()?)),
         ["tls-hello", addr, sni] => hbone::tls_hello(addr, sni),
         ["stream", addr, bytes] => stream(addr, bytes.parse()?),
+        ["flood", addr, bytes, secs] => flood(addr, bytes.parse()?, secs.parse()?),
         ["raw", addr, bytes] => raw(addr, bytes, None),
         ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
@@ -474,7 +476,7 @@ fn stream(addr: &str, total: u64) -> Result<()> {
     let s = dial(addr)?;
     let mut w = Patient::new(s.try_clone()?);
     let started = std::time::Instant::now();
-    let writer = std::thread::spawn(move || -> Result<()> {
+    let writer = std::thread::spawn(move || -> Result<u64> {
         let mut buf = vec![0u8; 1 << 20];
         let (mut sent, mut i) = (0u64, 0);
         while sent < total {
@@ -485,7 +487,7 @@ fn stream(addr: &str, total: u64) -> Result<()> {
             i += 1;
         }
         w.s.shutdown(Shutdown::Write)?;
-        Ok(())
+        Ok(w.spurious)
     });
     let mut r = Patient::new(s);
     let (mut got, mut pauses) = (0u64, 0u32);
@@ -507,14 +509,39 @@ fn stream(addr: &str, total: u64) -> Result<()> {
         }
         got += n as u64;
     }
-    writer
+    let write_eagain = writer
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{}",
         json!({"sent": total, "received": got, "intact": got == total, "pauses": pauses, "spurious_eagain": r.spurious,
-               "secs": secs, "mbytes_per_sec": got as f64 / secs / 1e6})
+               "write_eagain": write_eagain, "secs": secs, "mbytes_per_sec": got as f64 / secs / 1e6})
+    );
+    Ok(())
+}
+
+/// Writes to a peer that does not read, as a plain blocking client: the
+/// writes must stop (block) once the buffers on the way are full. Any error
+/// but the timeout that says "blocked for `secs`" is the finding.
+fn flood(addr: &str, total: u64, secs: u64) -> Result<()> {
+    let mut s = dial(addr)?;
+    s.set_write_timeout(Some(Duration::from_secs(secs)))?;
+    let buf = vec![7u8; 1 << 20];
+    let mut written = 0u64;
+    let (stalled, error) = loop {
+        if written >= total {
+            break (false, None);
+        }
+        match s.write(&buf) {
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break (true, None),
+            Err(e) => break (false, Some(e.to_string())),
+        }
+    };
+    println!(
+        "{}",
+        json!({"written": written, "stalled": stalled, "error": error})
     );
     Ok(())
 }
