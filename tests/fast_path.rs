@@ -210,6 +210,51 @@ fn same_node_bytes_skip_the_loopback_stack_and_arrive_intact() {
     assert!(server_agent(&on_server).0.0 >= small, "{on_server:?}");
 }
 
+/// A conversation of 4 MiB in 64 KiB round trips, four times the fast-path
+/// window: the agent reports what it reads, so the applications' credit is
+/// renewed and their bytes never leave the fast path (without the reports
+/// each would settle on TCP after its first window).
+#[test]
+fn the_agents_reads_keep_a_long_conversation_on_the_fast_path() {
+    let SameNode {
+        env,
+        client,
+        server,
+        dst,
+        agent: _agent,
+    } = same_node("fast-path-credit");
+    let (chunk, rounds) = (64u64 << 10, 64u64);
+    let cap_client = Capture::headers(&env, &client.netns, "lo", "tcp");
+    let cap_server = Capture::headers(&env, &server.netns, "lo", "tcp");
+    let r = client
+        .run_app(&["pingpong", &dst, &chunk.to_string(), &rounds.to_string()])
+        .json();
+    std::thread::sleep(Duration::from_millis(200));
+    let on_client = payload_bytes(&cap_client.stop(&env));
+    let on_server = payload_bytes(&cap_server.stop(&env));
+    let bytes = chunk * rounds;
+    assert_eq!(r["bytes"].as_u64(), Some(bytes), "{r}");
+    assert_eq!(r["write_eagain"], 0, "{r}");
+    let (to_agent, from_agent) = client_agent(&on_client);
+    assert!(
+        from_agent.0 >= bytes,
+        "the echo did not reach the client over TCP: {on_client:?}"
+    );
+    assert_eq!(
+        to_agent.0, 0,
+        "client → agent payload crossed the client pod's lo: {on_client:?}"
+    );
+    let (to_agent, from_agent) = server_agent(&on_server);
+    assert!(
+        from_agent.0 >= bytes,
+        "the agent's bytes to the server did not take TCP: {on_server:?}"
+    );
+    assert_eq!(
+        to_agent.0, 0,
+        "server → agent payload crossed the server pod's lo: {on_server:?}"
+    );
+}
+
 /// A server that never reads: the client's writes must stop once the
 /// buffers on the way are full, as without the mesh, instead of queueing
 /// without bound in the agent's socket (where the kernel would end them

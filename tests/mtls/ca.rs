@@ -146,8 +146,14 @@ fn renewal_keeps_open_connections_and_new_ones_use_the_new_certificate() {
     let most = 2.0 + since_first.elapsed().as_secs_f64() / 1.5;
     assert!(
         issued >= 3.0 && issued <= most,
-        "{issued} certificates issued in {:?} of 4 s lifetimes",
-        since_first.elapsed()
+        "{issued} certificates issued in {:?} of 4 s lifetimes:\n{}",
+        since_first.elapsed(),
+        agent_a
+            .log()
+            .lines()
+            .filter(|l| l.contains("certificate issued"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 

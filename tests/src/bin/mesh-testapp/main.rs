@@ -11,6 +11,7 @@
 //! mesh-testapp hold ADDR SECS          connect and keep the connection open
 //! mesh-testapp listen ADDR             bind and listen, then wait (holds a port)
 //! mesh-testapp sink ADDR               accept connections, greet each with one byte, keep them open, never read
+//! mesh-testapp pingpong ADDR CHUNK N  N round trips of CHUNK bytes to an echo server, each echo read in full before the next
 //! mesh-testapp flood ADDR BYTES SECS   write up to BYTES in 1 MiB blocking writes until one blocks SECS (stalled); report how far it got
 //! mesh-testapp hold-many ADDR N UNTIL  open N connections to a sink (each greeted end to end), hold them until UNTIL, close them
 //! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
@@ -81,6 +82,7 @@ fn main() -> Result<()> {
         ["grpc-call", url, n] => tokio_main(h2::grpc_call(url, n.parse()?)),
         ["tls-hello", addr, sni] => hbone::tls_hello(addr, sni),
         ["stream", addr, bytes] => stream(addr, bytes.parse()?),
+        ["pingpong", addr, chunk, n] => pingpong(addr, chunk.parse()?, n.parse()?),
         ["flood", addr, bytes, secs] => flood(addr, bytes.parse()?, secs.parse()?),
         ["raw", addr, bytes] => raw(addr, bytes, None),
         ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
@@ -273,12 +275,15 @@ fn serve_file(addr: &str, path: &str) -> Result<()> {
     Ok(())
 }
 
-fn echo(mut s: TcpStream) -> Result<()> {
+fn echo(s: TcpStream) -> Result<()> {
     let (local, peer) = (s.local_addr()?, s.peer_addr()?);
     println!(
         "{}",
         json!({"event": "accepted", "local": local.to_string(), "peer": peer.to_string()})
     );
+    // Reads retry an early EAGAIN, counted: with the fast path on, this
+    // socket is in a sockmap (see `Patient`).
+    let mut s = Patient::new(s);
     let mut buf = [0u8; 16384];
     let mut total = 0u64;
     loop {
@@ -287,12 +292,12 @@ fn echo(mut s: TcpStream) -> Result<()> {
             break;
         }
         total += n as u64;
-        s.write_all(&buf[..n])?;
+        s.s.write_all(&buf[..n])?;
     }
-    s.shutdown(Shutdown::Write)?;
+    s.s.shutdown(Shutdown::Write)?;
     println!(
         "{}",
-        json!({"event": "closed", "peer": peer.to_string(), "bytes": total})
+        json!({"event": "closed", "peer": peer.to_string(), "bytes": total, "spurious_eagain": s.spurious})
     );
     Ok(())
 }
@@ -517,6 +522,28 @@ fn stream(addr: &str, total: u64) -> Result<()> {
         "{}",
         json!({"sent": total, "received": got, "intact": got == total, "pauses": pauses, "spurious_eagain": r.spurious,
                "write_eagain": write_eagain, "secs": secs, "mbytes_per_sec": got as f64 / secs / 1e6})
+    );
+    Ok(())
+}
+
+/// Round trips of `chunk` bytes, each echo checked and read in full before
+/// the next write: the client is never more than one chunk ahead of the
+/// server. Reads retry an early EAGAIN (see `Patient`), counted.
+fn pingpong(addr: &str, chunk: usize, n: u64) -> Result<()> {
+    let s = dial(addr)?;
+    let (mut w, mut r) = (Patient::new(s.try_clone()?), Patient::new(s));
+    let (mut buf, mut want) = (vec![0u8; chunk], vec![0u8; chunk]);
+    for i in 0..n {
+        fill(&mut want, i * chunk as u64);
+        w.write_all(&want)?;
+        r.read_exact(&mut buf)?;
+        if buf != want {
+            bail!("round {i}: echo differs");
+        }
+    }
+    println!(
+        "{}",
+        json!({"rounds": n, "bytes": n * chunk as u64, "spurious_eagain": r.spurious, "write_eagain": w.spurious})
     );
     Ok(())
 }
