@@ -107,12 +107,17 @@ struct SameNode {
 }
 
 fn same_node(test: &str) -> SameNode {
+    same_node_serving(test, "echo")
+}
+
+/// The same, with the server pod running the test app's `server` mode.
+fn same_node_serving(test: &str, server_mode: &str) -> SameNode {
     let env = Env::new(test);
     let node = env.node("node");
     let client = env.pod(&node, "client");
     let server = env.pod(&node, "server");
     let dst = server.v4(9000);
-    server.spawn_app(&env, &["echo", &dst]);
+    server.spawn_app(&env, &[server_mode, &dst]);
     let agent = Agent::start(
         &env,
         &node,
@@ -261,18 +266,13 @@ fn the_agents_reads_keep_a_long_conversation_on_the_fast_path() {
 /// with `ENOMEM` once the machine's TCP memory ran out).
 #[test]
 fn a_reader_that_stops_holds_the_writer_back() {
-    let env = Env::new("fast-path-stall");
-    let node = env.node("node");
-    let client = env.pod(&node, "client");
-    let server = env.pod(&node, "server");
-    let dst = server.v4(9000);
-    server.spawn_app(&env, &["sink", &dst]);
-    let agent = Agent::start(
-        &env,
-        &node,
-        &[&client, &server],
-        AgentOptions::args(&["--fast-path", "true"]),
-    );
+    let SameNode {
+        env: _env,
+        client,
+        server: _server,
+        dst,
+        agent,
+    } = same_node_serving("fast-path-stall", "sink");
     let r = client
         .run_app(&["flood", &dst, &GIB.to_string(), "3"])
         .json();
