@@ -22,9 +22,21 @@ use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
 
-/// Streams `bytes` from the client to the echo server through the agent
-/// while capturing both pods' `lo`; returns the client's report and the
-/// payload bytes per direction seen on each `lo`.
+/// Runs the client app with `args` while capturing both pods' `lo`;
+/// returns its report and the payload bytes per direction seen on each.
+fn run_captured(env: &Env, client: &Pod, server: &Pod, args: &[&str]) -> (Value, Flows, Flows) {
+    let cap_client = Capture::headers(env, &client.netns, "lo", "tcp");
+    let cap_server = Capture::headers(env, &server.netns, "lo", "tcp");
+    let report = client.run_app(args).json();
+    // Let the closing segments reach the capture.
+    std::thread::sleep(Duration::from_millis(200));
+    let on_client = payload_bytes(&cap_client.stop(env));
+    let on_server = payload_bytes(&cap_server.stop(env));
+    (report, on_client, on_server)
+}
+
+/// Streams `bytes` from the client to the echo server through the agent,
+/// captured (see `run_captured`).
 fn stream_captured(
     env: &Env,
     client: &Pod,
@@ -32,14 +44,38 @@ fn stream_captured(
     dst: &str,
     bytes: u64,
 ) -> (Value, Flows, Flows) {
-    let cap_client = Capture::headers(env, &client.netns, "lo", "tcp");
-    let cap_server = Capture::headers(env, &server.netns, "lo", "tcp");
-    let report = client.run_app(&["stream", dst, &bytes.to_string()]).json();
-    // Let the closing segments reach the capture.
-    std::thread::sleep(Duration::from_millis(200));
-    let on_client = payload_bytes(&cap_client.stop(env));
-    let on_server = payload_bytes(&cap_server.stop(env));
-    (report, on_client, on_server)
+    run_captured(env, client, server, &["stream", dst, &bytes.to_string()])
+}
+
+/// Asserts that the applications' bytes crossed neither pod's `lo` while
+/// the agent's (at least `bytes` each way) took TCP there.
+fn assert_one_way(on_client: &Flows, on_server: &Flows, bytes: u64) {
+    let (to_agent, from_agent) = client_agent(on_client);
+    assert!(
+        to_agent.1 >= 1 && from_agent.1 >= 1,
+        "no client ⇄ agent connection on the client pod's lo: {on_client:?}"
+    );
+    assert_eq!(
+        to_agent.0, 0,
+        "client → agent payload crossed the client pod's lo: {on_client:?}"
+    );
+    assert!(
+        from_agent.0 >= bytes,
+        "the agent's bytes to the client did not take TCP: {on_client:?}"
+    );
+    let (to_agent, from_agent) = server_agent(on_server);
+    assert!(
+        to_agent.1 >= 1 && from_agent.1 >= 1,
+        "no agent ⇄ server connection on the server pod's lo: {on_server:?}"
+    );
+    assert_eq!(
+        to_agent.0, 0,
+        "server → agent payload crossed the server pod's lo: {on_server:?}"
+    );
+    assert!(
+        from_agent.0 >= bytes,
+        "the agent's bytes to the server did not take TCP: {on_server:?}"
+    );
 }
 
 type Flows = HashMap<(SocketAddr, SocketAddr), u64>;
@@ -150,32 +186,7 @@ fn same_node_bytes_skip_the_loopback_stack_and_arrive_intact() {
     let small = 768u64 << 10;
     let (r, on_client, on_server) = stream_captured(&env, &client, &server, &dst, small);
     assert_clean(&r, small);
-    let (to_agent, from_agent) = client_agent(&on_client);
-    assert!(
-        to_agent.1 >= 1 && from_agent.1 >= 1,
-        "no client ⇄ agent connection on the client pod's lo: {on_client:?}"
-    );
-    assert_eq!(
-        to_agent.0, 0,
-        "client → agent payload crossed the client pod's lo: {on_client:?}"
-    );
-    assert!(
-        from_agent.0 >= small,
-        "the agent's bytes to the client did not take TCP: {on_client:?}"
-    );
-    let (to_agent, from_agent) = server_agent(&on_server);
-    assert!(
-        to_agent.1 >= 1 && from_agent.1 >= 1,
-        "no agent ⇄ server connection on the server pod's lo: {on_server:?}"
-    );
-    assert_eq!(
-        to_agent.0, 0,
-        "server → agent payload crossed the server pod's lo: {on_server:?}"
-    );
-    assert!(
-        from_agent.0 >= small,
-        "the agent's bytes to the server did not take TCP: {on_server:?}"
-    );
+    assert_one_way(&on_client, &on_server, small);
     assert!(
         fast_path_events(&agent, "redirected") > 0.0,
         "sk_msg redirected nothing"
@@ -229,35 +240,16 @@ fn the_agents_reads_keep_a_long_conversation_on_the_fast_path() {
         agent: _agent,
     } = same_node("fast-path-credit");
     let (chunk, rounds) = (64u64 << 10, 64u64);
-    let cap_client = Capture::headers(&env, &client.netns, "lo", "tcp");
-    let cap_server = Capture::headers(&env, &server.netns, "lo", "tcp");
-    let r = client
-        .run_app(&["pingpong", &dst, &chunk.to_string(), &rounds.to_string()])
-        .json();
-    std::thread::sleep(Duration::from_millis(200));
-    let on_client = payload_bytes(&cap_client.stop(&env));
-    let on_server = payload_bytes(&cap_server.stop(&env));
+    let (r, on_client, on_server) = run_captured(
+        &env,
+        &client,
+        &server,
+        &["pingpong", &dst, &chunk.to_string(), &rounds.to_string()],
+    );
     let bytes = chunk * rounds;
     assert_eq!(r["bytes"].as_u64(), Some(bytes), "{r}");
     assert_eq!(r["write_eagain"], 0, "{r}");
-    let (to_agent, from_agent) = client_agent(&on_client);
-    assert!(
-        from_agent.0 >= bytes,
-        "the echo did not reach the client over TCP: {on_client:?}"
-    );
-    assert_eq!(
-        to_agent.0, 0,
-        "client → agent payload crossed the client pod's lo: {on_client:?}"
-    );
-    let (to_agent, from_agent) = server_agent(&on_server);
-    assert!(
-        from_agent.0 >= bytes,
-        "the agent's bytes to the server did not take TCP: {on_server:?}"
-    );
-    assert_eq!(
-        to_agent.0, 0,
-        "server → agent payload crossed the server pod's lo: {on_server:?}"
-    );
+    assert_one_way(&on_client, &on_server, bytes);
 }
 
 /// A server that never reads: the client's writes must stop once the

@@ -42,8 +42,9 @@ pub struct AppStream {
 struct Credit {
     to: Arc<dyn FastPathCredit>,
     netns_cookie: u64,
-    local: SocketAddr,
-    peer: SocketAddr,
+    /// (local, peer), looked up at the first report: most connections
+    /// never read a quarter window and never need them.
+    addrs: Option<(SocketAddr, SocketAddr)>,
     read: u64,
     reported: u64,
 }
@@ -51,15 +52,12 @@ struct Credit {
 impl AppStream {
     /// Wraps `inner`; with `to`, reads are reported there.
     pub fn new(inner: TcpStream, netns_cookie: u64, to: Option<&Arc<dyn FastPathCredit>>) -> Self {
-        let credit = to.and_then(|to| {
-            Some(Credit {
-                to: to.clone(),
-                netns_cookie,
-                local: inner.local_addr().ok()?,
-                peer: inner.peer_addr().ok()?,
-                read: 0,
-                reported: 0,
-            })
+        let credit = to.map(|to| Credit {
+            to: to.clone(),
+            netns_cookie,
+            addrs: None,
+            read: 0,
+            reported: 0,
         });
         Self { inner, credit }
     }
@@ -67,19 +65,30 @@ impl AppStream {
     fn count(&mut self, n: usize) {
         let Some(c) = &mut self.credit else { return };
         c.read += n as u64;
-        if c.read - c.reported >= FAST_CREDIT_EVERY {
-            c.to.read(c.netns_cookie, c.local, c.peer, c.read);
-            c.reported = c.read;
+        if c.read - c.reported < FAST_CREDIT_EVERY {
+            return;
         }
+        if c.addrs.is_none() {
+            let (Ok(local), Ok(peer)) = (self.inner.local_addr(), self.inner.peer_addr()) else {
+                // No address, no key: the application falls back to TCP.
+                self.credit = None;
+                return;
+            };
+            c.addrs = Some((local, peer));
+        }
+        let (local, peer) = c.addrs.expect("set above");
+        c.to.read(c.netns_cookie, local, peer, c.read);
+        c.reported = c.read;
     }
 }
 
 impl Drop for AppStream {
     fn drop(&mut self) {
+        // Reported at least once exactly when the addresses were looked up.
         if let Some(c) = &self.credit
-            && c.reported > 0
+            && let Some((local, peer)) = c.addrs
         {
-            c.to.closed(c.netns_cookie, c.local, c.peer);
+            c.to.closed(c.netns_cookie, local, peer);
         }
     }
 }
