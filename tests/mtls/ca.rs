@@ -90,7 +90,16 @@ fn renewal_keeps_open_connections_and_new_ones_use_the_new_certificate() {
             .map(str::to_owned)
     };
     assert!(wait_until(Duration::from_secs(10), || serial().is_some()));
-    let since_first = std::time::Instant::now();
+    // The renewal rate is judged over a window this test times itself:
+    // the agents may take seconds to become ready on a slow (emulated)
+    // machine, and certificates issued meanwhile are not in the window.
+    let issued = || {
+        agent_a
+            .metrics()
+            .value("mesh_certificate_requests_total", &[("result", "issued")])
+    };
+    let issued_before = issued();
+    let window = std::time::Instant::now();
     // One long-lived connection, a round trip every 100 ms, across several
     // renewals: it keeps the pooled HBONE connection dialled with the
     // first certificate busy, so that connection stays open.
@@ -138,16 +147,15 @@ fn renewal_keeps_open_connections_and_new_ones_use_the_new_certificate() {
         done["rounds"].as_u64().unwrap() >= 40,
         "the long-lived connection must live through the renewals: {done}"
     );
-    let issued = agent_a
-        .metrics()
-        .value("mesh_certificate_requests_total", &[("result", "issued")]);
+    let in_window = issued() - issued_before;
+    let elapsed = window.elapsed();
     // Renewed at half-life, about every 2 s: a few certificates, not a
     // renewal loop (allowing for a slow machine).
-    let most = 2.0 + since_first.elapsed().as_secs_f64() / 1.5;
+    let most = 1.0 + elapsed.as_secs_f64() / 1.5;
     assert!(
-        issued >= 3.0 && issued <= most,
-        "{issued} certificates issued in {:?} of 4 s lifetimes:\n{}",
-        since_first.elapsed(),
+        in_window >= 2.0 && in_window <= most,
+        "{in_window} certificates issued in {elapsed:?} of 4 s lifetimes ({issued_before} before); \
+         all of them:\n{}",
         agent_a
             .log()
             .lines()
