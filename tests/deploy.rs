@@ -323,6 +323,7 @@ fn the_daemonset_and_the_ca_deployment_run_as_written() {
             ("workloads", workloads.clone()),
             ("ca-root", ca_root.clone()),
             ("ca-token", token),
+            ("handover", dir(&format!("handover-{}", node.name))),
         ]);
         let map = Mapping(
             Mapping::mounts(&ds, &volumes)

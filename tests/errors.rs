@@ -205,14 +205,17 @@ fn admin_port_in_use_on_the_node() {
     let pod = env.pod(&node, "pod");
     probes_see_the_pods_captured(&env, &node, &[&pod]);
     let _first = Agent::start(&env, &node, &[], AgentOptions::default());
-    // Same node, same default ports; its own pin directory.
+    // Same node, same default ports; its own pin directory and hand-over
+    // socket (not a successor of the first).
     let other = env.dir.join("unused");
+    let handover = env.dir.join("other-handover.sock");
     let (code, line) = fails(
         &env,
         &node,
         &[&pod],
         AgentOptions {
             pin_dir: Some(other),
+            args: vec!["--handover-socket".into(), handover.display().to_string()],
             ..Default::default()
         },
     );

@@ -54,6 +54,25 @@ pub struct AdminState {
     pub maps: Arc<crate::ebpf::Maps>,
 }
 
+impl AdminState {
+    /// Ready once the pods are enrolled and each has its certificate:
+    /// before that, mesh traffic to them would be refused.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err("enrolling pods".into());
+        }
+        let pending = self
+            .identities
+            .as_ref()
+            .map(|i| i.pending())
+            .unwrap_or_default();
+        if !pending.is_empty() {
+            return Err(format!("no certificate yet for {}", pending.join(", ")));
+        }
+        Ok(())
+    }
+}
+
 /// Which endpoint a listener serves.
 #[derive(Debug, Clone, Copy)]
 pub enum Endpoint {
@@ -82,6 +101,20 @@ pub async fn bind(addr: SocketAddr, ep: Endpoint) -> Result<TcpListener, Error> 
         } else {
             ""
         },
+        source,
+    })
+}
+
+/// An endpoint's listener handed over by the agent this one replaces.
+pub fn adopt(
+    l: std::net::TcpListener,
+    addr: SocketAddr,
+    ep: Endpoint,
+) -> Result<TcpListener, Error> {
+    TcpListener::from_std(l).map_err(|source| Error::Bind {
+        what: ep.name(),
+        addr,
+        hint: " (handed over)",
         source,
     })
 }
@@ -147,22 +180,9 @@ fn route(state: &AdminState, ep: Endpoint, req: Request<Incoming>) -> Response<F
             state.metrics.render(),
         ),
         (Endpoint::Readiness | Endpoint::Admin, "/healthz/ready") if get => {
-            // Ready once the pods are enrolled and each has its certificate:
-            // before that, mesh traffic to them would be refused.
-            let pending = state
-                .identities
-                .as_ref()
-                .map(|i| i.pending())
-                .unwrap_or_default();
-            if !state.ready.load(Ordering::Acquire) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: enrolling pods")
-            } else if !pending.is_empty() {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: no certificate yet for {}", pending.join(", ")),
-                )
-            } else {
-                text(StatusCode::OK, "ready")
+            match state.readiness() {
+                Ok(()) => text(StatusCode::OK, "ready"),
+                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")),
             }
         }
         (Endpoint::Admin, "/config_dump") if get => {

@@ -2,7 +2,13 @@
 //! the enrolled pods in step with the sources, and take everything down
 //! again on SIGTERM/SIGINT.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -10,15 +16,15 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{self, AdminState, Endpoint},
     config::Config,
-    discover,
     ebpf::{self, Loaded},
+    handover::{self, Taken},
     identity::{
         IdentityManager,
         ca_client::{CaAuth, CaClient},
     },
-    pod::{self, EnrolledPod},
+    pod,
     proxy::{ProxyContext, pool::Pool},
-    snapshot::{self, Snapshot, SourceDocs, Store},
+    snapshot::{self, Snapshot, Store},
     sources::{
         Rejection,
         files::{self, FileSource},
@@ -27,8 +33,11 @@ use crate::{
     sys,
     telemetry::{self, logging::LogHandle, metrics::Metrics},
     tls, watch,
-    workload::{Workload, WorkloadKey},
 };
+
+mod agent;
+
+use agent::{Agent, Sources};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,6 +66,8 @@ pub enum Error {
     Telemetry(#[from] telemetry::Error),
     #[error("cannot install signal handlers: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Handover(#[from] handover::Error),
 }
 
 impl Error {
@@ -66,7 +77,11 @@ impl Error {
         match self {
             Error::NotRoot => 77,
             Error::Config(_) | Error::CaRoot(_) | Error::CaClient(_) | Error::MeshConfig(_) => 64,
-            Error::Kube(_) | Error::Ebpf(_) | Error::Enrol(_) | Error::Admin(_) => 69,
+            Error::Kube(_)
+            | Error::Ebpf(_)
+            | Error::Enrol(_)
+            | Error::Admin(_)
+            | Error::Handover(_) => 69,
             Error::Telemetry(_) | Error::Signal(_) => 70,
         }
     }
@@ -113,11 +128,32 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     if kube_client.is_some() {
         metrics.config_source(kube::NAME);
     }
+    // A running agent (restart, upgrade) hands its listening sockets over:
+    // nothing is closed or re-bound, so no connect is refused meanwhile.
+    let mut taken = {
+        let path = config.handover_socket.clone();
+        tokio::task::spawn_blocking(move || handover::take(&path))
+            .await
+            .expect("hand-over task")?
+    };
+    if let Some(t) = &taken {
+        tracing::info!(
+            from_pid = t.from_pid,
+            pods = t.pods.len(),
+            "taking over from the running agent"
+        );
+    }
     // Endpoints are bound before anything is attached, so a taken port
     // fails the start with nothing to undo.
-    let admin_l = admin::bind(config.admin_addr, Endpoint::Admin).await?;
-    let metrics_l = admin::bind(config.metrics_addr, Endpoint::Metrics).await?;
-    let ready_l = admin::bind(config.readiness_addr, Endpoint::Readiness).await?;
+    let admin_l = endpoint(&mut taken, config.admin_addr, Endpoint::Admin).await?;
+    let metrics_l = endpoint(&mut taken, config.metrics_addr, Endpoint::Metrics).await?;
+    let ready_l = endpoint(&mut taken, config.readiness_addr, Endpoint::Readiness).await?;
+    let endpoint_fds: Vec<(SocketAddr, OwnedFd)> = [&admin_l, &metrics_l, &ready_l]
+        .into_iter()
+        .filter_map(|l| Some((l.local_addr().ok()?, l.as_fd().try_clone_to_owned().ok()?)))
+        .collect();
+    // Handed-over listeners are accepted on once this agent is ready.
+    let (gate_tx, gate) = tokio::sync::watch::channel(taken.is_none());
 
     let mut loaded = Loaded::load(&config, telemetry::logging::kernel_log_level())?;
     // Until the pods are enrolled, any failure removes the map pins again.
@@ -256,6 +292,11 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         },
         started: false,
         warned: BTreeMap::new(),
+        handed: taken
+            .as_mut()
+            .map(|t| std::mem::take(&mut t.pods))
+            .unwrap_or_default(),
+        gate,
     };
     if let Some(docs) = initial_files {
         if kube.is_some() {
@@ -270,6 +311,17 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     pins.armed = false;
     drop(pins);
     agent.publish();
+    let mut takeover = taken.map(|t| {
+        let state = state.clone();
+        tokio::spawn(t.complete(
+            move || state.readiness().is_ok(),
+            gate_tx,
+            config.handover_timeout,
+        ))
+    });
+    let mut offers = takeover.is_none().then(|| offer(&config)).flatten();
+    // Set once this agent's sockets were asked for.
+    let mut handing_over = false;
 
     let notifier = file_source.as_ref().and_then(|_| {
         watch::Notifier::new(&config.config)
@@ -281,7 +333,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     });
     let mut tick = tokio::time::interval(config.config_poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let signal_name = loop {
+    let stop = loop {
         let kube_changed = async {
             match &kube {
                 Some(k) => k.changed().await,
@@ -295,8 +347,28 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
             }
         };
         tokio::select! {
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
+            _ = sigint.recv() => break Stop::Signal("SIGINT"),
+            r = async { takeover.as_mut().expect("guarded").await }, if takeover.is_some() => {
+                takeover = None;
+                match r.expect("hand-over task") {
+                    Ok(pid) => {
+                        tracing::info!(from_pid = pid, "took over: the previous agent stops accepting and drains");
+                        agent.handed.clear();
+                        offers = offer(&config);
+                    }
+                    Err(e) => break Stop::TakeoverFailed(e),
+                }
+            },
+            ev = async { offers.as_mut().expect("guarded").recv().await }, if offers.is_some() => match ev {
+                Some(handover::Event::Requested { reply, .. }) => {
+                    handing_over = true;
+                    let _ = reply.send(agent.offer(&endpoint_fds));
+                }
+                Some(handover::Event::TakenOver { pid }) => break Stop::HandedOver(pid),
+                Some(handover::Event::Abandoned) => handing_over = false,
+                None => offers = None,
+            },
             _ = tick.tick() => {
                 if let Some(change) = file_source.as_mut().and_then(FileSource::poll) {
                     agent.update(change);
@@ -317,17 +389,73 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
             },
         }
     };
-    tracing::info!("{signal_name}: shutting down");
     state
         .ready
         .store(false, std::sync::atomic::Ordering::Release);
     drop(kube);
-    agent.shutdown().await;
-    stop_admin.cancel();
+    match stop {
+        Stop::Signal(name) => {
+            tracing::info!("{name}: shutting down");
+            // Mid-hand-over, the other agent uses the same maps, links and
+            // sockets: leave them to it.
+            agent
+                .shutdown(config.keep_pins || handing_over || takeover.is_some())
+                .await;
+            stop_admin.cancel();
+        }
+        Stop::HandedOver(pid) => {
+            // The new agent serves the endpoints and accepts on every
+            // listener; the pods' links and maps are its now.
+            tracing::info!(to_pid = pid, "handed over: no longer accepting; draining");
+            stop_admin.cancel();
+            agent.shutdown(true).await;
+            // A DaemonSet's old pod exits on its SIGTERM: exiting before,
+            // the kubelet would restart it, and it would take the sockets back.
+            tracing::info!("drained; exiting on SIGTERM");
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = sigint.recv() => {}
+            }
+        }
+        Stop::TakeoverFailed(e) => {
+            // The running agent keeps the sockets, links and maps.
+            agent.shutdown(true).await;
+            stop_admin.cancel();
+            return Err(e.into());
+        }
+    }
     Ok(())
 }
 
-/// The certificate manager, when a CA is configured.
+/// Why the main loop ended.
+enum Stop {
+    Signal(&'static str),
+    /// A new agent took the listeners over (its pid).
+    HandedOver(u32),
+    /// This agent received the sockets but did not become ready in time.
+    TakeoverFailed(handover::Error),
+}
+
+/// An endpoint's listener: handed over, or bound now.
+async fn endpoint(
+    taken: &mut Option<Taken>,
+    addr: SocketAddr,
+    ep: Endpoint,
+) -> Result<tokio::net::TcpListener, admin::Error> {
+    match taken.as_mut().and_then(|t| t.endpoints.remove(&addr)) {
+        Some(l) => admin::adopt(l, addr, ep),
+        None => admin::bind(addr, ep).await,
+    }
+}
+
+/// Offers this agent's sockets to the next one; without the socket, a
+/// restart still works, with connects refused while no agent listens.
+fn offer(config: &Config) -> Option<tokio::sync::mpsc::Receiver<handover::Event>> {
+    handover::offer(&config.handover_socket, config.handover_timeout)
+        .inspect_err(|e| tracing::warn!("{e}: restarts will refuse connections briefly"))
+        .ok()
+}
+
 /// How often the agent looks for freed heap to give back, and how much
 /// must be free before it does (`malloc_trim` walks every arena).
 const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
@@ -336,6 +464,7 @@ const HEAP_TRIM_ABOVE: usize = 4 << 20;
 /// How often series of departed workloads and services are removed.
 const SERIES_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
+/// The certificate manager, when a CA is configured.
 fn identities(
     config: &Config,
     metrics: &Arc<Metrics>,
@@ -419,357 +548,6 @@ impl Drop for PinGuard {
     fn drop(&mut self) {
         if self.armed {
             ebpf::remove_pins(&self.dir, &self.created);
-        }
-    }
-}
-
-/// The last good content of each source, and what was last refused.
-struct Sources {
-    settings: snapshot::Settings,
-    files: Option<SourceDocs>,
-    kube: Option<SourceDocs>,
-    /// With Kubernetes configured, nothing is built before it has synced.
-    waits_for_kube: bool,
-    version: u64,
-    /// The last rejected update of each source (kept after later updates
-    /// apply, with its time), for `/config_dump`.
-    rejected: BTreeMap<&'static str, serde_json::Value>,
-}
-
-impl Sources {
-    fn slot(&mut self, name: &str) -> &mut Option<SourceDocs> {
-        if name == kube::NAME {
-            &mut self.kube
-        } else {
-            &mut self.files
-        }
-    }
-
-    /// Builds the snapshot with `update` replacing its source's content;
-    /// on failure the source keeps its previous content.
-    fn try_update(&mut self, update: SourceDocs) -> Result<Option<Snapshot>, Rejection> {
-        let name = update.name;
-        let previous = self.slot(name).replace(update);
-        if self.waits_for_kube && self.kube.is_none() {
-            return Ok(None);
-        }
-        let current: Vec<&SourceDocs> = [&self.files, &self.kube].into_iter().flatten().collect();
-        match snapshot::build(&current, &self.settings, self.version + 1) {
-            Ok(s) => {
-                self.version += 1;
-                Ok(Some(s))
-            }
-            Err(problems) => {
-                *self.slot(name) = previous;
-                Err(Rejection {
-                    source: name,
-                    problems,
-                })
-            }
-        }
-    }
-}
-
-/// A pod as enrolled, and the registry entry it was enrolled from (which
-/// has no paths when they were discovered).
-struct Enrolled {
-    desired: Arc<Workload>,
-    pod: EnrolledPod,
-}
-
-struct Agent {
-    loaded: Loaded,
-    ctx: Arc<ProxyContext>,
-    pods: BTreeMap<WorkloadKey, Enrolled>,
-    /// Pods of this node not enrolled yet, with the reason (retried).
-    pending: BTreeMap<WorkloadKey, String>,
-    state: Arc<AdminState>,
-    sources: Sources,
-    /// Whether the first snapshot has been applied.
-    started: bool,
-    /// Resources whose policy is not enforced and pods left to Istio,
-    /// already warned about.
-    warned: BTreeMap<String, String>,
-}
-
-impl Agent {
-    /// The first snapshot without Kubernetes: every pod must enrol, or the
-    /// start fails (the operator sees a bad registry at once).
-    fn start(&mut self, docs: SourceDocs) -> Result<(), Error> {
-        let snap = match self.sources.try_update(docs) {
-            Ok(Some(s)) => s,
-            Ok(None) => unreachable!("files alone are enough to build"),
-            Err(r) => return Err(Error::Config(r)),
-        };
-        self.install(snap, files::NAME);
-        let snap = self.ctx.store.load();
-        self.prune_stale_links(&snap);
-        let node = self.ctx.config.node_name.clone();
-        for w in snap.local_workloads(&node) {
-            let p = self.enrol(w)?;
-            self.pods.insert(w.key(), p);
-        }
-        self.started = true;
-        self.state
-            .ready
-            .store(true, std::sync::atomic::Ordering::Release);
-        tracing::info!(pods = self.pods.len(), pin_dir = %self.loaded.pin_dir().display(), "ready");
-        crate::sys::release_free_memory();
-        Ok(())
-    }
-
-    /// A source changed: build and install a new snapshot, or keep the
-    /// current one and report why not.
-    fn update(&mut self, change: Result<SourceDocs, Rejection>) {
-        let result = change.and_then(|docs| {
-            let name = docs.name;
-            self.sources.try_update(docs).map(|s| s.map(|s| (s, name)))
-        });
-        match result {
-            Ok(Some((snap, source))) => {
-                self.install(snap, source);
-                if !self.started {
-                    let snap = self.ctx.store.load();
-                    self.prune_stale_links(&snap);
-                    self.started = true;
-                }
-                self.reconcile();
-                if !self.state.ready.load(std::sync::atomic::Ordering::Acquire) {
-                    self.state
-                        .ready
-                        .store(true, std::sync::atomic::Ordering::Release);
-                    tracing::info!(
-                        pods = self.pods.len(),
-                        pending = self.pending.len(),
-                        "ready"
-                    );
-                }
-            }
-            Ok(None) => {}
-            Err(r) => {
-                // Keep serving the last good configuration.
-                tracing::error!("{r}\n  (the previous configuration stays in force)");
-                self.ctx.metrics.config_rejected(r.source);
-                self.sources.rejected.insert(
-                    r.source,
-                    serde_json::json!({
-                        "at": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                        "problems": r.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    }),
-                );
-            }
-        }
-        self.publish();
-    }
-
-    fn install(&mut self, snap: Snapshot, source: &str) {
-        let (version, at) = (snap.version, snap.applied_at);
-        let counts: BTreeMap<&str, usize> = snap
-            .resources
-            .iter()
-            .map(|(k, v)| (k.name(), v.len()))
-            .collect();
-        tracing::info!(
-            version,
-            source,
-            workloads = snap.registry.workloads.len(),
-            services = snap.registry.services.len(),
-            resources = ?counts,
-            "configuration applied"
-        );
-        // Policies in force on paper but not in the data path: said once
-        // per resource version, loudly.
-        let warnings: BTreeMap<String, String> = snap
-            .resources
-            .values()
-            .flatten()
-            .filter_map(|r| crate::istio::validate::not_enforced(r))
-            .filter(|p| p.severity == crate::istio::Severity::Warning)
-            .map(|p| {
-                (
-                    format!("{}@{}", p.resource, p.file.display()),
-                    p.to_string(),
-                )
-            })
-            .chain(
-                // Pods of this node Istio ambient carries: not ours to enrol.
-                snap.registry
-                    .left_to_istio
-                    .iter()
-                    .filter(|l| l.node == self.ctx.config.node_name)
-                    .map(|l| {
-                        let label = &self.ctx.config.dataplane_mode_label;
-                        (format!("left-to-istio {}", l.pod), l.message(label))
-                    }),
-            )
-            .collect();
-        for (key, text) in &warnings {
-            if !self.warned.contains_key(key) {
-                tracing::warn!("{text}");
-            }
-        }
-        self.warned = warnings;
-        self.ctx.store.swap(snap);
-        self.ctx.metrics.config_applied(source, version, at);
-    }
-
-    /// Detaches links a previous agent left for pods no longer listed.
-    fn prune_stale_links(&self, snap: &Snapshot) {
-        let keys: Vec<String> = snap
-            .local_workloads(&self.ctx.config.node_name)
-            .map(|w| pod::links_dir_name(&w.key()))
-            .collect();
-        for stale in self
-            .loaded
-            .prune_links(&|name| keys.iter().any(|k| k == name))
-        {
-            tracing::info!(links = %stale, "detached links left by a previous agent for a pod no longer listed");
-        }
-    }
-
-    /// Enrols `w`, first finding its netns and cgroup from its UID when the
-    /// source did not give them (Kubernetes Pods).
-    fn enrol(&mut self, w: &Arc<Workload>) -> Result<Enrolled, Error> {
-        let mut resolved = (**w).clone();
-        if resolved.netns.as_os_str().is_empty() || resolved.cgroup.as_os_str().is_empty() {
-            let Some(uid) = resolved.uid.clone() else {
-                return Err(Error::Enrol(pod::Error::NoPaths { pod: w.key() }));
-            };
-            let (cgroup, netns) =
-                discover::pod(&self.ctx.config.cgroup_root, &uid).map_err(|source| {
-                    Error::Enrol(pod::Error::Discover {
-                        pod: w.key(),
-                        source,
-                    })
-                })?;
-            resolved.cgroup = cgroup;
-            resolved.netns = netns;
-        }
-        let p = pod::enrol(resolved, &mut self.loaded, &self.ctx)?;
-        Ok(Enrolled {
-            desired: w.clone(),
-            pod: p,
-        })
-    }
-
-    /// Brings the enrolled pods in line with the current snapshot. A pod
-    /// that fails to enrol is logged, kept pending and retried; the others
-    /// are unaffected.
-    fn reconcile(&mut self) {
-        let snap = self.ctx.store.load();
-        let node = self.ctx.config.node_name.clone();
-        let mut desired: BTreeMap<WorkloadKey, Arc<Workload>> = snap
-            .local_workloads(&node)
-            .map(|w| (w.key(), w.clone()))
-            .collect();
-        let gone: Vec<WorkloadKey> = self
-            .pods
-            .iter()
-            .filter(|(k, p)| desired.get(*k) != Some(&p.desired))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in gone {
-            if let Some(p) = self.pods.remove(&k) {
-                p.pod.remove(&self.ctx);
-            }
-        }
-        self.pending.retain(|k, _| desired.contains_key(k));
-        desired.retain(|k, _| !self.pods.contains_key(k));
-        for (k, w) in desired {
-            match self.enrol(&w) {
-                Ok(p) => {
-                    self.pending.remove(&k);
-                    self.pods.insert(k, p);
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    // Logged once per distinct reason, not on every retry.
-                    if self.pending.get(&k) != Some(&msg) {
-                        tracing::error!("{msg}");
-                        self.ctx.metrics.enrol_failed();
-                    }
-                    self.pending.insert(k, msg);
-                }
-            }
-        }
-        self.publish();
-    }
-
-    /// Tries the pods that could not be enrolled again.
-    fn retry_pending(&mut self) {
-        if !self.pending.is_empty() {
-            self.reconcile();
-        }
-    }
-
-    /// Refreshes `/config_dump` and the workload gauge.
-    fn publish(&self) {
-        let pods: Vec<_> = self.pods.values().map(|p| p.pod.dump()).collect();
-        let sources = serde_json::json!({
-            "files": self.sources.files.as_ref().map(|s| serde_json::json!({
-                "paths": self.ctx.config.config,
-                "revision": s.revision,
-                "documents": s.documents.len(),
-            })),
-            "kubernetes": self.state.kube.as_ref().map(|k| k.status()),
-            "lastRejected": self.sources.rejected,
-        });
-        let snap = self.ctx.store.load();
-        let left_to_istio: Vec<_> = snap
-            .registry
-            .left_to_istio
-            .iter()
-            .filter(|l| l.node == self.ctx.config.node_name)
-            .collect();
-        let doc = serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "mutualTls": if self.ctx.identities.is_some() {
-                "on"
-            } else {
-                "OFF (--insecure-no-mtls): traffic between nodes is plaintext"
-            },
-            "config": &*self.ctx.config,
-            "workloads": pods,
-            "pending": self.pending,
-            "leftToIstio": left_to_istio,
-            "sources": sources,
-            "ebpf": {
-                "pinDir": self.loaded.pin_dir(),
-                "programs": self.loaded.programs(),
-                "mapAbiVersion": mesh_common::MAP_ABI_VERSION,
-            },
-        });
-        *self.state.dump.write().expect("dump lock") = doc;
-        self.ctx.metrics.set_workloads(self.pods.len());
-    }
-
-    /// Detaches (or, with --keep-pins, keeps) every pod, lets connections
-    /// drain for the configured time, then cuts the rest and unpins maps.
-    async fn shutdown(mut self) {
-        let keep = self.ctx.config.keep_pins;
-        for (_, p) in std::mem::take(&mut self.pods) {
-            if keep {
-                p.pod.keep()
-            } else {
-                p.pod.remove(&self.ctx)
-            }
-        }
-        self.ctx.connections.close();
-        if tokio::time::timeout(self.ctx.config.drain_timeout, self.ctx.connections.wait())
-            .await
-            .is_err()
-        {
-            tracing::info!(
-                open = self.ctx.connections.len(),
-                "drain period over; closing the remaining connections"
-            );
-            self.ctx.cut.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.ctx.connections.wait()).await;
-        }
-        if keep {
-            tracing::info!(pin_dir = %self.loaded.pin_dir().display(), "leaving maps and links pinned (--keep-pins)");
-        } else {
-            self.loaded.unpin_maps();
         }
     }
 }

@@ -163,6 +163,23 @@ pub struct Config {
     #[arg(long, env = "MESH_KEEP_PINS")]
     pub keep_pins: bool,
 
+    /// Unix socket where the running agent offers its listening sockets to
+    /// the next one (restart and upgrade without a refused connection).
+    /// A new agent that finds an agent there takes the sockets over.
+    #[arg(
+        long,
+        env = "MESH_HANDOVER_SOCKET",
+        default_value = "/run/mesh-agent/handover.sock"
+    )]
+    pub handover_socket: PathBuf,
+
+    /// How long a new agent may take to become ready (pods enrolled,
+    /// certificates issued) after receiving the sockets; past it, the hand-
+    /// over is abandoned and the running agent keeps serving.
+    #[arg(long, env = "MESH_HANDOVER_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub handover_timeout: Duration,
+
     /// Admin endpoint: /config_dump, /logging.
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod config;
 pub mod discover;
 pub mod documents;
+pub mod handover;
 pub mod identity;
 pub mod istio;
 pub mod netns;

@@ -6,15 +6,21 @@
 use std::{
     fs::File,
     net::SocketAddr,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     ebpf::{self, Loaded, Maps, PodLinks},
+    handover::{
+        Offered,
+        wire::{Listener, Message},
+    },
     netns::{self, Netns},
     proxy::{self, PodContext, ProxyContext, hbone, inbound, outbound, socket},
     spiffe::SpiffeId,
@@ -76,6 +82,8 @@ pub struct EnrolledPod {
     netns_cookie: u64,
     identity: Option<SpiffeId>,
     listening: Vec<SocketAddr>,
+    /// Copies of the listening sockets, for the next agent.
+    handover: Vec<(Listener, std::net::TcpListener)>,
     links: PodLinks,
     stop: CancellationToken,
     maps: Arc<Maps>,
@@ -129,9 +137,19 @@ pub fn links_dir_name(key: &WorkloadKey) -> String {
     key.to_string().replace('/', "_")
 }
 
-/// Enrols `w`. Must run inside the tokio runtime (it starts the accept loops).
+/// Listeners a previous agent handed over for a pod, and when this agent
+/// may start accepting on them: once it is ready (until then the previous
+/// agent still accepts on the same sockets).
+pub struct Handed {
+    pub listeners: Vec<(Listener, std::net::TcpListener)>,
+    pub gate: watch::Receiver<bool>,
+}
+
+/// Enrols `w` on `handed` listeners, or new ones. Must run inside the tokio
+/// runtime (it starts the accept loops).
 pub fn enrol(
     w: Workload,
+    handed: Option<Handed>,
     loaded: &mut Loaded,
     ctx: &Arc<ProxyContext>,
 ) -> Result<EnrolledPod, Error> {
@@ -141,11 +159,33 @@ pub fn enrol(
         source,
     })?;
     let cgroup = open_cgroup(&key, &w.cgroup)?;
-    let listeners =
-        socket::open_listeners(&netns, &w, &ctx.config).map_err(|source| Error::Listen {
-            pod: key.clone(),
-            source,
-        })?;
+    let mut gate = None;
+    let adopted = handed.and_then(|h| {
+        match socket::PodListeners::adopt(&netns, &w, &ctx.config, h.listeners) {
+            Ok(l) => {
+                gate = Some(h.gate);
+                Some(l)
+            }
+            Err(why) => {
+                tracing::warn!(pod = %key, "not adopting the listeners handed over: {why}; opening new ones");
+                None
+            }
+        }
+    });
+    let listeners = match adopted {
+        Some(l) => l,
+        None => {
+            socket::open_listeners(&netns, &w, &ctx.config).map_err(|source| Error::Listen {
+                pod: key.clone(),
+                source,
+            })?
+        }
+    };
+    let listen_err = |source: std::io::Error| Error::Listen {
+        pod: key.clone(),
+        source: source.into(),
+    };
+    let handover = listeners.handover().map_err(listen_err)?;
     let listening = listeners.addrs();
     let workload = Arc::new(w);
     let maps = loaded.maps();
@@ -185,30 +225,43 @@ pub fn enrol(
         identity: identity.clone(),
     });
     let tokio_listener = |l: std::net::TcpListener| tokio::net::TcpListener::from_std(l);
+    // Handed-over sockets are accepted on once the gate opens.
+    let spawn = |serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+        let (gate, stop) = (gate.clone(), stop.clone());
+        tokio::spawn(async move {
+            if let Some(mut g) = gate {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = g.wait_for(|open| *open) => if r.is_err() { return },
+                }
+            }
+            serve.await;
+        });
+    };
     let start = || -> std::io::Result<()> {
         for l in listeners.outbound {
-            tokio::spawn(outbound::serve(
+            spawn(Box::pin(outbound::serve(
                 tokio_listener(l)?,
                 pod.clone(),
                 ctx.clone(),
                 stop.clone(),
-            ));
+            )));
         }
         for (_, l) in listeners.inbound {
-            tokio::spawn(inbound::serve_plaintext(
+            spawn(Box::pin(inbound::serve_plaintext(
                 tokio_listener(l)?,
                 pod.clone(),
                 ctx.clone(),
                 stop.clone(),
-            ));
+            )));
         }
         for l in listeners.hbone {
-            tokio::spawn(hbone::serve(
+            spawn(Box::pin(hbone::serve(
                 tokio_listener(l)?,
                 pod.clone(),
                 ctx.clone(),
                 stop.clone(),
-            ));
+            )));
         }
         Ok(())
     };
@@ -231,6 +284,7 @@ pub fn enrol(
         netns_cookie: pod.netns_cookie,
         identity,
         listening,
+        handover,
         links,
         stop,
         maps,
@@ -260,6 +314,22 @@ impl EnrolledPod {
     pub fn keep(self) {
         self.links.keep();
         self.stop.cancel();
+    }
+
+    /// This pod's listening sockets, for the next agent.
+    pub fn offer(&self) -> std::io::Result<Offered> {
+        let fds = self
+            .handover
+            .iter()
+            .map(|(_, l)| l.try_clone().map(OwnedFd::from))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Offered {
+            msg: Message::Pod {
+                key: self.workload.key().to_string(),
+                listeners: self.handover.iter().map(|(l, _)| l.clone()).collect(),
+            },
+            fds,
+        })
     }
 
     pub fn dump(&self) -> PodDump {

@@ -170,6 +170,9 @@ pub struct ProxyContext {
     pub pool: Option<Arc<pool::Pool>>,
     /// Tracks connection tasks, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
+    /// Cancelled when the agent stops accepting: HBONE connections are told
+    /// GOAWAY, so peers open new ones (to the next agent).
+    pub draining: CancellationToken,
     /// Cancelled when the drain period is over: open connections are cut.
     pub cut: CancellationToken,
     /// Load balancing, circuit breaking and outlier state per destination.
@@ -209,6 +212,7 @@ impl ProxyContext {
             identities,
             pool,
             connections: TaskTracker::new(),
+            draining: CancellationToken::new(),
             cut: CancellationToken::new(),
             clusters: Default::default(),
             upstreams: Default::default(),

@@ -33,6 +33,9 @@ pub struct AgentOptions {
     /// `--config-poll-interval`; tests default to 100 ms so that changes
     /// apply quickly even where file notifications were missed.
     pub config_poll_interval: Option<String>,
+    /// The agent takes over from one running on the same node: start-up
+    /// waits until it says it did (the endpoints answer all along).
+    pub takes_over: bool,
 }
 
 impl AgentOptions {
@@ -42,6 +45,19 @@ impl AgentOptions {
             ..Self::default()
         }
     }
+}
+
+/// What start-up waits for.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// `/healthz/ready`.
+    Ready,
+    /// Just the admin endpoint (an agent that cannot get all its
+    /// certificates never is ready).
+    Serving,
+    /// The agent's "took over" line (the endpoints are handed over, so they
+    /// answer before it is ready).
+    TookOver,
 }
 
 /// A running agent. Dropping it stops it with SIGTERM (SIGKILL if it hangs).
@@ -90,14 +106,31 @@ fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOpti
         .arg(workloads)
         .arg("--bpffs-dir")
         .arg(opts.pin_dir.clone().unwrap_or_else(|| env.pin_dir(node)))
+        // Per node and test: agents of other tests are not to be replaced.
+        .args(
+            (!opts.args.iter().any(|a| a == "--handover-socket"))
+                .then(|| {
+                    [
+                        "--handover-socket".into(),
+                        env.handover_socket(node).into_os_string(),
+                    ]
+                })
+                .into_iter()
+                .flatten(),
+        )
         .args([
             "--config-poll-interval",
             opts.config_poll_interval.as_deref().unwrap_or("100ms"),
-            "--drain-timeout",
-            "1s",
             "--node-name",
             &node.name,
         ])
+        // Tests drain briefly unless they say otherwise.
+        .args(
+            (!opts.args.iter().any(|a| a == "--drain-timeout"))
+                .then_some(["--drain-timeout", "1s"])
+                .into_iter()
+                .flatten(),
+        )
         .args(["--log-level", opts.log.as_deref().unwrap_or("info")])
         .arg("--agent-cgroup")
         .arg(&cgroup)
@@ -121,7 +154,14 @@ impl Agent {
         write_workloads(&workloads, pods);
         let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| env.pin_dir(node));
         let cmd = command(env, node, &workloads, &opts);
-        Self::spawn(env, node, cmd, workloads, pin_dir, opts.unready)
+        let wait = if opts.takes_over {
+            Wait::TookOver
+        } else if opts.unready {
+            Wait::Serving
+        } else {
+            Wait::Ready
+        };
+        Self::spawn(env, node, cmd, workloads, pin_dir, wait)
     }
 
     /// Starts `program args…` as an agent on `node` exactly as given (no
@@ -141,21 +181,27 @@ impl Agent {
         fs::create_dir_all(&cgroup).unwrap();
         let mut cmd = in_agent_place(&cgroup, node);
         cmd.args(program).envs(vars.iter().map(|(k, v)| (k, v)));
-        Self::spawn(env, node, cmd, PathBuf::new(), pin_dir, false)
+        Self::spawn(env, node, cmd, PathBuf::new(), pin_dir, Wait::Ready)
     }
 
     /// Runs `cmd` (an agent) with its log in the environment's directory,
-    /// tracked for cleanup, and waits until it is ready (or, `unready`,
-    /// serving).
+    /// tracked for cleanup, and waits as `wait` says.
     fn spawn(
         env: &Env,
         node: &Node,
         mut cmd: Command,
         workloads: PathBuf,
         pin_dir: PathBuf,
-        unready: bool,
+        wait: Wait,
     ) -> Self {
-        let log_path = env.dir.join(format!("agent-{}.log", node.index));
+        // One log per agent process: a node's later agents get their own.
+        let log_path = (0..)
+            .map(|n| match n {
+                0 => env.dir.join(format!("agent-{}.log", node.index)),
+                n => env.dir.join(format!("agent-{}.{n}.log", node.index)),
+            })
+            .find(|p| !p.exists())
+            .expect("a free log name");
         let log = fs::File::create(&log_path).unwrap();
         let child = cmd
             .stdin(Stdio::null())
@@ -172,7 +218,7 @@ impl Agent {
             pin_dir,
             log_path,
         };
-        agent.wait_ready(unready);
+        agent.wait_ready(wait);
         agent
     }
 
@@ -208,13 +254,12 @@ impl Agent {
         self.child.as_ref().map(Child::id).expect("agent running")
     }
 
-    /// Waits for `/healthz/ready`, or with `serving_only` just for the admin
-    /// endpoint (an agent that cannot get all its certificates never is ready).
-    fn wait_ready(&mut self, serving_only: bool) {
-        let probe = if serving_only {
-            "http://127.0.0.1:15000/config_dump"
-        } else {
-            "http://127.0.0.1:15021/healthz/ready"
+    /// Waits until the agent is as `wait` says.
+    fn wait_ready(&mut self, wait: Wait) {
+        let probe = match wait {
+            Wait::Serving => "http://127.0.0.1:15000/config_dump",
+            Wait::Ready => "http://127.0.0.1:15021/healthz/ready",
+            Wait::TookOver => "",
         };
         let deadline = Instant::now() + sys::scaled(Duration::from_secs(30));
         loop {
@@ -230,7 +275,11 @@ impl Agent {
                     self.log()
                 );
             }
-            if self.try_get(probe).is_ok() {
+            let done = match wait {
+                Wait::TookOver => self.log().contains("took over"),
+                _ => self.try_get(probe).is_ok(),
+            };
+            if done {
                 return;
             }
             assert!(

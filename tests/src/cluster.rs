@@ -59,21 +59,45 @@ impl Cluster {
 
     /// Like `mesh`, with more agent flags.
     pub fn mesh_with(&self, extra: &[&str]) -> (Ca, Agent, Agent) {
+        let ca = self.ca();
+        let registry = self.registry();
+        let a = Agent::start(
+            &self.env,
+            &self.a,
+            &registry,
+            self.agent_options(&ca, &self.a, extra),
+        );
+        let b = Agent::start(
+            &self.env,
+            &self.b,
+            &registry,
+            self.agent_options(&ca, &self.b, extra),
+        );
+        (ca, a, b)
+    }
+
+    /// The client and the servers, as every agent lists them.
+    pub fn registry(&self) -> Vec<&Pod> {
         let mut registry = vec![&self.client];
         registry.extend(&self.servers);
-        let ca = Ca::start(&self.env, &self.fabric, "ca", &registry);
-        let opts = |node: &Node| {
-            let mut args = ca.agent_args(node);
-            args.extend(["--config".into(), self.config.display().to_string()]);
-            args.extend(extra.iter().map(|a| a.to_string()));
-            AgentOptions {
-                args,
-                ..Default::default()
-            }
-        };
-        let a = Agent::start(&self.env, &self.a, &registry, opts(&self.a));
-        let b = Agent::start(&self.env, &self.b, &registry, opts(&self.b));
-        (ca, a, b)
+        registry
+    }
+
+    /// The CA the agents join.
+    pub fn ca(&self) -> Ca {
+        Ca::start(&self.env, &self.fabric, "ca", &self.registry())
+    }
+
+    /// The options of `node`'s agent: `ca`'s flags, the config directory,
+    /// and `extra`.
+    pub fn agent_options(&self, ca: &Ca, node: &Node, extra: &[&str]) -> AgentOptions {
+        let mut args = ca.agent_args(node);
+        args.extend(["--config".into(), self.config.display().to_string()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        AgentOptions {
+            args,
+            ..Default::default()
+        }
     }
 }
 

@@ -106,6 +106,11 @@ impl Env {
     /// normally does, but not when a signal ends the program).
     /// The returned list is shared with the `Agent`, which takes its PID out
     /// once it has reaped the process (so a reused PID is never signalled).
+    /// Where the agents of `node` offer their sockets to the next agent.
+    pub fn handover_socket(&self, node: &crate::Node) -> PathBuf {
+        self.dir.join(format!("handover-{}.sock", node.name))
+    }
+
     pub(crate) fn track_agent(&self, pid: u32) -> Arc<Mutex<Vec<u32>>> {
         self.agents.lock().unwrap().push(pid);
         self.agents.clone()

@@ -5,6 +5,7 @@
 
 use std::{
     fs::{self, File},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -23,7 +24,9 @@ use super::{
 #[derive(Debug)]
 pub struct PodLinks {
     dir: PathBuf,
-    pins: Vec<(PathBuf, PinnedLink)>,
+    /// Each pin with its inode: a successor that took the pod over pins
+    /// its own links at the same paths, and those are not ours to remove.
+    pins: Vec<(PathBuf, PinnedLink, u64)>,
     keep: bool,
 }
 
@@ -99,7 +102,8 @@ impl Loaded {
                 let _ = fs::remove_file(&staging);
                 return Err(Error::Pin { path, source });
             }
-            links.pins.push((path, pinned));
+            let ino = fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
+            links.pins.push((path, pinned, ino));
         }
         Ok(links)
     }
@@ -126,7 +130,7 @@ impl Loaded {
 impl PodLinks {
     /// Pinned paths, for `/config_dump`.
     pub fn paths(&self) -> Vec<PathBuf> {
-        self.pins.iter().map(|(p, _)| p.clone()).collect()
+        self.pins.iter().map(|(p, ..)| p.clone()).collect()
     }
 
     /// Leaves the links pinned (and so attached) after this process exits.
@@ -142,11 +146,19 @@ impl Drop for PodLinks {
         }
         // Removing the pin drops the last reference but ours; dropping ours
         // then detaches the program.
-        for (path, link) in self.pins.drain(..) {
-            let _ = fs::remove_file(&path);
+        let mut replaced = false;
+        for (path, link, ino) in self.pins.drain(..) {
+            match fs::metadata(&path) {
+                Ok(m) if m.ino() != ino => replaced = true,
+                _ => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
             drop(link);
         }
-        remove_pin_dir(&self.dir);
+        if !replaced {
+            remove_pin_dir(&self.dir);
+        }
     }
 }
 

@@ -119,18 +119,28 @@ async fn connection(
         tracing::debug!(pod = %pod.workload.key(), %peer, client = %peer_id, %serial, "hbone: client connected");
     }
     let peer_id = Arc::new(peer_id);
+    let draining = ctx.draining.clone();
     let svc = service_fn(move |req| {
         let (pod, ctx, identity, peer_id) =
             (pod.clone(), ctx.clone(), identity.clone(), peer_id.clone());
         async move { Ok::<_, Infallible>(stream(req, peer, &pod, &ctx, &identity, &peer_id).await) }
     });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(h2::STREAM_WINDOW)
         .initial_connection_window_size(h2::CONNECTION_WINDOW)
         .max_concurrent_streams(h2::MAX_CONCURRENT_STREAMS)
         .max_send_buf_size(h2::MAX_SEND_BUFFER)
-        .serve_connection(TokioIo::new(tls), svc)
-        .await;
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        r = conn.as_mut() => r,
+        () = draining.cancelled() => {
+            // GOAWAY: the peer opens new streams on a new connection (to
+            // the next agent); the streams open here finish.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = served {
         tracing::debug!(%peer, "hbone: connection ended: {e}");
     }

@@ -11,7 +11,13 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::Error;
-use crate::{config::Config, netns::Netns, sys, workload::Workload};
+use crate::{
+    config::Config,
+    handover::wire::{Listener, Role},
+    netns::Netns,
+    sys,
+    workload::Workload,
+};
 
 /// Listen backlog of every in-pod listener.
 const BACKLOG: i32 = 1024;
@@ -132,6 +138,80 @@ pub fn open_listeners(netns: &Netns, w: &Workload, cfg: &Config) -> Result<PodLi
             netns_cookie,
         })
     })?
+}
+
+impl PodListeners {
+    /// The listeners a previous agent handed over for `w`, if they are
+    /// exactly the ones `open_listeners` would open, in `netns`.
+    pub fn adopt(
+        netns: &Netns,
+        w: &Workload,
+        cfg: &Config,
+        handed: Vec<(Listener, std::net::TcpListener)>,
+    ) -> Result<Self, String> {
+        let (mut outbound, mut inbound, mut hbone) = (Vec::new(), Vec::new(), Vec::new());
+        for (l, s) in handed {
+            let (ip, port) = (l.addr.ip(), l.addr.port());
+            match l.role {
+                Role::Outbound if ip.is_loopback() && port == cfg.outbound_port => {
+                    outbound.push(s);
+                }
+                Role::Inbound if w.ips.contains(&ip) && port == cfg.inbound_port => {
+                    inbound.push((ip, s));
+                }
+                Role::Hbone if w.ips.contains(&ip) && port == cfg.hbone_port => hbone.push(s),
+                _ => {
+                    return Err(format!(
+                        "{:?} listener {} is not one this agent opens",
+                        l.role, l.addr
+                    ));
+                }
+            }
+        }
+        if inbound.len() != w.ips.len() || hbone.len() != w.ips.len() {
+            return Err(format!("the pod's addresses are now {:?}", w.ips));
+        }
+        let first = outbound
+            .first()
+            .ok_or_else(|| "no outbound listener".to_owned())?;
+        let netns_cookie = sys::netns_cookie(first.as_fd()).map_err(|e| e.to_string())?;
+        // The pod's namespace as this agent found it, seen from a socket
+        // made in it: a recreated pod has a new one.
+        let probe = netns
+            .run(|| Socket::new(Domain::IPV4, Type::STREAM, None))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if sys::netns_cookie(probe.as_fd()).map_err(|e| e.to_string())? != netns_cookie {
+            return Err("the listeners are in another network namespace".into());
+        }
+        Ok(Self {
+            outbound,
+            inbound,
+            hbone,
+            netns_cookie,
+        })
+    }
+
+    /// Copies of the listening sockets, to hand to the next agent.
+    pub fn handover(&self) -> io::Result<Vec<(Listener, std::net::TcpListener)>> {
+        let roles = self
+            .outbound
+            .iter()
+            .map(|l| (Role::Outbound, l))
+            .chain(self.inbound.iter().map(|(_, l)| (Role::Inbound, l)))
+            .chain(self.hbone.iter().map(|l| (Role::Hbone, l)));
+        roles
+            .map(|(role, l)| {
+                Ok((
+                    Listener {
+                        role,
+                        addr: l.local_addr()?,
+                    },
+                    l.try_clone()?,
+                ))
+            })
+            .collect()
+    }
 }
 
 /// How the agent connects from inside a pod.

@@ -1,0 +1,100 @@
+//! Restart and upgrade under load: a new agent takes the running agent's
+//! listening sockets over (`--handover-socket`), the old one stops
+//! accepting, tells its HBONE peers GOAWAY and drains. No connection is
+//! refused, reset or cut on the way.
+
+use std::time::Duration;
+
+use mesh_tests::{Agent, cluster::cluster, sys::wait_until};
+
+#[test]
+fn replacing_the_agents_under_load_fails_no_connection() {
+    let c = cluster("restart", &[("server", &[])]);
+    let server = &c.servers[0];
+    let echo = server.spawn_app(&c.env, &["echo", &server.v4(9000)]);
+    let ca = c.ca();
+    let registry = c.registry();
+    // A drain longer than the test: the long-lived connections must finish
+    // on the agents that accepted them, not be cut.
+    let options = |node| c.agent_options(&ca, node, &["--drain-timeout", "120s"]);
+    let mut a = Agent::start(&c.env, &c.a, &registry, options(&c.a));
+    let mut b = Agent::start(&c.env, &c.b, &registry, options(&c.b));
+
+    let stop = c.env.dir.join("stop-load");
+    let stop = stop.to_str().unwrap();
+    let target = server.v4(9000);
+    // New connections back to back, each an echo round trip from node a's
+    // client to node b's server (HBONE between the agents).
+    let load = c.client.spawn_app(&c.env, &["load", &target, stop]);
+    // Long-lived connections, a round trip every 100 ms, across every
+    // replacement.
+    let chatters: Vec<_> = (0..3)
+        .map(|_| c.client.spawn_app(&c.env, &["chatter", &target, stop]))
+        .collect();
+    for ch in &chatters {
+        ch.wait_for(|v| v["event"] == "echoed", Duration::from_secs(10));
+    }
+
+    let mut replaced = Vec::new();
+    for (round, on_b) in [true, false, true].into_iter().enumerate() {
+        let (node, current) = if on_b { (&c.b, &mut b) } else { (&c.a, &mut a) };
+        let before = echo.accepted().len();
+        let mut o = options(node);
+        o.takes_over = true;
+        let next = Agent::start(&c.env, node, &registry, o);
+        let old = std::mem::replace(current, next);
+        assert!(
+            wait_until(Duration::from_secs(10), || old
+                .log()
+                .contains("handed over: no longer accepting")),
+            "round {round}: the old agent on {} did not hand over:\n{}",
+            node.name,
+            old.log()
+        );
+        // The load keeps going through the new agent.
+        assert!(
+            wait_until(Duration::from_secs(10), || echo.accepted().len()
+                > before + 20),
+            "round {round}: the load stalled after the hand-over"
+        );
+        replaced.push(old);
+    }
+
+    std::fs::write(c.env.dir.join("stop-load"), "").unwrap();
+    let done = load.wait_for(|v| v["event"] == "done", Duration::from_secs(30));
+    assert_eq!(
+        done["failed"], 0,
+        "new connections failed during the hand-overs: {done}"
+    );
+    assert!(done["ok"].as_u64().unwrap() > 60, "{done}");
+    for ch in &chatters {
+        let end = ch.wait_for(
+            |v| v["event"] == "done" || v["event"] == "failed",
+            Duration::from_secs(30),
+        );
+        assert_eq!(
+            end["event"], "done",
+            "a long-lived connection broke during the hand-overs: {end}"
+        );
+        assert!(end["rounds"].as_u64().unwrap() > 10, "{end}");
+    }
+    // The replaced agents drained as their connections ended, and exit on
+    // SIGTERM (as the kubelet sends once the new pod is ready) at once.
+    for mut old in replaced {
+        assert!(
+            wait_until(Duration::from_secs(20), || old.log().contains("drained")),
+            "{}",
+            old.log()
+        );
+        assert!(old.stop_within("TERM", Duration::from_secs(5)).success());
+    }
+    // The agents now running carried traffic, and refused none of it.
+    for agent in [&a, &b] {
+        let m = agent.metrics();
+        assert!(
+            m.value("istio_tcp_connections_opened_total", &[]) > 0.0,
+            "{}",
+            m.0
+        );
+    }
+}
