@@ -97,8 +97,10 @@ fn plaintext_follows_peer_authentication_and_mesh_traffic_is_always_mtls() {
     // logged), mesh traffic still flows.
     apply(STRICT_NAMESPACE, 1);
     let r = plaintext(9000);
+    // A reset shows as ECONNRESET, or as ENOTCONN when it lands before the
+    // client's half-close (seen on a slow VM).
     assert!(
-        !r.ok() && r.describe().contains("reset"),
+        !r.ok() && (r.describe().contains("reset") || r.describe().contains("not connected")),
         "STRICT let plaintext in: {}",
         r.describe()
     );

@@ -1,11 +1,12 @@
 //! Restart and upgrade under load: a new agent takes the running agent's
 //! listening sockets over (`--handover-socket`), the old one stops
 //! accepting, tells its HBONE peers GOAWAY and drains. No connection is
-//! refused, reset or cut on the way.
+//! refused, reset or cut on the way. And a crash: pods fail closed until
+//! the next agent starts.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use mesh_tests::{Agent, cluster::cluster, sys::wait_until};
+use mesh_tests::{Agent, AgentOptions, Env, cluster::cluster, sys::wait_until};
 
 #[test]
 fn replacing_the_agents_under_load_fails_no_connection() {
@@ -51,11 +52,19 @@ fn replacing_the_agents_under_load_fails_no_connection() {
             node.name,
             old.log()
         );
-        // The load keeps going through the new agent.
+        // The load keeps going, through the new agent.
         assert!(
             wait_until(Duration::from_secs(10), || echo.accepted().len()
                 > before + 20),
             "round {round}: the load stalled after the hand-over"
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || current
+                .metrics()
+                .try_value("istio_tcp_connections_opened_total", &[])
+                .is_ok_and(|n| n > 0.0)),
+            "round {round}: the new agent on {} carries no connection",
+            node.name
         );
         replaced.push(old);
     }
@@ -72,11 +81,11 @@ fn replacing_the_agents_under_load_fails_no_connection() {
             |v| v["event"] == "done" || v["event"] == "failed",
             Duration::from_secs(30),
         );
+        // It echoed before the first hand-over and ends after the last.
         assert_eq!(
             end["event"], "done",
             "a long-lived connection broke during the hand-overs: {end}"
         );
-        assert!(end["rounds"].as_u64().unwrap() > 10, "{end}");
     }
     // The replaced agents drained as their connections ended, and exit on
     // SIGTERM (as the kubelet sends once the new pod is ready) at once.
@@ -88,13 +97,48 @@ fn replacing_the_agents_under_load_fails_no_connection() {
         );
         assert!(old.stop_within("TERM", Duration::from_secs(5)).success());
     }
-    // The agents now running carried traffic, and refused none of it.
-    for agent in [&a, &b] {
-        let m = agent.metrics();
-        assert!(
-            m.value("istio_tcp_connections_opened_total", &[]) > 0.0,
-            "{}",
-            m.0
-        );
-    }
+}
+
+/// SIGKILL leaves no time to hand anything over: the pods stay captured
+/// (pinned links) and their connects are refused at once while no agent
+/// runs; the next agent finds the killed one's hand-over socket dead,
+/// starts afresh on the pinned maps, and the pods work again.
+#[test]
+fn a_killed_agent_fails_closed_and_the_next_one_recovers_its_pods() {
+    let env = Env::new("restart-kill");
+    let node = env.node("node");
+    let client = env.pod(&node, "client");
+    let server = env.pod(&node, "server");
+    server.spawn_app(&env, &["echo", &server.v4(9000)]);
+    let pods = [&client, &server];
+    let mut first = Agent::start(&env, &node, &pods, AgentOptions::args(&["--keep-pins"]));
+    client.run_app(&["connect", &server.v4(9000)]).json();
+    assert!(!first.stop_with("KILL").success());
+    let killed = Instant::now();
+    assert!(
+        env.handover_socket(&node).exists(),
+        "the killed agent's socket is left behind"
+    );
+    let out = client.run_app(&["connect", &server.v4(9000)]);
+    assert!(
+        !out.ok() && out.describe().contains("refused"),
+        "with no agent, connects are refused: {}",
+        out.describe()
+    );
+    let second = Agent::start(&env, &node, &pods, AgentOptions::args(&["--keep-pins"]));
+    let r = client.run_app(&["connect", &server.v4(9000)]).json();
+    let recovered = killed.elapsed();
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured again: {r}"
+    );
+    assert!(
+        !second.log().contains("taking over"),
+        "nothing to take over from a dead agent:\n{}",
+        second.log()
+    );
+    // Reported, not judged: the README's "Upgrades and restarts" quotes it.
+    println!(
+        "pods recovered {recovered:?} after the agent was killed (a new agent started at once)"
+    );
 }

@@ -65,15 +65,33 @@ fn daemonset_arguments_are_accepted_by_the_agent() {
         config.keep_pins,
         "a restarting agent must leave pods failing closed"
     );
-    // The ports the manifest exposes are the agent's.
-    let ports: Vec<i64> = container["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|p| p["containerPort"].as_i64().unwrap())
-        .collect();
-    assert!(ports.contains(&i64::from(config.metrics_addr.port())));
-    assert!(ports.contains(&i64::from(config.readiness_addr.port())));
+    // Upgrades put the new pod beside the old one, which takes its sockets
+    // over: no host ports (the scheduler would keep the new pod off the
+    // node), and the hand-over socket on a volume both pods mount.
+    assert!(
+        container.get("ports").is_none(),
+        "host ports would stop the surge pod"
+    );
+    let ds = docs("daemonset.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"].as_i64(), Some(1));
+    assert_eq!(rolling["maxUnavailable"].as_i64(), Some(0));
+    let mounts = container["volumeMounts"].as_sequence().unwrap();
+    assert!(
+        mounts.iter().any(|m| m["mountPath"]
+            .as_str()
+            .is_some_and(|p| config.handover_socket.starts_with(p))),
+        "{} is on no volume",
+        config.handover_socket.display()
+    );
+    // Prometheus scrapes the agent's metrics port.
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"].as_str(),
+        Some(config.metrics_addr.port().to_string().as_str())
+    );
     assert_eq!(
         container["readinessProbe"]["httpGet"]["port"].as_i64(),
         Some(i64::from(config.readiness_addr.port()))

@@ -51,7 +51,7 @@ enum Task {
         action: Option<DemoAction>,
     },
     /// Lints, then every test tier (unit, in-process, namespaced root tests),
-    /// then the capture, mTLS and lifecycle tests in a VM on Debian 12's
+    /// then the capture, mTLS, lifecycle and restart tests in a VM on Debian 12's
     /// kernel (`vm-test`), then `bench --quick` (figures reported, not
     /// asserted).
     Test {
@@ -74,7 +74,7 @@ enum Task {
     /// the files `kubectl apply -k deploy/` applies.
     Chart,
     /// The namespaced tests inside QEMU on other kernels (root): by
-    /// default the capture, mTLS and lifecycle tests on Debian 12's 6.1
+    /// default the capture, mTLS, lifecycle and restart tests on Debian 12's 6.1
     /// kernel, fetched and cached under ~/.cache/mesh-dev/kernels.
     VmTest {
         /// Show the cached kernels and exit.

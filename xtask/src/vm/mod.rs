@@ -26,7 +26,7 @@ use crate::setup::Tools;
 
 /// The test binaries of the README's test command's VM tier; `--all`
 /// runs every namespaced test binary.
-pub const DEFAULT_TESTS: [&str; 3] = ["capture", "mtls", "lifecycle"];
+pub const DEFAULT_TESTS: [&str; 4] = ["capture", "mtls", "lifecycle", "restart"];
 
 /// What `vm-test` was asked for.
 pub struct Request {
