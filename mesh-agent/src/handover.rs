@@ -154,7 +154,8 @@ fn hand_over(
         sockets,
         "hand-over: listeners sent; serving on them until the new agent is ready"
     );
-    wire::set_timeout(conn, Some(ready_timeout))?;
+    // Longer than the successor's own deadline, so it is the one to give up.
+    wire::set_timeout(conn, Some(ready_timeout + EXCHANGE_TIMEOUT))?;
     match wire::recv(conn) {
         Ok(Some((Message::Ready, _))) => {}
         Ok(None) => {
