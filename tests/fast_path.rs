@@ -50,32 +50,24 @@ fn stream_captured(
 /// Asserts that the applications' bytes crossed neither pod's `lo` while
 /// the agent's (at least `bytes` each way) took TCP there.
 fn assert_one_way(on_client: &Flows, on_server: &Flows, bytes: u64) {
-    let (to_agent, from_agent) = client_agent(on_client);
-    assert!(
-        to_agent.1 >= 1 && from_agent.1 >= 1,
-        "no client ⇄ agent connection on the client pod's lo: {on_client:?}"
-    );
-    assert_eq!(
-        to_agent.0, 0,
-        "client → agent payload crossed the client pod's lo: {on_client:?}"
-    );
-    assert!(
-        from_agent.0 >= bytes,
-        "the agent's bytes to the client did not take TCP: {on_client:?}"
-    );
-    let (to_agent, from_agent) = server_agent(on_server);
-    assert!(
-        to_agent.1 >= 1 && from_agent.1 >= 1,
-        "no agent ⇄ server connection on the server pod's lo: {on_server:?}"
-    );
-    assert_eq!(
-        to_agent.0, 0,
-        "server → agent payload crossed the server pod's lo: {on_server:?}"
-    );
-    assert!(
-        from_agent.0 >= bytes,
-        "the agent's bytes to the server did not take TCP: {on_server:?}"
-    );
+    for (app, flows, ends) in [
+        ("client", on_client, client_agent(on_client)),
+        ("server", on_server, server_agent(on_server)),
+    ] {
+        let (to_agent, from_agent) = ends;
+        assert!(
+            to_agent.1 >= 1 && from_agent.1 >= 1,
+            "no {app} ⇄ agent connection on the {app} pod's lo: {flows:?}"
+        );
+        assert_eq!(
+            to_agent.0, 0,
+            "{app} → agent payload crossed the {app} pod's lo: {flows:?}"
+        );
+        assert!(
+            from_agent.0 >= bytes,
+            "the agent's bytes to the {app} did not take TCP: {flows:?}"
+        );
+    }
 }
 
 type Flows = HashMap<(SocketAddr, SocketAddr), u64>;

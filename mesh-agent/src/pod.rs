@@ -81,8 +81,8 @@ pub struct EnrolledPod {
     pub workload: Arc<Workload>,
     netns_cookie: u64,
     identity: Option<SpiffeId>,
-    listening: Vec<SocketAddr>,
-    /// Copies of the listening sockets, for the next agent.
+    /// Copies of the listening sockets (with their addresses, which
+    /// `/config_dump` shows), for the next agent.
     handover: Vec<(Listener, std::net::TcpListener)>,
     links: PodLinks,
     stop: CancellationToken,
@@ -186,7 +186,6 @@ pub fn enrol(
         source: source.into(),
     };
     let handover = listeners.handover().map_err(listen_err)?;
-    let listening = listeners.addrs();
     let workload = Arc::new(w);
     let maps = loaded.maps();
     for (ip, l) in &listeners.inbound {
@@ -283,7 +282,6 @@ pub fn enrol(
         workload,
         netns_cookie: pod.netns_cookie,
         identity,
-        listening,
         handover,
         links,
         stop,
@@ -337,7 +335,7 @@ impl EnrolledPod {
             workload: (*self.workload).clone(),
             netns_cookie: self.netns_cookie,
             identity: self.identity.clone(),
-            listeners: self.listening.clone(),
+            listeners: self.handover.iter().map(|(l, _)| l.addr).collect(),
             links: self.links.paths(),
         }
     }

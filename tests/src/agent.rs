@@ -410,7 +410,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        // A panic here while a failed test unwinds would abort the process
+        // and skip the environment's cleanup: then the environment stops it.
+        if self.child.is_some() && !std::thread::panicking() {
             let _ = self.stop();
         }
     }

@@ -164,6 +164,11 @@ impl Env {
             while pid_alive(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            // One still draining (a long --drain-timeout) must not outlive
+            // the test: its pins and cgroup go below all the same.
+            if pid_alive(pid) {
+                sys::signal(pid, "KILL");
+            }
         }
         for mut c in self.children.lock().unwrap().drain(..).rev() {
             let _ = c.kill();

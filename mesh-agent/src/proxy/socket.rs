@@ -55,18 +55,6 @@ pub struct PodListeners {
     pub netns_cookie: u64,
 }
 
-impl PodListeners {
-    /// Every listening address, for `/config_dump`.
-    pub fn addrs(&self) -> Vec<SocketAddr> {
-        let all = self
-            .outbound
-            .iter()
-            .chain(self.inbound.iter().map(|(_, l)| l))
-            .chain(&self.hbone);
-        all.filter_map(|l| l.local_addr().ok()).collect()
-    }
-}
-
 fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
