@@ -6,13 +6,42 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::{Agent, AgentOptions, Env, cluster::cluster, sys::wait_until};
+use mesh_tests::{
+    Agent, AgentOptions, Env,
+    cluster::{cluster, service, write_yaml},
+    sys::wait_until,
+};
+use serde_json::json;
 
+/// Each node's agent is replaced three times under load, the third time
+/// by the second build (an upgrade). The load: new connections back to
+/// back, long-lived connections, and HTTP/1.1 keep-alive requests routed by
+/// the source's agent and authorized by the destination's (both parse
+/// HTTP, so both drain it).
 #[test]
 fn replacing_the_agents_under_load_fails_no_connection() {
-    let c = cluster("restart", &[("server", &[])]);
+    let c = cluster("restart", &[("server", &[("app", "web")])]);
     let server = &c.servers[0];
     let echo = server.spawn_app(&c.env, &["echo", &server.v4(9000)]);
+    server.spawn_app(&c.env, &["http", "web", &server.v4(8080)]);
+    write_yaml(
+        &c.config.join("web.yaml"),
+        &[
+            service("web", "10.96.0.70", "web", ("http", 80, 8080)),
+            json!({
+                "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "action": "ALLOW",
+                    "rules": [
+                        {"to": [{"operation": {"ports": ["8080"], "methods": ["GET"]}}]},
+                        {"to": [{"operation": {"ports": ["9000"]}}]},
+                    ],
+                },
+            }),
+        ],
+    );
     let ca = c.ca();
     let registry = c.registry();
     // A drain longer than the test: the long-lived connections must finish
@@ -32,17 +61,40 @@ fn replacing_the_agents_under_load_fails_no_connection() {
     let chatters: Vec<_> = (0..3)
         .map(|_| c.client.spawn_app(&c.env, &["chatter", &target, stop]))
         .collect();
+    let http = c
+        .client
+        .spawn_app(&c.env, &["http-load", "http://10.96.0.70:80/", stop]);
     for ch in &chatters {
         ch.wait_for(|v| v["event"] == "echoed", Duration::from_secs(10));
     }
+    http.wait_for(|v| v["event"] == "answered", Duration::from_secs(10));
 
     let mut replaced = Vec::new();
-    for (round, on_b) in [true, false, true].into_iter().enumerate() {
+    for (round, (on_b, upgrade)) in [
+        (true, false),
+        (false, false),
+        (true, false),
+        (false, false),
+        (true, true),
+        (false, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let (node, current) = if on_b { (&c.b, &mut b) } else { (&c.a, &mut a) };
-        let before = echo.accepted().len();
+        let (accepted, requests) = (echo.accepted().len(), served_requests(current));
+        let started = Instant::now();
         let mut o = options(node);
         o.takes_over = true;
+        o.second_build = upgrade;
         let next = Agent::start(&c.env, node, &registry, o);
+        if upgrade {
+            assert!(
+                next.log().contains("starting mesh-agent 0.1.0+second"),
+                "round {round}: not the second build:\n{}",
+                next.log()
+            );
+        }
         let old = std::mem::replace(current, next);
         assert!(
             wait_until(Duration::from_secs(10), || old
@@ -52,11 +104,18 @@ fn replacing_the_agents_under_load_fails_no_connection() {
             node.name,
             old.log()
         );
-        // The load keeps going, through the new agent.
+        // The load keeps going, through the new agent: its connections,
+        // and the HTTP requests (the old agent asked their connection to
+        // close).
         assert!(
             wait_until(Duration::from_secs(10), || echo.accepted().len()
-                > before + 20),
+                > accepted + 20),
             "round {round}: the load stalled after the hand-over"
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || served_requests(current) > 0.0),
+            "round {round}: the new agent on {} carries no HTTP request (the old one served {requests})",
+            node.name
         );
         assert!(
             wait_until(Duration::from_secs(10), || current
@@ -65,6 +124,12 @@ fn replacing_the_agents_under_load_fails_no_connection() {
                 .is_ok_and(|n| n > 0.0)),
             "round {round}: the new agent on {} carries no connection",
             node.name
+        );
+        println!(
+            "round {round}: the agent on {} replaced{} in {:?}",
+            node.name,
+            if upgrade { " by the second build" } else { "" },
+            started.elapsed()
         );
         replaced.push(old);
     }
@@ -76,6 +141,15 @@ fn replacing_the_agents_under_load_fails_no_connection() {
         "new connections failed during the hand-overs: {done}"
     );
     assert!(done["ok"].as_u64().unwrap() > 60, "{done}");
+    let done = http.wait_for(|v| v["event"] == "done", Duration::from_secs(30));
+    assert_eq!(
+        done["failed"], 0,
+        "HTTP requests failed during the hand-overs: {done}"
+    );
+    // Each replacement of the client's agent moved the client's keep-alive
+    // connection on (it was asked to close); the server's agent asks the
+    // client's agent, whose own connections to it move on.
+    assert_eq!(done["connections"], 4, "{done}");
     for ch in &chatters {
         let end = ch.wait_for(
             |v| v["event"] == "done" || v["event"] == "failed",
@@ -97,6 +171,21 @@ fn replacing_the_agents_under_load_fails_no_connection() {
         );
         assert!(old.stop_within("TERM", Duration::from_secs(5)).success());
     }
+    // The client's agent first: it holds idle keep-alive connections to the
+    // server's agent (its HTTP upstream pool), which would keep that one
+    // draining to its deadline — an idle HTTP/1.1 connection is only told
+    // to close on its next response.
+    assert!(a.stop_within("TERM", Duration::from_secs(10)).success());
+    assert!(b.stop_within("TERM", Duration::from_secs(10)).success());
+}
+
+/// HTTP requests an agent has carried, as the source (node a) or the
+/// destination (node b) reports them.
+fn served_requests(agent: &Agent) -> f64 {
+    agent
+        .metrics()
+        .try_value("istio_requests_total", &[])
+        .unwrap_or(0.0)
 }
 
 /// SIGKILL leaves no time to hand anything over: the pods stay captured

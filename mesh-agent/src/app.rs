@@ -96,7 +96,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         return Err(Error::NotRoot);
     }
     let config = Arc::new(config);
-    tracing::info!(config = %serde_json::to_string(&*config).unwrap_or_default(), "starting mesh-agent {}", env!("CARGO_PKG_VERSION"));
+    tracing::info!(config = %serde_json::to_string(&*config).unwrap_or_default(), "starting mesh-agent {}", crate::BUILD);
     // Configuration first: a bad file at start is an error the operator
     // sees at once, before anything is attached.
     let (mut file_source, initial_files) = if config.config.is_empty() {

@@ -24,7 +24,7 @@ pub enum Error {
 #[derive(Debug, Parser)]
 #[command(
     name = "mesh-agent",
-    version,
+    version = crate::BUILD,
     about = "Node agent of the eBPF service mesh"
 )]
 pub struct Cli {

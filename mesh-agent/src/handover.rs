@@ -221,7 +221,7 @@ pub fn take(path: &Path) -> Result<Option<Taken>, Error> {
     let from_pid = wire::same_user(&conn).map_err(sock_err)?;
     wire::set_timeout(&conn, Some(EXCHANGE_TIMEOUT)).map_err(sock_err)?;
     let hello = Message::Hello {
-        version: env!("CARGO_PKG_VERSION").into(),
+        version: crate::BUILD.into(),
         pid: std::process::id(),
     };
     wire::send(&conn, &hello, &[]).map_err(sock_err)?;

@@ -2,6 +2,15 @@
 //! programs in `mesh-ebpf` and carries it.
 #![deny(unsafe_code)]
 
+/// This build of the agent: the package version, and `+second` for the
+/// second build the upgrade test replaces agents with (feature
+/// `second-build`, otherwise the same source). Logged at start-up, said in
+/// the hand-over's greeting, shown by `--version` and `/config_dump`.
+#[cfg(not(feature = "second-build"))]
+pub const BUILD: &str = env!("CARGO_PKG_VERSION");
+#[cfg(feature = "second-build")]
+pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "+second");
+
 pub mod admin;
 pub mod analyze;
 pub mod app;

@@ -36,6 +36,8 @@ pub struct AgentOptions {
     /// The agent takes over from one running on the same node: start-up
     /// waits until it says it did (the endpoints answer all along).
     pub takes_over: bool,
+    /// Run the second build ([`sys::second_agent_bin`]): an upgrade.
+    pub second_build: bool,
 }
 
 impl AgentOptions {
@@ -100,7 +102,12 @@ fn command(env: &Env, node: &Node, workloads: &std::path::Path, opts: &AgentOpti
     fs::create_dir_all(&cgroup)
         .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
     let mut c = in_agent_place(&cgroup, node);
-    c.arg(sys::agent_bin())
+    let bin = if opts.second_build {
+        sys::second_agent_bin()
+    } else {
+        sys::agent_bin()
+    };
+    c.arg(bin)
         .arg("run")
         .arg("--config")
         .arg(workloads)

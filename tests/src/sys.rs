@@ -141,47 +141,68 @@ pub fn sibling_bin(name: &str) -> Option<PathBuf> {
 /// a stale agent.
 pub fn agent_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
-            return p.into();
-        }
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "mesh-agent",
-                "--bin",
-                "mesh-agent",
-                "--message-format=json-render-diagnostics",
-                "--manifest-path",
-            ])
-            .arg(&manifest)
-            // Its own target directory: built alone, mesh-agent unifies
-            // shared dependencies' features differently from the tests, and
-            // one directory for both would rebuild them on every run.
-            .arg("--target-dir")
-            .arg(nested_target_dir())
-            .output()
-            .expect("run cargo");
-        if !out.status.success() {
-            panic!(
-                "building mesh-agent failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
-            .find(|p| p.file_name().is_some_and(|n| n == "mesh-agent"))
-            .unwrap_or_else(|| {
-                panic!("cargo build did not report the mesh-agent executable:\n{stdout}")
-            })
-    })
+    BIN.get_or_init(|| built_agent("MESH_AGENT_BIN", &[]))
+}
+
+/// The second build of the agent (feature `second-build`, which calls
+/// itself `<version>+second`), which the upgrade test replaces agents
+/// with: `$MESH_AGENT_SECOND_BIN`, else built like [`agent_bin`].
+pub fn second_agent_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| built_agent("MESH_AGENT_SECOND_BIN", &["second-build"]))
+}
+
+fn built_agent(var: &str, features: &[&str]) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return p.into();
+    }
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut target = nested_target_dir();
+    if !features.is_empty() {
+        // Its own directory: one build would replace the other's binary.
+        target.push(features.join("-"));
+    }
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "mesh-agent",
+            "--bin",
+            "mesh-agent",
+            "--message-format=json-render-diagnostics",
+        ])
+        .args(
+            (!features.is_empty())
+                .then(|| ["--features".to_string(), features.join(",")])
+                .into_iter()
+                .flatten(),
+        )
+        .arg("--manifest-path")
+        .arg(&manifest)
+        // Its own target directory: built alone, mesh-agent unifies
+        // shared dependencies' features differently from the tests, and
+        // one directory for both would rebuild them on every run.
+        .arg("--target-dir")
+        .arg(target)
+        .output()
+        .expect("run cargo");
+    if !out.status.success() {
+        panic!(
+            "building mesh-agent failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .find(|p| p.file_name().is_some_and(|n| n == "mesh-agent"))
+        .unwrap_or_else(|| {
+            panic!("cargo build did not report the mesh-agent executable:\n{stdout}")
+        })
 }
 
 /// `<target>/agent-under-test`, next to the tests' own profile directories.

@@ -160,11 +160,13 @@ fn main() -> Result<()> {
             if !no_lint {
                 lint(&tools)?;
             }
+            build_second(&tools)?;
             let dir = build(&tools, false)?;
             let mut t = tools.cargo();
             t.args(["test", "--workspace", "--exclude", "mesh-ebpf"])
                 .args(&args);
-            t.env("MESH_AGENT_BIN", dir.join("mesh-agent"));
+            t.env("MESH_AGENT_BIN", dir.join("mesh-agent"))
+                .env("MESH_AGENT_SECOND_BIN", dir.join(SECOND_AGENT));
             status(&mut t)?;
             // A filtered run is a developer's loop, not the suite.
             if !args.is_empty() {
@@ -190,6 +192,7 @@ fn main() -> Result<()> {
             memory,
             filters,
         } => {
+            build_second(&tools)?;
             let bins = build(&tools, false)?;
             let req = vm::Request {
                 kernels: kernel,
@@ -253,6 +256,33 @@ fn build(tools: &setup::Tools, release: bool) -> Result<PathBuf> {
     }
     status(&mut c)?;
     Ok(target_dir(tools)?.join(if release { "release" } else { "debug" }))
+}
+
+/// The second build of the agent, beside the first.
+pub const SECOND_AGENT: &str = "mesh-agent-second";
+
+/// Builds the agent with feature `second-build` (it calls itself
+/// `<version>+second`) and keeps it as [`SECOND_AGENT`]: the restart test
+/// upgrades to it. Before [`build`], which puts the first build's binary
+/// back: both go to the same path. The same packages as `build`, so the
+/// dependencies are shared and only the agent's own crate builds twice.
+fn build_second(tools: &setup::Tools) -> Result<()> {
+    status(tools.cargo().args([
+        "build",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-tests",
+        "--bins",
+        "--features",
+        "mesh-agent/second-build",
+    ]))?;
+    let dir = target_dir(tools)?.join("debug");
+    // A copy renamed into place: the old one may be running (a VM test).
+    let tmp = dir.join(format!("{SECOND_AGENT}.tmp"));
+    std::fs::copy(dir.join("mesh-agent"), &tmp)?;
+    std::fs::rename(&tmp, dir.join(SECOND_AGENT))?;
+    Ok(())
 }
 
 fn lint(tools: &setup::Tools) -> Result<()> {

@@ -333,7 +333,7 @@ impl Agent {
             .filter(|l| l.node == self.ctx.config.node_name)
             .collect();
         let doc = serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": crate::BUILD,
             "mutualTls": if self.ctx.identities.is_some() {
                 "on"
             } else {

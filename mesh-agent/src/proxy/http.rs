@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 pub(in crate::proxy) mod actions;
 mod decide;
+pub(in crate::proxy) mod drain;
 pub(in crate::proxy) mod metered;
 mod replay;
 mod retry;
@@ -72,6 +73,8 @@ pub async fn serve(
         l => l,
     };
     let pod_key = pod.workload.key().to_string();
+    let draining = ctx.draining.clone();
+    let drain = Arc::new(drain::Drain::default());
     let conn = Arc::new(Conn {
         pod,
         ctx,
@@ -83,12 +86,23 @@ pub async fn serve(
         locality,
         pod_key,
     });
-    let service = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.route(req).await) }
-    });
-    if let Err(e) = server()
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+    let service = {
+        let drain = drain.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (conn, drain) = (conn.clone(), drain.clone());
+            async move {
+                let version = req.version();
+                let mut resp = conn.clone().route(req).await;
+                drain.respond(version, &conn.ctx.draining, &mut resp);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let builder = server();
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(served);
+    if let Err(e) = drain
+        .serve(served, &draining, |c| c.graceful_shutdown())
         .await
     {
         tracing::debug!(%peer, "http: connection ended: {e}");

@@ -233,7 +233,7 @@ fn list_tests(exe: &Path, ignored: bool) -> Result<Vec<String>> {
 fn runner(plan: &[Planned], bins: &Path, timeout: u64) -> String {
     let mut s = format!(
         r#"export HOME=/tmp/home PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export RUST_BACKTRACE=1 MESH_AGENT_BIN={agent} MESH_TESTAPP_BIN={app}
+export RUST_BACKTRACE=1 MESH_AGENT_BIN={agent} MESH_AGENT_SECOND_BIN={second} MESH_TESTAPP_BIN={app}
 # The guest's CPU is emulated: the harness's waits for events last longer
 # (tests/src/sys.rs, `scaled`); no test measures speed.
 export MESH_TEST_TIMEOUT_SCALE=4
@@ -261,6 +261,7 @@ run() {{
 }}
 "#,
         agent = sh_quote(&bins.join("mesh-agent").display().to_string()),
+        second = sh_quote(&bins.join(crate::SECOND_AGENT).display().to_string()),
         app = sh_quote(&bins.join("mesh-testapp").display().to_string()),
     );
     for p in plan {

@@ -44,7 +44,9 @@ use crate::{
         ProxyContext,
         app_stream::AppStream,
         http::{
-            Body, FLAGS_HEADER, full,
+            Body, FLAGS_HEADER,
+            drain::Drain,
+            full,
             metered::{self, Metered},
             send::prepare,
         },
@@ -72,13 +74,26 @@ where
         app: tokio::sync::Mutex::new(App::Idle(Some(app))),
         driver: std::sync::Mutex::new(Some(driver)),
     });
-    let service = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.handle(req).await) }
-    });
+    let drain = Arc::new(Drain::default());
+    let draining = conn.ctx.draining.clone();
+    let service = {
+        let drain = drain.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (conn, drain) = (conn.clone(), drain.clone());
+            async move {
+                let version = req.version();
+                let mut resp = conn.clone().handle(req).await;
+                drain.respond(version, &conn.ctx.draining, &mut resp);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
     let served = async {
-        if let Err(e) = crate::proxy::http::server()
-            .serve_connection_with_upgrades(TokioIo::new(client), service)
+        let builder = crate::proxy::http::server();
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+        tokio::pin!(conn);
+        if let Err(e) = drain
+            .serve(conn, &draining, |c| c.graceful_shutdown())
             .await
         {
             tracing::debug!("inbound http: connection ended: {e}");

@@ -72,6 +72,61 @@ pub(super) fn http_count(url: &str, n: usize, headers: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// GETs of `url` on a keep-alive connection, one every 10 ms, until
+/// `until`; a new connection only when the server asks to close. Counts
+/// what failed: an error, or a status other than 200 — nothing is retried.
+pub(super) fn http_load(url: &str, until: &Until) -> Result<()> {
+    let (hostport, path) = split_url(url)?;
+    let addr: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("bad host:port in {url}"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\n\r\n");
+    let (mut ok, mut failed, mut connections, mut first_error) = (0u64, 0u64, 0u64, None);
+    let mut conn: Option<(BufReader<TcpStream>, TcpStream)> = None;
+    while !until.reached() {
+        let round = (|| -> Result<bool> {
+            if conn.is_none() {
+                let s = TcpStream::connect_timeout(&addr, TIMEOUT)
+                    .with_context(|| format!("connect {addr}"))?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                conn = Some((BufReader::new(s.try_clone()?), s));
+                connections += 1;
+            }
+            let (r, w) = conn.as_mut().expect("connected");
+            w.write_all(request.as_bytes())?;
+            let resp = read_response(r)?;
+            if resp.status != 200 {
+                bail!("HTTP {}: {}", resp.status, resp.body.trim());
+            }
+            Ok(resp.close)
+        })();
+        match round {
+            Ok(close) => {
+                ok += 1;
+                if ok == 1 {
+                    println!("{}", json!({"event": "answered"}));
+                    std::io::stdout().flush()?;
+                }
+                if close {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(format!("{e:#}"));
+                conn = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "{}",
+        json!({"event": "done", "ok": ok, "failed": failed, "connections": connections,
+               "first_error": first_error})
+    );
+    Ok(())
+}
+
 /// `n` requests at the same time, each on its own connection (as many
 /// clients would): what a connection pool limit does to them.
 pub(super) fn http_burst(url: &str, n: usize, headers: &[&str]) -> Result<()> {

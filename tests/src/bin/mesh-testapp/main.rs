@@ -17,6 +17,7 @@
 //! mesh-testapp get URL                 HTTP GET (http://host:port/path), print the body
 //! mesh-testapp post URL                HTTP POST with an empty body, print the body
 //! mesh-testapp chatter ADDR UNTIL      one connection, a round trip every 100 ms until UNTIL
+//! mesh-testapp http-load URL UNTIL   keep-alive GETs every 10 ms until UNTIL (a new connection when asked to close); count failures
 //! mesh-testapp http-count URL N [NAME:VALUE | --method=M | --body=B]...   N keep-alive requests; count answers by server and status
 //! mesh-testapp h2 NAME ADDR | h2-count URL N [NAME:VALUE]... | grpc-call URL N   (see h2.rs)
 //! mesh-testapp tls-hello ADDR SNI      send a TLS ClientHello for SNI to an echo server, check it comes back
@@ -40,7 +41,9 @@ mod hbone;
 mod http_client;
 mod kube;
 
-use http_client::{fixed_rate, http_burst, http_count, read_headers, request, watch_get};
+use http_client::{
+    fixed_rate, http_burst, http_count, http_load, read_headers, request, watch_get,
+};
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -86,6 +89,7 @@ fn main() -> Result<()> {
         ["flood", addr, bytes, secs] => flood(addr, bytes.parse()?, secs.parse()?),
         ["raw", addr, bytes] => raw(addr, bytes, None),
         ["raw", addr, bytes, until] => raw(addr, bytes, Some(until)),
+        ["http-load", url, until] => http_load(url, &Until::parse(until)),
         ["http-count", url, n, headers @ ..] => http_count(url, n.parse()?, headers),
         ["http-burst", url, n, headers @ ..] => http_burst(url, n.parse()?, headers),
         ["fixed-rate", url, rate, secs, headers @ ..] => {
