@@ -200,6 +200,52 @@ fn keep_pins_fails_closed_and_the_next_agent_adopts_the_maps() {
     );
 }
 
+/// Programs that find another build's settings in `mesh_config` (an agent
+/// of another map layout wrote them) refuse captured traffic both ways
+/// rather than pass it untouched, count it, and capture again once the
+/// settings are theirs.
+#[test]
+fn settings_of_another_map_layout_fail_closed_both_ways() {
+    let env = Env::new("abi-mismatch");
+    let node = env.node("node");
+    let client = env.pod(&node, "client");
+    let server = env.pod(&node, "server");
+    let outsider = env.pod(&node, "outsider");
+    server.spawn_app(&env, &["echo", &server.v4(9000)]);
+    let agent = Agent::start(&env, &node, &[&client, &server], AgentOptions::default());
+    client.run_app(&["connect", &server.v4(9000)]).json();
+    let errors = |program| {
+        agent.metrics().value(
+            "mesh_ebpf_program_events_total",
+            &[("program", program), ("outcome", "errors")],
+        )
+    };
+    let (connect_errors, lookup_errors) = (errors("connect4"), errors("sk_lookup"));
+
+    let ours = kernel::set_config_abi(&agent.pin_dir, 0xdead);
+    let out = client.run_app(&["connect", &server.v4(9000)]);
+    assert!(
+        !out.ok() && out.describe().contains("not permitted"),
+        "outbound must be refused: {}",
+        out.describe()
+    );
+    let inb = outsider.run_app(&["connect", &server.v4(9000)]);
+    assert!(
+        !inb.ok() && inb.describe().contains("refused"),
+        "inbound must be refused: {}",
+        inb.describe()
+    );
+    assert_eq!(errors("connect4"), connect_errors + 1.0);
+    assert_eq!(errors("sk_lookup"), lookup_errors + 1.0);
+
+    kernel::set_config_abi(&agent.pin_dir, ours);
+    let r = client.run_app(&["connect", &server.v4(9000)]).json();
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured again: {r}"
+    );
+}
+
 /// A killed agent (SIGKILL: no shutdown ran) leaves its pods captured and
 /// its pins behind; `mesh-agent uninstall` (a cleanup Job's, once the
 /// DaemonSet is gone) detaches everything, as bpftool sees it.

@@ -5,14 +5,17 @@
 /// What one program did, per CPU.
 ///
 /// * `connect4/6`: `redirected` = rewritten to the agent's outbound listener;
-///   `passed` = left alone (not TCP, loopback, excluded, the agent's own).
+///   `passed` = left alone (not TCP, loopback, excluded, the agent's own);
+///   `errors` = refused: the original destination could not be stored, or
+///   `mesh_config` holds another map layout's settings (ABI mismatch).
 /// * `getpeername4/6`: `redirected` = peer address restored to the original
 ///   destination.
 /// * `sock_ops`: `redirected` = original destination linked to an established
 ///   4-tuple; `passed` = link removed when the connection closed.
 /// * `sk_lookup`: `redirected` = assigned to the agent's inbound listener;
 ///   `passed` = left to the normal socket lookup; `errors` also counts
-///   connections refused because the pod's listener was missing (fail closed).
+///   connections refused because the pod's listener was missing, or
+///   `mesh_config` holds another map layout's settings (fail closed).
 /// * `sk_msg`: `redirected` = application messages spliced into the agent's
 ///   socket; `passed` = messages left to TCP (peer not filed, fast path off,
 ///   the credit window overrun, or the socket settled on TCP earlier);

@@ -23,7 +23,7 @@ use mesh_common::{
 
 use crate::{
     ctx::{is_local_only, load, load_ip6, load_ptr, load32, store, store_ip6, v4_word_to_addr},
-    maps::{ORIG_DST, Outcome, config, count, excluded},
+    maps::{ORIG_DST, Outcome, Settings, count, excluded, settings},
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -32,6 +32,8 @@ const IPPROTO_TCP: u32 = 6;
 /// with EPERM.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
+/// The error of a connect refused because `mesh_config` is another build's.
+const FOREIGN_SETTINGS: i32 = -71; // EPROTO
 
 const LOOPBACK_V4: Addr = from_v4_octets([127, 0, 0, 1]);
 const LOOPBACK_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
@@ -53,6 +55,14 @@ fn finish(ctx: &SockAddrContext, prog: u32, r: Result<Outcome, i32>) -> i32 {
             count(prog, outcome);
             ALLOW
         }
+        Err(FOREIGN_SETTINGS) => {
+            count(prog, Outcome::Error);
+            error!(
+                ctx,
+                "connect: refused: mesh_config is another build's (map ABI mismatch)"
+            );
+            REJECT
+        }
         Err(e) => {
             count(prog, Outcome::Error);
             // Fail closed: a connection whose destination we could not record
@@ -65,7 +75,7 @@ fn finish(ctx: &SockAddrContext, prog: u32, r: Result<Outcome, i32>) -> i32 {
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<Outcome, i32> {
     let c = ctx.as_ptr();
-    let Some(cfg) = capture_applies(ctx) else {
+    let Some(cfg) = capture_applies(ctx)? else {
         return Ok(Outcome::Passed);
     };
     let ip4 = load!(c, bpf_sock_addr, user_ip4);
@@ -94,7 +104,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<Outcome, i32> {
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<Outcome, i32> {
     let c = ctx.as_ptr();
-    let Some(cfg) = capture_applies(ctx) else {
+    let Some(cfg) = capture_applies(ctx)? else {
         return Ok(Outcome::Passed);
     };
     let dst = load_ip6!(c, bpf_sock_addr, user_ip6);
@@ -122,23 +132,28 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<Outcome, i32> {
 }
 
 /// The mesh settings if this is a TCP connect the mesh should look at: the
-/// agent has configured the maps, and the socket is not one of the agent's own.
+/// agent has configured the maps, and the socket is not one of the agent's
+/// own. Settings of another build refuse the connect.
 #[inline(always)]
-fn capture_applies(ctx: &SockAddrContext) -> Option<&'static MeshConfig> {
+fn capture_applies(ctx: &SockAddrContext) -> Result<Option<&'static MeshConfig>, i32> {
     let c = ctx.as_ptr();
     if load!(c, bpf_sock_addr, type_) != SOCK_STREAM
         || load!(c, bpf_sock_addr, protocol) != IPPROTO_TCP
     {
-        return None;
+        return Ok(None);
     }
-    let cfg = config()?;
+    let cfg = match settings() {
+        Settings::Unset => return Ok(None),
+        Settings::Foreign => return Err(FOREIGN_SETTINGS),
+        Settings::Ours(cfg) => cfg,
+    };
     // `sk` is a non-null PTR_TO_SOCKET in sock_addr programs.
     let sk = load_ptr::<{ core::mem::offset_of!(bpf_sock_addr, __bindgen_anon_1) }>(c);
     let mark = load32::<{ core::mem::offset_of!(bpf_sock, mark) }>(sk);
     if cfg.agent_mark != 0 && mark & cfg.agent_mark_mask == cfg.agent_mark {
-        return None;
+        return Ok(None);
     }
-    Some(cfg)
+    Ok(Some(cfg))
 }
 
 #[inline(always)]

@@ -73,13 +73,38 @@ pub static FAST_READ: LruHashMap<ConnKey, u64, 65536> = LruHashMap::new();
 #[btf_map(name = "mesh_stats")]
 pub static STATS: PerCpuArray<ProgStats, { PROG_COUNT as usize }> = PerCpuArray::new();
 
-/// The agent's settings, or `None` until it has written them (then every
-/// program passes traffic untouched).
+/// What the programs find in `mesh_config`.
+pub enum Settings {
+    /// Nothing yet: the agent writes its settings before it attaches
+    /// anything, so no pod is captured and every program passes.
+    Unset,
+    /// This build's settings.
+    Ours(&'static MeshConfig),
+    /// Settings written for another map layout (`MAP_ABI_VERSION`): an
+    /// agent and programs of different builds share these maps. Nothing in
+    /// them can be trusted, so capture fails closed rather than let a pod's
+    /// traffic pass in plaintext.
+    Foreign,
+}
+
+#[inline(always)]
+pub fn settings() -> Settings {
+    match CONFIG.get(0) {
+        None => Settings::Unset,
+        Some(c) if c.abi_version == 0 => Settings::Unset,
+        Some(c) if c.abi_version == mesh_common::MAP_ABI_VERSION => Settings::Ours(c),
+        Some(_) => Settings::Foreign,
+    }
+}
+
+/// This build's settings, if the agent wrote them (for the programs that
+/// only add to what the others decided: on anything else they do nothing).
 #[inline(always)]
 pub fn config() -> Option<&'static MeshConfig> {
-    CONFIG
-        .get(0)
-        .filter(|c| c.abi_version == mesh_common::MAP_ABI_VERSION)
+    match settings() {
+        Settings::Ours(c) => Some(c),
+        _ => None,
+    }
 }
 
 /// Counts one outcome for program `prog`.

@@ -22,7 +22,7 @@ use mesh_common::{
 
 use crate::{
     ctx::{is_local_only, load, load_ip6, v4_word_to_addr},
-    maps::{INBOUND, Outcome, POD_IPS, config, count, excluded},
+    maps::{INBOUND, Outcome, POD_IPS, Settings, count, excluded, settings},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -43,12 +43,17 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> (Outcome, u32) {
     );
     // Host order.
     let local_port = load!(c, bpf_sk_lookup, local_port);
-    let Some(cfg) = config() else {
-        return (Outcome::Passed, SK_PASS);
-    };
     if protocol != IPPROTO_TCP {
         return (Outcome::Passed, SK_PASS);
     }
+    let cfg = match settings() {
+        Settings::Unset => return (Outcome::Passed, SK_PASS),
+        Settings::Ours(cfg) => cfg,
+        // Another build's settings: no port or address in the maps can be
+        // trusted. Only loopback connections (which never leave the pod)
+        // go on.
+        Settings::Foreign => return foreign(ctx, family),
+    };
     let port = local_port as u16;
     if port == cfg.outbound_port || port == cfg.inbound_port || port == cfg.hbone_port {
         return (Outcome::Passed, SK_PASS);
@@ -91,4 +96,24 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> (Outcome, u32) {
             (Outcome::Error, SK_DROP)
         }
     }
+}
+
+/// `mesh_config` is another build's: refuse every connection from outside
+/// the pod rather than let it reach the application unchecked.
+#[inline(always)]
+fn foreign(ctx: &SkLookupContext, family: u32) -> (Outcome, u32) {
+    let c = ctx.as_ptr();
+    let remote = if family == u32::from(AF_INET) {
+        v4_word_to_addr(load!(c, bpf_sk_lookup, remote_ip4))
+    } else {
+        load_ip6!(c, bpf_sk_lookup, remote_ip6)
+    };
+    if is_local_only(&remote) {
+        return (Outcome::Passed, SK_PASS);
+    }
+    error!(
+        ctx,
+        "sk_lookup: refused: mesh_config is another build's (map ABI mismatch)"
+    );
+    (Outcome::Error, SK_DROP)
 }

@@ -147,3 +147,20 @@ pub fn tracking_entries(pin_dir: &Path) -> (usize, usize) {
         HashMap::try_from(open("mesh_conn_dst")).expect("mesh_conn_dst layout");
     (orig.keys().count(), conn.keys().count())
 }
+
+/// Sets `abi_version` in the pinned `mesh_config` under `pin_dir` (as an
+/// agent of another map layout would write it); returns the one it held.
+pub fn set_config_abi(pin_dir: &Path, abi: u32) -> u32 {
+    use aya::maps::{Array, Map, MapData};
+    use mesh_common::config::MeshConfig;
+    let p = pin_dir.join("mesh_config");
+    let map = Map::from_map_data(
+        MapData::from_pin(&p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut config: Array<_, MeshConfig> = Array::try_from(map).expect("mesh_config layout");
+    let mut c = config.get(&0, 0).expect("read mesh_config");
+    let old = std::mem::replace(&mut c.abi_version, abi);
+    config.set(0, c, 0).expect("write mesh_config");
+    old
+}
