@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::{Agent, AgentOptions, ca::Ca, sys::wait_until};
+use mesh_tests::{Agent, AgentOptions, ca::Ca, cluster::write_text, sys::wait_until};
 
 const STRICT_NAMESPACE: &str = r#"
 apiVersion: security.istio.io/v1
@@ -67,7 +67,9 @@ fn plaintext_follows_peer_authentication_and_mesh_traffic_is_always_mtls() {
             .json()
     };
     let apply = |yaml: &str, applied: usize| {
-        std::fs::write(&policy, yaml).unwrap();
+        // Atomically: a write the agent read half-way (truncated, not yet
+        // written) would be applied as an empty policy, and counted.
+        write_text(&policy, yaml);
         // Version 1 is the configuration the agent started with.
         let n = || agent_b.metrics().value("mesh_config_version", &[]) as usize;
         assert!(
@@ -120,7 +122,7 @@ fn plaintext_follows_peer_authentication_and_mesh_traffic_is_always_mtls() {
     assert_eq!(mesh(8080)["received"], "mtls");
 
     // A broken update is rejected; the last good policy keeps serving.
-    std::fs::write(&policy, STRICT_EXCEPT_8080.replace("STRICT", "STRICKT")).unwrap();
+    write_text(&policy, &STRICT_EXCEPT_8080.replace("STRICT", "STRICKT"));
     let rejected = || {
         agent_b
             .metrics()

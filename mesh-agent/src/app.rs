@@ -169,7 +169,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     let identities = identities(&config, &metrics)?;
     let pool = identities
         .as_ref()
-        .map(|_| Pool::new(config.hbone_idle_timeout, metrics.clone()));
+        .map(|_| Pool::new(pool_settings(&config), metrics.clone()));
     if identities.is_none() {
         // Asked for with --insecure-no-mtls; said loudly all the same.
         tracing::warn!(
@@ -549,5 +549,16 @@ impl Drop for PinGuard {
         if self.armed {
             ebpf::remove_pins(&self.dir, &self.created);
         }
+    }
+}
+
+/// The HBONE client pool's settings, from the command line.
+pub fn pool_settings(config: &Config) -> crate::proxy::pool::Settings {
+    crate::proxy::pool::Settings {
+        idle: config.hbone_idle_timeout,
+        max_age: config.hbone_max_connection_age,
+        dial_timeout: config.connect_timeout,
+        keepalive_interval: config.hbone_keepalive_interval,
+        keepalive_timeout: config.hbone_keepalive_timeout,
     }
 }

@@ -242,6 +242,16 @@ pub struct Config {
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
 
+    /// Open connections (captured, inbound and HBONE) the agent holds at
+    /// most; one more is reset and counted (`mesh_limit_reached_total`).
+    #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Open connections one pod's listeners hold at most, so one busy or
+    /// hostile pod cannot take the whole agent's share.
+    #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_POD", default_value_t = 20_000)]
+    pub max_connections_per_pod: usize,
+
     /// On shutdown, how long open connections may finish before they are cut.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
@@ -382,6 +392,23 @@ pub struct Config {
     #[arg(long, env = "MESH_HBONE_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
     pub hbone_idle_timeout: Duration,
+
+    /// A pooled HBONE connection this old takes no new stream, and closes
+    /// once its streams end.
+    #[arg(long, env = "MESH_HBONE_MAX_CONNECTION_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub hbone_max_connection_age: Duration,
+
+    /// Send an HTTP/2 PING on every HBONE connection (client and server)
+    /// this often, so a peer that stopped answering is noticed.
+    #[arg(long, env = "MESH_HBONE_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub hbone_keepalive_interval: Duration,
+
+    /// Close an HBONE connection whose PING is unanswered for this long.
+    #[arg(long, env = "MESH_HBONE_KEEPALIVE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub hbone_keepalive_timeout: Duration,
 
     /// How old a RequestAuthentication's remote key set (`jwksUri`) may
     /// get before it is fetched again (Istio's default: 20 minutes). A

@@ -222,6 +222,7 @@ pub fn enrol(
         netns: Arc::new(netns),
         netns_cookie: listeners.netns_cookie,
         identity: identity.clone(),
+        connections: ctx.limits.pod(),
     });
     let tokio_listener = |l: std::net::TcpListener| tokio::net::TcpListener::from_std(l);
     // Handed-over sockets are accepted on once the gate opens.

@@ -9,6 +9,7 @@ pub mod destination;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod pool;
 pub mod prefixed;
@@ -186,6 +187,8 @@ pub struct ProxyContext {
     /// Where the agent reports reads from applications' fast-path sockets;
     /// `None` where the fast path cannot run.
     pub fast_credit: Option<Arc<dyn app_stream::FastPathCredit>>,
+    /// Connections and mirrors the agent may hold.
+    pub limits: limits::Limits,
 }
 
 impl ProxyContext {
@@ -200,7 +203,13 @@ impl ProxyContext {
     ) -> Self {
         let audit =
             crate::telemetry::audit::Audit::new(config.audit_log.clone(), metrics.audit_dropped());
+        let limits = limits::Limits::new(
+            config.max_connections,
+            config.max_connections_per_pod,
+            metrics.clone(),
+        );
         Self {
+            limits,
             audit,
             mesh: Default::default(),
             fast_credit: None,
@@ -237,6 +246,8 @@ pub struct PodContext {
     pub netns_cookie: u64,
     /// Its SPIFFE ID, when mTLS is on.
     pub identity: Option<SpiffeId>,
+    /// Its connections, counted against `--max-connections-per-pod`.
+    pub connections: limits::PodLimit,
 }
 
 /// The client's address for consistent hashing on the source IP: the
@@ -297,6 +308,7 @@ impl LocalPods {
 async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     stop: CancellationToken,
+    pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
     handle: F,
 ) where
@@ -316,9 +328,15 @@ async fn accept_loop<F, Fut>(
                 }
             },
         };
+        let Some(permit) = ctx.limits.admit(&pod.connections) else {
+            tracing::debug!(pod = %pod.workload.key(), %peer, "connection limit reached: refused");
+            socket::reset(&stream);
+            continue;
+        };
         let fut = handle(stream, peer);
         let cut = ctx.cut.clone();
         ctx.connections.spawn(async move {
+            let _permit = permit;
             tokio::select! {
                 _ = cut.cancelled() => {}
                 _ = fut => {}

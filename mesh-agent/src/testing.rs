@@ -210,9 +210,9 @@ impl Agent {
     ) -> Self {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let recorded = Arc::new(Recorded::default());
-        let pool = identities
-            .as_ref()
-            .map(|_| crate::proxy::pool::Pool::new(Duration::from_secs(60), metrics.clone()));
+        let pool = identities.as_ref().map(|_| {
+            crate::proxy::pool::Pool::new(crate::app::pool_settings(&config), metrics.clone())
+        });
         let ctx = Arc::new(ProxyContext::new(
             Arc::new(config),
             recorded.clone(),
@@ -253,6 +253,7 @@ impl Agent {
             netns: Arc::new(Netns::current().expect("own netns")),
             netns_cookie: 0,
             identity,
+            connections: self.ctx.limits.pod(),
         });
         self.ctx.local.insert_local(&pod);
         pod

@@ -200,25 +200,48 @@ pub fn pem_of(der: &CertificateDer<'_>) -> String {
 
 /// A trust bundle that is replaced as a whole when the CA publishes a new one.
 #[derive(Debug)]
-pub struct SharedBundle(RwLock<Arc<TrustBundle>>);
+pub struct SharedBundle {
+    roots: RwLock<Arc<TrustBundle>>,
+    /// The [`next_generation`] taken when these roots were installed.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// Credentials (certificates, trust bundles) are numbered from one counter,
+/// so "dialled with generation g" compares across both: a connection older
+/// than either the certificate or the roots in use now was dialled with
+/// credentials since replaced.
+pub fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 impl SharedBundle {
     pub fn new(b: TrustBundle) -> Self {
-        Self(RwLock::new(Arc::new(b)))
+        Self {
+            roots: RwLock::new(Arc::new(b)),
+            generation: next_generation().into(),
+        }
     }
 
     pub fn get(&self) -> Arc<TrustBundle> {
-        self.0.read().expect("bundle lock").clone()
+        self.roots.read().expect("bundle lock").clone()
+    }
+
+    /// The generation of the roots in use now.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Installs `pems` if they differ from the current roots; returns whether it changed.
     pub fn update(&self, pems: &[String]) -> Result<bool, Error> {
         let new = TrustBundle::from_pems("trust bundle", pems)?;
-        let mut cur = self.0.write().expect("bundle lock");
+        let mut cur = self.roots.write().expect("bundle lock");
         if cur.pems == new.pems {
             return Ok(false);
         }
         *cur = Arc::new(new);
+        self.generation
+            .store(next_generation(), std::sync::atomic::Ordering::Release);
         Ok(true)
     }
 }

@@ -13,6 +13,9 @@ use serde_json::{Value, json};
 use super::Error;
 use crate::tls;
 
+/// The most one TokenReview may take.
+const REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The extra field a bound service-account token carries (Kubernetes 1.30+).
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
@@ -92,7 +95,16 @@ impl TokenReviewer {
             .ok_or_else(|| format!("token is not bound to a node (no {NODE_NAME_EXTRA})"))
     }
 
+    /// One TokenReview, all of it (connect, TLS, request, answer) within
+    /// [`REVIEW_TIMEOUT`]: a stuck API server fails the CSR, it does not
+    /// hold it.
     async fn review(&self, token: &str) -> Result<Value, String> {
+        tokio::time::timeout(REVIEW_TIMEOUT, self.review_unbounded(token))
+            .await
+            .map_err(|_| format!("no answer from the API server in {REVIEW_TIMEOUT:?}"))?
+    }
+
+    async fn review_unbounded(&self, token: &str) -> Result<Value, String> {
         let host = self.api.host().ok_or("no host in --kube-api")?.to_owned();
         let port = self
             .api

@@ -290,7 +290,10 @@ async fn serve_conn(
         let (state, caller) = (state.clone(), caller.clone());
         async move { Ok::<_, Infallible>(handle(&state, &caller, peer, req).await) }
     });
+    // A client slow to send its request (or one that never does) is cut.
     let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
         .serve_connection(TokioIo::new(tls), svc)
         .await;
 }

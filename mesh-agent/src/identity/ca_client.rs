@@ -352,11 +352,12 @@ impl CaClient {
             // the CA's alert under hyper's error.
             .map_err(|e| unreachable(with_causes(&e)))?;
         let status = resp.status();
-        let bytes = Limited::new(resp.into_body(), 1 << 20)
-            .collect()
-            .await
-            .map_err(|e| Error::BadResponse(e.to_string()))?
-            .to_bytes();
+        let bytes =
+            tokio::time::timeout(TIMEOUT, Limited::new(resp.into_body(), 1 << 20).collect())
+                .await
+                .map_err(|_| unreachable("no complete answer".into()))?
+                .map_err(|e| Error::BadResponse(e.to_string()))?
+                .to_bytes();
         if !status.is_success() {
             let reason = serde_json::from_slice::<ErrorResponse>(&bytes).map_or_else(
                 |_| String::from_utf8_lossy(&bytes).into_owned(),

@@ -25,12 +25,10 @@ use crate::{
 pub struct Issued {
     pub key: Arc<CertifiedKey>,
     pub info: CertInfo,
-    /// Higher for every certificate this agent receives.
+    /// Higher for every certificate this agent receives
+    /// ([`crate::tls::next_generation`]).
     pub generation: u64,
 }
-
-/// The generation of the next certificate.
-static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 struct Entry {
     /// Pods on this node with this identity.
@@ -302,7 +300,7 @@ impl IdentityManager {
         Ok(Issued {
             key,
             info,
-            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: crate::tls::next_generation(),
         })
     }
 }

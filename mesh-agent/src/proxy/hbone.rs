@@ -62,10 +62,18 @@ pub async fn serve(
                 }
             },
         };
+        // One HBONE connection carries many streams: it counts once here;
+        // its streams are bounded by HTTP/2's MAX_CONCURRENT_STREAMS.
+        let Some(permit) = ctx.limits.admit(&pod.connections) else {
+            tracing::debug!(pod = %pod.workload.key(), %peer, "hbone: connection limit reached: refused");
+            super::socket::reset(&tcp);
+            continue;
+        };
         let (acceptor, pod, ctx2, identity) =
             (acceptor.clone(), pod.clone(), ctx.clone(), identity.clone());
         let cut = ctx.cut.clone();
         ctx.connections.spawn(async move {
+            let _permit = permit;
             tokio::select! {
                 _ = cut.cancelled() => {}
                 _ = connection(acceptor, tcp, peer, pod, ctx2, identity) => {}
@@ -120,6 +128,10 @@ async fn connection(
     }
     let peer_id = Arc::new(peer_id);
     let draining = ctx.draining.clone();
+    let keepalive = (
+        ctx.config.hbone_keepalive_interval,
+        ctx.config.hbone_keepalive_timeout,
+    );
     let svc = service_fn(move |req| {
         let (pod, ctx, identity, peer_id) =
             (pod.clone(), ctx.clone(), identity.clone(), peer_id.clone());
@@ -130,6 +142,11 @@ async fn connection(
         .initial_connection_window_size(h2::CONNECTION_WINDOW)
         .max_concurrent_streams(h2::MAX_CONCURRENT_STREAMS)
         .max_send_buf_size(h2::MAX_SEND_BUFFER)
+        // A client that stopped answering (its node died) is noticed and
+        // its streams end, rather than waiting on TCP.
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(keepalive.0)
+        .keep_alive_timeout(keepalive.1)
         .serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let served = tokio::select! {

@@ -50,6 +50,9 @@ pub(in crate::proxy) type Body = BoxBody<Bytes, hyper::Error>;
 /// The header carrying the response flag of a response the agent made.
 pub const FLAGS_HEADER: &str = "x-mesh-response-flags";
 
+/// The most a mirrored request may take, answer included.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The most header bytes a request may carry.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
@@ -526,8 +529,15 @@ impl Conn {
     }
 
     /// Sends a copy of the request to a mirror target and drops the answer
-    /// (Envoy's shadowing: the Host gets `-shadow` appended).
+    /// (Envoy's shadowing: the Host gets `-shadow` appended). Bounded: at
+    /// most `MAX_MIRRORS_IN_FLIGHT` at once (more are skipped and counted),
+    /// each for at most `MIRROR_TIMEOUT`, the answer read and dropped as it
+    /// streams, never collected.
     fn mirror(self: &Arc<Self>, dest: CompiledDestination, head: &RequestHead, body: Bytes) {
+        let Some(permit) = self.ctx.limits.mirror() else {
+            tracing::debug!(host = %dest.host, "http: mirror skipped: too many in flight");
+            return;
+        };
         let mut copy = RequestHead {
             method: head.method.clone(),
             uri: head.uri.clone(),
@@ -547,15 +557,26 @@ impl Conn {
         }
         let conn = self.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let req = copy.build(full(body));
-            match conn.send(&dest, req, copy.client_h2, None).await {
-                Ok(resp) => {
-                    // Read the answer so the connection can be reused.
-                    let _ = resp.into_body().collect().await;
+            let mirrored = async {
+                match conn.send(&dest, req, copy.client_h2, None).await {
+                    Ok(resp) => {
+                        // Read the answer, and drop it, so the connection
+                        // can be reused.
+                        let mut body = resp.into_body();
+                        while let Some(Ok(_)) = body.frame().await {}
+                    }
+                    Err(e) => {
+                        tracing::debug!(host = %dest.host, "http: mirror failed: {}", e.reply.message)
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!(host = %dest.host, "http: mirror failed: {}", e.reply.message)
-                }
+            };
+            if tokio::time::timeout(MIRROR_TIMEOUT, mirrored)
+                .await
+                .is_err()
+            {
+                tracing::debug!(host = %dest.host, "http: mirror timed out");
             }
         });
     }

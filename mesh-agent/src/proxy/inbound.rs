@@ -148,23 +148,29 @@ pub async fn serve_plaintext(
     ctx: Arc<ProxyContext>,
     stop: CancellationToken,
 ) {
-    super::accept_loop(listener, stop, ctx.clone(), move |stream, peer| {
-        let (pod, ctx) = (pod.clone(), ctx.clone());
-        async move {
-            match plaintext(stream, peer, pod.clone(), &ctx).await {
-                Ok(()) => {}
-                // Denials are counted and audited where they are decided.
-                Err(e @ (Error::Denied { .. } | Error::RateLimited { .. })) => {
-                    ctx.metrics.proxy_error(Reporter::Destination, e.reason());
-                    tracing::debug!(pod = %pod.workload.key(), %peer, "inbound: {e}");
-                }
-                Err(e) => {
-                    ctx.metrics.proxy_error(Reporter::Destination, e.reason());
-                    tracing::warn!(pod = %pod.workload.key(), %peer, "inbound: {e}");
+    super::accept_loop(
+        listener,
+        stop,
+        pod.clone(),
+        ctx.clone(),
+        move |stream, peer| {
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            async move {
+                match plaintext(stream, peer, pod.clone(), &ctx).await {
+                    Ok(()) => {}
+                    // Denials are counted and audited where they are decided.
+                    Err(e @ (Error::Denied { .. } | Error::RateLimited { .. })) => {
+                        ctx.metrics.proxy_error(Reporter::Destination, e.reason());
+                        tracing::debug!(pod = %pod.workload.key(), %peer, "inbound: {e}");
+                    }
+                    Err(e) => {
+                        ctx.metrics.proxy_error(Reporter::Destination, e.reason());
+                        tracing::warn!(pod = %pod.workload.key(), %peer, "inbound: {e}");
+                    }
                 }
             }
-        }
-    })
+        },
+    )
     .await;
 }
 

@@ -227,15 +227,21 @@ pub async fn serve(
     ctx: Arc<ProxyContext>,
     stop: CancellationToken,
 ) {
-    super::accept_loop(listener, stop, ctx.clone(), move |stream, peer| {
-        let (pod, ctx) = (pod.clone(), ctx.clone());
-        async move {
-            if let Err(e) = handle(stream, peer, &pod, &ctx).await {
-                ctx.metrics.proxy_error(Reporter::Source, e.reason());
-                tracing::warn!(pod = %pod.workload.key(), %peer, "outbound: {e}");
+    super::accept_loop(
+        listener,
+        stop,
+        pod.clone(),
+        ctx.clone(),
+        move |stream, peer| {
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            async move {
+                if let Err(e) = handle(stream, peer, &pod, &ctx).await {
+                    ctx.metrics.proxy_error(Reporter::Source, e.reason());
+                    tracing::warn!(pod = %pod.workload.key(), %peer, "outbound: {e}");
+                }
             }
-        }
-    })
+        },
+    )
     .await;
 }
 

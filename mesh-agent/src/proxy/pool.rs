@@ -12,10 +12,20 @@
 //! when all of a key's connections are full, rather than letting new
 //! streams queue behind a peer's stream limit.
 //!
-//! A connection does not outlive the certificate it was dialled with: once
-//! the source's certificate is renewed, new streams go to a connection
-//! dialled with the new one (the handshake is where a certificate is
-//! presented), and the old connection closes when its last stream ends.
+//! A connection does not outlive the certificate or the trust bundle it was
+//! dialled with: once the source's certificate is renewed or the roots
+//! change, new streams go to a connection dialled with the new ones (the
+//! handshake is where a certificate is presented and checked), and the old
+//! connection closes when its last stream ends. Nor does it outlive
+//! `max_age`, for the same reason at a longer scale.
+//!
+//! Every wait is bounded. A dial (TCP, TLS, HTTP/2 handshake) has
+//! `dial_timeout`, and no lock is held across it: streams that fit on an
+//! open connection never wait for a dial, and one dial per key runs at a
+//! time (the openers that need a new connection wait for it, rather than
+//! each dialling its own). HTTP/2 pings every `keepalive_interval` notice a
+//! peer that stopped answering (a dead node, a cut link) within
+//! `keepalive_timeout`, not at TCP's retransmission timeout.
 
 use std::{
     collections::HashMap,
@@ -32,7 +42,7 @@ use http_body_util::Empty;
 use hyper::{
     Method, Request, StatusCode, Version, client::conn::http2::SendRequest, upgrade::Upgraded,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Error;
@@ -59,19 +69,42 @@ pub struct PoolKey {
     pub destination_identity: SpiffeId,
 }
 
+/// How the pool treats its connections.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A connection without streams for this long closes.
+    pub idle: Duration,
+    /// A connection this old takes no new stream (and closes once idle).
+    pub max_age: Duration,
+    /// The most a dial (TCP, TLS and HTTP/2 handshakes) may take.
+    pub dial_timeout: Duration,
+    /// HTTP/2 PING this often, idle or not.
+    pub keepalive_interval: Duration,
+    /// A PING unanswered for this long closes the connection.
+    pub keepalive_timeout: Duration,
+}
+
 struct Conn {
     sender: SendRequest<Empty<Bytes>>,
     streams: Arc<AtomicUsize>,
     last_used: Arc<Mutex<Instant>>,
-    /// The generation of the source's certificate it was dialled with.
+    /// The generation of the source's certificate and trust bundle it was
+    /// dialled with.
     generation: u64,
+    dialled: Instant,
 }
 
 /// A key's connections; a new one is dialled when all are full.
-type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
+#[derive(Default)]
+struct Slot {
+    conns: Mutex<Vec<Conn>>,
+    /// Held by the one opener dialling for this key (never `conns`).
+    dialling: tokio::sync::Mutex<()>,
+}
 
 pub struct Pool {
-    slots: Mutex<HashMap<PoolKey, Slot>>,
+    slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
+    settings: Settings,
     metrics: Arc<Metrics>,
 }
 
@@ -136,32 +169,32 @@ impl AsyncWrite for Tunnel {
 }
 
 impl Pool {
-    /// A pool whose idle connections close after `idle`.
-    pub fn new(idle: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Arc<Self> {
         let pool = Arc::new(Self {
             slots: Mutex::new(HashMap::new()),
+            settings,
             metrics,
         });
         let weak = Arc::downgrade(&pool);
+        let every = (pool.settings.idle / 4).max(Duration::from_millis(100));
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep((idle / 4).max(Duration::from_millis(100))).await;
+                tokio::time::sleep(every).await;
                 let Some(p) = weak.upgrade() else { return };
-                p.reap(idle);
+                p.reap(p.settings.idle);
             }
         });
         pool
     }
 
-    /// Drops connections that are closed, or idle for longer than `idle`.
+    /// Drops connections that are closed, or without streams and idle for
+    /// longer than `idle`, superseded or too old.
     fn reap(&self, idle: Duration) {
+        let max_age = self.settings.max_age;
         let mut slots = self.slots.lock().expect("pool lock");
         let mut open = 0;
         slots.retain(|key, slot| {
-            let Ok(mut conns) = slot.try_lock() else {
-                open += 1;
-                return true;
-            };
+            let mut conns = slot.conns.lock().expect("pool lock");
             let before = conns.len();
             let newest = conns.iter().map(|c| c.generation).max().unwrap_or(0);
             conns.retain(|c| {
@@ -169,6 +202,7 @@ impl Pool {
                 !c.sender.is_closed()
                     && (busy
                         || (c.generation == newest
+                            && c.dialled.elapsed() < max_age
                             && c.last_used.lock().expect("pool lock").elapsed() < idle))
             });
             if conns.len() < before {
@@ -179,7 +213,8 @@ impl Pool {
                 );
             }
             open += conns.len();
-            !conns.is_empty()
+            // A key being dialled keeps its slot: the dial's connection goes there.
+            !conns.is_empty() || slot.dialling.try_lock().is_err()
         });
         self.metrics.set_hbone_connections(open);
     }
@@ -189,13 +224,77 @@ impl Pool {
         let slots = self.slots.lock().expect("pool lock");
         slots
             .values()
-            .map(|s| s.try_lock().map_or(1, |c| c.len()))
+            .map(|s| s.conns.lock().expect("pool lock").len())
             .sum()
+    }
+
+    /// A place for one more stream on an open connection of `slot` dialled
+    /// with `generation` (or a newer one) and not too old.
+    fn take(
+        &self,
+        slot: &Slot,
+        generation: u64,
+    ) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+        let mut conns = slot.conns.lock().expect("pool lock");
+        conns.retain(|c| !c.sender.is_closed());
+        let c = conns.iter().find(|c| {
+            c.generation >= generation
+                && c.dialled.elapsed() < self.settings.max_age
+                && c.streams.load(Ordering::Acquire) < h2::STREAMS_PER_CONNECTION
+        })?;
+        // Counted before the lock is released, so concurrent openers see
+        // this stream and do not overfill the connection.
+        Some((
+            c.sender.clone(),
+            StreamGuard::new(c.streams.clone(), c.last_used.clone()),
+        ))
+    }
+
+    /// A place for one more stream, dialling a connection if no open one
+    /// has room. One opener per key dials; the others wait for it.
+    async fn take_or_dial<F, Fut, S>(
+        &self,
+        slot: &Slot,
+        authority: SocketAddr,
+        generation: u64,
+        dial: &F,
+    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<S, Error>>,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if let Some(t) = self.take(slot, generation) {
+            return Ok(t);
+        }
+        let _dialling = slot.dialling.lock().await;
+        // Another opener's dial may have made room meanwhile.
+        if let Some(t) = self.take(slot, generation) {
+            return Ok(t);
+        }
+        let timeout = self.settings.dial_timeout;
+        let conn = tokio::time::timeout(timeout, async {
+            handshake(dial().await?, generation, &self.settings).await
+        })
+        .await
+        .map_err(|_| Error::ConnectTimeout {
+            dst: authority,
+            timeout,
+        })??;
+        let taken = (
+            conn.sender.clone(),
+            StreamGuard::new(conn.streams.clone(), conn.last_used.clone()),
+        );
+        slot.conns.lock().expect("pool lock").push(conn);
+        // Not per stream: counting walks every key.
+        self.metrics.set_hbone_connections(self.open_connections());
+        Ok(taken)
     }
 
     /// Opens a CONNECT stream to `authority` over the pooled connection for
     /// `key`, dialling a new connection with `dial` when there is none with
-    /// room that was dialled with certificate `generation` (or a newer one).
+    /// room that was dialled with `generation` (the source's certificate
+    /// and trust bundle; or a newer one).
     pub async fn open<F, Fut, S>(
         &self,
         key: PoolKey,
@@ -217,35 +316,21 @@ impl Pool {
             .clone();
         // A connection that died between uses is replaced once.
         for attempt in 0..2 {
-            let mut dialled = false;
-            let (sender, guard) = {
-                let mut conns = slot.lock().await;
-                conns.retain(|c| !c.sender.is_closed());
-                let free = conns.iter().position(|c| {
-                    c.generation >= generation
-                        && c.streams.load(Ordering::Acquire) < h2::STREAMS_PER_CONNECTION
-                });
-                let i = match free {
-                    Some(i) => i,
-                    None => {
-                        conns.push(handshake(dial().await?, generation).await?);
-                        dialled = true;
-                        conns.len() - 1
-                    }
-                };
-                let c = &conns[i];
-                // Counted before the lock is released, so concurrent
-                // openers see this stream and do not overfill the connection.
-                (
-                    c.sender.clone(),
-                    StreamGuard::new(c.streams.clone(), c.last_used.clone()),
-                )
-            };
-            if dialled {
-                // Not per stream: counting walks every key.
-                self.metrics.set_hbone_connections(self.open_connections());
-            }
-            match connect(sender, authority).await {
+            let (sender, guard) = self
+                .take_or_dial(&slot, authority, generation, &dial)
+                .await?;
+            // The peer answers a CONNECT once it has reached the
+            // application (its own connect timeout, by default the same as
+            // ours, bounds that); twice the dial timeout leaves it room to
+            // say why it could not, and still bounds a peer that never does.
+            let answer = self.settings.dial_timeout * 2;
+            let connected = tokio::time::timeout(answer, connect(sender, authority))
+                .await
+                .map_err(|_| Error::ConnectTimeout {
+                    dst: authority,
+                    timeout: answer,
+                })?;
+            match connected {
                 Ok(io) => {
                     return Ok(Tunnel {
                         io: TokioIo::new(io),
@@ -256,8 +341,9 @@ impl Pool {
                     tracing::debug!(?key, "hbone: pooled connection closed ({e}); redialling");
                     let dead = guard.streams.clone();
                     drop(guard);
-                    slot.lock()
-                        .await
+                    slot.conns
+                        .lock()
+                        .expect("pool lock")
                         .retain(|c| !Arc::ptr_eq(&c.streams, &dead));
                 }
                 Err(ConnectError::Closed(e)) => {
@@ -283,7 +369,7 @@ enum ConnectError {
     Refused(StatusCode),
 }
 
-async fn handshake<S>(io: S, generation: u64) -> Result<Conn, Error>
+async fn handshake<S>(io: S, generation: u64, settings: &Settings) -> Result<Conn, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -291,6 +377,10 @@ where
         .initial_stream_window_size(h2::STREAM_WINDOW)
         .initial_connection_window_size(h2::CONNECTION_WINDOW)
         .max_send_buf_size(h2::MAX_SEND_BUFFER)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| Error::HboneHandshake(e.to_string()))?;
@@ -304,6 +394,7 @@ where
         streams: Arc::new(AtomicUsize::new(0)),
         last_used: Arc::new(Mutex::new(Instant::now())),
         generation,
+        dialled: Instant::now(),
     })
 }
 

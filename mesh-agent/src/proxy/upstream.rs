@@ -127,9 +127,11 @@ async fn open_tunnel(
         identities.bundle(),
         dst_id.clone(),
     ));
-    // The pool dials with the certificate the source holds now, and stops
-    // putting new streams on connections dialled with an older one.
-    let generation = identities.generation(src_id);
+    // The pool dials with the certificate and roots the source holds now,
+    // and stops putting new streams on connections dialled with older ones.
+    let generation = identities
+        .generation(src_id)
+        .max(identities.bundle().generation());
     let client_cert = Arc::new(CertFor {
         manager: identities,
         identity: src_id.clone(),
@@ -172,6 +174,10 @@ async fn open_tunnel(
     .await
 }
 
+/// The most a DNS lookup of an endpoint's name may take (the resolver's own
+/// timeouts and retries can add up to much more).
+const DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The socket address of endpoint `e` for service port `port` (resolving
 /// a DNS endpoint's name now).
 pub async fn endpoint_addr(e: &Endpoint, port: &ServicePort) -> Result<SocketAddr, Error> {
@@ -179,8 +185,13 @@ pub async fn endpoint_addr(e: &Endpoint, port: &ServicePort) -> Result<SocketAdd
     match (e.address, &e.hostname) {
         (Some(ip), _) => Ok(SocketAddr::new(ip, target_port)),
         (None, Some(host)) => {
-            let mut addrs = tokio::net::lookup_host((host.as_str(), target_port))
+            let lookup = tokio::net::lookup_host((host.as_str(), target_port));
+            let mut addrs = tokio::time::timeout(DNS_TIMEOUT, lookup)
                 .await
+                .map_err(|_| Error::Resolve {
+                    host: host.clone(),
+                    reason: format!("no answer in {DNS_TIMEOUT:?}"),
+                })?
                 .map_err(|e| Error::Resolve {
                     host: host.clone(),
                     reason: e.to_string(),

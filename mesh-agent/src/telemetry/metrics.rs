@@ -17,6 +17,17 @@ use crate::{ebpf::Maps, workload::Workload};
 /// Label sets each Istio family may hold by default (`--metrics-max-series`).
 pub const DEFAULT_MAX_SERIES: usize = 20_000;
 
+/// The `limit` label values of `mesh_limit_reached_total` (the limits are
+/// `proxy::limits`'s).
+pub const LIMITS: [&str; 3] = [
+    CONNECTIONS_PER_AGENT,
+    CONNECTIONS_PER_POD,
+    MIRRORS_IN_FLIGHT,
+];
+pub const CONNECTIONS_PER_AGENT: &str = "connections_per_agent";
+pub const CONNECTIONS_PER_POD: &str = "connections_per_pod";
+pub const MIRRORS_IN_FLIGHT: &str = "mirrors_in_flight";
+
 /// Istio's standard labels for TCP metrics, in the order `ConnLabels::values` fills them.
 const ISTIO_TCP_LABELS: [&str; 23] = [
     "reporter",
@@ -203,6 +214,7 @@ pub struct Metrics {
     workloads: IntGauge,
     enrol_failures: IntCounter,
     tls_failures: IntCounterVec,
+    limits_reached: IntCounterVec,
     cert_requests: IntCounterVec,
     config_rejected: IntCounterVec,
     config_applied: IntCounterVec,
@@ -411,6 +423,12 @@ impl Metrics {
                 "mTLS handshakes refused, by side and reason (unknown_ca, expired, wrong_identity, wrong_trust_domain, no_client_certificate, ...).",
                 &["direction", "reason"],
             )?,
+            limits_reached: counter_vec(
+                &registry,
+                "mesh_limit_reached_total",
+                "Work refused because a limit was reached, by limit (connections_per_agent, connections_per_pod, mirrors_in_flight).",
+                &["limit"],
+            )?,
             cert_requests: counter_vec(
                 &registry,
                 "mesh_certificate_requests_total",
@@ -508,6 +526,9 @@ impl Metrics {
         }
         // Every handshake failure reason is exported from the start (at 0),
         // so "no failure" is a reading, not a missing series.
+        for l in LIMITS {
+            m.limits_reached.with_label_values(&[l]);
+        }
         for d in [Reporter::Source, Reporter::Destination] {
             for r in crate::tls::verify::FAILURE_REASONS {
                 m.tls_failures.with_label_values(&[direction(d), r]);
@@ -592,6 +613,11 @@ impl Metrics {
         self.tls_failures
             .with_label_values(&[direction(reporter), reason])
             .inc();
+    }
+
+    /// Counts work refused at `limit` (one of [`LIMITS`]).
+    pub fn limit_reached(&self, limit: &str) {
+        self.limits_reached.with_label_values(&[limit]).inc();
     }
 
     pub fn certificate_request(&self, result: &str) {

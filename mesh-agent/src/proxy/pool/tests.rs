@@ -1,7 +1,8 @@
 //! The HBONE client pool against an HTTP/2 CONNECT server on loopback
 //! (plain TCP here: the pool is handed connected streams by its dialler;
 //! TLS is the HBONE tests' business): sharing, limits, re-dialling, the
-//! certificate generation a connection was dialled with, refusals, idling.
+//! certificate generation a connection was dialled with, refusals, idling,
+//! and the bounds on every wait: dial timeout, keepalive, maximum age.
 
 use std::{
     convert::Infallible,
@@ -86,8 +87,22 @@ fn key() -> PoolKey {
     }
 }
 
+fn settings() -> Settings {
+    Settings {
+        idle: Duration::from_secs(60),
+        max_age: Duration::from_secs(3600),
+        dial_timeout: Duration::from_secs(10),
+        keepalive_interval: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(5),
+    }
+}
+
 fn pool() -> Arc<Pool> {
-    Pool::new(Duration::from_secs(60), Arc::new(Metrics::new().unwrap()))
+    pool_with(settings())
+}
+
+fn pool_with(s: Settings) -> Arc<Pool> {
+    Pool::new(s, Arc::new(Metrics::new().unwrap()))
 }
 
 /// Opens a stream on `p` to `server`, dialling with plain TCP.
@@ -206,4 +221,136 @@ async fn idle_connections_are_closed_busy_ones_kept() {
     drop(busy);
     p.reap(Duration::ZERO);
     assert_eq!(p.open_connections(), 0, "idle, it goes");
+}
+
+/// A TCP relay to `server` that can freeze: from then on the connections it
+/// relays carry nothing either way and are never closed (a peer node that
+/// died without a word, or a cut link); later connections pass.
+async fn freezing_relay(server: SocketAddr) -> (SocketAddr, Arc<tokio::sync::watch::Sender<bool>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (frozen, _) = tokio::sync::watch::channel(false);
+    let frozen = Arc::new(frozen);
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let mut freeze = f.subscribe();
+            tokio::spawn(async move {
+                let Ok(upstream) = TcpStream::connect(server).await else {
+                    return;
+                };
+                let (mut a, mut b) = (client, upstream);
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    // A freeze after this connection was accepted.
+                    () = async {
+                        loop {
+                            if freeze.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                            if *freeze.borrow() {
+                                break;
+                            }
+                        }
+                    } => {
+                        // Hold both ends open, silent, for good.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, frozen)
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_is_noticed_by_keepalive_and_replaced() {
+    let (server_addr, conns) = server(StatusCode::OK, None).await;
+    let (relay, frozen) = freezing_relay(server_addr).await;
+    let p = pool_with(Settings {
+        keepalive_interval: Duration::from_millis(100),
+        keepalive_timeout: Duration::from_millis(100),
+        ..settings()
+    });
+    let mut t = open(&p, relay, 1).await.unwrap();
+    echoes(&mut t).await;
+    frozen.send_replace(true);
+    // The next stream would go on the frozen connection and wait for good;
+    // the unanswered PING closes it and the pool dials again.
+    let mut t2 = tokio::time::timeout(Duration::from_secs(5), open(&p, relay, 1))
+        .await
+        .expect("a stream on a dead connection waited on TCP")
+        .expect("re-dialled");
+    echoes(&mut t2).await;
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_dial_that_hangs_times_out_and_holds_up_no_stream_that_fits() {
+    let (addr, _) = server(StatusCode::OK, None).await;
+    let p = pool_with(Settings {
+        dial_timeout: Duration::from_millis(500),
+        ..settings()
+    });
+    let mut held = open(&p, addr, 1).await.unwrap();
+    // A newer certificate needs a new connection; its peer never answers.
+    let hanging = p.open(key(), "10.0.0.9:9000".parse().unwrap(), 2, || async {
+        std::future::pending::<Result<TcpStream, Error>>().await
+    });
+    let fits = async {
+        // Once the dial is under way: a stream that fits on the open
+        // connection does not wait for it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let mut t = open(&p, addr, 1).await.unwrap();
+        echoes(&mut t).await;
+        started.elapsed()
+    };
+    let (hung, waited) = tokio::join!(hanging, fits);
+    assert!(
+        waited < Duration::from_millis(300),
+        "a stream with room on an open connection waited {waited:?} for another's dial"
+    );
+    match hung {
+        Err(Error::ConnectTimeout { timeout, .. }) => {
+            assert_eq!(timeout, Duration::from_millis(500))
+        }
+        Err(e) => panic!("expected a dial timeout, got {e}"),
+        Ok(_) => panic!("expected a dial timeout, got a stream"),
+    }
+    echoes(&mut held).await;
+}
+
+#[tokio::test]
+async fn openers_that_need_a_connection_share_one_dial() {
+    let (addr, conns) = server(StatusCode::OK, None).await;
+    let p = pool();
+    let opens: Vec<_> = (0..20).map(|_| open(&p, addr, 1)).collect();
+    for t in futures::future::join_all(opens).await {
+        echoes(&mut t.unwrap()).await;
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_connection_past_its_maximum_age_takes_no_new_stream() {
+    let (addr, conns) = server(StatusCode::OK, None).await;
+    let p = pool_with(Settings {
+        max_age: Duration::from_millis(200),
+        ..settings()
+    });
+    let mut old = open(&p, addr, 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let mut new = open(&p, addr, 1).await.unwrap();
+    assert_eq!(conns.load(Ordering::SeqCst), 2, "too old: a new connection");
+    // The old one keeps its stream, and goes once that ends.
+    echoes(&mut old).await;
+    echoes(&mut new).await;
+    drop((old, new));
+    p.reap(Duration::from_secs(60));
+    assert_eq!(
+        p.open_connections(),
+        1,
+        "idle, the old one went; the new one stays"
+    );
 }
