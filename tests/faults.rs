@@ -1,9 +1,10 @@
 //! What the agent does when something goes wrong around it, each fault
-//! made for real in the test's own namespaces: limits reached.
+//! made for real in the test's own namespaces: limits reached, the kernel's
+//! tracking maps full, the agent gone (fail closed, or open on purpose).
 
 use std::time::Duration;
 
-use mesh_tests::{Agent, AgentOptions, Env};
+use mesh_tests::{Agent, AgentOptions, Env, kernel};
 
 /// A pod that holds all the connections it may (`--max-connections-per-pod`,
 /// counted both ways: its clients' and its own) gets its next one reset at
@@ -60,5 +61,123 @@ fn a_pod_over_its_connection_limit_is_refused_and_counted() {
             .run_app(&["connect", &echo.v4(9001)])
             .ok()),
         "the pod's places were not given back"
+    );
+}
+
+/// With `mesh_orig_dst` full (`--max-tracked-connections` held open), a
+/// new captured connect is refused at once (EPERM), counted, and nothing
+/// leaves in plaintext; once connections close, connects work again. A
+/// connect refused by the kernel leaves no record behind (`sock_release`).
+#[test]
+fn full_tracking_maps_fail_closed_and_recover() {
+    let env = Env::new("maps-full");
+    let node = env.node("node");
+    let client = env.pod(&node, "client");
+    let server = env.pod(&node, "server");
+    server.spawn_app(&env, &["echo", &server.v4(9000)]);
+    let agent = Agent::start(
+        &env,
+        &node,
+        &[&client, &server],
+        AgentOptions::args(&["--max-tracked-connections", "4"]),
+    );
+    let holders: Vec<_> = (0..4)
+        .map(|_| client.spawn_app(&env, &["hold", &server.v4(9000), "5"]))
+        .collect();
+    for h in &holders {
+        h.wait_for(|v| v["event"] == "holding", Duration::from_secs(10));
+    }
+    assert_eq!(
+        kernel::tracking_entries(&agent.pin_dir).0,
+        4,
+        "mesh_orig_dst holds the four open connections"
+    );
+    let errors = || {
+        agent.metrics().value(
+            "mesh_ebpf_program_events_total",
+            &[("program", "connect4"), ("outcome", "errors")],
+        )
+    };
+    let before = errors();
+    for _ in 0..3 {
+        let out = client.run_app(&["connect", &server.v4(9000)]);
+        assert!(
+            !out.ok() && out.describe().contains("not permitted"),
+            "a connect with the map full must be refused: {}",
+            out.describe()
+        );
+    }
+    assert_eq!(errors(), before + 3.0);
+    // Refused connects left nothing behind.
+    assert_eq!(kernel::tracking_entries(&agent.pin_dir).0, 4);
+    assert!(
+        mesh_tests::sys::wait_until(Duration::from_secs(20), || client
+            .run_app(&["connect", &server.v4(9000)])
+            .ok()),
+        "connects did not recover once the held connections closed: {:?} entries",
+        kernel::tracking_entries(&agent.pin_dir)
+    );
+    let r = client.run_app(&["connect", &server.v4(9000)]).json();
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured: {r}"
+    );
+}
+
+/// While no agent runs (stopped with its pins kept), a pod annotated
+/// `mesh-agent.io/fail-open: "true"` talks and is reached directly, as if
+/// outside the mesh; any other pod stays fail-closed, both ways. The next
+/// agent captures them all again.
+#[test]
+fn a_fail_open_pod_goes_direct_without_the_agent_and_the_others_are_refused() {
+    let env = Env::new("fail-open");
+    let node = env.node("node");
+    let open_pod = |name| {
+        let mut p = env.pod(&node, name);
+        p.annotations = vec![("mesh-agent.io/fail-open".into(), "true".into())];
+        p
+    };
+    let (client, server) = (open_pod("client"), open_pod("server"));
+    let (strict, strict_server) = (env.pod(&node, "strict"), env.pod(&node, "strict-server"));
+    let outsider = env.pod(&node, "outsider");
+    server.spawn_app(&env, &["echo", &server.v4(9000), &server.v6(9000)]);
+    strict_server.spawn_app(&env, &["echo", &strict_server.v4(9000)]);
+    let pods = [&client, &server, &strict, &strict_server];
+    let mut agent = Agent::start(&env, &node, &pods, AgentOptions::args(&["--keep-pins"]));
+    let r = client.run_app(&["connect", &server.v4(9000)]).json();
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured: {r}"
+    );
+    assert!(agent.stop().success());
+
+    // Fail-open: out directly (the pod's own address), in directly.
+    let r = client.run_app(&["connect", &server.v4(9000)]).json();
+    assert_eq!(
+        r["local"].as_str().unwrap().split(':').next().unwrap(),
+        client.ip4.to_string(),
+        "direct from the pod: {r}"
+    );
+    assert_eq!(
+        outsider.run_app(&["connect", &server.v4(9000)]).json()["received"],
+        "hello mesh"
+    );
+    let r = client.run_app(&["connect", &format!("[{}]:9000", server.ip6)]);
+    assert!(r.ok(), "IPv6 too: {}", r.describe());
+    // Fail-closed, the default: refused both ways.
+    let out = strict.run_app(&["connect", &server.v4(9000)]);
+    assert!(
+        !out.ok() && out.describe().contains("refused"),
+        "outbound must be refused: {}",
+        out.describe()
+    );
+    let out = outsider.run_app(&["connect", &strict_server.v4(9000)]);
+    assert!(!out.ok(), "inbound must be refused: {}", out.describe());
+
+    let _next = Agent::start(&env, &node, &pods, AgentOptions::default());
+    let r = client.run_app(&["connect", &server.v4(9000)]).json();
+    assert!(
+        r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured again: {r}"
     );
 }

@@ -82,7 +82,7 @@ fn shutdown_leaves_no_program_attached_and_no_pin_behind() {
         .iter()
         .map(|p| p["id"].as_u64().unwrap())
         .collect();
-    assert_eq!(ids.len(), 7);
+    assert_eq!(ids.len(), 8);
     assert!(ids.iter().all(|id| kernel::program_loaded(*id)));
     for pod in [&client, &server] {
         kernel::assert_captured(pod);
@@ -184,7 +184,7 @@ fn keep_pins_fails_closed_and_the_next_agent_adopts_the_maps() {
     );
     assert_eq!(
         kernel::cgroup_programs(&client.cgroup).len(),
-        5,
+        6,
         "old links replaced, not doubled"
     );
     outsider.run_app(&["connect", &server.v4(9000)]).json();
@@ -293,8 +293,8 @@ fn uninstall_after_a_killed_agent_leaves_nothing_in_the_kernel() {
     kernel::assert_captured(&client);
     std::fs::remove_dir(&other).unwrap();
     let said = uninstall();
-    // Six links per pod: five on its cgroup, sk_lookup's on its netns.
-    assert!(said.contains("removed 12 link(s) of 2 pod(s)"), "{said}");
+    // Seven links per pod: six on its cgroup, sk_lookup's on its netns.
+    assert!(said.contains("removed 14 link(s) of 2 pod(s)"), "{said}");
     kernel::assert_released(&client);
     kernel::assert_released(&server);
     assert!(!agent.pin_dir.exists(), "pin directory left behind");

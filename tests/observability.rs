@@ -104,7 +104,7 @@ fn config_dump_shows_workloads_and_the_programs_bpftool_sees() {
     assert_eq!(w["name"], "web");
     assert_eq!(w["ips"][0], pod.ip4.to_string());
     assert!(w["netnsCookie"].as_u64().unwrap() > 0);
-    assert_eq!(w["links"].as_array().unwrap().len(), 6);
+    assert_eq!(w["links"].as_array().unwrap().len(), 7);
     let listeners: Vec<&str> = w["listeners"]
         .as_array()
         .unwrap()

@@ -252,6 +252,13 @@ pub struct Config {
     #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_POD", default_value_t = 20_000)]
     pub max_connections_per_pod: usize,
 
+    /// Captured connections the kernel can track at once (the capacity of
+    /// `mesh_orig_dst` and `mesh_conn_dst`). One more connect is refused
+    /// (EPERM) and counted, never let through untracked. Changing it on a
+    /// node needs `mesh-agent uninstall` first (pinned maps keep their size).
+    #[arg(long, env = "MESH_MAX_TRACKED_CONNECTIONS", default_value_t = 65_536)]
+    pub max_tracked_connections: u32,
+
     /// On shutdown, how long open connections may finish before they are cut.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]

@@ -188,14 +188,27 @@ pub fn enrol(
     let handover = listeners.handover().map_err(listen_err)?;
     let workload = Arc::new(w);
     let maps = loaded.maps();
-    for (ip, l) in &listeners.inbound {
-        if let Err(source) = maps.add_inbound(*ip, l) {
-            workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));
-            return Err(Error::Ebpf {
-                pod: key,
-                source: Box::new(source),
-            });
-        }
+    let flags = if workload.fails_open() {
+        mesh_common::config::POD_FAIL_OPEN
+    } else {
+        0
+    };
+    let forget = |maps: &crate::ebpf::Maps| {
+        workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));
+        maps.remove_pod(listeners.netns_cookie);
+    };
+    let added = maps.add_pod(listeners.netns_cookie, flags).and_then(|()| {
+        listeners
+            .inbound
+            .iter()
+            .try_for_each(|(ip, l)| maps.add_inbound(*ip, flags, l))
+    });
+    if let Err(source) = added {
+        forget(&maps);
+        return Err(Error::Ebpf {
+            pod: key,
+            source: Box::new(source),
+        });
     }
     let links = match loaded.attach_pod(
         &links_dir_name(&key),
@@ -204,7 +217,7 @@ pub fn enrol(
     ) {
         Ok(l) => l,
         Err(source) => {
-            workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));
+            forget(&maps);
             return Err(Error::Ebpf {
                 pod: key,
                 source: Box::new(source),
@@ -267,7 +280,7 @@ pub fn enrol(
     };
     if let Err(e) = start() {
         stop.cancel();
-        workload.ips.iter().for_each(|ip| maps.remove_inbound(*ip));
+        forget(&maps);
         drop(links);
         return Err(Error::Listen {
             pod: key,
@@ -301,6 +314,7 @@ impl EnrolledPod {
         for ip in &self.workload.ips {
             self.maps.remove_inbound(*ip);
         }
+        self.maps.remove_pod(self.netns_cookie);
         ctx.local.remove_local(&self.workload);
         if let (Some(identities), Some(id)) = (&ctx.identities, &self.identity) {
             identities.release(id);

@@ -42,6 +42,9 @@ pub struct Workload {
     pub cgroup: PathBuf,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The pod's annotations the agent reads ([`FAIL_OPEN_ANNOTATION`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     /// The node the pod is scheduled on. Agents enrol the pods of their own
     /// node and use the others to reach them over HBONE; the CA issues a
     /// node certificates only for its pods. Absent means "this node" (a
@@ -65,6 +68,21 @@ fn is_empty_path(p: &std::path::Path) -> bool {
 
 fn default_service_account() -> String {
     "default".into()
+}
+
+/// The annotation by which a pod asks to fail open: `"true"` lets its
+/// traffic go direct, uncaptured, while no agent runs on its node (it
+/// prefers availability to the mesh's guarantees). Without it, a pod's
+/// connections are refused while the agent is away (fail closed).
+pub const FAIL_OPEN_ANNOTATION: &str = "mesh-agent.io/fail-open";
+
+impl Workload {
+    /// Whether the pod asked to fail open ([`FAIL_OPEN_ANNOTATION`]).
+    pub fn fails_open(&self) -> bool {
+        self.annotations
+            .get(FAIL_OPEN_ANNOTATION)
+            .is_some_and(|v| v == "true")
+    }
 }
 
 /// `namespace/name`: unique on a node.
@@ -242,6 +260,7 @@ impl Workload {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            annotations: BTreeMap::new(),
             node: None,
             uid: None,
             workload_name: None,

@@ -27,6 +27,10 @@ const _: () = assert!(core::mem::size_of::<MeshConfig>() == 20);
 
 crate::user_pod!(MeshConfig);
 
+/// Flag of a pod (the values of `mesh_pod_ips` and `mesh_pod_flags`): its
+/// traffic goes direct while its agent is away, instead of being refused.
+pub const POD_FAIL_OPEN: u32 = 1;
+
 /// [`MeshConfig::flags`]: splice application → agent bytes on the same
 /// node in the kernel (`sock_ops` files the sockets, `sk_msg` redirects).
 pub const FLAG_FAST_PATH: u16 = 1;

@@ -19,7 +19,8 @@ pub mod stats;
 
 /// Version of the shared map layouts. A new agent refuses to adopt pinned maps
 /// whose key or value sizes differ from its own (see `mesh-agent::ebpf::maps`).
-pub const MAP_ABI_VERSION: u32 = 3;
+/// 4: `mesh_orig_dst` and `mesh_conn_dst` are hash maps, not LRU.
+pub const MAP_ABI_VERSION: u32 = 4;
 
 /// Implements `aya::Pod` for map types when built for user space.
 macro_rules! user_pod {

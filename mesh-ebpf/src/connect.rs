@@ -7,8 +7,11 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{bpf_sock, bpf_sock_addr},
-    helpers::bpf_get_socket_cookie,
+    bindings::{
+        BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_addr, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -16,14 +19,14 @@ use aya_log_ebpf::{debug, error};
 use mesh_common::{
     addr::{AF_INET, AF_INET6, Addr, from_v4_octets, is_v4_mapped},
     capture::OrigDst,
-    config::MeshConfig,
+    config::{MeshConfig, POD_FAIL_OPEN},
     exclusion::EXCLUDE_OUTBOUND,
     stats::{PROG_CONNECT4, PROG_CONNECT6},
 };
 
 use crate::{
     ctx::{is_local_only, load, load_ip6, load_ptr, load32, store, store_ip6, v4_word_to_addr},
-    maps::{ORIG_DST, Outcome, Settings, count, excluded, settings},
+    maps::{ORIG_DST, Outcome, POD_FLAGS, Settings, count, excluded, settings},
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -85,6 +88,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<Outcome, i32> {
     if is_local_only(&dst) || excluded(&dst, port, EXCLUDE_OUTBOUND) {
         return Ok(Outcome::Passed);
     }
+    if agent_away_and_fail_open(ctx, AF_INET, cfg.outbound_port) {
+        return Ok(Outcome::Passed);
+    }
     record(ctx, dst, port, AF_INET)?;
     store!(
         c,
@@ -119,6 +125,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<Outcome, i32> {
     } else {
         (LOOPBACK_V6, AF_INET6)
     };
+    if agent_away_and_fail_open(ctx, family, cfg.outbound_port) {
+        return Ok(Outcome::Passed);
+    }
     record(ctx, dst, port, family)?;
     store_ip6!(c, bpf_sock_addr, user_ip6, &target);
     store!(
@@ -154,6 +163,58 @@ fn capture_applies(ctx: &SockAddrContext) -> Result<Option<&'static MeshConfig>,
         return Ok(None);
     }
     Ok(Some(cfg))
+}
+
+/// Whether this pod asked to fail open (`POD_FAIL_OPEN`) and nothing
+/// listens on its outbound port on loopback (`family`): its agent is away,
+/// and the connect goes where it was going. Looked up for such pods only.
+#[inline(always)]
+fn agent_away_and_fail_open(ctx: &SockAddrContext, family: u16, port: u16) -> bool {
+    // SAFETY: helper valid for sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the flags are a u32 read once.
+    if !unsafe { POD_FLAGS.get(netns) }.is_some_and(|f| f & POD_FAIL_OPEN != 0) {
+        return false;
+    }
+    // SAFETY: a zeroed tuple is valid; the fields are plain integers.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if family == AF_INET {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: 0,
+            daddr: u32::from_ne_bytes([127, 0, 0, 1]),
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        let mut daddr = [0u32; 4];
+        daddr[3] = u32::from_ne_bytes([0, 0, 0, 1]);
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: [0; 4],
+            daddr,
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    };
+    // SAFETY: helper valid for sock_addr programs; the socket it returns,
+    // if any, is released at once.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        debug!(ctx, "connect: agent away; fail-open pod: passing");
+        return true;
+    }
+    // SAFETY: `sk` came from bpf_sk_lookup_tcp and is released once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    false
 }
 
 #[inline(always)]

@@ -13,6 +13,7 @@ mod ctx;
 mod fast_path;
 mod getpeername;
 mod maps;
+mod release;
 mod sk_lookup;
 mod sock_ops;
 

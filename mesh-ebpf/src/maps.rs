@@ -17,13 +17,18 @@ use mesh_common::{
 #[btf_map(name = "mesh_config")]
 pub static CONFIG: Array<MeshConfig, 1> = Array::new();
 
-/// Socket cookie → original destination, from connect until close.
+/// Socket cookie → original destination, from connect until the socket is
+/// released. Not LRU, on purpose: when it is full a new connect is refused
+/// (and counted), rather than silently evicting a live connection's record.
+/// The capacity is the agent's `--max-tracked-connections`.
 #[btf_map(name = "mesh_orig_dst")]
-pub static ORIG_DST: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+pub static ORIG_DST: HashMap<u64, OrigDst, 65536> = HashMap::new();
 
-/// Established 4-tuple (with netns cookie) → original destination.
+/// Established 4-tuple (with netns cookie) → original destination, until
+/// the connection closes. Not LRU either: a connection that cannot be filed
+/// here is refused by the agent, which finds no original destination.
 #[btf_map(name = "mesh_conn_dst")]
-pub static CONN_DST: LruHashMap<ConnKey, OrigDst, 65536> = LruHashMap::new();
+pub static CONN_DST: HashMap<ConnKey, OrigDst, 65536> = HashMap::new();
 
 /// Port → `mesh_common::exclusion` flags.
 #[btf_map(name = "mesh_excl_ports")]
@@ -37,11 +42,18 @@ pub static EXCL_CIDRS: LpmTrie<Addr, u32, 1024> = LpmTrie::new();
 #[btf_map(name = "mesh_inbound")]
 pub static INBOUND: SockHash<Addr, 4096> = SockHash::new();
 
-/// Addresses of enrolled pods. An address here with no listener in
-/// `mesh_inbound` means the agent is gone: refuse rather than let plaintext
-/// reach the application unchecked.
+/// Addresses of enrolled pods → the pod's flags (`POD_FAIL_OPEN`). An
+/// address here with no listener in `mesh_inbound` means the agent is gone:
+/// refuse rather than let plaintext reach the application unchecked, unless
+/// the pod asked to fail open.
 #[btf_map(name = "mesh_pod_ips")]
 pub static POD_IPS: HashMap<Addr, u32, 4096> = HashMap::new();
+
+/// Enrolled pods by network namespace cookie → the pod's flags, for the
+/// programs that see a pod's sockets before they have an address
+/// (`connect4/6`).
+#[btf_map(name = "mesh_pod_flags")]
+pub static POD_FLAGS: HashMap<u64, u32, 4096> = HashMap::new();
 
 /// The fast path's redirect targets: the agent's own ends of application ⇄
 /// agent connections inside pods, each filed under its connection (netns

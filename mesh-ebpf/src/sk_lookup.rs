@@ -15,7 +15,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, error};
 use mesh_common::{
     addr::{AF_INET, Addr},
-    config::AGENT_INBOUND_SRC_V6,
+    config::{AGENT_INBOUND_SRC_V6, POD_FAIL_OPEN},
     exclusion::EXCLUDE_INBOUND,
     stats::PROG_SK_LOOKUP,
 };
@@ -82,8 +82,13 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> (Outcome, u32) {
             debug!(ctx, "sk_lookup: [{:i}]:{} -> agent", local, port);
             (Outcome::Redirected, SK_PASS)
         }
-        // SAFETY: presence check only.
-        Err(e) if e == -ENOENT && unsafe { POD_IPS.get(local) }.is_none() => {
+        // SAFETY: the flags are a u32 read once.
+        Err(e)
+            if e == -ENOENT
+                && unsafe { POD_IPS.get(local) }.is_none_or(|f| f & POD_FAIL_OPEN != 0) =>
+        {
+            // Not an enrolled pod; or one whose agent is away and which
+            // asked to fail open: the application gets the connection.
             (Outcome::Passed, SK_PASS)
         }
         Err(e) => {

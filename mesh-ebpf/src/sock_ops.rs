@@ -1,6 +1,8 @@
 //! `sock_ops`: when a captured connection is established, file its original
 //! destination under the connection's 4-tuple (what the agent sees on
-//! `accept()`); when it closes, remove both records so the maps do not grow.
+//! `accept()`); when it closes, remove both records so the maps do not grow
+//! (`sock_release` removes the first one too, even for a connect that never
+//! reached TCP).
 //!
 //! With the fast path on, it also files both ends of every application ⇄
 //! agent connection inside a pod, for `sk_msg`: the agent's ends (its socket
@@ -82,10 +84,14 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
                 file_fast(ctx, &FAST_APPS, key)?;
             }
         }
+        // Only captured sockets asked for state callbacks. Their
+        // `mesh_orig_dst` record is usually gone already: `sock_release`
+        // runs at close(), before TCP reaches CLOSE.
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            if ORIG_DST.remove(cookie).is_ok() {
-                // Absent when the connect never established: nothing to do.
-                let _ = CONN_DST.remove(conn_key(ctx));
+            let orig = ORIG_DST.remove(cookie).is_ok();
+            // Absent when the connect never established.
+            let conn = CONN_DST.remove(conn_key(ctx)).is_ok();
+            if orig || conn {
                 count(PROG_SOCK_OPS, Outcome::Passed);
             }
         }

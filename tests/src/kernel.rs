@@ -68,16 +68,17 @@ pub fn links_on(cgroup: &Path, netns: &Path) -> Vec<Value> {
 }
 
 /// The programs the agent attaches to each enrolled pod's cgroup.
-pub const CAPTURE_PROGRAMS: [&str; 5] = [
+pub const CAPTURE_PROGRAMS: [&str; 6] = [
     "mesh_connect4",
     "mesh_connect6",
     "mesh_getpeer4",
     "mesh_getpeer6",
+    "mesh_sock_release",
     "mesh_sockops",
 ];
 
 /// Asserts `pod` is captured as the agent promises, as the kernel tells it:
-/// the capture programs on its cgroup, their five links and `sk_lookup`'s
+/// the capture programs on its cgroup, their six links and `sk_lookup`'s
 /// link on its network namespace.
 pub fn assert_captured(pod: &crate::Pod) {
     let mut programs = cgroup_programs(&pod.cgroup);
@@ -85,8 +86,8 @@ pub fn assert_captured(pod: &crate::Pod) {
     assert_eq!(programs, CAPTURE_PROGRAMS, "programs on {}", pod.name);
     assert_eq!(
         links_on(&pod.cgroup, &pod.netns_path()).len(),
-        6,
-        "links of {}: 5 cgroup links and sk_lookup's",
+        7,
+        "links of {}: 6 cgroup links and sk_lookup's",
         pod.name
     );
 }

@@ -44,6 +44,7 @@ pub struct Pod {
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
     pub labels: Vec<(String, String)>,
+    pub annotations: Vec<(String, String)>,
     /// The node it runs on.
     pub node: String,
     /// Kubernetes UID; the pod's cgroup is named after it as the kubelet
@@ -104,6 +105,7 @@ impl Env {
             ip4,
             ip6,
             labels: vec![("app".into(), short.into())],
+            annotations: Vec::new(),
             node: node.name.clone(),
             uid,
         }
@@ -180,8 +182,14 @@ impl Pod {
             .iter()
             .map(|(k, v)| (k.clone(), json!(v)))
             .collect();
+        let annotations: serde_json::Map<String, Value> = self
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
         json!({
             "name": self.name,
+            "annotations": annotations,
             "namespace": self.namespace,
             "serviceAccount": self.service_account,
             "ips": [self.ip4.to_string(), self.ip6.to_string()],

@@ -76,6 +76,14 @@ impl Loaded {
                     link.try_into()
                         .map_err(|source| Error::Link { program, source })?
                 }
+                aya::programs::Program::CgroupSock(p) => {
+                    let id = p
+                        .attach(cgroup.1, CgroupAttachMode::Single)
+                        .map_err(attach_err)?;
+                    let link = p.take_link(id).map_err(attach_err)?;
+                    link.try_into()
+                        .map_err(|source| Error::Link { program, source })?
+                }
                 aya::programs::Program::SockOps(p) => {
                     let id = p
                         .attach(cgroup.1, CgroupAttachMode::Single)

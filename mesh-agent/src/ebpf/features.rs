@@ -29,7 +29,7 @@ impl fmt::Display for Feature {
 }
 
 /// The program or attach type each program is, by program name.
-const PROGRAM_TYPES: [(&str, Feature); 7] = [
+const PROGRAM_TYPES: [(&str, Feature); 8] = [
     (
         "mesh_connect4",
         Feature {
@@ -73,6 +73,13 @@ const PROGRAM_TYPES: [(&str, Feature); 7] = [
         },
     ),
     (
+        "mesh_sock_release",
+        Feature {
+            what: "cgroup sock_release hooks",
+            since: "5.9",
+        },
+    ),
+    (
         "mesh_sk_msg",
         Feature {
             what: "sk_msg programs with a sockhash",
@@ -83,7 +90,7 @@ const PROGRAM_TYPES: [(&str, Feature); 7] = [
 
 /// Helpers a program type gained after the type itself:
 /// (program, helper, feature).
-const HELPERS: [(&str, &str, Feature); 6] = [
+const HELPERS: [(&str, &str, Feature); 7] = [
     (
         "mesh_sockops",
         "bpf_get_netns_cookie",
@@ -114,6 +121,14 @@ const HELPERS: [(&str, &str, Feature); 6] = [
         Feature {
             what: "bpf_get_socket_cookie in sock_ops programs",
             since: "4.19",
+        },
+    ),
+    (
+        "mesh_sock_release",
+        "bpf_get_socket_cookie",
+        Feature {
+            what: "bpf_get_socket_cookie in cgroup sock programs",
+            since: "5.7",
         },
     ),
     (

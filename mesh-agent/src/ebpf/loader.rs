@@ -10,13 +10,13 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::MapInfo,
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SkMsg, SockOps},
 };
 use serde::Serialize;
 
 use super::{
     Error, OBJECT, features,
-    maps::{Maps, PINNED},
+    maps::{Maps, PINNED, TRACKED},
 };
 use crate::{config::Config, sys};
 
@@ -32,12 +32,13 @@ pub(super) enum Hook {
 }
 
 /// Every program in the object, by the name `bpftool prog list` shows.
-pub(crate) const PROGRAMS: [(&str, Hook); 7] = [
+pub(crate) const PROGRAMS: [(&str, Hook); 8] = [
     ("mesh_connect4", Hook::Cgroup),
     ("mesh_connect6", Hook::Cgroup),
     ("mesh_getpeer4", Hook::Cgroup),
     ("mesh_getpeer6", Hook::Cgroup),
     ("mesh_sockops", Hook::Cgroup),
+    ("mesh_sock_release", Hook::Cgroup),
     ("mesh_sk_lookup", Hook::Netns),
     ("mesh_sk_msg", Hook::SockMap),
 ];
@@ -74,7 +75,7 @@ impl Loaded {
                 source,
             })?;
         }
-        check_compatible(&pin_dir)?;
+        check_compatible(&pin_dir, cfg.max_tracked_connections)?;
         // Pins this agent creates (as opposed to adopts): the only ones a
         // failed start may remove.
         let created: Vec<PathBuf> = PINNED
@@ -101,6 +102,9 @@ impl Loaded {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        for name in TRACKED {
+            loader.map_max_entries(name, cfg.max_tracked_connections);
+        }
         loader.override_global("AYA_LOG_LEVEL", &kernel_log_level, false);
         let mut bpf = loader.load(OBJECT).map_err(Error::Load)?;
 
@@ -114,6 +118,7 @@ impl Loaded {
             };
             let info = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => load_one::<CgroupSockAddr>(p, perr),
+                aya::programs::Program::CgroupSock(p) => load_one::<CgroupSock>(p, perr),
                 aya::programs::Program::SockOps(p) => load_one::<SockOps>(p, perr),
                 aya::programs::Program::SkLookup(p) => load_one::<SkLookup>(p, perr),
                 aya::programs::Program::SkMsg(p) => load_one::<SkMsg>(p, perr),
@@ -397,7 +402,7 @@ macro_rules! loadable {
         }
     )+};
 }
-loadable!(CgroupSockAddr, SockOps, SkLookup, SkMsg);
+loadable!(CgroupSock, CgroupSockAddr, SockOps, SkLookup, SkMsg);
 
 fn load_one<P: Loadable>(
     p: &mut P,
@@ -449,8 +454,10 @@ fn check_bpffs(dir: &Path) -> Result<(), Error> {
     Err(Error::NotBpffs { path: dir.into() })
 }
 
-/// Refuses to adopt a pinned map whose layout is not this agent's.
-fn check_compatible(dir: &Path) -> Result<(), Error> {
+/// Refuses to adopt a pinned map whose layout is not this agent's (or
+/// whose capacity is not the one asked for: `--max-tracked-connections`
+/// changes need `mesh-agent uninstall` first).
+fn check_compatible(dir: &Path, tracked: u32) -> Result<(), Error> {
     for (name, key, value, entries) in PINNED {
         let path = dir.join(name);
         if !path.exists() {
@@ -458,6 +465,20 @@ fn check_compatible(dir: &Path) -> Result<(), Error> {
         }
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
+        };
+        let entries = if TRACKED.contains(&name) {
+            // Hash maps since map ABI 4 (LRU before): same sizes, other
+            // semantics.
+            if !matches!(info.map_type(), Ok(aya::maps::MapType::Hash)) {
+                return Err(Error::IncompatiblePin {
+                    path,
+                    found: (info.key_size(), info.value_size(), info.max_entries()),
+                    want: (key as u32, value as u32, tracked),
+                });
+            }
+            tracked
+        } else {
+            entries
         };
         if info.key_size() as usize != key
             || info.value_size() as usize != value

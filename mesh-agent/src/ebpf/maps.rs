@@ -23,10 +23,14 @@ use serde::Serialize;
 use super::Error;
 use crate::config::{Cidr, Config};
 
+/// The connection-tracking maps, whose capacity is
+/// `--max-tracked-connections` (the capacities below are the defaults).
+pub(super) const TRACKED: [&str; 2] = ["mesh_orig_dst", "mesh_conn_dst"];
+
 /// Name, key size, value size and capacity of every map the agent pins. A
 /// pinned map that differs belongs to an incompatible agent and is not
 /// adopted.
-pub(super) const PINNED: [(&str, usize, usize, u32); 12] = [
+pub(super) const PINNED: [(&str, usize, usize, u32); 13] = [
     ("mesh_config", 4, size_of::<MeshConfig>(), 1),
     ("mesh_orig_dst", 8, size_of::<OrigDst>(), 65536),
     (
@@ -40,6 +44,7 @@ pub(super) const PINNED: [(&str, usize, usize, u32); 12] = [
     ("mesh_excl_cidrs", 4 + 16, 4, 1024),
     ("mesh_inbound", 16, 4, 4096),
     ("mesh_pod_ips", 16, 4, 4096),
+    ("mesh_pod_flags", 8, 4, 4096),
     ("mesh_stats", 4, size_of::<ProgStats>(), PROG_COUNT),
     ("mesh_fast_socks", size_of::<ConnKey>(), 4, 65536),
     ("mesh_fast_apps", size_of::<ConnKey>(), 4, 65536),
@@ -89,6 +94,7 @@ pub struct Maps {
     excl_cidrs: Mutex<LpmTrie<MapData, Addr, u32>>,
     inbound: Mutex<SockHash<MapData, Addr>>,
     pod_ips: Mutex<HashMap<MapData, Addr, u32>>,
+    pod_flags: Mutex<HashMap<MapData, u64, u32>>,
     stats: PerCpuArray<MapData, ProgStats>,
     fast_socks: SockHash<MapData, ConnKey>,
     fast_apps: SockHash<MapData, ConnKey>,
@@ -132,6 +138,7 @@ impl Maps {
             excl_cidrs: Mutex::new(typed!("mesh_excl_cidrs")),
             inbound: Mutex::new(typed!("mesh_inbound")),
             pod_ips: Mutex::new(typed!("mesh_pod_ips")),
+            pod_flags: Mutex::new(typed!("mesh_pod_flags")),
             stats: typed!("mesh_stats"),
             fast_socks: typed!("mesh_fast_socks"),
             fast_apps: typed!("mesh_fast_apps"),
@@ -266,10 +273,31 @@ impl Maps {
         Some(SocketAddr::new(addr_from_map(&orig.addr), orig.port))
     }
 
-    /// Registers a pod address and the agent's inbound listener for it.
+    /// Registers a pod (by network namespace cookie) with its flags
+    /// (`mesh_common::config::POD_*`).
+    pub fn add_pod(&self, netns_cookie: u64, flags: u32) -> Result<(), Error> {
+        self.pod_flags
+            .lock()
+            .expect("map lock")
+            .insert(netns_cookie, flags, 0)
+            .map_err(map_err("mesh_pod_flags"))
+    }
+
+    /// Forgets a pod's flags (ignores an entry already gone).
+    pub fn remove_pod(&self, netns_cookie: u64) {
+        let _ = self
+            .pod_flags
+            .lock()
+            .expect("map lock")
+            .remove(&netns_cookie);
+    }
+
+    /// Registers a pod address, with the pod's flags, and the agent's
+    /// inbound listener for it.
     pub fn add_inbound(
         &self,
         ip: IpAddr,
+        flags: u32,
         listener: &impl std::os::fd::AsRawFd,
     ) -> Result<(), Error> {
         let a = map_addr(ip);
@@ -281,7 +309,7 @@ impl Maps {
         self.pod_ips
             .lock()
             .expect("map lock")
-            .insert(a, 0, 0)
+            .insert(a, flags, 0)
             .map_err(map_err("mesh_pod_ips"))
     }
 

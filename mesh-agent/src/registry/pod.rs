@@ -48,6 +48,7 @@ pub fn workload(p: &Pod) -> Option<Workload> {
         netns: Default::default(),
         cgroup: Default::default(),
         labels: p.metadata.labels.clone().unwrap_or_default(),
+        annotations: p.metadata.annotations.clone().unwrap_or_default(),
         node: spec.node_name.clone(),
         uid: p.metadata.uid.clone(),
         workload_name: Some(workload_name(&p.metadata)),

@@ -372,6 +372,11 @@ fn pod(p: Pod) -> Converted {
             namespace: p.metadata.namespace,
             uid: p.metadata.uid,
             labels: p.metadata.labels,
+            // Only those the agent reads.
+            annotations: p.metadata.annotations.map(|mut a| {
+                a.retain(|k, _| k == crate::workload::FAIL_OPEN_ANNOTATION);
+                a
+            }),
             creation_timestamp: p.metadata.creation_timestamp,
             ..Default::default()
         },
