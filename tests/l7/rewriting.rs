@@ -58,7 +58,12 @@ fn rewrites_replace_the_matched_prefix_the_authority_or_a_regex_match() {
     assert_eq!(seen["request"], "GET /v2/items?page=2 HTTP/1.1", "{seen}");
     assert_eq!(seen["headers"]["host"], "web.internal", "{seen}");
     assert_eq!(status(&w.one("/users/42/profile", &[])), 200);
-    assert_eq!(last_request(&w.app1)["request"], "GET /profile/42 HTTP/1.1");
+    // Waited for: the app's output is read by another thread, and its
+    // last line may not be in yet (`last_request` would see the first).
+    w.app1.wait_for(
+        |l| l["event"] == "http" && l["request"] == "GET /profile/42 HTTP/1.1",
+        Duration::from_secs(5),
+    );
 }
 
 #[test]

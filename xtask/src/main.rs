@@ -5,6 +5,7 @@
 //! seconds when nothing is.
 
 mod chart;
+mod fuzz;
 mod setup;
 mod vm;
 
@@ -51,7 +52,8 @@ enum Task {
         action: Option<DemoAction>,
     },
     /// Lints, then every test tier (unit, in-process, namespaced root tests),
-    /// then the capture, mTLS, lifecycle and restart tests in a VM on Debian 12's
+    /// then every fuzz target for a short time (`fuzz --time 15`), then the
+    /// capture, mTLS, lifecycle and restart tests in a VM on Debian 12's
     /// kernel (`vm-test`), then `bench --quick` (figures reported, not
     /// asserted).
     Test {
@@ -64,9 +66,22 @@ enum Task {
         /// Skip the quick benchmark at the end (and its release build).
         #[arg(long)]
         no_bench: bool,
+        /// Skip the short fuzzing.
+        #[arg(long)]
+        no_fuzz: bool,
         /// Passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// The libFuzzer targets of mesh-agent/fuzz (HTTP and TLS sniffing,
+    /// HBONE CONNECT, configuration files, JWTs) with cargo-fuzz, from the
+    /// checked-in seeds; a crash fails it.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only these targets (sniff, hbone_connect, config_file, jwt).
+        targets: Vec<String>,
     },
     /// `cargo fmt --check` and `cargo clippy -D warnings`.
     Lint,
@@ -155,6 +170,7 @@ fn main() -> Result<()> {
             no_lint,
             no_vm,
             no_bench,
+            no_fuzz,
             args,
         } => {
             if !no_lint {
@@ -172,6 +188,9 @@ fn main() -> Result<()> {
             if !args.is_empty() {
                 return Ok(());
             }
+            if !no_fuzz {
+                fuzz::run(15, &[], true)?;
+            }
             if !no_vm {
                 vm::run(&tools, &dir, vm::Request::readme())?;
             }
@@ -180,6 +199,7 @@ fn main() -> Result<()> {
             }
             bench(&tools, true)
         }
+        Task::Fuzz { time, targets } => fuzz::run(time, &targets, false).map(|_| ()),
         Task::Lint => lint(&tools),
         Task::Chart => chart::write(&root().join("deploy")),
         Task::VmTest { list: true, .. } => vm::list(),
@@ -333,7 +353,7 @@ fn status(c: &mut Command) -> Result<()> {
 /// checkouts that share a target directory (CI caches one under `$HOME`)
 /// may run an xtask binary another checkout built, which must still work
 /// on the checkout it was run from.
-fn root() -> &'static Path {
+pub fn root() -> &'static Path {
     static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ROOT.get_or_init(|| {
         let manifest = std::env::var_os("CARGO_MANIFEST_DIR")

@@ -50,6 +50,40 @@ impl Tools {
     }
 }
 
+/// Keep in step with mesh-agent/fuzz/Cargo.toml's libfuzzer-sys.
+const CARGO_FUZZ: &str = "0.13.1";
+
+/// cargo-fuzz, installed under `~/.cache/mesh-dev` on first use (only
+/// `cargo xtask fuzz` and the test command's short fuzzing need it);
+/// returns its `bin` directory.
+pub fn cargo_fuzz() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home)
+        .join(".cache/mesh-dev")
+        .join(format!("cargo-fuzz-{CARGO_FUZZ}"));
+    let bin = prefix.join("bin");
+    if bin.join("cargo-fuzz").is_file() {
+        return Ok(bin);
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ}");
+    let s = Command::new("cargo")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ,
+            "--root",
+        ])
+        .arg(&prefix)
+        .status()
+        .context("cargo install cargo-fuzz")?;
+    if !s.success() || !bin.join("cargo-fuzz").is_file() {
+        bail!("could not install cargo-fuzz {CARGO_FUZZ}");
+    }
+    Ok(bin)
+}
+
 pub fn run() -> Result<Tools> {
     let t = Instant::now();
     stable_components()?;

@@ -67,31 +67,21 @@ impl Loaded {
                 .bpf
                 .program_mut(program)
                 .ok_or(Error::MissingProgram(program))?;
+            // The cgroup programs attach and link alike, whatever their type.
+            macro_rules! cgroup_link {
+                ($p:expr) => {{
+                    let id = $p
+                        .attach(cgroup.1, CgroupAttachMode::Single)
+                        .map_err(attach_err)?;
+                    let link = $p.take_link(id).map_err(attach_err)?;
+                    link.try_into()
+                        .map_err(|source| Error::Link { program, source })?
+                }};
+            }
             let fd_link: FdLink = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    let id = p
-                        .attach(cgroup.1, CgroupAttachMode::Single)
-                        .map_err(attach_err)?;
-                    let link = p.take_link(id).map_err(attach_err)?;
-                    link.try_into()
-                        .map_err(|source| Error::Link { program, source })?
-                }
-                aya::programs::Program::CgroupSock(p) => {
-                    let id = p
-                        .attach(cgroup.1, CgroupAttachMode::Single)
-                        .map_err(attach_err)?;
-                    let link = p.take_link(id).map_err(attach_err)?;
-                    link.try_into()
-                        .map_err(|source| Error::Link { program, source })?
-                }
-                aya::programs::Program::SockOps(p) => {
-                    let id = p
-                        .attach(cgroup.1, CgroupAttachMode::Single)
-                        .map_err(attach_err)?;
-                    let link = p.take_link(id).map_err(attach_err)?;
-                    link.try_into()
-                        .map_err(|source| Error::Link { program, source })?
-                }
+                aya::programs::Program::CgroupSockAddr(p) => cgroup_link!(p),
+                aya::programs::Program::CgroupSock(p) => cgroup_link!(p),
+                aya::programs::Program::SockOps(p) => cgroup_link!(p),
                 aya::programs::Program::SkLookup(p) => {
                     let id = p.attach(netns.1).map_err(attach_err)?;
                     p.take_link(id).map_err(attach_err)?.into()

@@ -169,6 +169,17 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     r
 }
 
+/// Where a CONNECT request asks to go: an `ip:port` authority, nothing
+/// else (no name to resolve, no path); the status to answer otherwise.
+pub fn connect_target(method: &Method, uri: &http::Uri) -> Result<SocketAddr, StatusCode> {
+    if method != Method::CONNECT {
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    uri.authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or(StatusCode::BAD_REQUEST)
+}
+
 /// One CONNECT stream: checks where it goes, lets the destination decide
 /// ([`inbound::Arrival::admit`]), connects to the application, answers 200
 /// and relays.
@@ -180,15 +191,9 @@ async fn stream(
     identity: &SpiffeId,
     peer_id: &Arc<SpiffeId>,
 ) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let Some(dst) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        return status(StatusCode::BAD_REQUEST);
+    let dst = match connect_target(req.method(), req.uri()) {
+        Ok(d) => d,
+        Err(code) => return status(code),
     };
     // The stream must go to a pod on this node with the identity this
     // connection's handshake proved; anything else is misdirected.

@@ -149,11 +149,21 @@ pub fn parse_sni(b: &[u8]) -> Option<String> {
             let n = usize::from(list.u16()?);
             let name = list.take(n)?;
             if name_type == 0 {
-                return std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
+                // A name no route can match is no name: a ClientHello
+                // without one is routed as such.
+                return host_name(name).then(|| String::from_utf8_lossy(name).to_ascii_lowercase());
             }
         }
     }
     None
+}
+
+/// RFC 6066's HostName: a DNS name, not empty, ASCII letters, digits,
+/// `-` and `.` (and `_`, which some names carry).
+fn host_name(n: &[u8]) -> bool {
+    (1..=253).contains(&n.len())
+        && n.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -216,6 +226,19 @@ mod tests {
         let hello = client_hello("x.example");
         assert_eq!(parse_sni(&hello[..hello.len() - 3]), None, "truncated");
         assert_eq!(parse_sni(b"GET / HTTP/1.1\r\n"), None);
+    }
+
+    /// Found by the `sniff` fuzz target: an empty name came back as
+    /// `Some("")`, and a name with NULs or spaces as itself.
+    #[test]
+    fn a_server_name_that_is_not_a_host_name_is_none() {
+        for bad in ["", "a\0b", "a b", "ex\u{e4}mple.com", &"a".repeat(254)] {
+            assert_eq!(parse_sni(&client_hello(bad)), None, "{bad:?}");
+        }
+        assert_eq!(
+            parse_sni(&client_hello("_grpc.x-1.example")).as_deref(),
+            Some("_grpc.x-1.example")
+        );
     }
 
     #[test]
