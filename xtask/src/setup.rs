@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 pub const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
-const PACKAGES: [(&str, &str); 11] = [
+const PACKAGES: [(&str, &str); 12] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
@@ -30,6 +30,8 @@ const PACKAGES: [(&str, &str); 11] = [
     ("busybox", "busybox-static"),
     // Debian's kernel modules are xz-compressed from 6.12 on.
     ("xz", "xz-utils"),
+    // libFuzzer, built from source by libfuzzer-sys (`cargo xtask fuzz`).
+    ("c++", "g++"),
 ];
 
 /// Where the installed tools are.
