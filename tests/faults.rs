@@ -144,9 +144,16 @@ fn a_fail_open_pod_goes_direct_without_the_agent_and_the_others_are_refused() {
     strict_server.spawn_app(&env, &["echo", &strict_server.v4(9000)]);
     let pods = [&client, &server, &strict, &strict_server];
     let mut agent = Agent::start(&env, &node, &pods, AgentOptions::args(&["--keep-pins"]));
+    // With the agent there, a fail-open pod is captured like any other,
+    // both families (the kernel finds the agent's listener).
     let r = client.run_app(&["connect", &server.v4(9000)]).json();
     assert!(
         r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured: {r}"
+    );
+    let r = client.run_app(&["connect", &server.v6(9000)]).json();
+    assert!(
+        r["local"].as_str().unwrap().starts_with("[::1]:"),
         "captured: {r}"
     );
     assert!(agent.stop().success());
