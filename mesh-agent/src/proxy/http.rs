@@ -11,7 +11,6 @@
 //! `x-mesh-response-flags`.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -77,7 +76,6 @@ pub async fn serve(
     };
     let pod_key = pod.workload.key().to_string();
     let draining = ctx.draining.clone();
-    let drain = Arc::new(drain::Drain::default());
     let conn = Arc::new(Conn {
         pod,
         ctx,
@@ -89,25 +87,8 @@ pub async fn serve(
         locality,
         pod_key,
     });
-    let service = {
-        let drain = drain.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (conn, drain) = (conn.clone(), drain.clone());
-            async move {
-                let version = req.version();
-                let mut resp = conn.clone().route(req).await;
-                drain.respond(version, &conn.ctx.draining, &mut resp);
-                Ok::<_, Infallible>(resp)
-            }
-        })
-    };
-    let builder = server();
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(served);
-    if let Err(e) = drain
-        .serve(served, &draining, |c| c.graceful_shutdown())
-        .await
-    {
+    let handle = move |req| conn.clone().route(req);
+    if let Err(e) = drain::serve_http(stream, &draining, handle).await {
         tracing::debug!(%peer, "http: connection ended: {e}");
     }
 }

@@ -11,16 +11,58 @@
 //! deadline, when the agent exits.
 
 use std::{
+    convert::Infallible,
     pin::Pin,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
-use http::{HeaderValue, Response, StatusCode, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
+
+use super::Body;
+
+/// Serves one client connection with the agent's HTTP server
+/// ([`super::server`]: HTTP/1.1 and HTTP/2, upgrades allowed), each request
+/// answered by `handle`, until the connection ends or — once `draining` is
+/// cancelled — is drained as above.
+pub(in crate::proxy) async fn serve_http<T, H, F>(
+    io: T,
+    draining: &CancellationToken,
+    handle: H,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let drain = Arc::new(Drain::default());
+    let service = {
+        let (drain, draining, handle) = (drain.clone(), draining.clone(), Arc::new(handle));
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (drain, draining, handle) = (drain.clone(), draining.clone(), handle.clone());
+            async move {
+                let version = req.version();
+                let mut resp = handle(req).await;
+                drain.respond(version, &draining, &mut resp);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let builder = super::server();
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    drain.serve(conn, draining, |c| c.graceful_shutdown()).await
+}
 
 /// One client connection's side of the drain.
 #[derive(Default)]
-pub(in crate::proxy) struct Drain {
+struct Drain {
     /// The client spoke HTTP/2 (it sent a request over it).
     h2: AtomicBool,
 }
@@ -28,12 +70,7 @@ pub(in crate::proxy) struct Drain {
 impl Drain {
     /// Notes the protocol a request came in, and asks an HTTP/1.1 client to
     /// close after `resp` while the agent drains.
-    pub(in crate::proxy) fn respond<B>(
-        &self,
-        version: Version,
-        draining: &CancellationToken,
-        resp: &mut Response<B>,
-    ) {
+    fn respond<B>(&self, version: Version, draining: &CancellationToken, resp: &mut Response<B>) {
         if version == Version::HTTP_2 {
             self.h2.store(true, Ordering::Relaxed);
         } else if draining.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -46,7 +83,7 @@ impl Drain {
     /// agent drains, an HTTP/2 connection gets GOAWAY through `goaway`
     /// (hyper's `graceful_shutdown`); an HTTP/1.1 one is left to its next
     /// response.
-    pub(in crate::proxy) async fn serve<C, T>(
+    async fn serve<C, T>(
         &self,
         mut conn: Pin<&mut C>,
         draining: &CancellationToken,

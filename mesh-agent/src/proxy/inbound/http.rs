@@ -15,7 +15,6 @@
 //! `destination`.
 
 use std::{
-    convert::Infallible,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -45,7 +44,7 @@ use crate::{
         app_stream::AppStream,
         http::{
             Body, FLAGS_HEADER,
-            drain::Drain,
+            drain::serve_http,
             full,
             metered::{self, Metered},
             send::prepare,
@@ -74,28 +73,10 @@ where
         app: tokio::sync::Mutex::new(App::Idle(Some(app))),
         driver: std::sync::Mutex::new(Some(driver)),
     });
-    let drain = Arc::new(Drain::default());
     let draining = conn.ctx.draining.clone();
-    let service = {
-        let drain = drain.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (conn, drain) = (conn.clone(), drain.clone());
-            async move {
-                let version = req.version();
-                let mut resp = conn.clone().handle(req).await;
-                drain.respond(version, &conn.ctx.draining, &mut resp);
-                Ok::<_, Infallible>(resp)
-            }
-        })
-    };
     let served = async {
-        let builder = crate::proxy::http::server();
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
-        tokio::pin!(conn);
-        if let Err(e) = drain
-            .serve(conn, &draining, |c| c.graceful_shutdown())
-            .await
-        {
+        let handle = move |req| conn.clone().handle(req);
+        if let Err(e) = serve_http(client, &draining, handle).await {
             tracing::debug!("inbound http: connection ended: {e}");
         }
     };
