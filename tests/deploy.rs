@@ -179,6 +179,7 @@ fn the_daemonset_and_the_ca_deployment_run_as_written() {
     client.service_account = "client-sa".into();
     let mut server = env.pod(&b, "server");
     server.service_account = "server-sa".into();
+    let late = env.pod(&a, "late");
     let fabric = env.connect_nodes(&[&a, &b]);
 
     // The API: pods, their namespace in the mesh, each node's topology.
@@ -311,6 +312,57 @@ fn the_daemonset_and_the_ca_deployment_run_as_written() {
 
     // An agent per node, as the DaemonSet runs it.
     let (ds, ds_pod) = spec("daemonset.yaml", "DaemonSet");
+    // First its init container, on node a's CNI directories: the runtime's
+    // network configuration gets the plugin at the end of its chain.
+    let (cni_bin, cni_conf) = (dir("cni-bin-a"), dir("cni-conf-a"));
+    std::fs::write(
+        cni_conf.join("10-net.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [{"type": "bridge"}]}"#,
+    )
+    .unwrap();
+    let installed_socket = {
+        let init = ds_pod["initContainers"][0].clone();
+        assert_eq!(init["name"].as_str(), Some("install-cni"));
+        let sc = &init["securityContext"];
+        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+        assert!(
+            sc["capabilities"]["add"].is_null(),
+            "install-cni needs no capability"
+        );
+        let map = Mapping(
+            Mapping::mounts(
+                &init,
+                &BTreeMap::from([("cni-bin", cni_bin.clone()), ("cni-conf", cni_conf.clone())]),
+            )
+            .into_iter()
+            // The runtime's view of the agent's socket: the handover
+            // volume's host directory.
+            .chain([(
+                "/run/mesh-agent".to_owned(),
+                dir("handover-a").display().to_string(),
+            )])
+            .collect(),
+        );
+        let out = Command::new("setpriv")
+            .args([
+                "--bounding-set=-all",
+                "--inh-caps=-all",
+                "--no-new-privs",
+                "--",
+            ])
+            .arg(sys::agent_bin())
+            .args(strings(&init["args"]).iter().map(|a| map.apply_checked(a)))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "install-cni: {out:?}");
+        map.apply("/run/mesh-agent/cni.sock")
+    };
+    let conflist: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cni_conf.join("10-net.conflist")).unwrap()).unwrap();
+    let plugin_conf = conflist["plugins"][1].clone();
+    assert_eq!(plugin_conf["type"], "mesh-cni", "{conflist}");
+    assert_eq!(plugin_conf["agentSocket"], installed_socket.as_str());
+    assert!(cni_bin.join("mesh-cni").is_file());
     let start = |node: &Node| {
         let host_bpffs = env.pin_dir(node);
         std::fs::create_dir_all(&host_bpffs).unwrap();
@@ -390,6 +442,56 @@ fn the_daemonset_and_the_ca_deployment_run_as_written() {
         "{}",
         agent_a.metrics().0
     );
+    // A pod created now: the runtime runs the installed plugin as the
+    // conflist says, and the pod's first connect is captured, over mTLS.
+    api.apply("/api/v1/pods", {
+        let mut k = late.kubernetes();
+        k["status"] = json!({"phase": "Pending"});
+        k
+    });
+    let mut conf = plugin_conf.clone();
+    conf["cniVersion"] = conflist["cniVersion"].clone();
+    conf["name"] = conflist["name"].clone();
+    conf["prevResult"] = json!({"cniVersion": "1.0.0",
+        "ips": [{"address": format!("{}/24", late.ip4)}, {"address": format!("{}/64", late.ip6)}]});
+    let mut plugin = Command::new(cni_bin.join("mesh-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "late-sandbox")
+        .env("CNI_NETNS", late.netns_path())
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=late;K8S_POD_UID={}",
+                late.uid
+            ),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut plugin.stdin.take().unwrap(),
+        conf.to_string().as_bytes(),
+    )
+    .unwrap();
+    let out = plugin.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", agent_a.log());
+    let r = late.run_app(&["connect", &server.v4(9000), "first"]).json();
+    assert_eq!(r["received"], "first");
+    assert_eq!(
+        agent_a.metrics().value(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("connection_security_policy", "mutual_tls"),
+                ("source_workload", "late")
+            ]
+        ),
+        1.0,
+        "the new pod's first connection did not go over mTLS"
+    );
+
     // Deleted as the kubelet deletes a pod: SIGTERM, then the grace period
     // the manifest gives for draining.
     let grace = Duration::from_secs(

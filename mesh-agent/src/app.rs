@@ -36,6 +36,7 @@ use crate::{
 };
 
 mod agent;
+mod cni_calls;
 
 use agent::{Agent, Sources};
 
@@ -68,6 +69,8 @@ pub enum Error {
     Signal(#[source] std::io::Error),
     #[error(transparent)]
     Handover(#[from] handover::Error),
+    #[error(transparent)]
+    Cni(#[from] crate::cni::Error),
 }
 
 impl Error {
@@ -81,7 +84,8 @@ impl Error {
             | Error::Ebpf(_)
             | Error::Enrol(_)
             | Error::Admin(_)
-            | Error::Handover(_) => 69,
+            | Error::Handover(_)
+            | Error::Cni(_) => 69,
             Error::Telemetry(_) | Error::Signal(_) => 70,
         }
     }
@@ -297,6 +301,8 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
             .map(|t| std::mem::take(&mut t.pods))
             .unwrap_or_default(),
         gate,
+        cni_given: Default::default(),
+        parked: Vec::new(),
     };
     if let Some(docs) = initial_files {
         if kube.is_some() {
@@ -320,6 +326,11 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         ))
     });
     let mut offers = takeover.is_none().then(|| offer(&config)).flatten();
+    // The CNI plugin's requests: pods enrolled before their containers run.
+    let mut cni_calls = match &config.cni_socket {
+        Some(path) => Some(crate::cni::serve(path)?),
+        None => None,
+    };
     // Set once this agent's sockets were asked for.
     let mut handing_over = false;
 
@@ -369,6 +380,10 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
                 Some(handover::Event::Abandoned) => handing_over = false,
                 None => offers = None,
             },
+            call = async { cni_calls.as_mut().expect("guarded").recv().await }, if cni_calls.is_some() => match call {
+                Some(call) => agent.cni(call),
+                None => cni_calls = None,
+            },
             _ = tick.tick() => {
                 if let Some(change) = file_source.as_mut().and_then(FileSource::poll) {
                     agent.update(change);
@@ -388,6 +403,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
                 }
             },
         }
+        agent.answer_parked();
     };
     state
         .ready

@@ -2,18 +2,15 @@
 //! `MESH_*` environment variable (clap is the only reader of the
 //! environment), logged at start and served at `/config_dump`.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    str::FromStr,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 mod ca;
+mod cidr;
 pub use ca::{CaCommand, CaRunConfig};
+pub use cidr::Cidr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -92,6 +89,44 @@ pub enum Command {
         /// Directory on bpffs where the agents pin maps and links.
         #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]
         bpffs_dir: PathBuf,
+        /// Also take the CNI plugin out of the network configurations here
+        /// (the node's `/etc/cni/net.d`).
+        #[arg(long, requires = "cni_bin_dir")]
+        cni_conf_dir: Option<PathBuf>,
+        /// …and remove its binary from here (the node's `/opt/cni/bin`).
+        #[arg(long, requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
+    },
+    /// The CNI plugin that enrols pods before their containers start.
+    Cni {
+        #[command(subcommand)]
+        command: CniCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CniCommand {
+    /// Copy the plugin to the node's CNI binary directory and chain it at
+    /// the end of the network configuration the runtime uses (a
+    /// DaemonSet's init container; run again, it replaces its entry).
+    Install {
+        /// The plugin binary to install; by default `mesh-cni` beside this
+        /// program.
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// The agent's `--cni-socket`, as the runtime (on the node) sees it.
+        #[arg(long, default_value = "/run/mesh-agent/cni.sock")]
+        agent_socket: PathBuf,
+        /// Namespaces whose pods never wait for the agent (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+        exclude_namespaces: Vec<String>,
+        /// How long the plugin waits for the agent's answer, in seconds.
+        #[arg(long, default_value_t = 15)]
+        timeout_seconds: u64,
     },
 }
 
@@ -172,6 +207,13 @@ pub struct Config {
         default_value = "/run/mesh-agent/handover.sock"
     )]
     pub handover_socket: PathBuf,
+
+    /// Where the CNI plugin (`mesh-cni`) asks this agent to enrol a pod
+    /// before its containers start. Unset: no plugin is served, and pods
+    /// are enrolled as their records arrive (their first connections may
+    /// leave uncaptured).
+    #[arg(long, env = "MESH_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
 
     /// How long a new agent may take to become ready (pods enrolled,
     /// certificates issued) after receiving the sockets; past it, the hand-
@@ -542,73 +584,6 @@ fn parse_u32(s: &str) -> Result<u32, String> {
         None => s.parse(),
     };
     r.map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))
-}
-
-/// An IP prefix such as `10.0.0.0/8` or `fd00::/8`; a bare address means a
-/// single host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: {a:?} is not an IP address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match l {
-            Some(l) => l
-                .trim()
-                .parse::<u8>()
-                .map_err(|_| format!("{s:?}: bad prefix length {l:?}"))?,
-            None => max,
-        };
-        if len > max {
-            return Err(format!("{s:?}: prefix length {len} is longer than {max}"));
-        }
-        Ok(Self { addr, len })
-    }
-}
-
-impl Cidr {
-    /// Whether `ip` is inside the prefix.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let bits = |a: IpAddr| match a {
-            IpAddr::V4(v) => (u128::from(u32::from(v)) << 96, 32u32),
-            IpAddr::V6(v) => (u128::from(v), 128u32),
-        };
-        let ((net, width), (addr, w2)) = (bits(self.addr), bits(ip));
-        if width != w2 {
-            return false;
-        }
-        let len = u32::from(self.len);
-        len == 0 || (net ^ addr) >> (128 - len) == 0
-    }
-
-    /// A single address (`/32`, `/128`).
-    pub fn is_host(&self) -> bool {
-        self.len == if self.addr.is_ipv4() { 32 } else { 128 }
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl Serialize for Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
 }
 
 /// Durations appear in `/config_dump` as humantime strings ("10s").

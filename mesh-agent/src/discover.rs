@@ -31,16 +31,22 @@ const MAX_DEPTH: usize = 6;
 
 /// The pod's cgroup directory and a path to its network namespace.
 pub fn pod(cgroup_root: &Path, uid: &str) -> Result<(PathBuf, PathBuf), Error> {
-    let names = [format!("pod{uid}"), format!("pod{}", uid.replace('-', "_"))];
-    let cgroup = find_dir(cgroup_root, &names, 0).ok_or_else(|| Error::NoCgroup {
-        uid: uid.into(),
-        root: cgroup_root.into(),
-    })?;
+    let cgroup = cgroup(cgroup_root, uid)?;
     let pid = first_pid(&cgroup, 0)?.ok_or_else(|| Error::NoProcess {
         uid: uid.into(),
         cgroup: cgroup.clone(),
     })?;
     Ok((cgroup, PathBuf::from(format!("/proc/{pid}/ns/net"))))
+}
+
+/// The pod's cgroup directory alone (the kubelet makes it before the
+/// runtime sets the pod's network up, so it is there at CNI ADD).
+pub fn cgroup(cgroup_root: &Path, uid: &str) -> Result<PathBuf, Error> {
+    let names = [format!("pod{uid}"), format!("pod{}", uid.replace('-', "_"))];
+    find_dir(cgroup_root, &names, 0).ok_or_else(|| Error::NoCgroup {
+        uid: uid.into(),
+        root: cgroup_root.into(),
+    })
 }
 
 /// The agent's own cgroup: its pod's (by `pod_uid`), else this process's

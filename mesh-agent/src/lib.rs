@@ -15,6 +15,7 @@ pub mod admin;
 pub mod analyze;
 pub mod app;
 pub mod ca;
+pub mod cni;
 pub mod config;
 pub mod discover;
 pub mod documents;

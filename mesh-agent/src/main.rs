@@ -29,16 +29,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(config) => run(*config),
         Command::Ca { command } => ca_command(command),
-        Command::Uninstall { bpffs_dir } => match mesh_agent::ebpf::uninstall(&bpffs_dir) {
-            Ok(removed) => {
-                println!("{removed}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("mesh-agent: error: {e}");
-                ExitCode::from(EX_SOFTWARE)
-            }
-        },
+        Command::Uninstall {
+            bpffs_dir,
+            cni_conf_dir,
+            cni_bin_dir,
+        } => uninstall(&bpffs_dir, cni_conf_dir.zip(cni_bin_dir)),
+        Command::Cni { command } => cni_command(command),
         Command::Analyze {
             paths,
             failure_threshold,
@@ -51,6 +47,72 @@ fn main() -> ExitCode {
             strict,
             json,
         } => validate(&paths, errors_only, strict, json),
+    }
+}
+
+fn uninstall(
+    bpffs_dir: &std::path::Path,
+    cni: Option<(std::path::PathBuf, std::path::PathBuf)>,
+) -> ExitCode {
+    // The plugin goes first: once the programs are gone, a pod the plugin
+    // waited for would start uncaptured anyway.
+    if let Some((conf_dir, bin_dir)) = cni {
+        match mesh_agent::cni::conflist::uninstall(&bin_dir, &conf_dir) {
+            Ok(said) => println!("{said}"),
+            Err(e) => {
+                eprintln!("mesh-agent: error: {e}");
+                return ExitCode::from(EX_SOFTWARE);
+            }
+        }
+    }
+    match mesh_agent::ebpf::uninstall(bpffs_dir) {
+        Ok(removed) => {
+            println!("{removed}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-agent: error: {e}");
+            ExitCode::from(EX_SOFTWARE)
+        }
+    }
+}
+
+fn cni_command(command: config::CniCommand) -> ExitCode {
+    let config::CniCommand::Install {
+        plugin,
+        cni_bin_dir,
+        cni_conf_dir,
+        agent_socket,
+        exclude_namespaces,
+        timeout_seconds,
+    } = command;
+    let plugin = plugin.or_else(|| {
+        Some(
+            std::env::current_exe()
+                .ok()?
+                .with_file_name(mesh_agent::cni::PLUGIN_TYPE),
+        )
+    });
+    let Some(plugin) = plugin else {
+        eprintln!(
+            "mesh-agent cni install: cannot find mesh-cni beside this program: give --plugin"
+        );
+        return ExitCode::from(EX_USAGE);
+    };
+    let settings = mesh_agent::cni::conflist::Settings {
+        agent_socket,
+        exclude_namespaces,
+        timeout_seconds,
+    };
+    match mesh_agent::cni::conflist::install(&plugin, &cni_bin_dir, &cni_conf_dir, &settings) {
+        Ok(said) => {
+            println!("{said}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-agent cni install: error: {e}");
+            ExitCode::from(EX_SOFTWARE)
+        }
     }
 }
 

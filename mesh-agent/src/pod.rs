@@ -41,6 +41,8 @@ pub enum Error {
          uid to find them by (add `netns:` and `cgroup:`, or `uid:`, to its registry entry)"
     )]
     NoPaths { pod: WorkloadKey },
+    #[error("workload {pod} has no address yet (it is starting)")]
+    NoAddress { pod: WorkloadKey },
     #[error("workload {pod}: {source}")]
     Discover {
         pod: WorkloadKey,

@@ -227,6 +227,10 @@ pub struct Registry {
     /// captures on their node: not enrolled (see `ambient`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub left_to_istio: Vec<ambient::LeftToIstio>,
+    /// `namespace/name` of the pods of the agent's node that the mesh does
+    /// not carry (not labelled in, or left to Istio).
+    #[serde(skip)]
+    pub outside_on_node: std::collections::BTreeSet<String>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// Workloads by (namespace, service account): who an identity can be.

@@ -314,6 +314,7 @@ pub fn build(
         &registry::Settings {
             cluster_domain: settings.cluster_domain.clone(),
             dataplane_mode_label: settings.dataplane_mode_label.clone(),
+            node_name: Some(settings.node_name.clone()),
         },
     );
     let all: Vec<&Arc<Resource>> = resources.values().flatten().collect();

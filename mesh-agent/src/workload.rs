@@ -95,9 +95,15 @@ impl fmt::Display for WorkloadKey {
     }
 }
 
+impl WorkloadKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        WorkloadKey(format!("{namespace}/{name}"))
+    }
+}
+
 impl Workload {
     pub fn key(&self) -> WorkloadKey {
-        WorkloadKey(format!("{}/{}", self.namespace, self.name))
+        WorkloadKey::new(&self.namespace, &self.name)
     }
 
     /// The workload's name in metrics (`source_workload`,

@@ -152,6 +152,21 @@ pub fn second_agent_bin() -> &'static Path {
     BIN.get_or_init(|| built_agent("MESH_AGENT_SECOND_BIN", &["second-build"]))
 }
 
+/// The CNI plugin (`mesh-cni`): `$MESH_CNI_BIN`, else the one built beside
+/// the agent under test.
+pub fn cni_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_CNI_BIN") {
+        return p.into();
+    }
+    let p = agent_bin().with_file_name("mesh-cni");
+    assert!(
+        p.is_file(),
+        "{} not built: run `cargo build -p mesh-agent --bins`",
+        p.display()
+    );
+    p
+}
+
 fn built_agent(var: &str, features: &[&str]) -> PathBuf {
     if let Some(p) = std::env::var_os(var) {
         return p.into();
@@ -169,8 +184,8 @@ fn built_agent(var: &str, features: &[&str]) -> PathBuf {
             "--quiet",
             "-p",
             "mesh-agent",
-            "--bin",
-            "mesh-agent",
+            // The CNI plugin too: it goes beside the agent.
+            "--bins",
             "--message-format=json-render-diagnostics",
         ])
         .args(

@@ -94,6 +94,10 @@ pub(super) struct Agent {
     pub(super) handed: HashMap<String, Vec<(Listener, std::net::TcpListener)>>,
     /// Opens once this agent is ready to accept on them.
     pub(super) gate: tokio::sync::watch::Receiver<bool>,
+    /// What the CNI plugin said of the pods it asked to enrol.
+    pub(super) cni_given: HashMap<WorkloadKey, crate::cni::Given>,
+    /// CNI ADDs waiting for their pod to be known.
+    pub(super) parked: Vec<crate::cni::Parked>,
 }
 
 impl Agent {
@@ -233,21 +237,34 @@ impl Agent {
 
     /// Enrols `w`, first finding its netns and cgroup from its UID when the
     /// source did not give them (Kubernetes Pods).
-    fn enrol(&mut self, w: &Arc<Workload>) -> Result<Enrolled, Error> {
+    pub(super) fn enrol(&mut self, w: &Arc<Workload>) -> Result<Enrolled, Error> {
         let mut resolved = (**w).clone();
+        if resolved.ips.is_empty() {
+            return Err(Error::Enrol(pod::Error::NoAddress { pod: w.key() }));
+        }
+        if resolved.netns.as_os_str().is_empty()
+            && let Some(given) = self.given_netns(w)
+        {
+            resolved.netns = given.to_path_buf();
+        }
         if resolved.netns.as_os_str().is_empty() || resolved.cgroup.as_os_str().is_empty() {
             let Some(uid) = resolved.uid.clone() else {
                 return Err(Error::Enrol(pod::Error::NoPaths { pod: w.key() }));
             };
-            let (cgroup, netns) =
-                discover::pod(&self.ctx.config.cgroup_root, &uid).map_err(|source| {
-                    Error::Enrol(pod::Error::Discover {
-                        pod: w.key(),
-                        source,
-                    })
-                })?;
-            resolved.cgroup = cgroup;
-            resolved.netns = netns;
+            let discover_err = |source| {
+                Error::Enrol(pod::Error::Discover {
+                    pod: w.key(),
+                    source,
+                })
+            };
+            let root = &self.ctx.config.cgroup_root;
+            if resolved.netns.as_os_str().is_empty() {
+                let (cgroup, netns) = discover::pod(root, &uid).map_err(discover_err)?;
+                resolved.cgroup = cgroup;
+                resolved.netns = netns;
+            } else if resolved.cgroup.as_os_str().is_empty() {
+                resolved.cgroup = discover::cgroup(root, &uid).map_err(discover_err)?;
+            }
         }
         let handed = self
             .handed
@@ -271,8 +288,9 @@ impl Agent {
         let node = self.ctx.config.node_name.clone();
         let mut desired: BTreeMap<WorkloadKey, Arc<Workload>> = snap
             .local_workloads(&node)
-            .map(|w| (w.key(), w.clone()))
+            .map(|w| (w.key(), self.effective(w)))
             .collect();
+        self.cni_given.retain(|k, _| desired.contains_key(k));
         let gone: Vec<WorkloadKey> = self
             .pods
             .iter()
@@ -294,8 +312,12 @@ impl Agent {
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    // Logged once per distinct reason, not on every retry.
-                    if self.pending.get(&k) != Some(&msg) {
+                    if matches!(e, Error::Enrol(pod::Error::NoAddress { .. })) {
+                        // A pod starting: its addresses come with the CNI
+                        // plugin's ADD, or its status.
+                        tracing::debug!("{msg}");
+                    } else if self.pending.get(&k) != Some(&msg) {
+                        // Logged once per distinct reason, not on every retry.
                         tracing::error!("{msg}");
                         self.ctx.metrics.enrol_failed();
                     }

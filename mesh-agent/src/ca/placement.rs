@@ -23,6 +23,7 @@ pub fn of<'a>(
     let settings = registry::Settings {
         cluster_domain: "cluster.local".into(),
         dataplane_mode_label: dataplane_mode_label.into(),
+        node_name: None,
     };
     registry::build(sources.into_iter().flat_map(|s| &s.documents), &settings)
         .workloads

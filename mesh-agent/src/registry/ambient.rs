@@ -138,6 +138,7 @@ mod tests {
             &registry::Settings {
                 cluster_domain: "cluster.local".into(),
                 dataplane_mode_label: label.into(),
+                node_name: None,
             },
         )
     }

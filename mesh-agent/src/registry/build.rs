@@ -51,6 +51,9 @@ pub struct Settings {
     /// The key of the label that enrols a pod or namespace
     /// (`--dataplane-mode-label`).
     pub dataplane_mode_label: String,
+    /// The agent's node: the pods there the mesh does not carry are
+    /// recorded (`Registry::outside_on_node`). None in the CA.
+    pub node_name: Option<String>,
 }
 
 /// The objects of each kind, borrowed from the documents.
@@ -106,6 +109,13 @@ pub fn build<'a>(docs: impl IntoIterator<Item = &'a Document>, settings: &Settin
     }
 
     let (workloads, others, left_to_istio) = workloads(&o, settings);
+    // Pods of this node the mesh does not carry: the CNI plugin is told so
+    // at once, not after waiting for them to appear.
+    let outside_on_node = others
+        .iter()
+        .filter(|w| settings.node_name.is_some() && w.node == settings.node_name)
+        .map(|w| w.key().to_string())
+        .collect();
     let by_ip: HashMap<IpAddr, Arc<Workload>> = workloads
         .iter()
         .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.clone())))
@@ -127,6 +137,7 @@ pub fn build<'a>(docs: impl IntoIterator<Item = &'a Document>, settings: &Settin
         workloads,
         services,
         left_to_istio,
+        outside_on_node,
         ..Registry::default()
     };
     reg.index();
@@ -492,6 +503,7 @@ mod tests {
             &Settings {
                 cluster_domain: "cluster.local".into(),
                 dataplane_mode_label: ambient::DEFAULT_LABEL.into(),
+                node_name: None,
             },
         )
     }

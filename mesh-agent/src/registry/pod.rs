@@ -8,8 +8,8 @@ use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectM
 
 use crate::workload::Workload;
 
-/// A Pod as a workload: running (or starting) with an address, not on the
-/// host network. Its netns and cgroup are found from its UID on its node.
+/// A Pod as a workload: scheduled or running, not on the host network
+/// (without addresses while it starts). Its netns and cgroup are found from its UID on its node.
 pub fn workload(p: &Pod) -> Option<Workload> {
     let spec = p.spec.as_ref()?;
     let status = p.status.as_ref()?;
@@ -32,7 +32,9 @@ pub fn workload(p: &Pod) -> Option<Workload> {
                 .and_then(|i| i.parse::<IpAddr>().ok()),
         );
     }
-    if ips.is_empty() {
+    // A scheduled pod without an address yet is starting: its node's agent
+    // enrols it when the CNI plugin gives the addresses (`crate::cni`).
+    if ips.is_empty() && spec.node_name.is_none() {
         return None;
     }
     let namespace = p.metadata.namespace.as_deref().unwrap_or("default");
