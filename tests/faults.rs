@@ -1,10 +1,11 @@
 //! What the agent does when something goes wrong around it, each fault
 //! made for real in the test's own namespaces: limits reached, the kernel's
-//! tracking maps full, the agent gone (fail closed, or open on purpose).
+//! tracking maps full, the agent gone (fail closed, or open on purpose),
+//! the CA away past a renewal and past the expiry.
 
 use std::time::Duration;
 
-use mesh_tests::{Agent, AgentOptions, Env, kernel};
+use mesh_tests::{Agent, AgentOptions, Env, kernel, sys};
 
 /// A pod that holds all the connections it may (`--max-connections-per-pod`,
 /// counted both ways: its clients' and its own) gets its next one reset at
@@ -186,5 +187,99 @@ fn a_fail_open_pod_goes_direct_without_the_agent_and_the_others_are_refused() {
     assert!(
         r["local"].as_str().unwrap().starts_with("127.0.0.1:"),
         "captured again: {r}"
+    );
+}
+
+/// The CA goes away (killed: its port refuses) for longer than a renewal
+/// period. The certificates in hand serve until they expire: every new
+/// connection meanwhile works, and the failed renewals are retried with
+/// backoff (a few requests, not a loop). Past the expiry the client's
+/// connections are refused at once (fail closed), with one clear log line.
+/// When the CA is back, a renewal succeeds and traffic resumes.
+#[test]
+fn the_ca_away_past_a_renewal_and_then_past_expiry() {
+    use mesh_tests::ca::Ca;
+    let c = mesh_tests::cluster::cluster("ca-away", &[("server", &[("app", "server")])]);
+    let server = &c.servers[0];
+    server.spawn_app(&c.env, &["echo", &server.v4(9000)]);
+    let (ca, agent_a, _agent_b) = c.mesh_with(&["--workload-cert-ttl", "8s"]);
+    let connect = || c.client.run_app(&["connect", &server.v4(9000)]);
+    assert_eq!(connect().json()["received"], "hello mesh");
+
+    let not_after = || -> std::time::SystemTime {
+        let dump = agent_a.config_dump();
+        let at = dump["certificates"]["certificates"][0]["notAfter"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no notAfter in {dump}"))
+            .to_owned();
+        humantime::parse_rfc3339(&at).unwrap()
+    };
+    let failed = || {
+        agent_a
+            .metrics()
+            .value("mesh_certificate_requests_total", &[("result", "failed")])
+    };
+    // Just after a renewal: the most lifetime left.
+    let first = not_after();
+    assert!(
+        sys::wait_until(Duration::from_secs(10), || not_after() > first),
+        "no renewal of an 8 s certificate"
+    );
+    c.env.kill(ca.pid());
+    let expiry = not_after();
+    let failed_before = failed();
+
+    // Until the expiry (less a margin for this machine), every connection
+    // works on the certificate in hand.
+    let mut made = 0;
+    while std::time::SystemTime::now() + Duration::from_millis(1500) < expiry {
+        let out = connect();
+        assert!(
+            out.ok(),
+            "a connection failed while the certificate was valid: {}\n{}",
+            out.describe(),
+            agent_a.log()
+        );
+        made += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(made >= 5, "only {made} connections before the expiry");
+    let retries = failed() - failed_before;
+    assert!(
+        (1.0..=8.0).contains(&retries),
+        "{retries} renewal attempts while the CA was away: backoff expected"
+    );
+
+    // Past the expiry: refused at once, said once.
+    while std::time::SystemTime::now() < expiry + Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = std::time::Instant::now();
+    let out = connect();
+    assert!(!out.ok(), "a connection passed on an expired certificate");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        sys::wait_until(Duration::from_secs(10), || agent_a
+            .log()
+            .contains("certificate expired and the CA cannot renew it")),
+        "no log line at expiry:\n{}",
+        agent_a.log()
+    );
+
+    // The CA is back (same keys, same address): renewed, traffic resumes.
+    let _ca = Ca::serve(&c.env, &c.fabric, &ca.dir, &c.registry(), &[]);
+    assert!(
+        sys::wait_until(Duration::from_secs(20), || connect().ok()),
+        "traffic did not resume once the CA was back:\n{}",
+        agent_a.log()
+    );
+    assert!(
+        agent_a
+            .log()
+            .contains("certificate renewed after it expired")
     );
 }

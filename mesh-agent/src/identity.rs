@@ -16,6 +16,15 @@ pub enum Error {
         waited: std::time::Duration,
         ca: String,
     },
+    #[error(
+        "{identity}: its certificate expired at {at} and the CA at {ca} has not renewed it: \
+         refused (fail closed)"
+    )]
+    Expired {
+        identity: String,
+        at: String,
+        ca: String,
+    },
     #[error("certificate authority: {0}")]
     Ca(#[from] ca_client::Error),
     #[error("generating a key or CSR: {0}")]

@@ -135,11 +135,13 @@ impl IdentityManager {
         }
     }
 
-    /// The certificate to present for `id` now, if there is one.
+    /// The certificate to present for `id` now, if there is one that has
+    /// not expired: past its `not_after` the identity has none (its
+    /// handshakes fail here, not at the peer), until a renewal succeeds.
     pub fn current(&self, id: &SpiffeId) -> Option<Arc<CertifiedKey>> {
         let entries = self.entries.lock().expect("identity lock");
         let issued = entries.get(id)?.current.borrow().clone()?;
-        Some(issued.key.clone())
+        (issued.info.not_after > SystemTime::now()).then(|| issued.key.clone())
     }
 
     /// The generation of `id`'s current certificate (0: none yet). A
@@ -153,7 +155,8 @@ impl IdentityManager {
             .unwrap_or(0)
     }
 
-    /// Waits (at most `timeout`) for the first certificate of `id`.
+    /// Waits (at most `timeout`) for the first certificate of `id`; an
+    /// error at once if the one it has expired.
     pub async fn wait(&self, id: &SpiffeId, timeout: Duration) -> Result<Arc<CertifiedKey>, Error> {
         let not_ready = || Error::NotReady {
             identity: id.to_string(),
@@ -170,6 +173,15 @@ impl IdentityManager {
             .map_err(|_| not_ready())?
             .clone()
             .ok_or_else(not_ready)?;
+        // Not a certificate past its time: a connection pooled before the
+        // expiry would still carry the stream.
+        if issued.info.not_after <= SystemTime::now() {
+            return Err(Error::Expired {
+                identity: id.to_string(),
+                at: humantime::format_rfc3339_seconds(issued.info.not_after).to_string(),
+                ca: self.ca.addr().into(),
+            });
+        }
         Ok(issued.key.clone())
     }
 
@@ -305,6 +317,22 @@ impl IdentityManager {
     }
 }
 
+/// The longest wait between two certificate requests that failed.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// …once the certificate has expired and every connection fails.
+const MAX_BACKOFF_EXPIRED: Duration = Duration::from_secs(5);
+
+/// How long to wait before asking again after a failure: the backoff, but
+/// waking at the certificate's expiry (to say so at once) and, past it,
+/// at most every few seconds.
+fn retry_in(backoff: Duration, had_one: bool, left: Option<Duration>) -> Duration {
+    match (had_one, left) {
+        (true, Some(left)) => backoff.min(left.max(Duration::from_millis(50))),
+        (true, None) => backoff.min(MAX_BACKOFF_EXPIRED),
+        (false, _) => backoff,
+    }
+}
+
 /// When to renew: halfway through what is left of a certificate just
 /// received (its half-life). Not from `not_before`: CAs backdate it for
 /// clock skew (ours by a minute), which for short lifetimes would put the
@@ -329,6 +357,19 @@ mod tests {
             not_after,
             issuer: String::new(),
         }
+    }
+
+    #[test]
+    fn failed_renewals_wake_at_expiry_and_retry_often_after_it() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_in(s(8), false, None), s(8));
+        assert_eq!(retry_in(s(8), true, Some(s(3))), s(3));
+        assert_eq!(retry_in(s(2), true, Some(s(3))), s(2));
+        assert_eq!(retry_in(s(30), true, None), s(5));
+        assert_eq!(
+            retry_in(s(1), true, Some(Duration::ZERO)),
+            Duration::from_millis(50)
+        );
     }
 
     #[test]
@@ -370,24 +411,46 @@ async fn keep_fresh(
     last_error: Arc<Mutex<Option<String>>>,
 ) {
     let mut backoff = Duration::from_millis(500);
+    // Said once per expiry, when the certificate in hand runs out.
+    let mut expiry_said = false;
     loop {
         let Some(m) = mgr.upgrade() else { return };
         let wait = match m.fetch(&id).await {
             Ok(issued) => {
                 let next = renew_in(&issued.info);
+                if expiry_said {
+                    tracing::info!(identity = %id, "certificate renewed after it expired: the identity's connections work again");
+                }
                 tracing::info!(identity = %id, serial = %issued.info.serial, renew_in = ?next, "certificate issued");
                 m.metrics.certificate_request("issued");
                 tx.send_replace(Some(Arc::new(issued)));
                 *last_error.lock().expect("error lock") = None;
                 backoff = Duration::from_millis(500);
+                expiry_said = false;
                 next
             }
             Err(e) => {
-                tracing::warn!(identity = %id, "certificate request failed (retrying in {backoff:?}): {e}");
                 m.metrics.certificate_request("failed");
                 *last_error.lock().expect("error lock") = Some(e.to_string());
-                let b = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let expires = tx.borrow().as_ref().map(|i| i.info.not_after);
+                let left = expires.and_then(|t| t.duration_since(SystemTime::now()).ok());
+                let b = retry_in(backoff, expires.is_some(), left);
+                match (expires, left) {
+                    (Some(at), None) if !expiry_said => {
+                        expiry_said = true;
+                        tracing::error!(
+                            identity = %id,
+                            expired_at = %humantime::format_rfc3339_seconds(at),
+                            "certificate expired and the CA cannot renew it ({e}): this identity's \
+                             connections are refused (fail closed) until a renewal succeeds; \
+                             retrying every {b:?}"
+                        );
+                    }
+                    _ => {
+                        tracing::warn!(identity = %id, valid_for = ?left, "certificate request failed (retrying in {b:?}): {e}")
+                    }
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 b
             }
         };

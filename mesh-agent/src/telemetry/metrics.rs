@@ -529,6 +529,9 @@ impl Metrics {
         for l in LIMITS {
             m.limits_reached.with_label_values(&[l]);
         }
+        for r in ["issued", "failed"] {
+            m.cert_requests.with_label_values(&[r]);
+        }
         for d in [Reporter::Source, Reporter::Destination] {
             for r in crate::tls::verify::FAILURE_REASONS {
                 m.tls_failures.with_label_values(&[direction(d), r]);
