@@ -277,6 +277,87 @@ fn a_pod_without_a_process_yet_is_enrolled_when_it_starts() {
     );
 }
 
+/// The Kubernetes API fails (every request 500, the watches cut) for a
+/// while: the agent keeps its last snapshot — its pods enrolled, their
+/// traffic flowing, still ready — and counts the errors. A pod added
+/// meanwhile is enrolled once the API answers again, after a relist (the
+/// versions the agent watched from were compacted during the outage).
+/// (A 503 or 429 is retried inside the Kubernetes client before the
+/// watcher sees it; a 500 reaches it.)
+#[test]
+fn a_failing_api_keeps_the_last_snapshot_and_recovery_relists() {
+    let env = Env::new("kube-down");
+    let a = env.node("a");
+    let labelled = |name: &str| {
+        let mut p = env.pod(&a, name);
+        p.labels.push((OUR_LABEL.into(), "ambient".into()));
+        p
+    };
+    let (client, server, late) = (labelled("client"), labelled("server"), labelled("late"));
+    server.spawn_app(&env, &["echo", &server.v4(9000)]);
+    client.spawn_app(&env, &["listen", "127.0.0.1:0"]);
+    late.spawn_app(&env, &["listen", "127.0.0.1:0"]);
+    let api = FakeApiServer::start(in_netns(&a.netns, || {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    }));
+    for c in [PODS, NAMESPACES, SERVICES, SLICES] {
+        api.register(c);
+    }
+    api.apply(PODS, client.kubernetes());
+    api.apply(PODS, server.kubernetes());
+    let agent = agent_of(&env, &a, &api);
+    assert_eq!(enrolled(&agent), ["default/client", "default/server"]);
+    let works = || {
+        let r = client.run_app(&["connect", &server.v4(9000)]);
+        r.ok() && r.json()["local"].as_str().is_some_and(|l| l.starts_with("127."))
+    };
+    assert!(works());
+
+    let errors = || -> f64 {
+        agent
+            .metrics()
+            .0
+            .lines()
+            .filter(|l| l.starts_with("mesh_kube_watch_errors_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let errors_before = errors();
+    api.fail_with(Some(500));
+    api.apply(PODS, late.kubernetes());
+    assert!(
+        wait_until(Duration::from_secs(20), || errors() > errors_before),
+        "no watch error counted while the API fails:\n{}",
+        agent.log()
+    );
+    // Serving on the last snapshot: pods, traffic, readiness.
+    for _ in 0..5 {
+        assert!(works(), "traffic failed while the API was down");
+    }
+    assert_eq!(enrolled(&agent), ["default/client", "default/server"]);
+    agent
+        .try_get("http://127.0.0.1:15021/healthz/ready")
+        .expect("still ready on the last snapshot");
+
+    let lists = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.path == PODS && !r.is_watch())
+            .count()
+    };
+    let lists_before = lists();
+    api.expire();
+    api.fail_with(None);
+    assert!(
+        wait_until(Duration::from_secs(30), || enrolled(&agent)
+            == ["default/client", "default/late", "default/server"]),
+        "the pod added during the outage was not enrolled after it:\n{}",
+        agent.log()
+    );
+    assert!(lists() > lists_before, "recovery did not list again");
+    assert!(works());
+}
+
 /// Beside Istio ambient: Istio's data plane on the node (an istio-cni-node
 /// pod, on the host's network) keeps the pods Istio's label puts in ambient
 /// mode. The agent enrols the pods of its own label only, says which it

@@ -14,6 +14,8 @@
 //!   collection (the agent reads its own Node).
 //! * Field selectors `a.b=x` and `a.b!=x` are honoured unless
 //!   `ignore_field_selectors` is set (a server that misbehaves).
+//! * `fail_with(Some(503))` answers everything with that status and closes
+//!   the watches, until `fail_with(None)`.
 
 use std::{
     collections::BTreeMap,
@@ -72,6 +74,8 @@ struct State {
     /// Watches from a version before this are `410 Gone`.
     compacted: u64,
     ignore_field_selectors: bool,
+    /// Every request answered with this status (an API server in trouble).
+    failing: Option<u16>,
     requests: Vec<Logged>,
 }
 
@@ -215,6 +219,15 @@ impl FakeApiServer {
         let _ = self.signals.send(Signal::Drop);
     }
 
+    /// From now on every request is answered with `status` (`500`,
+    /// `503`…), and the open watches are closed; `None` heals it.
+    pub fn fail_with(&self, status: Option<u16>) {
+        self.state.lock().unwrap().failing = status;
+        if status.is_some() {
+            let _ = self.signals.send(Signal::Drop);
+        }
+    }
+
     pub fn ignore_field_selectors(&self, ignore: bool) {
         self.state.lock().unwrap().ignore_field_selectors = ignore;
     }
@@ -350,6 +363,13 @@ fn handle(
         path: path.clone(),
         query: q.clone(),
     });
+    if let Some(code) = s.failing {
+        let status_code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return json_response(
+            status_code,
+            &status(code, "InternalError", "the fake API server is failing on purpose"),
+        );
+    }
     // One cluster-scoped object (`GET /api/v1/nodes/NAME`).
     if !s.collections.contains_key(&path)
         && let Some((collection, name)) = path.rsplit_once('/')
