@@ -283,3 +283,97 @@ fn the_ca_away_past_a_renewal_and_then_past_expiry() {
             .contains("certificate renewed after it expired")
     );
 }
+
+/// The server node's agent is killed (SIGKILL) while a client streams to a
+/// pod there through it. The client's connection is reset within a
+/// second or two, not left hanging; the client node's pooled HBONE
+/// connection to it goes; outlier detection ejects the dead endpoint at
+/// its first failure, and new connections to the Service go to the
+/// endpoint on the client's node; and once an agent runs there again, a new HBONE connection is
+/// dialled to it.
+#[test]
+fn a_peer_agent_killed_mid_stream_resets_fast_and_its_endpoint_is_ejected() {
+    use mesh_tests::{
+        ca::Ca,
+        cluster::{cluster, service, write_yaml},
+    };
+    let c = cluster("peer-killed", &[("web-b", &[("app", "web")])]);
+    let web_b = &c.servers[0];
+    let mut web_a = c.env.pod(&c.a, "web-a");
+    web_a.service_account = "web-sa".into();
+    web_a.labels = vec![("app".into(), "web".into())];
+    for w in [web_b, &web_a] {
+        w.spawn_app(&c.env, &["echo", &w.v4(9000)]);
+    }
+    write_yaml(
+        &c.config.join("web.yaml"),
+        &[
+            service("web", "10.96.0.90", "web", ("tcp-echo", 80, 9000)),
+            serde_json::json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {"host": "web.default.svc.cluster.local", "trafficPolicy": {
+                    "outlierDetection": {"consecutive5xxErrors": 1, "interval": "1s",
+                                         "baseEjectionTime": "60s", "maxEjectionPercent": 50}}},
+            }),
+        ],
+    );
+    let registry = [&c.client, web_b, &web_a];
+    let ca = Ca::start(&c.env, &c.fabric, "ca", &registry);
+    let agent_a = Agent::start(&c.env, &c.a, &registry, c.agent_options(&ca, &c.a, &[]));
+    let mut agent_b = Agent::start(&c.env, &c.b, &registry, c.agent_options(&ca, &c.b, &[]));
+    let pooled = || {
+        agent_a
+            .metrics()
+            .value("mesh_hbone_pooled_connections", &[])
+    };
+
+    let stream = c
+        .client
+        .spawn_app(&c.env, &["chatter", &web_b.v4(9000), "60"]);
+    stream.wait_for(|v| v["event"] == "echoed", Duration::from_secs(10));
+    assert_eq!(pooled(), 1.0);
+
+    assert!(!agent_b.stop_with("KILL").success());
+    let killed = std::time::Instant::now();
+    let failed = stream.wait_for(|v| v["event"] == "failed", Duration::from_secs(10));
+    let reset_after = killed.elapsed();
+    println!("  the client's stream was reset {reset_after:?} after the peer agent was killed");
+    assert!(
+        reset_after < Duration::from_secs(2),
+        "the stream hung {reset_after:?}: {failed}"
+    );
+    assert!(
+        sys::wait_until(Duration::from_secs(5), || pooled() == 0.0),
+        "the dead peer's pooled connection was kept"
+    );
+
+    // The Service: a connection the balancer sends to the dead endpoint is
+    // reset at once (one connect attempt per connection, as Envoy's TCP
+    // proxy makes), which ejects it (consecutive5xxErrors: 1); every other
+    // connection works.
+    let failed: Vec<usize> = (0..10)
+        .filter(|_| !c.client.run_app(&["connect", "10.96.0.90:80"]).ok())
+        .collect();
+    assert!(
+        failed.len() <= 1,
+        "connections {failed:?} to the Service failed"
+    );
+    let ejected = format!("{}", web_b.ip4);
+    assert!(
+        agent_a
+            .log()
+            .lines()
+            .any(|l| l.contains("outlier detection: endpoint ejected") && l.contains(&ejected)),
+        "the dead endpoint {ejected} was not ejected:\n{}",
+        agent_a.log()
+    );
+
+    // An agent on b again: a new HBONE connection to it (beside the one
+    // the Service's connections to web-a opened).
+    let _agent_b = Agent::start(&c.env, &c.b, &registry, c.agent_options(&ca, &c.b, &[]));
+    let before = pooled();
+    let r = c.client.run_app(&["connect", &web_b.v4(9000)]);
+    assert!(r.ok(), "{}", r.describe());
+    assert_eq!(pooled(), before + 1.0);
+}

@@ -309,7 +309,10 @@ fn a_failing_api_keeps_the_last_snapshot_and_recovery_relists() {
     assert_eq!(enrolled(&agent), ["default/client", "default/server"]);
     let works = || {
         let r = client.run_app(&["connect", &server.v4(9000)]);
-        r.ok() && r.json()["local"].as_str().is_some_and(|l| l.starts_with("127."))
+        r.ok()
+            && r.json()["local"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("127."))
     };
     assert!(works());
 

@@ -367,7 +367,11 @@ fn handle(
         let status_code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return json_response(
             status_code,
-            &status(code, "InternalError", "the fake API server is failing on purpose"),
+            &status(
+                code,
+                "InternalError",
+                "the fake API server is failing on purpose",
+            ),
         );
     }
     // One cluster-scoped object (`GET /api/v1/nodes/NAME`).

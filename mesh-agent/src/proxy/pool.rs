@@ -106,6 +106,9 @@ pub struct Pool {
     slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    /// Connections whose HTTP/2 driver runs: the gauge follows it the
+    /// moment one closes (a peer gone), not at the next sweep.
+    live: Arc<AtomicUsize>,
 }
 
 /// One CONNECT stream: the tunnel's bytes. Dropping it ends the stream.
@@ -174,6 +177,7 @@ impl Pool {
             slots: Mutex::new(HashMap::new()),
             settings,
             metrics,
+            live: Arc::default(),
         });
         let weak = Arc::downgrade(&pool);
         let every = (pool.settings.idle / 4).max(Duration::from_millis(100));
@@ -216,10 +220,11 @@ impl Pool {
             // A key being dialled keeps its slot: the dial's connection goes there.
             !conns.is_empty() || slot.dialling.try_lock().is_err()
         });
-        self.metrics.set_hbone_connections(open);
+        tracing::trace!(open, "hbone: pool swept");
     }
 
     /// Connections open now, over every key.
+    #[cfg(test)]
     fn open_connections(&self) -> usize {
         let slots = self.slots.lock().expect("pool lock");
         slots
@@ -274,7 +279,14 @@ impl Pool {
         }
         let timeout = self.settings.dial_timeout;
         let conn = tokio::time::timeout(timeout, async {
-            handshake(dial().await?, generation, &self.settings).await
+            handshake(
+                dial().await?,
+                generation,
+                &self.settings,
+                &self.live,
+                &self.metrics,
+            )
+            .await
         })
         .await
         .map_err(|_| Error::ConnectTimeout {
@@ -286,8 +298,6 @@ impl Pool {
             StreamGuard::new(conn.streams.clone(), conn.last_used.clone()),
         );
         slot.conns.lock().expect("pool lock").push(conn);
-        // Not per stream: counting walks every key.
-        self.metrics.set_hbone_connections(self.open_connections());
         Ok(taken)
     }
 
@@ -369,7 +379,13 @@ enum ConnectError {
     Refused(StatusCode),
 }
 
-async fn handshake<S>(io: S, generation: u64, settings: &Settings) -> Result<Conn, Error>
+async fn handshake<S>(
+    io: S,
+    generation: u64,
+    settings: &Settings,
+    live: &Arc<AtomicUsize>,
+    metrics: &Arc<Metrics>,
+) -> Result<Conn, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -384,10 +400,13 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| Error::HboneHandshake(e.to_string()))?;
+    metrics.set_hbone_connections(live.fetch_add(1, Ordering::AcqRel) + 1);
+    let (live, metrics) = (live.clone(), metrics.clone());
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!("hbone: connection ended: {e}");
         }
+        metrics.set_hbone_connections(live.fetch_sub(1, Ordering::AcqRel) - 1);
     });
     Ok(Conn {
         sender,
