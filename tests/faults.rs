@@ -377,3 +377,134 @@ fn a_peer_agent_killed_mid_stream_resets_fast_and_its_endpoint_is_ejected() {
     assert!(r.ok(), "{}", r.describe());
     assert_eq!(pooled(), before + 1.0);
 }
+
+/// Waits the agent bounds: a TCP connection to an upstream that accepts
+/// and never answers is closed at the DestinationRule's
+/// `connectionPool.tcp.idleTimeout`; an HTTP request to one gets 504
+/// (`SI`) at `--stream-idle-timeout`; clients that send a request head one
+/// byte at a time (slowloris) are cut at `--request-header-timeout`, while
+/// other requests go on, and the agent's memory and descriptors come back.
+#[test]
+fn silent_upstreams_and_slow_clients_are_bounded_by_timeouts() {
+    use mesh_tests::cluster::{service, write_yaml};
+    let env = Env::new("slow");
+    let node = env.node("node");
+    let client = env.pod(&node, "client");
+    let server = env.pod(&node, "server");
+    // Bound, never accepted: the kernel completes the handshakes, nothing
+    // ever answers.
+    server.spawn_app(&env, &["listen", &server.v4(9100)]);
+    server.spawn_app(&env, &["listen", &server.v4(9101)]);
+    server.spawn_app(&env, &["http", "web", &server.v4(9102)]);
+    let config = env.dir.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    write_yaml(
+        &config.join("services.yaml"),
+        &[
+            service(
+                "silent-tcp",
+                "10.96.0.91",
+                "server",
+                ("tcp-silent", 80, 9100),
+            ),
+            service(
+                "silent-http",
+                "10.96.0.92",
+                "server",
+                ("http-silent", 80, 9101),
+            ),
+            service("web", "10.96.0.93", "server", ("http-web", 80, 9102)),
+            serde_json::json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                "metadata": {"name": "silent-tcp", "namespace": "default"},
+                "spec": {"host": "silent-tcp.default.svc.cluster.local", "trafficPolicy":
+                         {"connectionPool": {"tcp": {"idleTimeout": "1s"}}}},
+            }),
+        ],
+    );
+    let agent = Agent::start(
+        &env,
+        &node,
+        &[&client, &server],
+        AgentOptions::args(&[
+            "--config",
+            config.to_str().unwrap(),
+            "--stream-idle-timeout",
+            "1s",
+            "--request-header-timeout",
+            "1s",
+        ]),
+    );
+
+    // TCP: closed after a second of silence (raw gives up on its own at 5).
+    let started = std::time::Instant::now();
+    let out = client.run_app(&["raw", "10.96.0.91:80", "anyone there?"]);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "the silent TCP connection lasted {took:?}: {}",
+        out.describe()
+    );
+
+    // HTTP: 504 with flag SI after a second.
+    let r = client
+        .run_app(&["http-count", "http://10.96.0.92:80/", "1"])
+        .json();
+    assert_eq!(r["last"]["status"], 504, "{r}");
+    assert_eq!(r["last"]["headers"]["x-mesh-response-flags"], "SI", "{r}");
+
+    // Slowloris: 200 connections, a byte every 250 ms each.
+    let pid = agent.pid();
+    let rss_kb = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    };
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    // The baseline with the web's upstream connections in the agent's pool.
+    let web = || {
+        client
+            .run_app(&["http-count", "http://10.96.0.93:80/", "5"])
+            .json()
+    };
+    assert_eq!(web()["last"]["status"], 200);
+    let (rss_before, fds_before) = (rss_kb(), fds());
+    let slow = client.spawn_app(&env, &["slowloris", "10.96.0.93:80", "200", "250"]);
+    slow.wait_for(|v| v["event"] == "connected", Duration::from_secs(10));
+    let mut rss_peak = rss_kb();
+    // Other clients are served meanwhile.
+    let r = web();
+    assert_eq!(r["last"]["status"], 200, "{r}");
+    let done = loop {
+        rss_peak = rss_peak.max(rss_kb());
+        if let Some(d) = slow.lines().into_iter().find(|v| v["event"] == "done") {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "  200 slow clients: all closed by {} ms; agent RSS {rss_before} kB before, {rss_peak} kB at most",
+        done["last_closed_ms"]
+    );
+    assert_eq!(done["closed"], 200, "{done}");
+    assert!(
+        done["last_closed_ms"].as_u64().unwrap() < 4000,
+        "slow clients held on: {done}"
+    );
+    assert!(
+        rss_peak < rss_before + 30 * 1024,
+        "RSS grew from {rss_before} kB to {rss_peak} kB with 200 slow clients"
+    );
+    assert!(
+        sys::wait_until(Duration::from_secs(5), || fds() <= fds_before),
+        "descriptors: {} now, {fds_before} before",
+        fds()
+    );
+}

@@ -284,6 +284,22 @@ pub struct Config {
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
 
+    /// An HTTP request whose route sets no `timeout` waits at most this
+    /// long for the upstream's response head, then gets 504 (flag `SI`):
+    /// Envoy's default stream idle timeout, so an upstream that accepts
+    /// and never answers does not hold the request for ever.
+    #[arg(long, env = "MESH_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub stream_idle_timeout: Duration,
+
+    /// A client must send a request's head within this long of its first
+    /// byte (or of the previous response, on a keep-alive connection), or
+    /// the connection is closed: slow clients (slowloris) hold nothing
+    /// for long.
+    #[arg(long, env = "MESH_REQUEST_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub request_header_timeout: Duration,
+
     /// Open connections (captured, inbound and HBONE) the agent holds at
     /// most; one more is reset and counted (`mesh_limit_reached_total`).
     #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 100_000)]

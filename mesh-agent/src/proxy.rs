@@ -36,6 +36,11 @@ use crate::{
     workload::Workload,
 };
 
+/// A TCP connection with no byte either way for this long is closed,
+/// unless its DestinationRule says otherwise
+/// (`connectionPool.tcp.idleTimeout`): Envoy's and Istio's default.
+pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(

@@ -120,6 +120,15 @@ impl<'a> Policy<'a> {
             .filter(|v| *v > 0)
     }
 
+    /// `connectionPool.tcp.idleTimeout`: a TCP connection with no byte
+    /// either way for this long is closed.
+    pub fn tcp_idle_timeout(&self) -> Option<Duration> {
+        self.connection_pool
+            .and_then(|c| c.tcp.as_ref())
+            .and_then(|t| t.idle_timeout.as_ref())
+            .map(|d| d.get())
+    }
+
     pub fn connect_timeout(&self) -> Option<Duration> {
         self.connection_pool
             .and_then(|c| c.tcp.as_ref())

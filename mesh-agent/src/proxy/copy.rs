@@ -8,10 +8,11 @@
 //! instead of two full buffers each.
 
 use std::{
-    future::poll_fn,
+    future::{Future as _, poll_fn},
     io,
     pin::Pin,
     task::{Context, Poll, ready},
+    time::{Duration, Instant},
 };
 
 use prometheus::IntCounter;
@@ -57,7 +58,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 /// Copies `client` ↔ `upstream` until both directions have ended. When one
 /// side finishes sending, the other side's write half is shut down and the
 /// reverse direction keeps flowing (TCP half-close). Each direction uses at
-/// most one buffer of `buf_size` bytes, and only while data flows. Returns
+/// most one buffer of `buf_size` bytes, and only while data flows. No byte
+/// either way for `idle` ends it with `TimedOut` (Envoy's TCP proxy
+/// `idle_timeout`, Istio's `connectionPool.tcp.idleTimeout`). Returns
 /// (client→upstream, upstream→client) bytes.
 pub async fn relay<C, U>(
     client: C,
@@ -65,6 +68,7 @@ pub async fn relay<C, U>(
     from_client: IntCounter,
     from_upstream: IntCounter,
     buf_size: usize,
+    idle: Duration,
 ) -> io::Result<(u64, u64)>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -80,7 +84,13 @@ where
     };
     let (mut up, mut down) = (Half::new(buf_size), Half::new(buf_size));
     let (mut up_done, mut down_done) = (None, None);
+    // The timer is moved only when it fires (not on every read): it then
+    // looks at when bytes last moved.
+    let mut last_moved = Instant::now();
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
     poll_fn(|cx| {
+        let before = up.total + down.total;
         if up_done.is_none()
             && let Poll::Ready(n) = up.poll_copy(cx, &mut c, &mut u)?
         {
@@ -91,10 +101,23 @@ where
         {
             down_done = Some(n);
         }
-        match (up_done, down_done) {
-            (Some(a), Some(b)) => Poll::Ready(Ok((a, b))),
-            _ => Poll::Pending,
+        if let (Some(a), Some(b)) = (up_done, down_done) {
+            return Poll::Ready(Ok((a, b)));
         }
+        if up.total + down.total != before {
+            last_moved = Instant::now();
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let until = last_moved + idle;
+            if until <= Instant::now() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no byte either way for {idle:?} (idle timeout)"),
+                )));
+            }
+            timer.as_mut().reset(until.into());
+        }
+        Poll::Pending
     })
     .await
 }
@@ -227,6 +250,18 @@ mod tests {
         IntCounter,
         IntCounter,
     ) {
+        pair_idle(Duration::from_secs(3600)).await
+    }
+
+    async fn pair_idle(
+        idle: Duration,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<io::Result<(u64, u64)>>,
+        IntCounter,
+        IntCounter,
+    ) {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(front.local_addr().unwrap())
@@ -241,8 +276,37 @@ mod tests {
             IntCounter::new("up", "up").unwrap(),
             IntCounter::new("down", "down").unwrap(),
         );
-        let relay = tokio::spawn(relay(accepted, upstream, up.clone(), down.clone(), 1024));
+        let relay = tokio::spawn(relay(
+            accepted,
+            upstream,
+            up.clone(),
+            down.clone(),
+            1024,
+            idle,
+        ));
         (client, server, relay, up, down)
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_is_closed_at_the_idle_timeout_and_a_chatty_one_is_not() {
+        let idle = Duration::from_millis(300);
+        let started = Instant::now();
+        let (mut client, mut server, relay, _, _) = pair_idle(idle).await;
+        // A byte every 100 ms for a second: never idle for 300 ms.
+        for _ in 0..10 {
+            client.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            server.read_exact(&mut b).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!relay.is_finished(), "closed while bytes moved");
+        let err = relay.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1150) && took < Duration::from_millis(2500),
+            "closed after {took:?}"
+        );
     }
 
     #[tokio::test]

@@ -55,9 +55,6 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most header bytes a request may carry.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Serves one captured connection as HTTP until the client closes it.
 #[allow(clippy::too_many_arguments)] // one captured connection's context
 pub async fn serve(
@@ -75,7 +72,7 @@ pub async fn serve(
         l => l,
     };
     let pod_key = pod.workload.key().to_string();
-    let draining = ctx.draining.clone();
+    let (draining, header_timeout) = (ctx.draining.clone(), ctx.config.request_header_timeout);
     let conn = Arc::new(Conn {
         pod,
         ctx,
@@ -88,19 +85,23 @@ pub async fn serve(
         pod_key,
     });
     let handle = move |req| conn.clone().route(req);
-    if let Err(e) = drain::serve_http(stream, &draining, handle).await {
+    if let Err(e) = drain::serve_http(stream, &draining, header_timeout, handle).await {
         tracing::debug!(%peer, "http: connection ended: {e}");
     }
 }
 
 /// The HTTP/1.1 and HTTP/2 server the agent terminates clients with (the
 /// source's L7 path and the destination's per-request policy alike).
-pub(in crate::proxy) fn server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+/// `header_timeout`: how long a client may take to send a request's head
+/// (`--request-header-timeout`).
+pub(in crate::proxy) fn server(
+    header_timeout: Duration,
+) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
         // Requests with larger headers get 431 (Envoy's limit is 60 KiB).
         .max_buf_size(MAX_HEADER_BYTES);
     builder
@@ -410,7 +411,11 @@ impl Conn {
                     "upstream request timeout",
                 )
             })??,
-            None => attempts.await?,
+            None => tokio::time::timeout(self.ctx.config.stream_idle_timeout, attempts)
+                .await
+                .map_err(|_| {
+                    LocalReply::new(StatusCode::GATEWAY_TIMEOUT, "SI", "stream timeout")
+                })??,
         };
         let mut resp = resp;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS

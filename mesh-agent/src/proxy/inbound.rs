@@ -300,6 +300,7 @@ where
         m.received.clone(),
         m.sent.clone(),
         ctx.config.buffer_size,
+        super::TCP_IDLE_TIMEOUT,
     );
     tokio::pin!(copy);
     let why = tokio::select! {

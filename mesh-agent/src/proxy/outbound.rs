@@ -56,6 +56,7 @@ struct Balanced<'s> {
     hosts: usize,
     outlier_detection: Option<&'s OutlierDetection>,
     connect_timeout: Option<std::time::Duration>,
+    idle_timeout: Option<std::time::Duration>,
     _admission: Admission,
 }
 
@@ -202,6 +203,7 @@ async fn balance<'s>(
         hosts: candidates.len(),
         outlier_detection: d.policy.outlier_detection,
         connect_timeout: d.policy.connect_timeout(),
+        idle_timeout: d.policy.tcp_idle_timeout(),
         _admission: admission,
     };
     let addr = match upstream::endpoint_addr(e, &d.port).await {
@@ -318,9 +320,14 @@ async fn handle(
         source_principal: principals.as_ref().map(|p| p.0.as_str()),
         destination_principal: principals.as_ref().map(|p| p.1.as_str()),
     };
+    let idle = target
+        .balanced
+        .as_ref()
+        .and_then(|b| b.idle_timeout)
+        .unwrap_or(super::TCP_IDLE_TIMEOUT);
     // The target (its place under `maxConnections`) lives as long as the
     // connection.
-    carry(stream, upstream, &labels, pod, ctx).await;
+    carry(stream, upstream, &labels, idle, pod, ctx).await;
     drop(target);
     Ok(())
 }
@@ -357,6 +364,7 @@ async fn carry<U>(
     stream: AppStream,
     upstream: U,
     labels: &ConnLabels<'_>,
+    idle: std::time::Duration,
     pod: &PodContext,
     ctx: &ProxyContext,
 ) where
@@ -371,6 +379,7 @@ async fn carry<U>(
         m.received.clone(),
         m.sent.clone(),
         ctx.config.buffer_size,
+        idle,
     )
     .await
     {

@@ -59,13 +59,15 @@ const VIRTUAL_SERVICE: &[&str] = &[
 /// policy may sit (rule, port, subset, subset port). Load balancing,
 /// `connectionPool.tcp` and outlier detection act on TCP services too
 /// (outlier detection counting refused connections); the `http` settings
-/// on HTTP ports. Each is exercised through real traffic in `tests/l7/`.
-const TRAFFIC_POLICY: [&str; 17] = [
+/// on HTTP ports. Each is exercised through real traffic in `tests/l7/`
+/// (`connectionPool.tcp.idleTimeout` in `tests/faults.rs`).
+const TRAFFIC_POLICY: [&str; 18] = [
     "loadBalancer.simple",
     "loadBalancer.consistentHash",
     "loadBalancer.localityLbSetting",
     "connectionPool.tcp.maxConnections",
     "connectionPool.tcp.connectTimeout",
+    "connectionPool.tcp.idleTimeout",
     "connectionPool.http.http1MaxPendingRequests",
     "connectionPool.http.http2MaxRequests",
     "connectionPool.http.maxRequestsPerConnection",

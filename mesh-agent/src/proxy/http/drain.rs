@@ -34,6 +34,7 @@ use super::Body;
 pub(in crate::proxy) async fn serve_http<T, H, F>(
     io: T,
     draining: &CancellationToken,
+    header_timeout: std::time::Duration,
     handle: H,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -54,7 +55,7 @@ where
             }
         })
     };
-    let builder = super::server();
+    let builder = super::server(header_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     drain.serve(conn, draining, |c| c.graceful_shutdown()).await

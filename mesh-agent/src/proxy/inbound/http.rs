@@ -73,10 +73,13 @@ where
         app: tokio::sync::Mutex::new(App::Idle(Some(app))),
         driver: std::sync::Mutex::new(Some(driver)),
     });
-    let draining = conn.ctx.draining.clone();
+    let (draining, header_timeout) = (
+        conn.ctx.draining.clone(),
+        conn.ctx.config.request_header_timeout,
+    );
     let served = async {
         let handle = move |req| conn.clone().handle(req);
-        if let Err(e) = serve_http(client, &draining, handle).await {
+        if let Err(e) = serve_http(client, &draining, header_timeout, handle).await {
             tracing::debug!("inbound http: connection ended: {e}");
         }
     };

@@ -29,6 +29,7 @@
 //! mesh-testapp ext-authz ADDR        an HTTP external authorizer: 200 when `x-ext-authz: allow`, 403 with a body and
 //!                                      `x-ext-authz-check-result: denied` otherwise; paths with /slow wait 3 s first
 //! mesh-testapp file ADDR PATH          answer every HTTP GET with PATH's contents as they are now (a JWKS server); log each request
+//! mesh-testapp slowloris ADDR N MS     N connections each sending a request head one byte every MS ms, never ending it; print when the server closed them
 //!
 //! UNTIL is a number of seconds, or a path: run until that file exists.
 //! mesh-testapp hbone-connect CERT KEY TARGET AUTHORITY PAYLOAD   (CERT/KEY "-" for none)
@@ -40,6 +41,7 @@ mod h2;
 mod hbone;
 mod http_client;
 mod kube;
+mod slow;
 
 use http_client::{
     fixed_rate, http_burst, http_count, http_load, read_headers, request, watch_get,
@@ -68,6 +70,9 @@ fn main() -> Result<()> {
         ["load", addr, until] => load(addr, &Until::parse(until)),
         ["hold", addr, secs] => hold(addr, secs.parse()?),
         ["sink", addr] => sink(addr),
+        ["slowloris", addr, n, interval_ms] => {
+            slow::slowloris(addr, n.parse()?, interval_ms.parse()?)
+        }
         ["hold-many", addr, n, until] => hold_many(addr, n.parse()?, &Until::parse(until)),
         ["listen", addr] => {
             let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
