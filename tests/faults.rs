@@ -508,3 +508,75 @@ fn silent_upstreams_and_slow_clients_are_bounded_by_timeouts() {
         fds()
     );
 }
+
+/// A pod deleted as the kubelet deletes one, before the agent hears of it:
+/// its processes gone, its cgroup removed, its network namespace deleted.
+/// A connection another pod had open to it ends at once; the agent keeps
+/// serving the other pods; when the pod's record goes, the agent releases
+/// it without error and nothing of it is left (links, pins, the listeners
+/// that kept its namespace alive).
+#[test]
+fn a_pod_deleted_under_the_agent_is_released_cleanly() {
+    let env = Env::new("pod-deleted");
+    let node = env.node("node");
+    let client = env.pod(&node, "client");
+    let server = env.pod(&node, "server");
+    let victim = env.pod(&node, "victim");
+    server.spawn_app(&env, &["echo", &server.v4(9000)]);
+    let app = victim.spawn_app(&env, &["echo", &victim.v4(9001)]);
+    let agent = Agent::start(
+        &env,
+        &node,
+        &[&client, &server, &victim],
+        AgentOptions::default(),
+    );
+    let pid = agent.pid();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let links = env.pin_dir(&node).join("links/default_victim");
+    assert!(links.exists());
+
+    let stream = client.spawn_app(&env, &["chatter", &victim.v4(9001), "60"]);
+    stream.wait_for(|v| v["event"] == "echoed", Duration::from_secs(10));
+    let fds_enrolled = fds();
+
+    // The kubelet's part: processes, cgroup, namespace.
+    env.kill(app.pid);
+    std::fs::remove_dir(&victim.cgroup).expect("remove the pod's cgroup");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "del", &victim.netns])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let failed = stream.wait_for(|v| v["event"] == "failed", Duration::from_secs(5));
+    println!("  the open connection to the deleted pod ended: {failed}");
+    let r = client.run_app(&["connect", &server.v4(9000)]).json();
+    assert_eq!(r["received"], "hello mesh", "other pods are served");
+
+    // Then the pod's record goes.
+    agent.set_pods(&[&client, &server]);
+    assert!(!links.exists(), "the deleted pod's links are still pinned");
+    assert!(
+        agent.log().contains("pod=default/victim") && agent.log().contains("removed"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        !agent
+            .log()
+            .lines()
+            .any(|l| l.contains("ERROR") || l.contains("panicked")),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        sys::wait_until(Duration::from_secs(5), || fds() < fds_enrolled),
+        "the deleted pod's listeners were kept ({} descriptors, {fds_enrolled} before)",
+        fds()
+    );
+    let r = client.run_app(&["connect", &server.v4(9000)]).json();
+    assert_eq!(r["received"], "hello mesh");
+}
