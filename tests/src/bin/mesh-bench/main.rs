@@ -5,6 +5,7 @@
 //! mesh-bench config-apply [--rounds N] [--json PATH]
 //! mesh-bench data-path [--quick] [--json PATH]
 //! mesh-bench idle-soak [--connections N] [--json PATH]
+//! mesh-bench soak [--secs N] [--sample-secs N] [--rotation-secs N] [--json PATH]
 //! ```
 //!
 //! Each case builds its own simulated nodes and removes them at the end
@@ -12,6 +13,7 @@
 
 mod config_apply;
 mod data_path;
+mod mixed_soak;
 mod soak;
 
 use std::{process::ExitCode, sync::Arc};
@@ -19,13 +21,16 @@ use std::{process::ExitCode, sync::Arc};
 use mesh_tests::Env;
 
 const USAGE: &str = "usage: mesh-bench config-apply [--rounds N] [--json PATH] | data-path [--quick] \
-                     [--json PATH] | idle-soak [--connections N] [--json PATH]";
+                     [--json PATH] | idle-soak [--connections N] [--json PATH] | soak [--secs N] \
+                     [--sample-secs N] [--rotation-secs N] [--json PATH]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut rounds = 30usize;
     let mut connections = 10_000usize;
     let mut quick = false;
+    // The soak's: 30 minutes, a sample a minute, certificates every 2.
+    let (mut secs, mut sample_secs, mut rotation_secs) = (1800u64, 60u64, 120u64);
     let mut json_out = None;
     let mut it = args.iter();
     let Some(case) = it.next().cloned() else {
@@ -49,6 +54,19 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             },
+            flag @ ("--secs" | "--sample-secs" | "--rotation-secs") => {
+                match it.next().and_then(|n| n.parse::<u64>().ok()) {
+                    Some(n) if n >= 1 => match flag {
+                        "--secs" => secs = n,
+                        "--sample-secs" => sample_secs = n,
+                        _ => rotation_secs = n,
+                    },
+                    _ => {
+                        eprintln!("{USAGE} ({flag} ≥ 1)");
+                        return ExitCode::from(64);
+                    }
+                }
+            }
             "--json" => match it.next() {
                 Some(p) => json_out = Some(p.clone()),
                 None => {
@@ -62,7 +80,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    if !["config-apply", "data-path", "idle-soak"].contains(&case.as_str()) {
+    if !["config-apply", "data-path", "idle-soak", "soak"].contains(&case.as_str()) {
         eprintln!("unknown case {case:?}; {USAGE}");
         return ExitCode::from(64);
     }
@@ -79,6 +97,17 @@ fn main() -> ExitCode {
         }
         "idle-soak" => {
             let r = soak::run(&env, connections);
+            (r.markdown(), r.json())
+        }
+        "soak" => {
+            let r = mixed_soak::run(
+                &env,
+                &mixed_soak::Settings {
+                    duration: std::time::Duration::from_secs(secs),
+                    sample: std::time::Duration::from_secs(sample_secs),
+                    rotation: std::time::Duration::from_secs(rotation_secs),
+                },
+            );
             (r.markdown(), r.json())
         }
         _ => {
