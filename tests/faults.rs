@@ -580,3 +580,82 @@ fn a_pod_deleted_under_the_agent_is_released_cleanly() {
     let r = client.run_app(&["connect", &server.v4(9000)]).json();
     assert_eq!(r["received"], "hello mesh");
 }
+
+/// Unmounts `.0` when dropped (lazily: nothing may keep it busy), so a
+/// failing test leaves no mount behind.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn mount_bpffs(dir: &std::path::Path) -> Mounted {
+    std::fs::create_dir_all(dir).unwrap();
+    let s = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(s.success(), "cannot mount a bpffs at {}", dir.display());
+    Mounted(dir.into())
+}
+
+/// bpffs remounted under a running agent (a bpffs of the test's own,
+/// mounted afresh, empty): capture never stops — the agent holds the
+/// maps, programs and links — and the agent pins every map and link
+/// again, so SIGTERM still finds and removes them all.
+#[test]
+fn bpffs_remounted_under_the_agent_gets_its_pins_back() {
+    let env = Env::new("bpffs-remount");
+    let node = env.node("node");
+    let client = env.pod(&node, "client");
+    let server = env.pod(&node, "server");
+    server.spawn_app(&env, &["echo", &server.v4(9000)]);
+    let mnt = env.dir.join("bpffs");
+    let mut mounted = mount_bpffs(&mnt);
+    let pin_dir = mnt.join("mesh");
+    let mut agent = Agent::start(
+        &env,
+        &node,
+        &[&client],
+        AgentOptions {
+            pin_dir: Some(pin_dir.clone()),
+            ..AgentOptions::default()
+        },
+    );
+    let captured = || {
+        let r = client.run_app(&["connect", &server.v4(9000)]).json();
+        r["local"].as_str().is_some_and(|l| l.starts_with("127."))
+    };
+    assert!(captured());
+    let link = pin_dir.join("links/default_client/mesh_connect4");
+    assert!(link.exists());
+
+    drop(mounted);
+    mounted = mount_bpffs(&mnt);
+    assert!(captured(), "capture stopped with the pins gone");
+    assert!(
+        sys::wait_until(Duration::from_secs(10), || link.exists()
+            && pin_dir.join("mesh_orig_dst").exists()),
+        "the pins were not put back:\n{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("pinned again"), "{}", agent.log());
+    let pinned: Vec<_> = std::fs::read_dir(pin_dir.join("links/default_client"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(pinned.len(), 7, "links pinned again: {pinned:?}");
+    assert!(captured());
+
+    // The pins are the real ones: SIGTERM unpins them all.
+    assert!(agent.stop().success());
+    assert!(!pin_dir.exists(), "pins left after SIGTERM");
+    drop(mounted);
+}

@@ -303,6 +303,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         gate,
         cni_given: Default::default(),
         parked: Vec::new(),
+        pins_lost: false,
     };
     if let Some(docs) = initial_files {
         if kube.is_some() {
@@ -389,6 +390,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
                     agent.update(change);
                 }
                 agent.retry_pending();
+                agent.restore_pins();
             },
             _ = files_changed => {
                 tokio::time::sleep(watch::SETTLE).await;

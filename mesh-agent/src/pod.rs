@@ -324,6 +324,11 @@ impl EnrolledPod {
         tracing::info!(pod = %key, "removed");
     }
 
+    /// Pins again the links whose pins went with a bpffs remount; how many.
+    pub fn repin(&mut self) -> Result<usize, ebpf::Error> {
+        self.links.repin()
+    }
+
     /// Closes the listeners but leaves the programs attached and pinned: the
     /// pod stays captured and fails closed until the next agent adopts it.
     pub fn keep(self) {

@@ -106,3 +106,56 @@ pub fn replace_file(path: &Path, bytes: &[u8], private: bool) -> io::Result<()> 
     f.sync_all()?;
     std::fs::rename(&tmp, path)
 }
+
+/// `bpf(2)` commands used here (include/uapi/linux/bpf.h).
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+/// What [`pin_by_id`] pins.
+#[derive(Debug, Clone, Copy)]
+pub enum BpfObject {
+    Map,
+    Link,
+}
+
+/// `bpf(2)` with a zeroed `union bpf_attr` (128 bytes, little-endian
+/// fields set by the caller).
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, writable buffer of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Pins the BPF map or link with ID `id` at `path` (on bpffs), from a
+/// descriptor of its own: the caller's handle on the object is never given
+/// up, so a failure leaves it as it was.
+pub fn pin_by_id(kind: BpfObject, id: u32, path: &Path) -> io::Result<()> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(id); // map_id or link_id; open_flags 0 (read-write)
+    let get = match kind {
+        BpfObject::Map => BPF_MAP_GET_FD_BY_ID,
+        BpfObject::Link => BPF_LINK_GET_FD_BY_ID,
+    };
+    let fd = bpf(get, &mut attr)?;
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let name = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    attr[0] = name.as_ptr() as u64; // pathname
+    attr[1] = u64::from(fd.as_raw_fd() as u32); // bpf_fd; file_flags 0
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}

@@ -98,6 +98,8 @@ pub(super) struct Agent {
     pub(super) cni_given: HashMap<WorkloadKey, crate::cni::Given>,
     /// CNI ADDs waiting for their pod to be known.
     pub(super) parked: Vec<crate::cni::Parked>,
+    /// The pins went and could not be put back (said once).
+    pub(super) pins_lost: bool,
 }
 
 impl Agent {
@@ -326,6 +328,36 @@ impl Agent {
             }
         }
         self.publish();
+    }
+
+    /// Puts the pins back if they went (bpffs remounted, or the directory
+    /// removed): capture never stopped — this process holds the maps,
+    /// programs and links — but a successor, or `uninstall`, finds the
+    /// node's state by its pins. Checked on every tick (one `stat` per map).
+    pub(super) fn restore_pins(&mut self) {
+        if self.loaded.pins_present() {
+            self.pins_lost = false;
+            return;
+        }
+        let dir = self.loaded.pin_dir().display().to_string();
+        let repinned = self.loaded.repin_maps().and_then(|maps| {
+            let mut links = 0;
+            for p in self.pods.values_mut() {
+                links += p.pod.repin()?;
+            }
+            Ok((maps, links))
+        });
+        match repinned {
+            Ok((maps, links)) => {
+                tracing::warn!(pin_dir = %dir, maps, links, "the pins were gone (bpffs remounted, or the directory removed); capture never stopped, and every map and link is pinned again");
+                self.pins_lost = false;
+            }
+            Err(e) if !self.pins_lost => {
+                tracing::error!(pin_dir = %dir, "the pins are gone and cannot be put back: {e}. Capture goes on while this agent runs, but a restart or an upgrade will not find this node's state; remount bpffs there");
+                self.pins_lost = true;
+            }
+            Err(_) => {}
+        }
     }
 
     /// Tries the pods that could not be enrolled again.

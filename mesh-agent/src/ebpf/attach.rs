@@ -24,9 +24,10 @@ use super::{
 #[derive(Debug)]
 pub struct PodLinks {
     dir: PathBuf,
-    /// Each pin with its inode: a successor that took the pod over pins
-    /// its own links at the same paths, and those are not ours to remove.
-    pins: Vec<(PathBuf, PinnedLink, u64)>,
+    /// Each pin with its inode (a successor that took the pod over pins
+    /// its own links at the same paths, and those are not ours to remove)
+    /// and the link's ID (to pin it again after a bpffs remount).
+    pins: Vec<(PathBuf, PinnedLink, u64, u32)>,
     keep: bool,
 }
 
@@ -88,6 +89,7 @@ impl Loaded {
                 }
                 _ => unreachable!("program table and object disagree on {program}"),
             };
+            let id = fd_link.info().map(|i| i.id()).unwrap_or(0);
             let path = links.dir.join(program);
             // bpffs refuses names with a dot.
             let staging = links.dir.join(format!("staging_{program}"));
@@ -101,7 +103,7 @@ impl Loaded {
                 return Err(Error::Pin { path, source });
             }
             let ino = fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
-            links.pins.push((path, pinned, ino));
+            links.pins.push((path, pinned, ino, id));
         }
         Ok(links)
     }
@@ -131,6 +133,31 @@ impl PodLinks {
         self.pins.iter().map(|(p, ..)| p.clone()).collect()
     }
 
+    /// Pins again the links whose pins are gone (bpffs remounted); how
+    /// many. The links themselves never went (this process holds them):
+    /// each is pinned again from its ID, so a failure leaves it attached.
+    pub fn repin(&mut self) -> Result<usize, Error> {
+        fs::create_dir_all(&self.dir).map_err(|source| Error::PinDir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut pinned = 0;
+        for (path, _, ino, id) in &mut self.pins {
+            if path.exists() {
+                continue;
+            }
+            crate::sys::pin_by_id(crate::sys::BpfObject::Link, *id, path).map_err(|source| {
+                Error::Pin {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            *ino = fs::metadata(&*path).map(|m| m.ino()).unwrap_or(0);
+            pinned += 1;
+        }
+        Ok(pinned)
+    }
+
     /// Leaves the links pinned (and so attached) after this process exits.
     pub fn keep(mut self) {
         self.keep = true;
@@ -145,7 +172,7 @@ impl Drop for PodLinks {
         // Removing the pin drops the last reference but ours; dropping ours
         // then detaches the program.
         let mut replaced = false;
-        for (path, link, ino) in self.pins.drain(..) {
+        for (path, link, ino, _) in self.pins.drain(..) {
             match fs::metadata(&path) {
                 Ok(m) if m.ino() != ino => replaced = true,
                 _ => {

@@ -57,6 +57,8 @@ pub struct Loaded {
     pin_dir: PathBuf,
     created: Vec<PathBuf>,
     programs: Vec<ProgramInfo>,
+    /// Each pinned map's kernel ID, to pin it again (`repin_maps`).
+    map_ids: Vec<(&'static str, u32)>,
 }
 
 impl Loaded {
@@ -159,12 +161,20 @@ impl Loaded {
                 })?;
         }
         maps.configure(cfg)?;
+        let map_ids = PINNED
+            .iter()
+            .filter_map(|(name, ..)| {
+                let info = MapInfo::from_pin(pin_dir.join(name)).ok()?;
+                Some((*name, info.id()))
+            })
+            .collect();
         Ok(Self {
             bpf,
             maps: Arc::new(maps),
             pin_dir: pin_dir.to_path_buf(),
             created,
             programs,
+            map_ids,
         })
     }
 
@@ -263,6 +273,35 @@ impl Loaded {
 
     pub(super) fn links_dir(&self) -> PathBuf {
         self.pin_dir.join("links")
+    }
+
+    /// Whether every map pin is where this agent put it. A remount of bpffs
+    /// (or someone removing the directory) loses them while the maps, the
+    /// programs and their links live on in this process.
+    pub fn pins_present(&self) -> bool {
+        PINNED
+            .iter()
+            .all(|(name, ..)| self.pin_dir.join(name).exists())
+    }
+
+    /// Pins again the maps whose pins are gone (see [`Self::pins_present`]),
+    /// the directories first; how many.
+    pub fn repin_maps(&self) -> Result<usize, Error> {
+        check_bpffs(&self.pin_dir)?;
+        for dir in [self.pin_dir.clone(), self.links_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| Error::PinDir { path: dir, source })?;
+        }
+        let mut pinned = 0;
+        for (name, id) in &self.map_ids {
+            let path = self.pin_dir.join(name);
+            if path.exists() {
+                continue;
+            }
+            sys::pin_by_id(sys::BpfObject::Map, *id, &path)
+                .map_err(|source| Error::Pin { path, source })?;
+            pinned += 1;
+        }
+        Ok(pinned)
     }
 
     /// Removes the map pins and the (then empty) pin directory. Programs stay
