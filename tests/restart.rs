@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::{
     Agent, AgentOptions, Env,
-    cluster::{cluster, service, write_yaml},
+    cluster::{cluster, service, web_get_and_echo_policy, write_yaml},
     sys::wait_until,
 };
-use serde_json::json;
 
 /// Each node's agent is replaced three times under load, the third time
 /// by the second build (an upgrade). The load: new connections back to
@@ -28,18 +27,7 @@ fn replacing_the_agents_under_load_fails_no_connection() {
         &c.config.join("web.yaml"),
         &[
             service("web", "10.96.0.70", "web", ("http", 80, 8080)),
-            json!({
-                "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-                "metadata": {"name": "web", "namespace": "default"},
-                "spec": {
-                    "selector": {"matchLabels": {"app": "web"}},
-                    "action": "ALLOW",
-                    "rules": [
-                        {"to": [{"operation": {"ports": ["8080"], "methods": ["GET"]}}]},
-                        {"to": [{"operation": {"ports": ["9000"]}}]},
-                    ],
-                },
-            }),
+            web_get_and_echo_policy(),
         ],
     );
     let ca = c.ca();

@@ -137,6 +137,24 @@ pub fn service(name: &str, vip: &str, selector: &str, port: (&str, u16, u16)) ->
     })
 }
 
+/// An AuthorizationPolicy for `app: web` allowing GET on port 8080 (its
+/// HTTP server) and anything on 9000 (its echo server): the destination's
+/// agent decides each request.
+pub fn web_get_and_echo_policy() -> Value {
+    json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "action": "ALLOW",
+            "rules": [
+                {"to": [{"operation": {"ports": ["8080"], "methods": ["GET"]}}]},
+                {"to": [{"operation": {"ports": ["9000"]}}]},
+            ],
+        },
+    })
+}
+
 pub fn get(pod: &Pod, url: &str) -> String {
     let r = pod.run_app(&["get", url]);
     assert!(r.ok(), "GET {url}: {}", r.describe());

@@ -15,7 +15,7 @@ use std::path::Path;
 use mesh_tests::{
     Agent, AgentOptions, Env,
     ca::Ca,
-    cluster::{service, write_yaml},
+    cluster::{service, web_get_and_echo_policy, write_yaml},
     kernel,
 };
 use serde_json::{Value, json};
@@ -60,18 +60,7 @@ fn web_config(dir: &Path, round: u64) {
         &dir.join("web.yaml"),
         &[
             service("web", "10.96.0.70", "web", ("http", 80, 8080)),
-            json!({
-                "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-                "metadata": {"name": "web", "namespace": "default"},
-                "spec": {
-                    "selector": {"matchLabels": {"app": "web"}},
-                    "action": "ALLOW",
-                    "rules": [
-                        {"to": [{"operation": {"ports": ["8080"], "methods": ["GET"]}}]},
-                        {"to": [{"operation": {"ports": ["9000"]}}]},
-                    ],
-                },
-            }),
+            web_get_and_echo_policy(),
             // What changes every round: a response header the route sets.
             json!({
                 "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
