@@ -6,7 +6,8 @@
 //! renewed at half-life). Every `sample`, each agent's resident memory,
 //! open descriptors and tracking-map entries. It fails when a request, a
 //! connection or a stream was lost, or when memory or descriptors grew by
-//! 5 % or more from the end of the warm-up (the first fifth) to the end.
+//! 5 % or more from the end of the warm-up (the first fifth) to the end
+//! (each the mean of three samples).
 
 use std::time::{Duration, Instant};
 
@@ -203,21 +204,24 @@ pub fn run(env: &Env, s: &Settings) -> SoakResult {
 
 impl SoakResult {
     /// (from, to, growth) of agent `i`'s memory and descriptors after the
-    /// warm-up.
-    fn growth(&self, i: usize) -> ((f64, f64, f64), (usize, usize, f64)) {
-        let (w, last) = (
-            &self.samples[self.warm],
-            self.samples.last().expect("samples"),
+    /// warm-up: the mean of the first (up to) three samples after it
+    /// against the mean of the last three, so that a connection in flight
+    /// at one sample is not taken for growth.
+    fn growth(&self, i: usize) -> ((f64, f64, f64), (f64, f64, f64)) {
+        let n = self.samples.len();
+        let k = ((n - self.warm) / 2).clamp(1, 3);
+        let (head, tail) = (
+            &self.samples[self.warm..self.warm + k],
+            &self.samples[n - k..],
         );
-        let g = |a: f64, b: f64| (b - a) / a;
-        (
-            (w.rss_mb[i], last.rss_mb[i], g(w.rss_mb[i], last.rss_mb[i])),
-            (
-                w.fds[i],
-                last.fds[i],
-                g(w.fds[i] as f64, last.fds[i] as f64),
-            ),
-        )
+        let mean = |xs: &[Sample], f: &dyn Fn(&Sample) -> f64| {
+            xs.iter().map(f).sum::<f64>() / xs.len() as f64
+        };
+        let both = |f: &dyn Fn(&Sample) -> f64| {
+            let (a, b) = (mean(head, f), mean(tail, f));
+            (a, b, (b - a) / a)
+        };
+        (both(&|s| s.rss_mb[i]), both(&|s| s.fds[i] as f64))
     }
 
     fn check(&self, rounds: u64) {
@@ -260,7 +264,7 @@ impl SoakResult {
             );
             assert!(
                 fg < MAX_GROWTH,
-                "agent {i}: descriptors grew {:.1} % ({f0} → {f1}) after the warm-up",
+                "agent {i}: descriptors grew {:.1} % ({f0:.1} → {f1:.1}) after the warm-up",
                 fg * 100.0
             );
         }
@@ -296,7 +300,7 @@ impl SoakResult {
         for (i, name) in ["client's", "server's"].iter().enumerate() {
             let ((r0, r1, rg), (f0, f1, fg)) = self.growth(i);
             out.push_str(&format!(
-                "\n{name} agent after the warm-up: memory {r0:.1} → {r1:.1} MB ({:+.1} %), descriptors {f0} → {f1} ({:+.1} %)",
+                "\n{name} agent after the warm-up (means of three samples): memory {r0:.1} → {r1:.1} MB ({:+.1} %), descriptors {f0:.1} → {f1:.1} ({:+.1} %)",
                 rg * 100.0,
                 fg * 100.0
             ));
