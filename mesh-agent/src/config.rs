@@ -527,6 +527,17 @@ impl Config {
                 reason: "must be non-zero, or the agent's own connections would be captured".into(),
             });
         }
+        for (flag, d) in [
+            ("stream-idle-timeout", self.stream_idle_timeout),
+            ("request-header-timeout", self.request_header_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(Error::Invalid {
+                    flag,
+                    reason: "must be at least 100ms".into(),
+                });
+            }
+        }
         if self.config_poll_interval < Duration::from_millis(10) {
             return Err(Error::Invalid {
                 flag: "config-poll-interval",
