@@ -107,6 +107,30 @@ pub fn replace_file(path: &Path, bytes: &[u8], private: bool) -> io::Result<()> 
     std::fs::rename(&tmp, path)
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT`: a socket bound to an address before
+/// `connect` gets its port at `connect`, chosen by the whole 4-tuple (and
+/// free to reuse a loopback TIME_WAIT), not at `bind` — where every port
+/// a TIME_WAIT holds is taken, and a few hundred connections a second to
+/// one application exhaust the range within a minute.
+pub fn set_bind_address_no_port(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `bpf(2)` commands used here (include/uapi/linux/bpf.h).
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;

@@ -252,6 +252,8 @@ pub async fn connect(
         } else {
             IpAddr::V6(AGENT_SRC_V6)
         };
+        crate::sys::set_bind_address_no_port(socket.as_fd())
+            .map_err(|e| sock_err("cannot configure the socket for", e))?;
         socket
             .bind(&SockAddr::from(SocketAddr::new(src, 0)))
             .map_err(|e| sock_err("cannot bind the agent's source address for", e))?;

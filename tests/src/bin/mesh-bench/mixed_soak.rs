@@ -182,6 +182,11 @@ pub fn run(env: &Env, s: &Settings) -> SoakResult {
         )
     };
     let (h, l) = (done(&http), done(&conns));
+    for (what, v) in [("HTTP requests", &h), ("new connections", &l)] {
+        if v["failed"].as_u64() != Some(0) {
+            eprintln!("  {what}: {v}");
+        }
+    }
     let count = |v: &Value, k: &str| v[k].as_u64().unwrap_or(u64::MAX);
     let result = SoakResult {
         settings: (s.duration, s.sample, s.rotation),
@@ -300,7 +305,7 @@ impl SoakResult {
         for (i, name) in ["client's", "server's"].iter().enumerate() {
             let ((r0, r1, rg), (f0, f1, fg)) = self.growth(i);
             out.push_str(&format!(
-                "\n{name} agent after the warm-up (means of three samples): memory {r0:.1} → {r1:.1} MB ({:+.1} %), descriptors {f0:.1} → {f1:.1} ({:+.1} %)",
+                "\n{name} agent after the warm-up (means of up to three samples): memory {r0:.1} → {r1:.1} MB ({:+.1} %), descriptors {f0:.1} → {f1:.1} ({:+.1} %)",
                 rg * 100.0,
                 fg * 100.0
             ));
