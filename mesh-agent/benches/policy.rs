@@ -17,7 +17,7 @@ use mesh_agent::{
     policy::{
         authz::{Attributes, HttpAttributes, Policy, WorkloadAuthz},
         jwks::JwksStore,
-        jwt::{Authenticator, Rule},
+        jwt::Authenticator,
     },
     workload::Workload,
 };
@@ -152,16 +152,12 @@ fn jwt(c: &mut Criterion) {
             "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: j, namespace: default}}\nspec:\n  jwtRules:\n  - issuer: https://issuer\n    jwks: '{}'\n    forwardOriginalToken: true\n",
             mint::jwks(&[&key])
         );
-        let rules: Vec<Arc<Rule>> = documents(&yaml)
-            .iter()
-            .filter_map(|d| match d {
-                Document::Istio(r) => Some(r),
-                _ => None,
-            })
-            .flat_map(|r| Rule::from_resource(r, &store, Duration::from_secs(1)))
-            .map(Arc::new)
-            .collect();
-        let auth = Authenticator { rules };
+        let docs = documents(&yaml);
+        let auth = Authenticator::from_resources(
+            docs.iter().filter_map(|d| d.istio()),
+            &store,
+            Duration::from_secs(1),
+        );
         let request = |token: &str| {
             http::Request::get("/")
                 .header("authorization", format!("Bearer {token}"))

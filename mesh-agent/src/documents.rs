@@ -67,6 +67,16 @@ pub enum Document {
     Workloads(Vec<Workload>, Origin),
 }
 
+impl Document {
+    /// The Istio resource, if this document is one.
+    pub fn istio(&self) -> Option<&Resource> {
+        match self {
+            Document::Istio(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
 /// Everything read from a source: documents, and problems found on the way.
 #[derive(Debug, Default)]
 pub struct Parsed {

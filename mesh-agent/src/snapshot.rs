@@ -333,11 +333,12 @@ pub fn build(
             tracing::warn!(policy = %p.id, "AuthorizationPolicy: {problem}");
         }
     }
-    let jwt_rules: Vec<Arc<jwt::Rule>> = all
-        .iter()
-        .flat_map(|r| jwt::Rule::from_resource(r, &settings.jwks, settings.jwks_timeout))
-        .map(Arc::new)
-        .collect();
+    let jwt_rules = jwt::Authenticator::from_resources(
+        all.iter().map(|r| &***r),
+        &settings.jwks,
+        settings.jwks_timeout,
+    )
+    .rules;
     let rate_limit_filters: Vec<FilterLimits> = all
         .iter()
         .filter_map(|r| FilterLimits::from_resource(r))

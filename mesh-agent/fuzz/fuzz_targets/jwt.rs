@@ -10,11 +10,8 @@ use std::{
 };
 
 use mesh_agent::{
-    documents::{Document, Parsed, parse_file},
-    policy::{
-        jwks::JwksStore,
-        jwt::{Authenticator, Rule},
-    },
+    documents::{Parsed, parse_file},
+    policy::{jwks::JwksStore, jwt::Authenticator},
 };
 
 const JWKS: &str = include_str!("../jwks.json");
@@ -40,18 +37,18 @@ fn authenticator() -> &'static (tokio::runtime::Runtime, Authenticator, JwksStor
         );
         let store =
             rt.block_on(async { JwksStore::new(Duration::from_secs(600), Arc::new(|_: &str| {})) });
-        let rules: Vec<Arc<Rule>> = parsed
-            .documents
-            .iter()
-            .filter_map(|d| match d {
-                Document::Istio(r) => Some(r),
-                _ => None,
-            })
-            .flat_map(|r| Rule::from_resource(r, &store, Duration::from_secs(1)))
-            .map(Arc::new)
-            .collect();
-        assert_eq!(rules.len(), 1, "the fixture rule: {:?}", parsed.problems);
-        (rt, Authenticator { rules }, store)
+        let auth = Authenticator::from_resources(
+            parsed.documents.iter().filter_map(|d| d.istio()),
+            &store,
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            auth.rules.len(),
+            1,
+            "the fixture rule: {:?}",
+            parsed.problems
+        );
+        (rt, auth, store)
     })
 }
 

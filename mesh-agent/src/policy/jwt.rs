@@ -458,6 +458,23 @@ pub struct Authenticator {
     pub rules: Vec<Arc<Rule>>,
 }
 
+impl Authenticator {
+    /// The rules of every RequestAuthentication among `resources`.
+    pub fn from_resources<'a>(
+        resources: impl IntoIterator<Item = &'a Resource>,
+        jwks: &JwksStore,
+        fetch_timeout: Duration,
+    ) -> Self {
+        Self {
+            rules: resources
+                .into_iter()
+                .flat_map(|r| Rule::from_resource(r, jwks, fetch_timeout))
+                .map(Arc::new)
+                .collect(),
+        }
+    }
+}
+
 /// A token found in a request, and where.
 struct Found<'r> {
     token: String,

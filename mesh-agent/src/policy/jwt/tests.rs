@@ -24,18 +24,13 @@ fn rules(yaml_rule: &str, store: &JwksStore) -> Authenticator {
             .any(|p| p.severity == crate::istio::Severity::Error),
         "{problems:?}"
     );
-    let rules: Vec<Arc<Rule>> = out
-        .documents
-        .iter()
-        .filter_map(|d| match d {
-            crate::documents::Document::Istio(r) => Some(r),
-            _ => None,
-        })
-        .flat_map(|r| Rule::from_resource(r, store, Duration::from_secs(2)))
-        .map(Arc::new)
-        .collect();
-    assert!(!rules.is_empty(), "no rule parsed from {yaml}");
-    Authenticator { rules }
+    let auth = Authenticator::from_resources(
+        out.documents.iter().filter_map(|d| d.istio()),
+        store,
+        Duration::from_secs(2),
+    );
+    assert!(!auth.rules.is_empty(), "no rule parsed from {yaml}");
+    auth
 }
 
 fn store() -> JwksStore {
