@@ -6,7 +6,7 @@ use std::{
     process::{Child, Command},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU8, AtomicU16, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -31,7 +31,14 @@ pub struct Env {
     children: Mutex<Vec<Child>>,
     agents: Arc<Mutex<Vec<u32>>>,
     next_node: AtomicU8,
+    /// Distinguishes the environments of one test process (tests of one
+    /// binary run in parallel), so what must be unique on the machine —
+    /// pod UIDs, which the agent looks up in the whole cgroup tree — is.
+    pub(crate) seq: u16,
 }
+
+/// Numbers the environments created by this process.
+static NEXT_ENV: AtomicU16 = AtomicU16::new(0);
 
 impl Env {
     /// Creates the environment of test `test`. Panics (failing the test)
@@ -72,6 +79,7 @@ impl Env {
             children: Mutex::new(Vec::new()),
             agents: Arc::new(Mutex::new(Vec::new())),
             next_node: AtomicU8::new(1),
+            seq: NEXT_ENV.fetch_add(1, Ordering::Relaxed),
         }
     }
 

@@ -88,10 +88,13 @@ impl Env {
         sys::ip(&format!("-n {ns} link set eth0 up"));
         sys::ip(&format!("-n {ns} route add default via 10.10.{i}.1"));
         sys::ip(&format!("-n {ns} -6 route add default via fd10:0:0:{i}::1"));
+        // Unique on the machine: process, environment, node, host.
         let uid = format!(
-            "00000000-0000-4000-8000-{:06x}{:06x}",
-            std::process::id() & 0xff_ffff,
-            u32::from(i) << 8 | u32::from(host)
+            "{:08x}-{:04x}-4000-8000-0000{:04x}{:04x}",
+            std::process::id(),
+            self.seq,
+            i,
+            host
         );
         let cgroup = self.cgroup.join(format!("{short}_pod{uid}"));
         std::fs::create_dir_all(&cgroup)
