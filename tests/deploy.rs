@@ -229,6 +229,21 @@ fn the_daemonset_and_the_ca_deployment_run_as_written() {
         )
         .unwrap();
     }
+    let mesh_config = dir("mesh-config");
+    let mesh_cm = serde_yaml::Deserializer::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/workloads.yaml"),
+        )
+        .unwrap(),
+    )
+    .map(|d| -> Value { serde::Deserialize::deserialize(d).unwrap() })
+    .find(|d| d["metadata"]["name"] == "mesh-config")
+    .expect("the mesh-config ConfigMap");
+    std::fs::write(
+        mesh_config.join("mesh"),
+        mesh_cm["data"]["mesh"].as_str().unwrap(),
+    )
+    .unwrap();
     let ca_keys = env.dir.join("ca-keys");
     mesh_tests::ca::init_root(&ca_keys);
     let ca_root = dir("ca-root");
@@ -373,6 +388,7 @@ fn the_daemonset_and_the_ca_deployment_run_as_written() {
             ("cgroup", env.cgroup.clone()),
             ("netns", PathBuf::from("/run/netns")),
             ("workloads", workloads.clone()),
+            ("mesh-config", mesh_config.clone()),
             ("ca-root", ca_root.clone()),
             ("ca-token", token),
             ("handover", dir(&format!("handover-{}", node.name))),

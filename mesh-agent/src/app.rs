@@ -37,6 +37,7 @@ use crate::{
 
 mod agent;
 mod cni_calls;
+mod mesh_watch;
 
 use agent::{Agent, Sources};
 
@@ -54,7 +55,7 @@ pub enum Error {
     #[error("--ca-root: {0}")]
     CaRoot(#[source] tls::Error),
     #[error("--mesh-config: {0}")]
-    MeshConfig(#[from] crate::policy::ext_authz::Error),
+    MeshConfig(#[from] crate::mesh_config::Error),
     #[error(transparent)]
     CaClient(#[from] crate::identity::ca_client::Error),
     #[error(transparent)]
@@ -211,10 +212,14 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     if maps.fast_path_unavailable().is_none() {
         ctx.fast_credit = Some(maps.clone());
     }
-    if let Some(path) = &config.mesh_config {
-        ctx.mesh = crate::policy::ext_authz::MeshConfig::read(path)?;
-    }
+    let (mesh, log_providers) = mesh_watch::load(config.mesh_config.as_deref(), config.access_log)?;
+    ctx.mesh = arc_swap::ArcSwap::from_pointee(mesh);
+    ctx.access_log =
+        telemetry::accesslog::AccessLog::start(log_providers, metrics.access_log_counts());
     let ctx = Arc::new(ctx);
+    if let Some(path) = &config.mesh_config {
+        mesh_watch::spawn(path, ctx.clone(), config.config_poll_interval);
+    }
     {
         // Idle upstream HTTP connections go after a while, with the HBONE
         // streams they hold.

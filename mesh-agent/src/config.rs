@@ -360,9 +360,9 @@ pub struct Config {
     #[arg(long, env = "MESH_AGENT_MARK", default_value = "0x539", value_parser = parse_u32)]
     pub agent_mark: u32,
 
-    /// Log every HTTP request the agent routes (method, path, authority,
-    /// status, response flags, duration, bytes) at info under
-    /// `mesh::access`.
+    /// Access-log every request and connection to standard output in
+    /// Istio's format: MeshConfig's `accessLogFile: /dev/stdout`, for
+    /// workloads no Telemetry configures, unless the MeshConfig names a file.
     #[arg(long, env = "MESH_ACCESS_LOG")]
     pub access_log: bool,
 
@@ -373,9 +373,9 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
 
     /// Istio's MeshConfig: the `istio` ConfigMap of the root namespace (its
-    /// `data.mesh`), or the MeshConfig YAML itself. The agent reads its
-    /// `extensionProviders` (the CUSTOM action's external authorizers) at
-    /// start.
+    /// `data.mesh`), or the MeshConfig YAML itself: `extensionProviders`,
+    /// `defaultProviders`, `accessLogFile/Encoding/Format`. Watched: a
+    /// change applies live, a bad one is refused and the last good stays.
     #[arg(long, env = "MESH_MESH_CONFIG")]
     pub mesh_config: Option<PathBuf>,
 

@@ -4,6 +4,7 @@
 
 pub mod app_stream;
 pub mod cluster;
+pub mod conn_log;
 pub mod copy;
 pub mod destination;
 pub mod hbone;
@@ -187,8 +188,11 @@ pub struct ProxyContext {
     pub upstreams: Arc<http::upstreams::Upstreams>,
     /// Where audited requests and denials are written.
     pub audit: crate::telemetry::audit::Audit,
-    /// Istio's MeshConfig (`--mesh-config`): the CUSTOM action's providers.
-    pub mesh: crate::policy::ext_authz::MeshConfig,
+    /// Istio's MeshConfig (`--mesh-config`): the CUSTOM action's
+    /// providers; replaced when the file changes.
+    pub mesh: arc_swap::ArcSwap<crate::mesh_config::MeshConfig>,
+    /// Where access-log records go (providers from the MeshConfig).
+    pub access_log: crate::telemetry::accesslog::AccessLog,
     /// Where the agent reports reads from applications' fast-path sockets;
     /// `None` where the fast path cannot run.
     pub fast_credit: Option<Arc<dyn app_stream::FastPathCredit>>,
@@ -217,6 +221,7 @@ impl ProxyContext {
             limits,
             audit,
             mesh: Default::default(),
+            access_log: crate::telemetry::accesslog::AccessLog::off(metrics.access_log_counts()),
             fast_credit: None,
             config,
             capture,

@@ -5,6 +5,7 @@
 //! rules under a connection in flight.
 
 pub mod compile;
+mod telemetry;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -111,6 +112,9 @@ pub struct WorkloadPolicies {
     /// `Kind namespace/name` of each policy that selects the workload.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub telemetry: Vec<String>,
+    /// Its Telemetry `accessLogging`, merged in Istio's order.
+    #[serde(skip)]
+    pub access_logging: Arc<crate::telemetry::accesslog::LogPlan>,
 }
 
 fn is_empty_authz(a: &Arc<WorkloadAuthz>) -> bool {
@@ -137,6 +141,7 @@ pub struct InboundPolicy {
     pub request_authentication: Arc<Authenticator>,
     pub port_protocols: Arc<BTreeMap<u16, Protocol>>,
     pub rate_limits: Arc<Vec<Arc<Limiter>>>,
+    pub access_logging: Arc<crate::telemetry::accesslog::LogPlan>,
 }
 
 impl InboundPolicy {
@@ -239,6 +244,20 @@ impl Snapshot {
     }
 
     /// What the destination's agent decides connections to `w` with.
+    /// The access logging of a local workload (Telemetry, MeshConfig).
+    pub fn access_logging(&self, w: &Workload) -> Arc<crate::telemetry::accesslog::LogPlan> {
+        match self.policies.get(&w.key()) {
+            Some(p) => p.access_logging.clone(),
+            None => telemetry::Plans::default().access_log(
+                self.resources
+                    .get(&Kind::Telemetry)
+                    .map_or(&[][..], |v| v.as_slice()),
+                w,
+                &self.root_namespace,
+            ),
+        }
+    }
+
     pub fn inbound_policy(&self, w: &Workload) -> InboundPolicy {
         match self.policies.get(&w.key()) {
             Some(p) => InboundPolicy {
@@ -246,6 +265,7 @@ impl Snapshot {
                 request_authentication: p.request_authentication.clone(),
                 port_protocols: p.port_protocols.clone(),
                 rate_limits: p.rate_limits.clone(),
+                access_logging: p.access_logging.clone(),
             },
             // Not indexed (enrolled from an older snapshot): resolve now.
             None => InboundPolicy {
@@ -266,6 +286,7 @@ impl Snapshot {
                     w,
                     &self.root_namespace,
                 )),
+                access_logging: self.access_logging(w),
             },
         }
     }
@@ -344,6 +365,8 @@ pub fn build(
         .filter_map(|r| FilterLimits::from_resource(r))
         .collect();
     let mut port_protocols = local_port_protocols(&registry, &settings.node_name);
+    let mut telemetry_plans = telemetry::Plans::default();
+    let telemetries = resources.get(&Kind::Telemetry).cloned().unwrap_or_default();
     let policies = registry
         .on_node(&settings.node_name)
         .map(|w| {
@@ -376,6 +399,11 @@ pub fn build(
                     &settings.root_namespace,
                 )),
                 telemetry: selecting(Kind::Telemetry),
+                access_logging: telemetry_plans.access_log(
+                    &telemetries,
+                    w,
+                    &settings.root_namespace,
+                ),
             };
             (w.key(), p)
         })

@@ -1,5 +1,6 @@
 //! What the agent tells operators: Prometheus metrics and logs.
 
+pub mod accesslog;
 pub mod audit;
 mod ebpf;
 pub mod logging;

@@ -212,17 +212,21 @@ fn the_access_log_names_each_request_with_its_code_and_flags() {
     );
     assert_eq!(status(&w.one("/abort", &[])), 503);
     assert_eq!(status(&w.one("/fine", &[])), 200);
-    let line = |path: &str, code: &str, flags: &str| {
+    // Istio's default text format, on the agent's standard output.
+    let line = |path: &str, code: &str, flags: &str, cluster: &str| {
         w.agent_a.log().lines().any(|l| {
-            l.contains("mesh::access")
-                && l.contains(&format!("GET {path} HTTP/1.1"))
-                && l.contains(&format!("code={code}"))
-                && l.contains(&format!("flags={flags}"))
+            l.contains(&format!("\"GET {path} HTTP/1.1\" {code} {flags} "))
+                && l.contains(&format!(" {cluster} "))
         })
     };
     assert!(
-        mesh_tests::sys::wait_until(Duration::from_secs(5), || line("/abort", "503", "FI")
-            && line("/fine", "200", "-")),
+        mesh_tests::sys::wait_until(Duration::from_secs(5), || line("/abort", "503", "FI", "-")
+            && line(
+                "/fine",
+                "200",
+                "-",
+                "outbound|80|v1|web.default.svc.cluster.local"
+            )),
         "no access log lines for the two requests:\n{}",
         w.agent_a.log()
     );

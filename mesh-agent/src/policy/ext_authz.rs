@@ -18,7 +18,7 @@
 //! `envoyExtAuthzGrpc` providers are reported, and a CUSTOM policy naming
 //! one fails closed.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, request::Parts};
@@ -30,27 +30,6 @@ use crate::registry::Registry;
 
 /// The most body bytes of a denial passed on to the client.
 const MAX_DENY_BODY: usize = 64 * 1024;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{path}: {reason}")]
-    Read { path: String, reason: String },
-}
-
-/// The part of Istio's MeshConfig the agent reads.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct MeshConfig {
-    pub extension_providers: Vec<ProviderSpec>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProviderSpec {
-    pub name: String,
-    pub envoy_ext_authz_http: Option<HttpProvider>,
-    pub envoy_ext_authz_grpc: Option<serde_json::Value>,
-}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -69,7 +48,7 @@ pub struct HttpProvider {
     pub headers_to_downstream_on_deny: Vec<String>,
 }
 
-mod go_duration {
+pub(crate) mod go_duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};
@@ -82,45 +61,6 @@ mod go_duration {
                 .map_err(serde::de::Error::custom)
         })
         .transpose()
-    }
-}
-
-impl MeshConfig {
-    /// Reads a MeshConfig: the `istio` ConfigMap (its `data.mesh`), or the
-    /// MeshConfig YAML itself.
-    pub fn read(path: &Path) -> Result<Self, Error> {
-        let fail = |reason: String| Error::Read {
-            path: path.display().to_string(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-        let doc: serde_yaml::Value =
-            serde_yaml::from_str(&text).map_err(|e| fail(e.to_string()))?;
-        let mesh = match doc.get("kind").and_then(|k| k.as_str()) {
-            Some("ConfigMap") => {
-                let inner = doc
-                    .get("data")
-                    .and_then(|d| d.get("mesh"))
-                    .and_then(|m| m.as_str())
-                    .ok_or_else(|| fail("a ConfigMap without data.mesh".into()))?;
-                serde_yaml::from_str(inner).map_err(|e| fail(format!("data.mesh: {e}")))?
-            }
-            _ => doc,
-        };
-        let config: Self = serde_yaml::from_value(mesh).map_err(|e| fail(e.to_string()))?;
-        for p in &config.extension_providers {
-            if p.envoy_ext_authz_grpc.is_some() {
-                tracing::warn!(provider = %p.name, "mesh config: envoyExtAuthzGrpc is not supported yet; CUSTOM policies naming it deny every request they match");
-            }
-        }
-        Ok(config)
-    }
-
-    pub fn http_provider(&self, name: &str) -> Option<&HttpProvider> {
-        self.extension_providers
-            .iter()
-            .find(|p| p.name == name)
-            .and_then(|p| p.envoy_ext_authz_http.as_ref())
     }
 }
 
@@ -274,56 +214,4 @@ fn pick_headers(h: &HeaderMap, names: &[String]) -> Vec<(HeaderName, HeaderValue
         .filter_map(|n| HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).ok())
         .flat_map(|n| h.get_all(&n).iter().map(move |v| (n.clone(), v.clone())))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_istio_config_map_and_plain_mesh_config() {
-        let dir = std::env::temp_dir().join(format!("mesh-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cm = dir.join("cm.yaml");
-        std::fs::write(
-            &cm,
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    extensionProviders:\n    - name: authz\n      envoyExtAuthzHttp:\n        service: ext-authz.foo.svc.cluster.local\n        port: 8000\n        timeout: 250ms\n        includeRequestHeadersInCheck: [x-ext-authz]\n    - name: grpc\n      envoyExtAuthzGrpc: {service: g, port: 9000}\n",
-        )
-        .unwrap();
-        let m = MeshConfig::read(&cm).unwrap();
-        let p = m.http_provider("authz").unwrap();
-        assert_eq!(
-            (
-                p.port,
-                p.timeout,
-                p.include_request_headers_in_check.as_slice()
-            ),
-            (
-                8000,
-                Some(Duration::from_millis(250)),
-                &["x-ext-authz".to_string()][..]
-            )
-        );
-        assert!(m.http_provider("grpc").is_none());
-        let plain = dir.join("mesh.yaml");
-        std::fs::write(
-            &plain,
-            "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: 10.0.0.1, port: 80}}]\n",
-        )
-        .unwrap();
-        assert!(
-            MeshConfig::read(&plain)
-                .unwrap()
-                .http_provider("a")
-                .is_some()
-        );
-        std::fs::write(
-            &plain,
-            "extensionProviders: [{name: a, envoyExtAuthzHttp: {timeout: soon}}]\n",
-        )
-        .unwrap();
-        let e = MeshConfig::read(&plain).unwrap_err().to_string();
-        assert!(e.contains("mesh.yaml") && e.contains("soon"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

@@ -355,6 +355,7 @@ mod tests {
                 Arc::new(Limiter::new("ns/filter", filter)),
                 Arc::new(Limiter::new("ns/route", route)),
             ]),
+            access_logging: Arc::default(),
         };
         let names = |port| {
             policy

@@ -11,6 +11,10 @@ use std::{
     future::{Future as _, poll_fn},
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
@@ -18,10 +22,26 @@ use std::{
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A stream whose reads add to a counter.
+/// One connection's byte totals, readable after its relay ended or was
+/// dropped (for its access-log record): `[from client, from upstream]`.
+#[derive(Debug, Default, Clone)]
+pub struct Tally(Arc<[AtomicU64; 2]>);
+
+impl Tally {
+    pub fn from_client(&self) -> u64 {
+        self.0[0].load(Ordering::Relaxed)
+    }
+
+    pub fn from_upstream(&self) -> u64 {
+        self.0[1].load(Ordering::Relaxed)
+    }
+}
+
+/// A stream whose reads add to a counter (and to a tally, slot `slot`).
 struct Counted<S> {
     inner: S,
     read: IntCounter,
+    tally: Option<(Tally, usize)>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
@@ -33,7 +53,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
-            self.read.inc_by((buf.filled().len() - before) as u64);
+            let n = (buf.filled().len() - before) as u64;
+            self.read.inc_by(n);
+            if let Some((t, slot)) = &self.tally {
+                t.0[*slot].fetch_add(n, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -61,7 +85,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 /// most one buffer of `buf_size` bytes, and only while data flows. No byte
 /// either way for `idle` ends it with `TimedOut` (Envoy's TCP proxy
 /// `idle_timeout`, Istio's `connectionPool.tcp.idleTimeout`). Returns
-/// (client→upstream, upstream→client) bytes.
+/// (client→upstream, upstream→client) bytes; `tally`, when given, has
+/// them too, however the relay ends.
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
@@ -69,6 +94,7 @@ pub async fn relay<C, U>(
     from_upstream: IntCounter,
     buf_size: usize,
     idle: Duration,
+    tally: Option<Tally>,
 ) -> io::Result<(u64, u64)>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -77,10 +103,12 @@ where
     let mut c = Counted {
         inner: client,
         read: from_client,
+        tally: tally.clone().map(|t| (t, 0)),
     };
     let mut u = Counted {
         inner: upstream,
         read: from_upstream,
+        tally: tally.map(|t| (t, 1)),
     };
     let (mut up, mut down) = (Half::new(buf_size), Half::new(buf_size));
     let (mut up_done, mut down_done) = (None, None);
@@ -283,6 +311,7 @@ mod tests {
             down.clone(),
             1024,
             idle,
+            None,
         ));
         (client, server, relay, up, down)
     }

@@ -38,7 +38,10 @@ use super::{PodContext, ProxyContext, cluster, upstream::Via};
 use crate::{
     registry::{Service, ServicePort},
     snapshot::{Snapshot, compile::CompiledDestination},
-    telemetry::metrics::{ConnLabels, Reporter, RequestOutcome},
+    telemetry::{
+        accesslog::{HttpRecord, LogPlan, Mode, Record},
+        metrics::{ConnLabels, Reporter, RequestOutcome},
+    },
 };
 use replay::Replay;
 use send::{AttemptError, strip_hop_by_hop};
@@ -72,6 +75,7 @@ pub async fn serve(
         l => l,
     };
     let pod_key = pod.workload.key().to_string();
+    let log_plan = snap.access_logging(&pod.workload);
     let (draining, header_timeout) = (ctx.draining.clone(), ctx.config.request_header_timeout);
     let conn = Arc::new(Conn {
         pod,
@@ -83,6 +87,7 @@ pub async fn serve(
         dst,
         locality,
         pod_key,
+        log_plan,
     });
     let handle = move |req| conn.clone().route(req);
     if let Err(e) = drain::serve_http(stream, &draining, header_timeout, handle).await {
@@ -144,6 +149,8 @@ struct Conn {
     locality: crate::registry::Locality,
     /// The client pod's name, which keys its upstream connections.
     pod_key: String,
+    /// Its access logging.
+    log_plan: Arc<LogPlan>,
 }
 
 /// Why the agent answered a request itself.
@@ -183,7 +190,19 @@ struct Served {
     via: Via,
 }
 
-type ServedSlot = Mutex<Option<Served>>;
+/// What a request went through, for its metrics and access log.
+#[derive(Default)]
+struct Trail {
+    served: Option<Served>,
+    /// The route's name (`default` without a VirtualService route).
+    route: String,
+    /// Istio's name of the cluster of the last attempt.
+    cluster: String,
+    upstream: Option<SocketAddr>,
+    attempts: u32,
+}
+
+type ServedSlot = Mutex<Trail>;
 
 /// What every attempt of a request shares.
 struct RequestHead {
@@ -210,25 +229,23 @@ impl RequestHead {
 }
 
 impl Conn {
-    async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    async fn route(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let in_flight = retry::InFlight::start();
         let started = Instant::now();
+        let start_time = std::time::SystemTime::now();
         let grpc = req
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
+        actions::ensure_request_id(req.headers_mut());
         let served = ServedSlot::default();
         let request_bytes = Arc::new(AtomicU64::new(0));
-        let line = self.ctx.config.access_log.then(|| {
-            format!(
-                "{} {} {:?} authority={}",
-                req.method(),
-                req.uri().path_and_query().map_or("/", |p| p.as_str()),
-                req.version(),
-                actions::authority(req.uri(), req.headers()),
-            )
-        });
+        let log = self
+            .ctx
+            .access_log
+            .wants(&self.log_plan, Mode::Client)
+            .map(|to| (to, HttpRecord::of_request(&req)));
         let resp = match self.forward(req, &served, &request_bytes).await {
             Ok(r) => r,
             Err(reply) => {
@@ -236,28 +253,44 @@ impl Conn {
                 reply.into_response()
             }
         };
-        let served = served.into_inner().unwrap_or_default();
+        let trail = served.into_inner().unwrap_or_default();
+        let log = log.map(|(to, mut h)| {
+            h.response_headers = resp.headers().clone();
+            (to, h)
+        });
         let conn = self.clone();
         metered::when_done(resp, move |f| {
             drop(in_flight);
-            if let Some(line) = line {
-                // Envoy's default access log fields, as one line.
-                tracing::info!(
-                    target: "mesh::access",
-                    pod = %conn.pod.workload.key(),
-                    code = f.code,
-                    flags = %f.flags,
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    upstream = served.as_ref().map_or("-", |s| s.service.hostname.as_str()),
-                    bytes_received = request_bytes.load(Ordering::Relaxed),
-                    bytes_sent = f.response_bytes,
-                    "{line}"
+            let request_bytes = request_bytes.load(Ordering::Relaxed);
+            if let Some((to, mut h)) = log {
+                // The pod's address, not the loopback the capture connects from.
+                let remote = SocketAddr::new(
+                    crate::proxy::client_address(&conn.pod, conn.client),
+                    conn.client.port(),
                 );
+                let mut r = Record::new(Mode::Client, start_time, remote, conn.dst);
+                h.code = f.code;
+                h.grpc_status = (f.grpc_status != "-").then(|| f.grpc_status.clone());
+                h.attempts = trail.attempts;
+                r.http = Some(Box::new(h));
+                if f.flags != "-" {
+                    r.flags = f.flags.clone();
+                }
+                r.bytes_received = request_bytes;
+                r.bytes_sent = f.response_bytes;
+                r.duration = started.elapsed();
+                r.upstream_host = trail.upstream;
+                r.upstream_cluster = trail.cluster.clone();
+                r.route_name = trail.route.clone();
+                if let Some(s) = &trail.served {
+                    r.mtls = s.via.is_mtls();
+                    if let Some((_, dst)) = s.via.principals() {
+                        r.upstream_peer_san = dst;
+                    }
+                }
+                conn.ctx.access_log.log(r, to);
             }
-            conn.record(
-                served,
-                &f.outcome(grpc, started, request_bytes.load(Ordering::Relaxed)),
-            );
+            conn.record(trail.served, &f.outcome(grpc, started, request_bytes));
         })
     }
 
@@ -290,6 +323,11 @@ impl Conn {
     ) -> Result<Response<Body>, LocalReply> {
         let decision = self.decide(&req)?;
         let route = decision.route;
+        served.lock().expect("served lock").route = route
+            .map(|r| r.spec.name.as_str())
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default")
+            .to_owned();
         let mut delayed = false;
         let mut cors_headers = None;
         if let Some(r) = route {

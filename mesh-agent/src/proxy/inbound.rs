@@ -29,13 +29,17 @@ pub mod authorize;
 pub mod http;
 
 use super::{
-    Error, PodContext, ProxyContext, app_stream::AppStream, copy, prefixed::Prefixed, sniff, socket,
+    Error, PodContext, ProxyContext, app_stream::AppStream, conn_log::ConnLog, copy,
+    prefixed::Prefixed, sniff, socket,
 };
 use crate::{
     policy::rate_limit::{Admit, Unit},
     snapshot::{InboundPolicy, Snapshot},
     spiffe::SpiffeId,
-    telemetry::metrics::{ConnLabels, Reporter},
+    telemetry::{
+        accesslog,
+        metrics::{ConnLabels, Reporter},
+    },
     workload::Workload,
 };
 
@@ -56,6 +60,36 @@ pub struct Arrival {
 }
 
 impl Arrival {
+    /// The access-log record of this connection (the server side), if a
+    /// provider wants it.
+    fn conn_log<'a>(&self, ctx: &'a ProxyContext) -> Option<ConnLog<'a>> {
+        let to = ctx
+            .access_log
+            .wants(&self.policy.access_logging, accesslog::Mode::Server)?;
+        let mut r = self.log_record(std::time::SystemTime::now());
+        r.upstream_host = Some(self.dst);
+        Some(ConnLog::new(&ctx.access_log, to, r))
+    }
+
+    /// A server-side record of a request or connection that arrived here.
+    pub fn log_record(&self, start: std::time::SystemTime) -> accesslog::Record {
+        let mut r = accesslog::Record::new(accesslog::Mode::Server, start, self.peer, self.dst);
+        r.upstream_cluster = format!("inbound|{}||", self.dst.port());
+        r.mtls = self.identity.is_some();
+        r.downstream_peer_san = self
+            .identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        r.downstream_local_san = self
+            .pod
+            .identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        r
+    }
+
     pub fn new(
         pod: Arc<PodContext>,
         dst: SocketAddr,
@@ -294,6 +328,7 @@ where
     let m = arrival.with_labels(ctx, |l| ctx.metrics.connection_opened(l));
     let (pod, peer, dst) = (arrival.pod.workload.key(), arrival.peer, arrival.dst);
     tracing::debug!(%pod, %peer, %dst, "inbound: proxying");
+    let mut log = arrival.conn_log(ctx);
     let copy = copy::relay(
         client,
         app,
@@ -301,6 +336,7 @@ where
         m.sent.clone(),
         ctx.config.buffer_size,
         super::TCP_IDLE_TIMEOUT,
+        log.as_ref().map(|l| l.tally.clone()),
     );
     tokio::pin!(copy);
     let why = tokio::select! {
@@ -338,6 +374,9 @@ where
         }
     }
     tracing::info!(%pod, %peer, %dst, "inbound: closing a connection: {why}");
+    if let Some(l) = &mut log {
+        l.ended_with(&why);
+    }
 }
 
 /// How long a relayed connection must carry nothing to count as quiet.

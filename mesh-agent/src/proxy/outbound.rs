@@ -19,6 +19,7 @@ use super::{
     Error, PodContext, ProxyContext,
     app_stream::AppStream,
     cluster::{self, Admission, Cluster, HashInput},
+    conn_log::ConnLog,
     copy,
     destination::Destination,
     socket,
@@ -29,7 +30,10 @@ use crate::{
     registry::{Protocol, Resolution, Service, ServicePort},
     snapshot::Snapshot,
     snapshot::compile::{CompiledDestination, ConnView},
-    telemetry::metrics::{ConnLabels, Reporter},
+    telemetry::{
+        accesslog::{Mode, Record, Resolved},
+        metrics::{ConnLabels, Reporter},
+    },
     workload::Workload,
 };
 
@@ -254,6 +258,7 @@ async fn handle(
     ctx: &Arc<ProxyContext>,
 ) -> Result<(), Error> {
     let stream = AppStream::new(stream, pod.netns_cookie, ctx.fast_credit.as_ref());
+    let start = std::time::SystemTime::now();
     // One snapshot for the connection's whole life.
     let snap = ctx.store.load();
     let dst = match original_destination(&stream, peer, pod, ctx, &snap) {
@@ -281,6 +286,7 @@ async fn handle(
         .await;
         return Ok(());
     }
+    let dialled = dst;
     let target = match resolve(&snap, dst, &stream, peer, pod, ctx).await {
         Ok(t) => t,
         Err(e) => return refuse(&stream, e),
@@ -325,9 +331,24 @@ async fn handle(
         .as_ref()
         .and_then(|b| b.idle_timeout)
         .unwrap_or(super::TCP_IDLE_TIMEOUT);
+    let log = ctx
+        .access_log
+        .wants(&snap.access_logging(&pod.workload), Mode::Client)
+        .map(|to| {
+            let remote = SocketAddr::new(super::client_address(pod, peer), peer.port());
+            let mut r = Record::new(Mode::Client, start, remote, dialled);
+            r.upstream_host = Some(dst);
+            r.upstream_cluster = match &target.service {
+                Some(s) => format!("outbound|{}||{}", dialled.port(), s.hostname),
+                None => "PassthroughCluster".into(),
+            };
+            r.mtls = via.is_mtls();
+            r.upstream_peer_san = principals.as_ref().map(|p| p.1.clone()).unwrap_or_default();
+            (to, r)
+        });
     // The target (its place under `maxConnections`) lives as long as the
     // connection.
-    carry(stream, upstream, &labels, idle, pod, ctx).await;
+    carry(stream, upstream, &labels, idle, pod, ctx, log).await;
     drop(target);
     Ok(())
 }
@@ -367,24 +388,32 @@ async fn carry<U>(
     idle: std::time::Duration,
     pod: &PodContext,
     ctx: &ProxyContext,
+    log: Option<(Arc<Resolved>, Record)>,
 ) where
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut log = log.map(|(to, r)| ConnLog::new(&ctx.access_log, to, r));
     let m = ctx.metrics.connection_opened(labels);
     let (pod_name, dst) = (pod.workload.key(), labels.destination_addr);
     tracing::debug!(pod = %pod_name, %dst, mtls = labels.security_policy == "mutual_tls", "outbound: proxying");
-    match copy::relay(
+    let relayed = copy::relay(
         stream,
         upstream,
         m.received.clone(),
         m.sent.clone(),
         ctx.config.buffer_size,
         idle,
+        log.as_ref().map(|l| l.tally.clone()),
     )
-    .await
-    {
+    .await;
+    match &relayed {
         Ok((up, down)) => tracing::debug!(pod = %pod_name, %dst, up, down, "outbound: closed"),
-        Err(e) => tracing::debug!(pod = %pod_name, %dst, "outbound: closed with {e}"),
+        Err(e) => {
+            tracing::debug!(pod = %pod_name, %dst, "outbound: closed with {e}");
+            if let Some(l) = &mut log {
+                l.ended_with(e);
+            }
+        }
     }
 }
 

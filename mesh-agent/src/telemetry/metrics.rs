@@ -227,6 +227,7 @@ pub struct Metrics {
     jwt_rejections: IntCounterVec,
     jwks_fetches: IntCounterVec,
     audit_dropped: IntCounter,
+    access_log: IntCounterVec,
     rate_limited: IntCounterVec,
     requests: IntCounterVec,
     request_duration: HistogramVec,
@@ -403,6 +404,12 @@ impl Metrics {
             request_duration,
             request_bytes,
             response_bytes,
+            access_log: counter_vec(
+                &registry,
+                "mesh_access_log_records_total",
+                "Access-log records by result: written (per provider), filtered out by a Telemetry filter, dropped (the queue was full), failed (the sink refused the write).",
+                &["result"],
+            )?,
             proxy_errors: counter_vec(
                 &registry,
                 "mesh_proxy_errors_total",
@@ -659,6 +666,10 @@ impl Metrics {
     /// The counter of audit records dropped, for the audit writer.
     pub fn audit_dropped(&self) -> IntCounter {
         self.audit_dropped.clone()
+    }
+
+    pub fn access_log_counts(&self) -> IntCounterVec {
+        self.access_log.clone()
     }
 
     pub fn jwks_fetch(&self, result: &str) {

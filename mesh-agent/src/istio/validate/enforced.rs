@@ -108,6 +108,7 @@ fn enforced(kind: Kind) -> &'static [&'static str] {
         // `policy::jwt`, `policy::ext_authz`), tested in `tests/authz/`.
         Kind::AuthorizationPolicy => &["selector", "rules", "action", "provider"],
         Kind::RequestAuthentication => &["selector", "jwtRules"],
+        Kind::Telemetry => &["selector", "accessLogging"],
         // Local rate limits; other patches are warned about by validation.
         Kind::EnvoyFilter => &["workloadSelector", "configPatches", "priority"],
         // The service registry: where captured connections go.
@@ -148,6 +149,7 @@ fn consequence(r: &Resource) -> Option<String> {
         Spec::AuthorizationPolicy(p) => p.target_ref.is_some() || !p.target_refs.is_empty(),
         Spec::RequestAuthentication(p) => p.target_ref.is_some() || !p.target_refs.is_empty(),
         Spec::EnvoyFilter(p) => !p.target_refs.is_empty(),
+        Spec::Telemetry(p) => p.target_ref.is_some() || !p.target_refs.is_empty(),
         _ => false,
     };
     if targeted {
@@ -158,7 +160,6 @@ fn consequence(r: &Resource) -> Option<String> {
         ));
     }
     let what = match &r.spec {
-        Spec::Telemetry(_) => "metrics, access logs and tracing are not changed by it",
         Spec::Gateway(_) => "nothing listens for its servers",
         Spec::Sidecar(_) => "egress and ingress are not restricted by it",
         _ => return None,

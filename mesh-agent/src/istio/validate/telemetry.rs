@@ -76,7 +76,13 @@ pub(super) fn check(c: &mut Check<'_>, s: &Telemetry) {
             c.required(&format!("{p}.providers[{j}].name"), &pr.name);
         }
         if let Some(f) = &a.filter {
-            c.required(&format!("{p}.filter.expression"), &f.expression);
+            let field = format!("{p}.filter.expression");
+            c.required(&field, &f.expression);
+            if !f.expression.is_empty()
+                && let Err(e) = crate::cel_expr::compile(&f.expression)
+            {
+                c.err(field, format!("not a valid CEL expression: {e}"));
+            }
         }
     }
 }

@@ -249,6 +249,28 @@ pub fn cors(route: &CompiledHttpRoute, method: &http::Method, headers: &HeaderMa
     Some(Cors::Actual(h))
 }
 
+/// Adds `x-request-id` (a random UUID, as Envoy makes them) to a request
+/// that has none, so its access-log lines and traces can be joined.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    if headers.contains_key("x-request-id") {
+        return;
+    }
+    let r = fastrand::u128(..);
+    // Version 4, variant 1.
+    let r = (r & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let id = format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        r >> 96,
+        (r >> 80) & 0xffff,
+        (r >> 64) & 0xffff,
+        (r >> 48) & 0xffff,
+        r & 0xffff_ffff_ffff
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", v);
+    }
+}
+
 /// The request's authority: `:authority` (HTTP/2, absolute URIs) or Host.
 pub fn authority(uri: &Uri, headers: &HeaderMap) -> String {
     uri.authority()

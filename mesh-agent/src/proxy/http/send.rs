@@ -103,11 +103,15 @@ impl Conn {
             })?;
         let ep = pick.endpoint;
         if let Some(slot) = served {
-            *slot.lock().expect("served lock") = Some(Served {
+            let mut t = slot.lock().expect("served lock");
+            t.served = Some(Served {
                 via: Via::to(&self.ctx, &self.pod, ep.workload.as_ref().map(|w| &*w.0)),
                 workload: ep.workload.as_ref().map(|w| w.0.clone()),
                 service: svc.clone(),
             });
+            t.cluster = format!("outbound|{}|{}|{}", port.port, dest.subset, svc.hostname);
+            t.upstream = None;
+            t.attempts += 1;
         }
         let od = policy.outlier_detection;
         let hosts = candidates.len();
@@ -122,6 +126,9 @@ impl Conn {
             Ok(a) => a,
             Err(e) => return Err(connect_failure(upstream_failure(&e))),
         };
+        if let Some(slot) = served {
+            slot.lock().expect("served lock").upstream = Some(addr);
+        }
         let (mut sender, uses) = match self.sender(ep, addr, h2, policy.connect_timeout()).await {
             Ok(u) => u,
             Err(reply) => return Err(connect_failure(reply)),

@@ -52,7 +52,10 @@ use crate::{
     },
     registry::protocol::Protocol,
     snapshot::InboundPolicy,
-    telemetry::metrics::RequestRecorder,
+    telemetry::{
+        accesslog::{HttpRecord, Mode, Record, Resolved},
+        metrics::RequestRecorder,
+    },
 };
 
 /// The body Envoy's RBAC filter answers a denied request with.
@@ -203,28 +206,47 @@ impl Conn {
             .is_some_and(|v| v.starts_with("application/grpc"));
         let h2 = req.version() == Version::HTTP_2;
         let client_upgrade = crate::proxy::http::client_upgrade(&mut req, h2);
+        crate::proxy::http::actions::ensure_request_id(req.headers_mut());
+        // The policy in force now, not when the connection opened: a
+        // change applies to the next request.
+        let policy = self.current_policy();
+        let log = self
+            .ctx
+            .access_log
+            .wants(&policy.access_logging, Mode::Server)
+            .map(|to| {
+                let mut r = self.arrival.log_record(std::time::SystemTime::now());
+                r.http = Some(Box::new(HttpRecord::of_request(&req)));
+                r.upstream_host = Some(self.arrival.dst);
+                r.route_name = "default".into();
+                (to, r)
+            });
         let request_bytes = Arc::new(AtomicU64::new(0));
         let resp = match self
-            .decide_and_send(req, h2, client_upgrade, &request_bytes)
+            .decide_and_send(req, &policy, h2, client_upgrade, &request_bytes)
             .await
         {
             Ok(r) => r,
             Err(reply) => reply.into_response(grpc),
         };
-        self.metered(resp, grpc, started, request_bytes)
+        let log = log.map(|(to, mut r)| {
+            if let Some(h) = &mut r.http {
+                h.response_headers = resp.headers().clone();
+            }
+            (to, r)
+        });
+        self.metered(resp, grpc, started, request_bytes, log)
     }
 
     async fn decide_and_send(
         &self,
         req: Request<Incoming>,
+        policy: &InboundPolicy,
         h2: bool,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         request_bytes: &Arc<AtomicU64>,
     ) -> Result<Response<Body>, LocalReply> {
         let (mut parts, body) = req.into_parts();
-        // The policy in force now, not when the connection opened: a
-        // change applies to the next request.
-        let policy = self.current_policy();
         // Policy sees the normalized path, and so does the application:
         // nothing it routes on can differ from what was decided. Before the
         // rate limits too, as Envoy normalizes before any filter: `/./x`
@@ -290,7 +312,7 @@ impl Conn {
             }
         };
         let downstream = self
-            .custom(&policy, &mut parts, &authority, &path, auth.as_deref())
+            .custom(policy, &mut parts, &authority, &path, auth.as_deref())
             .await?;
         let h = HttpAttributes {
             method: parts.method.as_str(),
@@ -398,7 +420,8 @@ impl Conn {
                 .record_custom(&self.ctx, &self.peer, &id, false, Some(&info));
             LocalReply::new(status, "UAEX", message)
         };
-        let Some(p) = self.ctx.mesh.http_provider(&provider) else {
+        let mesh = self.ctx.mesh.load_full();
+        let Some(p) = mesh.http_provider(&provider) else {
             tracing::warn!(policy = %id, %provider, "CUSTOM: no envoyExtAuthzHttp provider of that name in --mesh-config; denying");
             return Err(deny(
                 StatusCode::FORBIDDEN,
@@ -506,9 +529,24 @@ impl Conn {
         grpc: bool,
         started: Instant,
         request_bytes: Arc<AtomicU64>,
+        log: Option<(Arc<Resolved>, Record)>,
     ) -> Response<Body> {
         metered::when_done(resp, move |f| {
             let outcome = f.outcome(grpc, started, request_bytes.load(Ordering::Relaxed));
+            if let Some((to, mut r)) = log {
+                if let Some(h) = &mut r.http {
+                    h.code = f.code;
+                    h.grpc_status = (f.grpc_status != "-").then(|| f.grpc_status.clone());
+                    h.attempts = 1;
+                }
+                if f.flags != "-" {
+                    r.flags = f.flags.clone();
+                }
+                r.bytes_received = outcome.request_bytes;
+                r.bytes_sent = f.response_bytes;
+                r.duration = outcome.duration;
+                self.ctx.access_log.log(r, to);
+            }
             self.ctx.metrics.request_done_on(&self.recorder, &outcome);
         })
     }
