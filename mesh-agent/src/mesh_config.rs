@@ -126,6 +126,10 @@ impl MeshConfig {
             }
             _ => doc,
         };
+        // An empty file (or `mesh: ""`) is the default MeshConfig.
+        if mesh.is_null() {
+            return Ok(Self::default());
+        }
         let config: Self = serde_path_to_error::deserialize(mesh).map_err(|e| {
             let at = e.path().to_string();
             format!("{at}: {}", e.into_inner())
@@ -217,6 +221,12 @@ mod tests {
         assert!(
             e.contains("extensionProviders[0].envoyExtAuthzHttp.timeout") && e.contains("soon"),
             "{e}"
+        );
+        assert!(
+            MeshConfig::parse("")
+                .unwrap()
+                .extension_providers
+                .is_empty()
         );
         let e = MeshConfig::parse("accessLogEncoding: XML\n").unwrap_err();
         assert!(e.contains("accessLogEncoding"), "{e}");

@@ -245,3 +245,67 @@ fn the_crds_serve_every_istio_kind_and_version_the_agent_reads() {
         );
     }
 }
+
+/// Every metric the Grafana dashboard queries is one the agent defines
+/// (its families are named in `src/telemetry`), and it queries the golden
+/// signals: request rate, errors, latency quantiles.
+#[test]
+fn the_dashboard_uses_only_the_agents_metrics() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("../deploy/grafana/mesh-agent-golden-signals.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    for v in dash["templating"]["list"].as_array().expect("templating") {
+        if let Some(q) = v["query"].as_str() {
+            exprs.push(q.to_owned());
+        }
+    }
+    let mut defined = String::new();
+    let mut stack = vec![root.join("src/telemetry")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                defined.push_str(&std::fs::read_to_string(&p).unwrap());
+            }
+        }
+    }
+    let name = regex::Regex::new(r"\b(?:istio|mesh)_[a-z0-9_]+").unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for e in &exprs {
+        for m in name.find_iter(e) {
+            let family = m
+                .as_str()
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            used.insert(family.to_owned());
+        }
+    }
+    assert!(used.len() >= 8, "too few metrics: {used:?}");
+    for f in &used {
+        assert!(
+            defined.contains(&format!("\"{f}\"")),
+            "the dashboard queries {f}, which the agent does not define"
+        );
+    }
+    let all = exprs.join("\n");
+    for signal in [
+        "rate(istio_requests_total",
+        "response_code=~\"5..\"",
+        "histogram_quantile(0.5,",
+        "histogram_quantile(0.95,",
+        "histogram_quantile(0.99,",
+        "istio_request_duration_milliseconds_bucket",
+    ] {
+        assert!(all.contains(signal), "no {signal} in the dashboard");
+    }
+}

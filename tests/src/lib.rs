@@ -15,6 +15,7 @@ pub mod env;
 pub mod fake_apiserver;
 pub mod jwt;
 pub mod pod;
+pub mod prometheus;
 pub mod sys;
 
 pub use agent::{Agent, AgentOptions};

@@ -1,8 +1,10 @@
 //! Telemetry through real traffic between two nodes: access logs in
 //! Envoy's formats, selected and filtered by Istio's Telemetry resource,
-//! with providers from a MeshConfig the agents watch.
+//! with providers from a MeshConfig the agents watch; golden signals read
+//! back through a real Prometheus.
 
 mod access_log;
+mod golden_signals;
 
 use std::{path::PathBuf, time::Duration};
 

@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 pub const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
-const PACKAGES: [(&str, &str); 12] = [
+const PACKAGES: [(&str, &str); 13] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
@@ -32,6 +32,9 @@ const PACKAGES: [(&str, &str); 12] = [
     ("xz", "xz-utils"),
     // libFuzzer, built from source by libfuzzer-sys (`cargo xtask fuzz`).
     ("c++", "g++"),
+    // The golden-signals test scrapes the agents with a real Prometheus
+    // and lints their metrics with promtool.
+    ("prometheus", "prometheus"),
 ];
 
 /// Where the installed tools are.
@@ -245,7 +248,25 @@ fn packages() -> Result<()> {
     apt(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(&missing);
-    apt(&args)
+    // Packages that ship a service (prometheus) must not start it: the
+    // tests run their own, in their own namespaces. Debian's way is a
+    // policy-rc.d that denies starts; one is put there for the install
+    // unless the machine has its own.
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let guard = !policy.exists();
+    if guard {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask setup: no service starts\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let installed = apt(&args);
+    if guard {
+        std::fs::remove_file(policy)?;
+    }
+    installed
 }
 
 fn apt(args: &[&str]) -> Result<()> {
