@@ -52,6 +52,8 @@ pub struct AdminState {
     pub kube: Option<Arc<crate::sources::kube::KubeSource>>,
     /// The shared maps, for the fast-path switch.
     pub maps: Arc<crate::ebpf::Maps>,
+    /// The connections carried now.
+    pub conns: Arc<crate::proxy::conn_table::ConnTable>,
 }
 
 impl AdminState {
@@ -196,14 +198,19 @@ fn route(state: &AdminState, ep: Endpoint, req: Request<Incoming>) -> Response<F
             dump["snapshot"] = serde_json::to_value(&*state.store.load()).unwrap_or_default();
             json(&dump)
         }
+        (Endpoint::Admin, "/connections") if get => json(&state.conns.to_json()),
         (Endpoint::Admin, "/logging") => logging(state, &req),
         (Endpoint::Admin, "/fast_path") => fast_path(state, &req),
         (Endpoint::Admin, "/") if get => text(
             StatusCode::OK,
-            "endpoints: /config_dump, /logging[?level=FILTER] (POST to change), \
+            "endpoints: /config_dump, /connections, /logging[?level=FILTER] (POST to change), \
              /fast_path[?enabled=true|false] (POST to change), /stats/prometheus, /healthz/ready",
         ),
-        (_, "/metrics" | "/stats/prometheus" | "/healthz/ready" | "/config_dump" | "/") => text(
+        (
+            _,
+            "/metrics" | "/stats/prometheus" | "/healthz/ready" | "/config_dump" | "/connections"
+            | "/",
+        ) => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} not allowed on {path}", req.method()),
         ),

@@ -275,6 +275,7 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         store: store.clone(),
         kube: kube.clone(),
         maps,
+        conns: ctx.conns.clone(),
     });
     let stop_admin = CancellationToken::new();
     for (l, ep) in [

@@ -9,8 +9,10 @@ use serde::Serialize;
 
 mod ca;
 mod cidr;
+mod commands;
 pub use ca::{CaCommand, CaRunConfig};
 pub use cidr::Cidr;
+pub use commands::{BpfCommand, CniCommand, Inspect, Output, Pins, Threshold};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -102,40 +104,33 @@ pub enum Command {
         #[command(subcommand)]
         command: CniCommand,
     },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CniCommand {
-    /// Copy the plugin to the node's CNI binary directory and chain it at
-    /// the end of the network configuration the runtime uses (a
-    /// DaemonSet's init container; run again, it replaces its entry).
-    Install {
-        /// The plugin binary to install; by default `mesh-cni` beside this
-        /// program.
-        #[arg(long)]
-        plugin: Option<PathBuf>,
-        #[arg(long, default_value = "/opt/cni/bin")]
-        cni_bin_dir: PathBuf,
-        #[arg(long, default_value = "/etc/cni/net.d")]
-        cni_conf_dir: PathBuf,
-        /// The agent's `--cni-socket`, as the runtime (on the node) sees it.
-        #[arg(long, default_value = "/run/mesh-agent/cni.sock")]
-        agent_socket: PathBuf,
-        /// Namespaces whose pods never wait for the agent (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "kube-system")]
-        exclude_namespaces: Vec<String>,
-        /// How long the plugin waits for the agent's answer, in seconds.
-        #[arg(long, default_value_t = 15)]
-        timeout_seconds: u64,
+    /// Ask a running agent what it is doing (its admin port):
+    /// readiness, configuration, pods, certificates, programs, drops.
+    Status(Inspect),
+    /// The pods the agent enrolled: addresses, identity, listeners.
+    Workloads(Inspect),
+    /// The services the agent routes to: addresses, ports, endpoints.
+    Services(Inspect),
+    /// The policies in force for each enrolled pod.
+    Policies(Inspect),
+    /// Workload certificates and their expiry, and the trust bundle.
+    Certs(Inspect),
+    /// Live connections: source, destination, identities, bytes, age.
+    Connections(Inspect),
+    /// Show the log filter, or set it (`info`, `mesh_agent::proxy=debug`).
+    LogLevel {
+        /// The new filter, in tracing's syntax; none shows the current one.
+        level: Option<String>,
+        #[command(flatten)]
+        inspect: Inspect,
     },
-}
-
-/// The lowest level of finding that makes `analyze` fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Threshold {
-    Error,
-    Warning,
-    Info,
+    /// Everything the agent knows, as JSON (`/config_dump`).
+    ConfigDump(Inspect),
+    /// The node's eBPF programs and maps, read from the agent's pins.
+    Bpf {
+        #[command(subcommand)]
+        command: BpfCommand,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]

@@ -22,6 +22,7 @@ pub mod discover;
 pub mod documents;
 pub mod handover;
 pub mod identity;
+pub mod inspect;
 pub mod istio;
 pub mod mesh_config;
 pub mod netns;

@@ -4,6 +4,7 @@ use clap::Parser as _;
 use mesh_agent::{
     app, ca,
     config::{self, CaCommand, Cli, Command, Config},
+    inspect::View,
     istio::Severity,
     telemetry,
 };
@@ -47,6 +48,39 @@ fn main() -> ExitCode {
             strict,
             json,
         } => validate(&paths, errors_only, strict, json),
+        Command::Status(i) => inspect(View::Status, &i),
+        Command::Workloads(i) => inspect(View::Workloads, &i),
+        Command::Services(i) => inspect(View::Services, &i),
+        Command::Policies(i) => inspect(View::Policies, &i),
+        Command::Certs(i) => inspect(View::Certs, &i),
+        Command::Connections(i) => inspect(View::Connections, &i),
+        Command::ConfigDump(i) => inspect(View::ConfigDump, &i),
+        Command::LogLevel { level, inspect } => {
+            printed(mesh_agent::inspect::log_level(level.as_deref(), &inspect))
+        }
+        Command::Bpf { command } => printed(match command {
+            config::BpfCommand::Progs(p) => mesh_agent::inspect::progs(&p),
+            config::BpfCommand::Maps(p) => mesh_agent::inspect::maps(&p),
+        }),
+    }
+}
+
+fn inspect(view: View, i: &config::Inspect) -> ExitCode {
+    printed(mesh_agent::inspect::show(view, i))
+}
+
+/// Prints what an inspect command got; exit status 69 (EX_UNAVAILABLE)
+/// when the agent or its pins could not be read.
+fn printed(r: Result<String, mesh_agent::inspect::Error>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-agent: error: {e}");
+            ExitCode::from(69)
+        }
     }
 }
 

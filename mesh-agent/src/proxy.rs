@@ -5,6 +5,7 @@
 pub mod app_stream;
 pub mod cluster;
 pub mod conn_log;
+pub mod conn_table;
 pub mod copy;
 pub mod destination;
 pub mod hbone;
@@ -193,6 +194,8 @@ pub struct ProxyContext {
     pub mesh: arc_swap::ArcSwap<crate::mesh_config::MeshConfig>,
     /// Where access-log records go (providers from the MeshConfig).
     pub access_log: crate::telemetry::accesslog::AccessLog,
+    /// The connections carried now (`/connections`).
+    pub conns: Arc<conn_table::ConnTable>,
     /// Where the agent reports reads from applications' fast-path sockets;
     /// `None` where the fast path cannot run.
     pub fast_credit: Option<Arc<dyn app_stream::FastPathCredit>>,
@@ -222,6 +225,7 @@ impl ProxyContext {
             audit,
             mesh: Default::default(),
             access_log: crate::telemetry::accesslog::AccessLog::off(metrics.access_log_counts()),
+            conns: Arc::default(),
             fast_credit: None,
             config,
             capture,

@@ -132,7 +132,10 @@ pub fn set_bind_address_no_port(sock: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// `bpf(2)` commands used here (include/uapi/linux/bpf.h).
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 
@@ -182,4 +185,55 @@ pub fn pin_by_id(kind: BpfObject, id: u32, path: &Path) -> io::Result<()> {
     attr[0] = name.as_ptr() as u64; // pathname
     attr[1] = u64::from(fd.as_raw_fd() as u32); // bpf_fd; file_flags 0
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// How many keys the map behind `fd` holds (`BPF_MAP_GET_NEXT_KEY` from
+/// the start; at most `max + 1` steps, so a map changing under the walk
+/// cannot keep it going).
+pub fn map_key_count(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key_size: u32,
+    max: u32,
+) -> io::Result<usize> {
+    let mut key = vec![0u8; key_size as usize];
+    let mut next = vec![0u8; key_size as usize];
+    let mut n = 0usize;
+    let mut first = true;
+    while n <= max as usize {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(fd.as_raw_fd() as u32); // map_fd
+        attr[1] = if first { 0 } else { key.as_ptr() as u64 }; // key
+        attr[2] = next.as_mut_ptr() as u64; // next_key
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                n += 1;
+                first = false;
+                std::mem::swap(&mut key, &mut next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The link pinned at `path`: its ID and its program's ID.
+pub fn pinned_link_ids(path: &Path) -> io::Result<(u32, u32)> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let name = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    attr[0] = name.as_ptr() as u64; // pathname; bpf_fd 0, file_flags 0
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info starts with type, id, prog_id (u32 each).
+    let mut info = [0u64; 32];
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(fd.as_raw_fd() as u32) | ((std::mem::size_of_val(&info) as u64) << 32); // bpf_fd, info_len
+    attr[1] = info.as_mut_ptr() as u64; // info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let id = (info[0] >> 32) as u32;
+    let prog_id = (info[1] & 0xffff_ffff) as u32;
+    Ok((id, prog_id))
 }

@@ -4,6 +4,7 @@
 //! back through a real Prometheus.
 
 mod access_log;
+mod cli;
 mod golden_signals;
 
 use std::{path::PathBuf, time::Duration};
@@ -49,7 +50,8 @@ impl Mesh {
                 "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
                 "metadata": {"name": "web", "namespace": "default"},
                 "spec": {"selector": {"matchLabels": {"app": "web"}},
-                         "rules": [{"to": [{"operation": {"paths": ["/*"]}}]}]},
+                         "rules": [{"to": [{"operation": {"paths": ["/*"]}}]},
+                                   {"to": [{"operation": {"ports": ["9100"]}}]}]},
             }));
         }
         write_yaml(&c.config.join("web.yaml"), &docs);

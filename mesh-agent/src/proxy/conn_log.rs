@@ -17,13 +17,14 @@ pub struct ConnLog<'a> {
 }
 
 impl<'a> ConnLog<'a> {
-    pub fn new(log: &'a AccessLog, to: Arc<Resolved>, record: Record) -> Self {
+    /// `tally`: the one the connection's relay counts into.
+    pub fn new(log: &'a AccessLog, to: Arc<Resolved>, record: Record, tally: Tally) -> Self {
         Self {
             log,
             to,
             record: Some(record),
             began: Instant::now(),
-            tally: Tally::default(),
+            tally,
         }
     }
 

@@ -76,6 +76,17 @@ pub async fn serve(
     };
     let pod_key = pod.workload.key().to_string();
     let log_plan = snap.access_logging(&pod.workload);
+    let _listed = ctx.conns.register(super::conn_table::ConnInfo {
+        direction: "outbound",
+        protocol: "http",
+        pod: pod_key.clone(),
+        source: SocketAddr::new(super::client_address(&pod, peer), peer.port()),
+        destination: dst,
+        source_identity: pod.identity.as_ref().map(|i| i.to_string()),
+        destination_identity: None,
+        started: std::time::SystemTime::now(),
+        tally: None,
+    });
     let (draining, header_timeout) = (ctx.draining.clone(), ctx.config.request_header_timeout);
     let conn = Arc::new(Conn {
         pod,

@@ -62,13 +62,33 @@ pub struct Arrival {
 impl Arrival {
     /// The access-log record of this connection (the server side), if a
     /// provider wants it.
-    fn conn_log<'a>(&self, ctx: &'a ProxyContext) -> Option<ConnLog<'a>> {
+    fn conn_log<'a>(&self, ctx: &'a ProxyContext, tally: &copy::Tally) -> Option<ConnLog<'a>> {
         let to = ctx
             .access_log
             .wants(&self.policy.access_logging, accesslog::Mode::Server)?;
         let mut r = self.log_record(std::time::SystemTime::now());
         r.upstream_host = Some(self.dst);
-        Some(ConnLog::new(&ctx.access_log, to, r))
+        Some(ConnLog::new(&ctx.access_log, to, r, tally.clone()))
+    }
+
+    /// Lists the connection in `/connections` while the guard lives.
+    pub fn list(
+        &self,
+        ctx: &ProxyContext,
+        protocol: &'static str,
+        tally: Option<copy::Tally>,
+    ) -> super::conn_table::Registered {
+        ctx.conns.register(super::conn_table::ConnInfo {
+            direction: "inbound",
+            protocol,
+            pod: self.pod.workload.key().to_string(),
+            source: self.peer,
+            destination: self.dst,
+            source_identity: self.identity.as_ref().map(|i| i.to_string()),
+            destination_identity: self.pod.identity.as_ref().map(|i| i.to_string()),
+            started: std::time::SystemTime::now(),
+            tally,
+        })
     }
 
     /// A server-side record of a request or connection that arrived here.
@@ -328,7 +348,9 @@ where
     let m = arrival.with_labels(ctx, |l| ctx.metrics.connection_opened(l));
     let (pod, peer, dst) = (arrival.pod.workload.key(), arrival.peer, arrival.dst);
     tracing::debug!(%pod, %peer, %dst, "inbound: proxying");
-    let mut log = arrival.conn_log(ctx);
+    let tally = copy::Tally::default();
+    let mut log = arrival.conn_log(ctx, &tally);
+    let _listed = arrival.list(ctx, "tcp", Some(tally.clone()));
     let copy = copy::relay(
         client,
         app,
@@ -336,7 +358,7 @@ where
         m.sent.clone(),
         ctx.config.buffer_size,
         super::TCP_IDLE_TIMEOUT,
-        log.as_ref().map(|l| l.tally.clone()),
+        Some(tally),
     );
     tokio::pin!(copy);
     let why = tokio::select! {

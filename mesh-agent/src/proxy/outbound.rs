@@ -20,6 +20,7 @@ use super::{
     app_stream::AppStream,
     cluster::{self, Admission, Cluster, HashInput},
     conn_log::ConnLog,
+    conn_table::ConnInfo,
     copy,
     destination::Destination,
     socket,
@@ -348,7 +349,19 @@ async fn handle(
         });
     // The target (its place under `maxConnections`) lives as long as the
     // connection.
-    carry(stream, upstream, &labels, idle, pod, ctx, log).await;
+    let tally = copy::Tally::default();
+    let _listed = ctx.conns.register(ConnInfo {
+        direction: "outbound",
+        protocol: "tcp",
+        pod: pod.workload.key().to_string(),
+        source: SocketAddr::new(super::client_address(pod, peer), peer.port()),
+        destination: dst,
+        source_identity: principals.as_ref().map(|p| p.0.clone()),
+        destination_identity: principals.as_ref().map(|p| p.1.clone()),
+        started: start,
+        tally: Some(tally.clone()),
+    });
+    carry(stream, upstream, &labels, idle, pod, ctx, log, tally).await;
     drop(target);
     Ok(())
 }
@@ -381,6 +394,7 @@ fn original_destination(
 
 /// Relays the application's connection and `upstream`, counting into the
 /// connection's metrics.
+#[allow(clippy::too_many_arguments)] // one connection's context
 async fn carry<U>(
     stream: AppStream,
     upstream: U,
@@ -389,10 +403,11 @@ async fn carry<U>(
     pod: &PodContext,
     ctx: &ProxyContext,
     log: Option<(Arc<Resolved>, Record)>,
+    tally: copy::Tally,
 ) where
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut log = log.map(|(to, r)| ConnLog::new(&ctx.access_log, to, r));
+    let mut log = log.map(|(to, r)| ConnLog::new(&ctx.access_log, to, r, tally.clone()));
     let m = ctx.metrics.connection_opened(labels);
     let (pod_name, dst) = (pod.workload.key(), labels.destination_addr);
     tracing::debug!(pod = %pod_name, %dst, mtls = labels.security_policy == "mutual_tls", "outbound: proxying");
@@ -403,7 +418,7 @@ async fn carry<U>(
         m.sent.clone(),
         ctx.config.buffer_size,
         idle,
-        log.as_ref().map(|l| l.tally.clone()),
+        Some(tally),
     )
     .await;
     match &relayed {

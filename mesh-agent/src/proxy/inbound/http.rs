@@ -67,6 +67,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (driver, driven) = tokio::sync::oneshot::channel::<AppDriver>();
+    let _listed = arrival.list(&ctx, "http", None);
     let conn = Arc::new(Conn {
         peer: arrival.peer(),
         recorder: arrival.with_labels(&ctx, RequestRecorder::new),
