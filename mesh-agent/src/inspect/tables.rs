@@ -163,7 +163,13 @@ pub fn status(d: &Value) -> String {
         .filter(|m| !m.is_empty())
         .map_or("none".into(), |m| {
             m.iter()
-                .map(|(k, v)| format!("{k}: {}", s(&v["error"]).lines().next().unwrap_or("?")))
+                .map(|(k, v)| {
+                    format!(
+                        "{k} at {}: {}",
+                        s(&v["at"]),
+                        s(&v["problems"][0]).lines().next().unwrap_or("?")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("; ")
         });

@@ -54,6 +54,28 @@ spec:
         - {destination: {host: httpbin, subset: v2}, weight: 10}
 ";
 
+/// Access logs for requests that ask for them (`x-demo: log`), in a
+/// format of our own, to a file (the provider comes from the MeshConfig).
+const TELEMETRY_YAML: &str = "\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging:
+    - providers: [{name: demo-log}]
+      filter: {expression: \"request.headers['x-demo'] == 'log'\"}
+";
+
+/// The agents' MeshConfig: the `demo-log` provider (`LOG_FILE` is replaced).
+const MESH_CONFIG: &str = "\
+extensionProviders:
+  - name: demo-log
+    envoyFileAccessLog:
+      path: LOG_FILE
+      logFormat:
+        text: '%START_TIME(%H:%M:%S)% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %UPSTREAM_CLUSTER% peer=%DOWNSTREAM_PEER_URI_SAN% id=%REQ(X-REQUEST-ID)% %DURATION%ms'
+";
+
 /// What the server's agent decides (`JWKS` is replaced by the demo's key).
 const POLICY_YAML: &str = "\
 apiVersion: security.istio.io/v1
@@ -216,7 +238,17 @@ fn run(env: &Env, hold: bool) {
     );
     let config = env.dir.join("config");
     std::fs::create_dir_all(&config).unwrap();
-    let mesh_yaml = format!("{}---\n{MESH_YAML}", demo::HTTPBIN_SERVICE);
+    let mesh_yaml = format!(
+        "{}---\n{MESH_YAML}---\n{TELEMETRY_YAML}",
+        demo::HTTPBIN_SERVICE
+    );
+    let access_log = env.dir.join("access.log");
+    let mesh_config = env.dir.join("mesh-config.yaml");
+    std::fs::write(
+        &mesh_config,
+        MESH_CONFIG.replace("LOG_FILE", &access_log.display().to_string()),
+    )
+    .unwrap();
     std::fs::write(config.join("mesh.yaml"), &mesh_yaml).unwrap();
     for l in mesh_yaml.lines().filter(|l| !l.starts_with('#')) {
         println!("  | {l}");
@@ -238,6 +270,7 @@ fn run(env: &Env, hold: bool) {
     let opts = |node: &mesh_tests::Node, pins: std::path::PathBuf| {
         let mut args = ca.agent_args(node);
         args.extend(["--config".into(), config.display().to_string()]);
+        args.extend(["--mesh-config".into(), mesh_config.display().to_string()]);
         AgentOptions {
             args,
             pin_dir: Some(pins),
@@ -411,6 +444,53 @@ fn run(env: &Env, hold: bool) {
         h["local"].as_str().unwrap_or("?"),
         h["peer"].as_str().unwrap_or("?")
     );
+
+    step(
+        "7. Access logs: one request asking for it (x-demo: log), as both agents wrote it (Telemetry + MeshConfig, a format of our own)",
+    );
+    let j = client
+        .run_app(&[
+            "http-count",
+            "http://10.96.0.80:8000/headers",
+            "1",
+            "x-demo: log",
+        ])
+        .json();
+    println!(
+        "$ [in pod client] curl -H 'x-demo: log' http://10.96.0.80:8000/headers   → {}",
+        j["last"]["status"]
+    );
+    let logged = || {
+        std::fs::read_to_string(&access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("/headers"))
+            .count()
+    };
+    if !sys::wait_until(Duration::from_secs(5), || logged() >= 2) {
+        println!("  (the access log has {} of the 2 lines)", logged());
+    }
+    for l in std::fs::read_to_string(&access_log)
+        .unwrap_or_default()
+        .lines()
+    {
+        println!("  {l}");
+    }
+    println!(
+        "  (client side: the source agent's route; server side: who the certificate proved; one x-request-id)"
+    );
+
+    step("8. Ask the agent on node-b: mesh-agent status, mesh-agent connections");
+    for args in [&["status"][..], &["connections"]] {
+        shell(
+            &format!("[on node-b] mesh-agent {}", args.join(" ")),
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", node_b.netns))
+                .arg("--")
+                .arg(sys::agent_bin())
+                .args(args),
+        );
+    }
 
     step("What the agents counted (GET :15020/metrics, Istio's metric names)");
     for (name, a) in [("node-a", &agent_a), ("node-b", &agent_b)] {

@@ -108,3 +108,15 @@ fn bad_format_strings_are_refused_with_the_reason() {
         assert!(e.contains(why), "{f}: {e}");
     }
 }
+
+#[test]
+fn pseudo_headers_by_their_own_names() {
+    let r = Record::sample();
+    assert_eq!(
+        text(
+            "%START_TIME(%H:%M:%S)% %REQ(:METHOD)% %REQ(:PATH)% %REQ(:AUTHORITY)%",
+            &r
+        ),
+        "22:13:20 GET /ratings/1?x=y ratings:9080\n"
+    );
+}
