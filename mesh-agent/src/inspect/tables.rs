@@ -199,31 +199,26 @@ pub fn status(d: &Value) -> String {
         "eBPF:",
         format!("{} programs, pins in {}", d["programs"], s(&d["pinDir"])),
     );
-    let maps = d["mapEntries"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
-    line(
-        &mut out,
-        "Map entries:",
-        if maps.is_empty() { "-".into() } else { maps },
-    );
-    let drops = d["drops"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
+    line(&mut out, "Map entries:", pairs(&d["mapEntries"]));
+    let drops = pairs(&d["drops"]);
     line(&mut out, "Drops:", drops);
     out
+}
+
+/// `key value, key value` of an object; `-` when empty.
+fn pairs(v: &Value) -> String {
+    let joined = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if joined.is_empty() {
+        "-".into()
+    } else {
+        joined
+    }
 }
 
 pub fn workloads(d: &Value) -> String {
