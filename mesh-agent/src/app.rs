@@ -212,10 +212,27 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
     if maps.fast_path_unavailable().is_none() {
         ctx.fast_credit = Some(maps.clone());
     }
-    let (mesh, log_providers) = mesh_watch::load(config.mesh_config.as_deref(), config.access_log)?;
-    ctx.mesh = arc_swap::ArcSwap::from_pointee(mesh);
-    ctx.access_log =
-        telemetry::accesslog::AccessLog::start(log_providers, metrics.access_log_counts());
+    let mesh = mesh_watch::load(config.mesh_config.as_deref(), config.access_log)?;
+    ctx.mesh = arc_swap::ArcSwap::from_pointee(mesh.mesh);
+    ctx.access_log = telemetry::accesslog::AccessLog::start(mesh.logs, metrics.access_log_counts());
+    let lookup_store = store.clone();
+    ctx.tracer = telemetry::trace::Tracer::start(
+        mesh.traces,
+        metrics.trace_span_counts(),
+        Arc::new(move |host: &str, port: u16| {
+            let snap = lookup_store.load();
+            snap.registry
+                .services_for_host(host)
+                .iter()
+                .find_map(|svc| {
+                    let p = svc.port(port)?;
+                    svc.endpoints
+                        .iter()
+                        .filter(|e| e.ready)
+                        .find_map(|e| Some(SocketAddr::new(e.address?, e.port_for(p))))
+                })
+        }),
+    );
     let ctx = Arc::new(ctx);
     if let Some(path) = &config.mesh_config {
         mesh_watch::spawn(path, ctx.clone(), config.config_poll_interval);

@@ -4,16 +4,17 @@
 //! not parse is refused and the last good one stays.
 //!
 //! * `extensionProviders`: `envoyExtAuthzHttp` (the CUSTOM action),
-//!   `envoyFileAccessLog` (access logs); the other kinds are recognised
-//!   and reported as not supported.
-//! * `defaultProviders.accessLogging`, and the legacy `accessLogFile`,
-//!   `accessLogEncoding`, `accessLogFormat`.
+//!   `envoyFileAccessLog` (access logs), `zipkin` and `opentelemetry`
+//!   (traces); the other kinds are recognised and reported as not
+//!   supported.
+//! * `defaultProviders.accessLogging` and `.tracing`, and the legacy
+//!   `accessLogFile`, `accessLogEncoding`, `accessLogFormat`.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use serde::Deserialize;
 
-use crate::policy::ext_authz::HttpProvider;
+use crate::policy::ext_authz::{HttpProvider, go_duration};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -58,6 +59,8 @@ pub struct ProviderSpec {
     pub name: String,
     pub envoy_ext_authz_http: Option<HttpProvider>,
     pub envoy_file_access_log: Option<FileAccessLog>,
+    pub zipkin: Option<ZipkinProvider>,
+    pub opentelemetry: Option<OtelProvider>,
     /// Kinds recognised and not supported yet, kept to name them.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -70,6 +73,10 @@ impl ProviderSpec {
             "envoyExtAuthzHttp"
         } else if self.envoy_file_access_log.is_some() {
             "envoyFileAccessLog"
+        } else if self.zipkin.is_some() {
+            "zipkin"
+        } else if self.opentelemetry.is_some() {
+            "opentelemetry"
         } else {
             self.other.keys().next().map_or("none", String::as_str)
         }
@@ -93,6 +100,46 @@ pub struct LogFormat {
     pub text: Option<String>,
     /// JSON: each label's Envoy format string.
     pub labels: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ZipkinProvider {
+    pub service: String,
+    pub port: u16,
+    pub max_tag_length: Option<u32>,
+    /// `/api/v2/spans` when absent.
+    pub path: Option<String>,
+    #[serde(with = "go_duration")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OtelProvider {
+    pub service: String,
+    pub port: u16,
+    pub max_tag_length: Option<u32>,
+    /// OTLP/HTTP; without it Istio exports over gRPC (not supported yet).
+    pub http: Option<OtelHttp>,
+    pub grpc: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OtelHttp {
+    /// `/v1/traces` when absent.
+    pub path: Option<String>,
+    #[serde(with = "go_duration")]
+    pub timeout: Option<Duration>,
+    pub headers: Vec<HeaderValue>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HeaderValue {
+    pub name: String,
+    pub value: String,
 }
 
 /// The built-in provider Istio's default MeshConfig defines: a file log to
@@ -161,7 +208,11 @@ impl MeshConfig {
     /// Warns once about each provider kind the agent does not serve.
     pub fn report_unsupported(&self) {
         for p in &self.extension_providers {
-            if p.envoy_ext_authz_http.is_none() && p.envoy_file_access_log.is_none() {
+            if p.envoy_ext_authz_http.is_none()
+                && p.envoy_file_access_log.is_none()
+                && p.zipkin.is_none()
+                && p.opentelemetry.is_none()
+            {
                 let what = match p.kind() {
                     "envoyExtAuthzGrpc" => {
                         "CUSTOM policies naming it deny every request they match"

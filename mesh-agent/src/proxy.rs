@@ -17,6 +17,7 @@ pub mod pool;
 pub mod prefixed;
 pub mod sniff;
 pub mod socket;
+pub mod spans;
 pub mod upstream;
 
 use std::{
@@ -194,6 +195,8 @@ pub struct ProxyContext {
     pub mesh: arc_swap::ArcSwap<crate::mesh_config::MeshConfig>,
     /// Where access-log records go (providers from the MeshConfig).
     pub access_log: crate::telemetry::accesslog::AccessLog,
+    /// Where spans go (providers from the MeshConfig).
+    pub tracer: crate::telemetry::trace::Tracer,
     /// The connections carried now (`/connections`).
     pub conns: Arc<conn_table::ConnTable>,
     /// Where the agent reports reads from applications' fast-path sockets;
@@ -225,6 +228,7 @@ impl ProxyContext {
             audit,
             mesh: Default::default(),
             access_log: crate::telemetry::accesslog::AccessLog::off(metrics.access_log_counts()),
+            tracer: crate::telemetry::trace::Tracer::off(metrics.trace_span_counts()),
             conns: Arc::default(),
             fast_credit: None,
             config,

@@ -115,6 +115,9 @@ pub struct WorkloadPolicies {
     /// Its Telemetry `accessLogging`, merged in Istio's order.
     #[serde(skip)]
     pub access_logging: Arc<crate::telemetry::accesslog::LogPlan>,
+    /// Its Telemetry `tracing`.
+    #[serde(skip)]
+    pub tracing: Arc<crate::telemetry::trace::TracePlan>,
 }
 
 fn is_empty_authz(a: &Arc<WorkloadAuthz>) -> bool {
@@ -142,6 +145,7 @@ pub struct InboundPolicy {
     pub port_protocols: Arc<BTreeMap<u16, Protocol>>,
     pub rate_limits: Arc<Vec<Arc<Limiter>>>,
     pub access_logging: Arc<crate::telemetry::accesslog::LogPlan>,
+    pub tracing: Arc<crate::telemetry::trace::TracePlan>,
 }
 
 impl InboundPolicy {
@@ -258,6 +262,20 @@ impl Snapshot {
         }
     }
 
+    /// The tracing of a local workload (Telemetry, MeshConfig).
+    pub fn tracing(&self, w: &Workload) -> Arc<crate::telemetry::trace::TracePlan> {
+        match self.policies.get(&w.key()) {
+            Some(p) => p.tracing.clone(),
+            None => telemetry::Plans::default().tracing(
+                self.resources
+                    .get(&Kind::Telemetry)
+                    .map_or(&[][..], |v| v.as_slice()),
+                w,
+                &self.root_namespace,
+            ),
+        }
+    }
+
     pub fn inbound_policy(&self, w: &Workload) -> InboundPolicy {
         match self.policies.get(&w.key()) {
             Some(p) => InboundPolicy {
@@ -266,6 +284,7 @@ impl Snapshot {
                 port_protocols: p.port_protocols.clone(),
                 rate_limits: p.rate_limits.clone(),
                 access_logging: p.access_logging.clone(),
+                tracing: p.tracing.clone(),
             },
             // Not indexed (enrolled from an older snapshot): resolve now.
             None => InboundPolicy {
@@ -287,6 +306,7 @@ impl Snapshot {
                     &self.root_namespace,
                 )),
                 access_logging: self.access_logging(w),
+                tracing: self.tracing(w),
             },
         }
     }
@@ -404,6 +424,7 @@ pub fn build(
                     w,
                     &settings.root_namespace,
                 ),
+                tracing: telemetry_plans.tracing(&telemetries, w, &settings.root_namespace),
             };
             (w.key(), p)
         })

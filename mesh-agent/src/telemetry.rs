@@ -6,6 +6,7 @@ mod ebpf;
 pub mod logging;
 pub mod metrics;
 mod series;
+pub mod trace;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -82,7 +82,15 @@ fn prometheus_reads_request_rate_errors_and_latency_from_both_agents() {
         (ratio - FAILED as f64 / (OK + FAILED) as f64).abs() < 1e-9,
         "5xx ratio {ratio}"
     );
-    // The destination saw the requests that reached it, and who sent them.
+    // The destination saw the requests that reached it, and who sent them
+    // (its own scrape may lag the source's by one).
+    assert!(
+        wait_until(Duration::from_secs(20), || prom
+            .scalar("sum(istio_requests_total{reporter=\"destination\"})")
+            == Some(OK as f64)),
+        "the destination never counted {OK}: {:?}",
+        prom.query("sum(istio_requests_total{reporter=\"destination\"})")
+    );
     let dest = prom.query(
         "sum by (source_workload, source_principal, destination_workload, connection_security_policy, response_code) \
          (istio_requests_total{reporter=\"destination\"})",

@@ -6,6 +6,7 @@
 mod access_log;
 mod cli;
 mod golden_signals;
+mod tracing;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -29,6 +30,8 @@ struct Mesh {
     mesh_config: PathBuf,
     agent_a: Agent,
     agent_b: Agent,
+    /// `web`'s HTTP server, which logs each request with its headers.
+    web_app: mesh_tests::pod::App,
     _ca: Ca,
 }
 
@@ -40,7 +43,7 @@ impl Mesh {
     ) -> Self {
         let c = cluster(test, &[("web", &[("app", "web")])]);
         let web = &c.servers[0];
-        web.spawn_app(&c.env, &["http", "web", &web.v4(9000)]);
+        let web_app = web.spawn_app(&c.env, &["http", "web", &web.v4(9000)]);
         web.spawn_app(&c.env, &["echo", &web.v4(9100)]);
         let mesh_path = c.env.dir.join("mesh.yaml");
         write_text(&mesh_path, &mesh_config(&c.env.dir));
@@ -62,6 +65,7 @@ impl Mesh {
             mesh_config: mesh_path,
             agent_a,
             agent_b,
+            web_app,
             _ca: ca,
         }
     }

@@ -1,6 +1,7 @@
 //! The MeshConfig file (`--mesh-config`): read at start (a bad one stops
 //! the agent), then watched; a change applies at once to the CUSTOM
-//! action's providers and the access-log providers, and a change that
+//! action's providers, the access-log and the tracing providers, and a
+//! change that
 //! does not parse is refused, logged with its file and field, and counted
 //! (`mesh_config_rejected_total{source="mesh-config"}`), the last good one
 //! staying in force.
@@ -10,9 +11,16 @@ use std::{path::Path, sync::Arc, time::Duration};
 use crate::{
     mesh_config::{Error, MeshConfig},
     proxy::ProxyContext,
-    telemetry::accesslog::Providers,
+    telemetry::{accesslog, trace},
     watch,
 };
+
+/// A MeshConfig and what it compiles to.
+pub struct Loaded {
+    pub mesh: MeshConfig,
+    pub logs: accesslog::Providers,
+    pub traces: trace::Providers,
+}
 
 /// The `source` label of this file's metrics.
 const SOURCE: &str = "mesh-config";
@@ -20,7 +28,7 @@ const SOURCE: &str = "mesh-config";
 /// Reads the MeshConfig and compiles its access-log providers. With
 /// `--access-log` and no `accessLogFile`, the legacy log goes to standard
 /// output.
-pub fn load(path: Option<&Path>, access_log: bool) -> Result<(MeshConfig, Providers), Error> {
+pub fn load(path: Option<&Path>, access_log: bool) -> Result<Loaded, Error> {
     let mut mesh = match path {
         Some(p) => MeshConfig::read(p)?,
         None => MeshConfig::default(),
@@ -28,20 +36,22 @@ pub fn load(path: Option<&Path>, access_log: bool) -> Result<(MeshConfig, Provid
     compile(&mut mesh, access_log, path)
 }
 
-fn compile(
-    mesh: &mut MeshConfig,
-    access_log: bool,
-    path: Option<&Path>,
-) -> Result<(MeshConfig, Providers), Error> {
+fn compile(mesh: &mut MeshConfig, access_log: bool, path: Option<&Path>) -> Result<Loaded, Error> {
     if access_log && mesh.access_log_file.is_empty() {
         mesh.access_log_file = "/dev/stdout".into();
     }
-    let providers = Providers::from_mesh(mesh).map_err(|e| Error::Read {
+    let fail = |reason: String| Error::Read {
         path: path.map_or("--access-log".into(), |p| p.display().to_string()),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let logs = accesslog::Providers::from_mesh(mesh).map_err(|e| fail(e.to_string()))?;
+    let traces = trace::Providers::from_mesh(mesh).map_err(|e| fail(e.to_string()))?;
     mesh.report_unsupported();
-    Ok((mesh.clone(), providers))
+    Ok(Loaded {
+        mesh: mesh.clone(),
+        logs,
+        traces,
+    })
 }
 
 /// Applies changes of the file at `path` to `ctx` until the agent stops.
@@ -78,9 +88,10 @@ pub fn spawn(path: &Path, ctx: Arc<ProxyContext>, poll: Duration) {
                     let loaded = MeshConfig::read(&path)
                         .and_then(|mut m| compile(&mut m, ctx.config.access_log, Some(&path)));
                     match loaded {
-                        Ok((mesh, providers)) => {
-                            ctx.mesh.store(Arc::new(mesh));
-                            ctx.access_log.set_providers(providers);
+                        Ok(l) => {
+                            ctx.mesh.store(Arc::new(l.mesh));
+                            ctx.access_log.set_providers(l.logs);
+                            ctx.tracer.set_providers(l.traces);
                             tracing::info!(path = %path.display(), "mesh config applied");
                         }
                         Err(e) => {

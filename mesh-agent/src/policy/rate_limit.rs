@@ -356,6 +356,7 @@ mod tests {
                 Arc::new(Limiter::new("ns/route", route)),
             ]),
             access_logging: Arc::default(),
+            tracing: Arc::default(),
         };
         let names = |port| {
             policy

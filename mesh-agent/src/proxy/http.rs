@@ -76,6 +76,7 @@ pub async fn serve(
     };
     let pod_key = pod.workload.key().to_string();
     let log_plan = snap.access_logging(&pod.workload);
+    let trace_plan = snap.tracing(&pod.workload);
     let _listed = ctx.conns.register(super::conn_table::ConnInfo {
         direction: "outbound",
         protocol: "http",
@@ -99,6 +100,7 @@ pub async fn serve(
         locality,
         pod_key,
         log_plan,
+        trace_plan,
     });
     let handle = move |req| conn.clone().route(req);
     if let Err(e) = drain::serve_http(stream, &draining, header_timeout, handle).await {
@@ -160,8 +162,9 @@ struct Conn {
     locality: crate::registry::Locality,
     /// The client pod's name, which keys its upstream connections.
     pod_key: String,
-    /// Its access logging.
+    /// Its access logging and tracing.
     log_plan: Arc<LogPlan>,
+    trace_plan: Arc<crate::telemetry::trace::TracePlan>,
 }
 
 /// Why the agent answered a request itself.
@@ -250,6 +253,7 @@ impl Conn {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
         actions::ensure_request_id(req.headers_mut());
+        let span = super::spans::begin(&self.ctx, &self.trace_plan, Mode::Client, &mut req);
         let served = ServedSlot::default();
         let request_bytes = Arc::new(AtomicU64::new(0));
         let log = self
@@ -300,6 +304,26 @@ impl Conn {
                     }
                 }
                 conn.ctx.access_log.log(r, to);
+            }
+            if let Some(b) = span {
+                let principals = trail.served.as_ref().and_then(|s| s.via.principals());
+                super::spans::finish(
+                    &conn.ctx,
+                    b,
+                    &conn.pod.workload,
+                    Some(conn.client),
+                    super::spans::Ended {
+                        name: format!("{}:{}/*", conn.svc.hostname, conn.port.port),
+                        code: f.code,
+                        flags: &f.flags,
+                        request_bytes,
+                        response_bytes: f.response_bytes,
+                        upstream_cluster: &trail.cluster,
+                        upstream: trail.upstream,
+                        peer: trail.upstream,
+                        peer_identity: principals.as_ref().map(|p| p.1.as_str()),
+                    },
+                );
             }
             conn.record(trail.served, &f.outcome(grpc, started, request_bytes));
         })

@@ -8,13 +8,16 @@ use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     istio::{Resource, Spec},
-    telemetry::accesslog::LogPlan,
+    telemetry::{accesslog::LogPlan, trace::TracePlan},
     workload::Workload,
 };
 
 /// Compiled plans by the Telemetries they come from.
 #[derive(Default)]
-pub(super) struct Plans(HashMap<Vec<String>, Arc<LogPlan>>);
+pub(super) struct Plans {
+    logs: HashMap<Vec<String>, Arc<LogPlan>>,
+    traces: HashMap<Vec<String>, Arc<TracePlan>>,
+}
 
 impl Plans {
     /// The access-log plan of `w`; `telemetries` are sorted oldest first.
@@ -26,7 +29,7 @@ impl Plans {
     ) -> Arc<LogPlan> {
         let applying = applying(telemetries, w, root_namespace);
         let key: Vec<String> = applying.iter().map(|r| r.id()).collect();
-        self.0
+        self.logs
             .entry(key)
             .or_insert_with(|| {
                 let levels = applying.iter().filter_map(|r| match &r.spec {
@@ -38,6 +41,30 @@ impl Plans {
                     tracing::warn!(workload = %w.key(), "Telemetry: {e}; access logs off for it");
                     LogPlan::default()
                 }))
+            })
+            .clone()
+    }
+}
+
+impl Plans {
+    /// The tracing plan of `w`.
+    pub(super) fn tracing(
+        &mut self,
+        telemetries: &[Arc<Resource>],
+        w: &Workload,
+        root_namespace: &str,
+    ) -> Arc<TracePlan> {
+        let applying = applying(telemetries, w, root_namespace);
+        let key: Vec<String> = applying.iter().map(|r| r.id()).collect();
+        self.traces
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(TracePlan::new(applying.iter().filter_map(
+                    |r| match &r.spec {
+                        Spec::Telemetry(t) => Some(t.tracing.as_slice()),
+                        _ => None,
+                    },
+                )))
             })
             .clone()
     }

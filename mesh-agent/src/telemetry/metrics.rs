@@ -228,6 +228,7 @@ pub struct Metrics {
     jwks_fetches: IntCounterVec,
     audit_dropped: IntCounter,
     access_log: IntCounterVec,
+    trace_spans: IntCounterVec,
     rate_limited: IntCounterVec,
     requests: IntCounterVec,
     request_duration: HistogramVec,
@@ -408,6 +409,12 @@ impl Metrics {
                 &registry,
                 "mesh_access_log_records_total",
                 "Access-log records by result: written (per provider), filtered out by a Telemetry filter, dropped (the queue was full), failed (the sink refused the write).",
+                &["result"],
+            )?,
+            trace_spans: counter_vec(
+                &registry,
+                "mesh_trace_spans_total",
+                "Spans of sampled traces by result: exported, dropped (the queue was full), failed (the provider refused or was unreachable).",
                 &["result"],
             )?,
             proxy_errors: counter_vec(
@@ -670,6 +677,10 @@ impl Metrics {
 
     pub fn access_log_counts(&self) -> IntCounterVec {
         self.access_log.clone()
+    }
+
+    pub fn trace_span_counts(&self) -> IntCounterVec {
+        self.trace_spans.clone()
     }
 
     pub fn jwks_fetch(&self, result: &str) {

@@ -108,7 +108,15 @@ fn enforced(kind: Kind) -> &'static [&'static str] {
         // `policy::jwt`, `policy::ext_authz`), tested in `tests/authz/`.
         Kind::AuthorizationPolicy => &["selector", "rules", "action", "provider"],
         Kind::RequestAuthentication => &["selector", "jwtRules"],
-        Kind::Telemetry => &["selector", "accessLogging"],
+        Kind::Telemetry => &[
+            "selector",
+            "accessLogging",
+            "tracing.match",
+            "tracing.providers",
+            "tracing.randomSamplingPercentage",
+            "tracing.disableSpanReporting",
+            "tracing.customTags",
+        ],
         // Local rate limits; other patches are warned about by validation.
         Kind::EnvoyFilter => &["workloadSelector", "configPatches", "priority"],
         // The service registry: where captured connections go.

@@ -211,6 +211,7 @@ impl Conn {
         // The policy in force now, not when the connection opened: a
         // change applies to the next request.
         let policy = self.current_policy();
+        let span = crate::proxy::spans::begin(&self.ctx, &policy.tracing, Mode::Server, &mut req);
         let log = self
             .ctx
             .access_log
@@ -236,7 +237,7 @@ impl Conn {
             }
             (to, r)
         });
-        self.metered(resp, grpc, started, request_bytes, log)
+        self.metered(resp, grpc, started, request_bytes, log, span)
     }
 
     async fn decide_and_send(
@@ -531,9 +532,37 @@ impl Conn {
         started: Instant,
         request_bytes: Arc<AtomicU64>,
         log: Option<(Arc<Resolved>, Record)>,
+        span: Option<crate::proxy::spans::Begun>,
     ) -> Response<Body> {
         metered::when_done(resp, move |f| {
             let outcome = f.outcome(grpc, started, request_bytes.load(Ordering::Relaxed));
+            if let Some(b) = span {
+                let (a, w) = (&self.arrival, &self.arrival.pod.workload);
+                let identity = a.identity.as_ref().map(|i| i.to_string());
+                crate::proxy::spans::finish(
+                    &self.ctx,
+                    b,
+                    w,
+                    Some(a.dst),
+                    crate::proxy::spans::Ended {
+                        name: format!(
+                            "{}.{}.svc.{}:{}/*",
+                            w.canonical_service(),
+                            w.namespace,
+                            self.ctx.config.cluster_domain,
+                            a.dst.port()
+                        ),
+                        code: f.code,
+                        flags: &f.flags,
+                        request_bytes: outcome.request_bytes,
+                        response_bytes: f.response_bytes,
+                        upstream_cluster: &format!("inbound|{}||", a.dst.port()),
+                        upstream: Some(a.dst),
+                        peer: Some(a.peer),
+                        peer_identity: identity.as_deref(),
+                    },
+                );
+            }
             if let Some((to, mut r)) = log {
                 if let Some(h) = &mut r.http {
                     h.code = f.code;

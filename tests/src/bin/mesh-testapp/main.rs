@@ -107,6 +107,7 @@ fn main() -> Result<()> {
         ["fake-kube", addr, table @ ..] => tokio_main(kube::serve(addr, table)),
         ["file", addr, path] => serve_file(addr, path),
         ["ext-authz", addr] => ext_authz(addr),
+        ["collector", addr, dir] => collector(addr, dir),
         ["get", url] => request("GET", url),
         ["post", url] => request("POST", url),
         _ => bail!("usage: see the comment at the top of mesh-testapp.rs"),
@@ -251,6 +252,52 @@ fn ext_authz(addr: &str) -> Result<()> {
             };
             s.write_all(reply.as_bytes())?;
             Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// A trace collector stand-in: every POST's body is kept in `dir` as
+/// `<n>.<path with / as _>` and answered 200; one line per POST.
+fn collector(addr: &str, dir: &str) -> Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!(
+        "{}",
+        json!({"event": "listening", "local": l.local_addr()?.to_string()})
+    );
+    std::io::stdout().flush()?;
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for s in l.incoming().flatten() {
+        let (n, dir) = (n.clone(), dir.to_owned());
+        std::thread::spawn(move || -> Result<()> {
+            let mut s = s;
+            let mut r = BufReader::new(s.try_clone()?);
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                let headers = http_client::read_headers(&mut r)?;
+                let len: usize = headers
+                    .get("content-length")
+                    .and_then(|v| v.as_str())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                r.read_exact(&mut body)?;
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let file = format!("{dir}/{i:04}.{}", path.replace('/', "_"));
+                std::fs::write(format!("{file}.tmp"), &body)?;
+                std::fs::rename(format!("{file}.tmp"), &file)?;
+                println!(
+                    "{}",
+                    json!({"event": "posted", "path": path, "bytes": len,
+                           "contentType": headers.get("content-type")})
+                );
+                std::io::stdout().flush()?;
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")?;
+            }
         });
     }
     Ok(())
