@@ -220,17 +220,8 @@ pub async fn run(config: Config, log: Arc<LogHandle>) -> Result<(), Error> {
         mesh.traces,
         metrics.trace_span_counts(),
         Arc::new(move |host: &str, port: u16| {
-            let snap = lookup_store.load();
-            snap.registry
-                .services_for_host(host)
-                .iter()
-                .find_map(|svc| {
-                    let p = svc.port(port)?;
-                    svc.endpoints
-                        .iter()
-                        .filter(|e| e.ready)
-                        .find_map(|e| Some(SocketAddr::new(e.address?, e.port_for(p))))
-                })
+            let ready = lookup_store.load().registry.ready_endpoints(host, port);
+            (!ready.is_empty()).then(|| ready[fastrand::usize(..ready.len())])
         }),
     );
     let ctx = Arc::new(ctx);

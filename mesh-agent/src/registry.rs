@@ -275,6 +275,26 @@ impl Registry {
         self.by_host.get(host).map_or(&[], Vec::as_slice)
     }
 
+    /// The ready endpoints of the first Service named `host` that has
+    /// `port` and any (for services the agent itself calls: an external
+    /// authorizer, a trace collector).
+    pub fn ready_endpoints(&self, host: &str, port: u16) -> Vec<SocketAddr> {
+        self.services_for_host(host)
+            .iter()
+            .filter_map(|svc| {
+                let p = svc.port(port)?;
+                let ready: Vec<SocketAddr> = svc
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .filter_map(|e| Some(SocketAddr::new(e.address?, e.port_for(p))))
+                    .collect();
+                (!ready.is_empty()).then_some(ready)
+            })
+            .next()
+            .unwrap_or_default()
+    }
+
     /// The workloads scheduled on `node` (what an agent enrols).
     pub fn on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
         self.workloads.iter().filter(move |w| w.is_on(node))

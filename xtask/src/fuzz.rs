@@ -44,6 +44,24 @@ fn cargo_fuzz(bin: &std::path::Path) -> Command {
     c
 }
 
+/// Free space below which the fuzz build cache is dropped first.
+const MIN_FREE: u64 = 20 << 30;
+
+/// Bytes available on the file system holding `path` (`df`).
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Runs `only` (every target when empty), `secs` seconds each; returns the
 /// inputs run in all. `dev`: an unoptimised build (minutes less to build
 /// cold, fewer inputs a second; the test command's short runs).
@@ -59,6 +77,17 @@ pub fn run(secs: u64, only: &[String], dev: bool) -> Result<u64> {
     let bin = setup::cargo_fuzz()?;
     let cache = cache()?;
     let target_dir = cache.join("fuzz-target");
+    // Sanitized builds are large and each dependency change adds a set:
+    // on a disk close to full, the cache goes (a cold build is minutes)
+    // rather than the build failing half-way.
+    if free_bytes(&cache).is_some_and(|b| b < MIN_FREE) && target_dir.exists() {
+        eprintln!(
+            "xtask: less than {} GiB free: removing {} before building",
+            MIN_FREE >> 30,
+            target_dir.display()
+        );
+        std::fs::remove_dir_all(&target_dir)?;
+    }
     let fuzz_dir = root().join("mesh-agent/fuzz");
     let profile: &[&str] = if dev { &["--dev"] } else { &[] };
     let s = cargo_fuzz(&bin)
@@ -67,6 +96,9 @@ pub fn run(secs: u64, only: &[String], dev: bool) -> Result<u64> {
         .args(profile)
         .arg("--target-dir")
         .arg(&target_dir)
+        // Incremental state would double the size of these builds, for
+        // rebuilds that are rare.
+        .env("CARGO_INCREMENTAL", "0")
         .status()
         .context("cargo fuzz build")?;
     if !s.success() {

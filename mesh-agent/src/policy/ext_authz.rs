@@ -116,19 +116,9 @@ impl HttpProvider {
         if let Ok(ip) = self.service.parse() {
             return Ok(SocketAddr::new(ip, self.port));
         }
-        for svc in registry.services_for_host(&self.service) {
-            let Some(port) = svc.port(self.port) else {
-                continue;
-            };
-            let ready: Vec<_> = svc
-                .endpoints
-                .iter()
-                .filter(|e| e.ready)
-                .filter_map(|e| Some(SocketAddr::new(e.address?, e.port_for(port))))
-                .collect();
-            if !ready.is_empty() {
-                return Ok(ready[fastrand::usize(..ready.len())]);
-            }
+        let ready = registry.ready_endpoints(&self.service, self.port);
+        if !ready.is_empty() {
+            return Ok(ready[fastrand::usize(..ready.len())]);
         }
         tokio::net::lookup_host((self.service.as_str(), self.port))
             .await

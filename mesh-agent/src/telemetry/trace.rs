@@ -7,7 +7,7 @@
 //! a full queue drops spans and counts them, and never holds a request.
 
 pub mod context;
-mod export;
+pub mod export;
 pub mod plan;
 
 use std::{net::SocketAddr, sync::Arc, time::SystemTime};

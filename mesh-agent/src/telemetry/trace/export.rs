@@ -106,8 +106,8 @@ fn endpoint(service: &str, a: Option<SocketAddr>) -> serde_json::Value {
     e
 }
 
-/// Zipkin v2 JSON: an array of spans.
-pub(super) fn zipkin(spans: &[Span], max_tag: usize) -> Vec<u8> {
+/// Zipkin v2 JSON: an array of spans (tags cut at `max_tag` bytes).
+pub fn zipkin(spans: &[Span], max_tag: usize) -> Vec<u8> {
     let list: Vec<serde_json::Value> = spans
         .iter()
         .map(|s| {
@@ -153,7 +153,7 @@ fn kv(k: &str, v: &str) -> KeyValue {
 }
 
 /// OTLP `ExportTraceServiceRequest`, one resource per service.
-pub(super) fn otlp(spans: &[Span], max_tag: usize) -> Vec<u8> {
+pub fn otlp(spans: &[Span], max_tag: usize) -> Vec<u8> {
     let mut by_service: std::collections::BTreeMap<&str, Vec<&Span>> = Default::default();
     for s in spans {
         by_service.entry(&s.service).or_default().push(s);

@@ -86,9 +86,11 @@ impl Providers {
                 }
             } else if let Some(o) = &p.opentelemetry {
                 let Some(http) = &o.http else {
-                    return Err(fail(
-                        "OTLP over gRPC is not supported yet: give `http` (OTLP/HTTP)",
-                    ));
+                    // Valid Istio configuration the agent cannot serve yet:
+                    // said once per MeshConfig, and Telemetry naming it
+                    // traces nothing (no headers are changed either).
+                    tracing::warn!(provider = %p.name, "mesh config: OTLP over gRPC is not supported yet (give `http` for OTLP/HTTP); Telemetry naming this provider traces nothing");
+                    continue;
                 };
                 Target {
                     name: p.name.clone(),
@@ -207,5 +209,84 @@ impl TracePlan {
             report,
             custom_tags,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn providers() -> Providers {
+        Providers::from_mesh(
+            &MeshConfig::parse(
+                "defaultProviders: {tracing: [zipkin]}
+extensionProviders:
+- {name: zipkin, zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}}
+- {name: otel, opentelemetry: {service: 10.0.0.9, port: 4318, http: {path: /v1/traces, timeout: 1s}}}
+- {name: otel-grpc, opentelemetry: {service: 10.0.0.9, port: 4317}}
+",
+            )
+            .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn tracing(yaml: &str) -> Vec<Tracing> {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn providers_take_istio_defaults_and_skip_grpc() {
+        let p = providers();
+        let z = &p.targets["zipkin"];
+        assert_eq!(
+            (z.protocol.clone(), z.path.as_str(), z.max_tag_length),
+            (Protocol::Zipkin, "/api/v2/spans", 256)
+        );
+        let o = &p.targets["otel"];
+        assert_eq!(
+            (o.protocol.clone(), o.timeout),
+            (Protocol::OtlpHttp, Duration::from_secs(1))
+        );
+        assert!(
+            !p.targets.contains_key("otel-grpc"),
+            "gRPC is not served yet"
+        );
+    }
+
+    #[test]
+    fn levels_merge_as_istio_does() {
+        let p = providers();
+        // No Telemetry: the default provider at Istio's 1 %.
+        let none = TracePlan::new(std::iter::empty());
+        let r = none.resolve(Mode::Client, &p).unwrap();
+        assert_eq!(
+            (r.target.name.as_str(), r.sampling),
+            ("zipkin", DEFAULT_SAMPLING)
+        );
+        // The mesh sets 100 %, the namespace names another provider for the
+        // server side only and turns reporting off for clients.
+        let mesh = tracing("[{randomSamplingPercentage: 100}]");
+        let ns = tracing(
+            "[{match: {mode: SERVER}, providers: [{name: otel}]}, {match: {mode: CLIENT}, disableSpanReporting: true}]",
+        );
+        let plan = TracePlan::new([mesh.as_slice(), ns.as_slice()]);
+        let server = plan.resolve(Mode::Server, &p).unwrap();
+        assert_eq!(
+            (server.target.name.as_str(), server.sampling, server.report),
+            ("otel", 100.0, true)
+        );
+        let client = plan.resolve(Mode::Client, &p).unwrap();
+        assert_eq!(
+            (client.target.name.as_str(), client.report),
+            ("zipkin", false)
+        );
+        // A provider the MeshConfig does not have: no tracing.
+        let unknown = tracing("[{providers: [{name: nope}]}]");
+        assert!(
+            TracePlan::new([unknown.as_slice()])
+                .resolve(Mode::Client, &p)
+                .is_none()
+        );
     }
 }
