@@ -2,8 +2,8 @@
 //! `cargo bench -p mesh-agent --bench telemetry`.
 //!
 //! - a span: the trace context read from a request and this hop's written
-//!   back (W3C and B3), and one span encoded as Zipkin JSON and as OTLP
-//!   protobuf (per span, in a batch of 100);
+//!   back (W3C and B3), and a batch of 100 spans encoded as Zipkin JSON
+//!   and as OTLP protobuf;
 //! - an access-log record: Istio's default text line, its JSON labels, and
 //!   a CEL filter evaluated on it.
 
@@ -98,10 +98,10 @@ fn spans(c: &mut Criterion) {
         })
     });
     let batch: Vec<Span> = (0..100).map(|_| span()).collect();
-    c.bench_function("trace: Zipkin JSON, per span (batch of 100)", |b| {
+    c.bench_function("trace: Zipkin JSON, a batch of 100 spans", |b| {
         b.iter(|| black_box(export::zipkin(black_box(&batch), 256)))
     });
-    c.bench_function("trace: OTLP protobuf, per span (batch of 100)", |b| {
+    c.bench_function("trace: OTLP protobuf, a batch of 100 spans", |b| {
         b.iter(|| black_box(export::otlp(black_box(&batch), 256)))
     });
 }
