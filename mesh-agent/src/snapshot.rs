@@ -248,11 +248,15 @@ impl Snapshot {
     }
 
     /// What the destination's agent decides connections to `w` with.
-    /// The access logging of a local workload (Telemetry, MeshConfig).
-    pub fn access_logging(&self, w: &Workload) -> Arc<crate::telemetry::accesslog::LogPlan> {
+    /// The access logging and tracing of a local workload.
+    fn telemetry(&self, w: &Workload) -> telemetry::WorkloadTelemetry {
         match self.policies.get(&w.key()) {
-            Some(p) => p.access_logging.clone(),
-            None => telemetry::Plans::default().access_log(
+            Some(p) => telemetry::WorkloadTelemetry {
+                access_logging: p.access_logging.clone(),
+                tracing: p.tracing.clone(),
+            },
+            // Not indexed (enrolled from an older snapshot): resolve now.
+            None => telemetry::Plans::default().of(
                 self.resources
                     .get(&Kind::Telemetry)
                     .map_or(&[][..], |v| v.as_slice()),
@@ -262,18 +266,14 @@ impl Snapshot {
         }
     }
 
+    /// The access logging of a local workload (Telemetry, MeshConfig).
+    pub fn access_logging(&self, w: &Workload) -> Arc<crate::telemetry::accesslog::LogPlan> {
+        self.telemetry(w).access_logging
+    }
+
     /// The tracing of a local workload (Telemetry, MeshConfig).
     pub fn tracing(&self, w: &Workload) -> Arc<crate::telemetry::trace::TracePlan> {
-        match self.policies.get(&w.key()) {
-            Some(p) => p.tracing.clone(),
-            None => telemetry::Plans::default().tracing(
-                self.resources
-                    .get(&Kind::Telemetry)
-                    .map_or(&[][..], |v| v.as_slice()),
-                w,
-                &self.root_namespace,
-            ),
-        }
+        self.telemetry(w).tracing
     }
 
     pub fn inbound_policy(&self, w: &Workload) -> InboundPolicy {
@@ -287,27 +287,30 @@ impl Snapshot {
                 tracing: p.tracing.clone(),
             },
             // Not indexed (enrolled from an older snapshot): resolve now.
-            None => InboundPolicy {
-                authorization: Arc::new(WorkloadAuthz::for_workload(
-                    &self.authorization_policies,
-                    w,
-                    &self.root_namespace,
-                )),
-                request_authentication: Arc::new(Authenticator::for_workload(
-                    &self.jwt_rules,
-                    w,
-                    &self.root_namespace,
-                )),
-                port_protocols: Arc::default(),
-                rate_limits: Arc::new(limiters(
-                    &self.rate_limit_filters,
-                    &self.limiters,
-                    w,
-                    &self.root_namespace,
-                )),
-                access_logging: self.access_logging(w),
-                tracing: self.tracing(w),
-            },
+            None => {
+                let telemetry = self.telemetry(w);
+                InboundPolicy {
+                    authorization: Arc::new(WorkloadAuthz::for_workload(
+                        &self.authorization_policies,
+                        w,
+                        &self.root_namespace,
+                    )),
+                    request_authentication: Arc::new(Authenticator::for_workload(
+                        &self.jwt_rules,
+                        w,
+                        &self.root_namespace,
+                    )),
+                    port_protocols: Arc::default(),
+                    rate_limits: Arc::new(limiters(
+                        &self.rate_limit_filters,
+                        &self.limiters,
+                        w,
+                        &self.root_namespace,
+                    )),
+                    access_logging: telemetry.access_logging,
+                    tracing: telemetry.tracing,
+                }
+            }
         }
     }
 
@@ -399,6 +402,7 @@ pub fn build(
                     .map(|r| r.id())
                     .collect()
             };
+            let plans = telemetry_plans.of(&telemetries, w, &settings.root_namespace);
             let p = WorkloadPolicies {
                 peer_authentication: peer_authentications.effective(w),
                 authorization: Arc::new(WorkloadAuthz::for_workload(
@@ -419,12 +423,8 @@ pub fn build(
                     &settings.root_namespace,
                 )),
                 telemetry: selecting(Kind::Telemetry),
-                access_logging: telemetry_plans.access_log(
-                    &telemetries,
-                    w,
-                    &settings.root_namespace,
-                ),
-                tracing: telemetry_plans.tracing(&telemetries, w, &settings.root_namespace),
+                access_logging: plans.access_logging,
+                tracing: plans.tracing,
             };
             (w.key(), p)
         })

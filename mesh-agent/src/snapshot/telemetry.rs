@@ -12,59 +12,45 @@ use crate::{
     workload::Workload,
 };
 
+/// A workload's compiled Telemetry: access logging and tracing.
+#[derive(Clone)]
+pub(super) struct WorkloadTelemetry {
+    pub access_logging: Arc<LogPlan>,
+    pub tracing: Arc<TracePlan>,
+}
+
 /// Compiled plans by the Telemetries they come from.
 #[derive(Default)]
-pub(super) struct Plans {
-    logs: HashMap<Vec<String>, Arc<LogPlan>>,
-    traces: HashMap<Vec<String>, Arc<TracePlan>>,
-}
+pub(super) struct Plans(HashMap<Vec<String>, WorkloadTelemetry>);
 
 impl Plans {
-    /// The access-log plan of `w`; `telemetries` are sorted oldest first.
-    pub(super) fn access_log(
+    /// The plans of `w`; `telemetries` are sorted oldest first.
+    pub(super) fn of(
         &mut self,
         telemetries: &[Arc<Resource>],
         w: &Workload,
         root_namespace: &str,
-    ) -> Arc<LogPlan> {
+    ) -> WorkloadTelemetry {
         let applying = applying(telemetries, w, root_namespace);
         let key: Vec<String> = applying.iter().map(|r| r.id()).collect();
-        self.logs
+        self.0
             .entry(key)
             .or_insert_with(|| {
-                let levels = applying.iter().filter_map(|r| match &r.spec {
-                    Spec::Telemetry(t) => Some((r.id(), t.access_logging.as_slice())),
+                let specs = applying.iter().filter_map(|r| match &r.spec {
+                    Spec::Telemetry(t) => Some((r, t)),
                     _ => None,
                 });
-                Arc::new(LogPlan::new(levels).unwrap_or_else(|e| {
-                    // The validator refuses such a resource first.
-                    tracing::warn!(workload = %w.key(), "Telemetry: {e}; access logs off for it");
-                    LogPlan::default()
-                }))
-            })
-            .clone()
-    }
-}
-
-impl Plans {
-    /// The tracing plan of `w`.
-    pub(super) fn tracing(
-        &mut self,
-        telemetries: &[Arc<Resource>],
-        w: &Workload,
-        root_namespace: &str,
-    ) -> Arc<TracePlan> {
-        let applying = applying(telemetries, w, root_namespace);
-        let key: Vec<String> = applying.iter().map(|r| r.id()).collect();
-        self.traces
-            .entry(key)
-            .or_insert_with(|| {
-                Arc::new(TracePlan::new(applying.iter().filter_map(
-                    |r| match &r.spec {
-                        Spec::Telemetry(t) => Some(t.tracing.as_slice()),
-                        _ => None,
-                    },
-                )))
+                let logs = specs
+                    .clone()
+                    .map(|(r, t)| (r.id(), t.access_logging.as_slice()));
+                WorkloadTelemetry {
+                    access_logging: Arc::new(LogPlan::new(logs).unwrap_or_else(|e| {
+                        // The validator refuses such a resource first.
+                        tracing::warn!(workload = %w.key(), "Telemetry: {e}; access logs off for it");
+                        LogPlan::default()
+                    })),
+                    tracing: Arc::new(TracePlan::new(specs.map(|(_, t)| t.tracing.as_slice()))),
+                }
             })
             .clone()
     }
